@@ -1,0 +1,109 @@
+"""The exception tree of relit-k8s, and the exit code each error ends a command with.
+
+::
+
+    RelitError                      exit 1   anything we raise on purpose
+    ├── ConfigError                 exit 78  retrying cannot help: fix the input, flags or manifest
+    │   ├── ManifestError                    manifest missing, invalid, tampered or of another version
+    │   ├── RelighterError                   unknown relighter, bad options
+    │   └── StorageConfigError               missing bucket, missing credentials, access denied
+    ├── TransientError              exit 75  worth retrying later: the Job retries the index
+    │   └── StorageUnavailable               endpoint unreachable / throttled after botocore's retries
+    ├── StorageError                exit 1   base of the storage errors (the two above are also this)
+    │   └── NotFoundError                    no object at that key
+    ├── ItemError                   --       one item cannot be relit (bad image): recorded, not fatal
+    │   ├── DecodeError
+    │   └── ImageTooLarge
+    └── Stopped                     exit 143 SIGTERM / Ctrl+C, after the report was saved
+
+Lower-layer errors (botocore, Pillow, OpenEXR, pydantic) are converted where they enter the
+package, with ``raise ... from``; :func:`exit_code_for` is the one place that decides what a
+failure means for the process.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_TEMPORARY = 75  # EX_TEMPFAIL
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+
+
+class RelitError(Exception):
+    """Base of every error relit-k8s raises on purpose."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(RelitError):
+    """A configuration error: the same command will fail again until the user changes something."""
+
+    exit_code = EXIT_CONFIG
+
+
+class ManifestError(ConfigError):
+    """The manifest is missing, unreadable, invalid, tampered with, or of an unknown version."""
+
+
+class RelighterError(ConfigError):
+    """Unknown relighter name, a plugin that cannot be loaded, or invalid relighter options."""
+
+
+class TransientError(RelitError):
+    """A temporary failure (storage unreachable after retries, out of memory): retry later."""
+
+    exit_code = EXIT_TEMPORARY
+
+
+class StorageError(RelitError):
+    """Base of the storage errors."""
+
+
+class NotFoundError(StorageError):
+    """No object or file at the key asked for."""
+
+
+class StorageConfigError(StorageError, ConfigError):
+    """The storage cannot be used as configured: missing bucket, credentials or permission."""
+
+
+class StorageUnavailable(StorageError, TransientError):
+    """The storage did not answer, or kept failing, after botocore's retries."""
+
+
+class ItemError(RelitError):
+    """One item (an image or reference) cannot be processed; the rest of the shard goes on."""
+
+
+class DecodeError(ItemError):
+    """The file is not a decodable image of the format its name says."""
+
+
+class ImageTooLarge(ItemError):
+    """The image's header claims more pixels than the configured guard allows."""
+
+
+class Stopped(RelitError):
+    """The process was asked to stop (SIGTERM, Ctrl+C); what was done is saved."""
+
+    exit_code = EXIT_SIGTERM
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The process exit code for an exception that ended a command."""
+    if isinstance(exc, RelitError):
+        return exc.exit_code
+    if isinstance(exc, MemoryError) or _is_cuda_oom(exc):
+        return EXIT_TEMPORARY
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGTERM
+    return EXIT_FAILED
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return False
+    return isinstance(exc, torch.OutOfMemoryError)

@@ -1,0 +1,225 @@
+"""The local runner: W worker processes on one machine, like the pods of an Indexed Job.
+
+Each worker process loads the relighter once, then takes shard indexes from a shared queue as
+it finishes them (the seed's dynamic balancing, at shard granularity) and runs them with the
+same :class:`~relit_k8s.worker.ShardRunner` a pod uses. GPUs are given one per process through
+``CUDA_VISIBLE_DEVICES``. Progress and log lines come back to the parent through a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGTERM,
+    EXIT_TEMPORARY,
+    ConfigError,
+    Stopped,
+    exit_code_for,
+)
+
+#: Attempts per shard on a temporary failure (exit 75), like the Job's per-index backoff limit.
+LOCAL_ATTEMPTS = 3
+#: Seconds before the first retry of a shard; doubles with each attempt.
+RETRY_DELAY = 2.0
+#: Seconds a stopping worker gets to save its report before it is killed.
+STOP_GRACE = 60.0
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker process: its torch device and the GPU it may see (None: leave it as is)."""
+
+    device: str
+    visible_gpu: str | None = None
+    threads: int = 0
+
+
+def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) -> list[Slot]:
+    """Worker slots for ``--device``, ``--gpus`` and ``--workers``."""
+    import torch
+
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if device is None:
+        device = "cuda" if (gpus or torch.cuda.is_available()) else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible here (use --device cpu)")
+        count = torch.cuda.device_count()
+        gpus = gpus if gpus else list(range(count))
+        bad = [g for g in gpus if not 0 <= g < count]
+        if bad:
+            raise ConfigError(f"--gpus {bad}: this machine has GPUs 0..{count - 1}")
+        n = workers or len(gpus)
+        return [Slot("cuda:0", str(gpus[i % len(gpus)])) for i in range(n)]
+    if device != "cpu":
+        raise ConfigError(f"unknown --device {device!r}: use cpu or cuda")
+    if gpus:
+        raise ConfigError("--gpus needs --device cuda")
+    n = workers or 1
+    return [Slot("cpu", None, max(1, (os.cpu_count() or 1) // n)) for _ in range(n)]
+
+
+class _QueueLog(logging.Handler):
+    def __init__(self, events):
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.events.put(("log", record.levelno, self.format(record)))
+        except Exception:  # pragma: no cover - logging must never break the worker
+            pass
+
+
+def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) -> None:
+    """Body of one worker process (spawned; CUDA is not initialised before this point)."""
+    if slot.visible_gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
+    import torch
+
+    from .worker import ShardRunner, install_stop_handlers, load_manifest
+
+    if slot.threads:
+        torch.set_num_threads(slot.threads)
+    root = logging.getLogger("relit_k8s")
+    root.handlers[:] = [_QueueLog(events)]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    try:
+        runner = ShardRunner(
+            load_manifest(manifest_uri), device=slot.device, stop=stop,
+            progress=lambda d, s, f: events.put(("progress", d, s, f)),
+        )
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
+        events.put(("fatal", wid, exit_code_for(e), f"{type(e).__name__}: {e}"))
+        return
+    while not stop.is_set():
+        try:
+            index = indexes.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if index is None:
+            break
+        for attempt in range(1, LOCAL_ATTEMPTS + 1):
+            try:
+                runner.run(index)
+                events.put(("shard", index, EXIT_OK, None))
+                break
+            except Stopped as e:
+                events.put(("shard", index, EXIT_SIGTERM, str(e)))
+                return
+            except BaseException as e:  # noqa: BLE001
+                code = exit_code_for(e)
+                if code == EXIT_TEMPORARY and attempt < LOCAL_ATTEMPTS and not stop.is_set():
+                    events.put(("log", logging.WARNING, f"shard {index}: {e}; retrying"))
+                    stop.wait(RETRY_DELAY * 2 ** (attempt - 1))
+                    continue
+                events.put(("shard", index, code, f"{type(e).__name__}: {e}"))
+                if code == EXIT_CONFIG:
+                    return
+                break
+
+
+@dataclass
+class LocalResult:
+    shard_codes: dict[int, int]
+    messages: list[str]
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        codes = set(self.shard_codes.values())
+        for code in (EXIT_CONFIG, EXIT_FAILED, EXIT_TEMPORARY, EXIT_SIGTERM):
+            if code in codes:
+                return code
+        return EXIT_OK if codes else EXIT_FAILED
+
+
+def run_local(
+    manifest_uri: str,
+    shards: int,
+    slots: list[Slot],
+    on_progress: Callable[[int, int, int], None] | None = None,
+    on_log: Callable[[int, str], None] | None = None,
+) -> LocalResult:
+    """Run every shard of the manifest with one process per slot; returns per-shard exit codes."""
+    ctx = mp.get_context("spawn")
+    indexes, events = ctx.Queue(), ctx.Queue()
+    for i in range(shards):
+        indexes.put(i)
+    for _ in slots:
+        indexes.put(None)
+    procs = [
+        ctx.Process(target=_worker_process, args=(w, manifest_uri, slot, indexes, events),
+                    name=f"relit-worker-{w}")
+        for w, slot in enumerate(slots)
+    ]
+    for p in procs:
+        p.start()
+    codes: dict[int, int] = {}
+    messages: list[str] = []
+    interrupted = False
+    deadline = None
+
+    def handle(event) -> None:
+        kind = event[0]
+        if kind == "progress" and on_progress:
+            on_progress(*event[1:])
+        elif kind == "log" and on_log:
+            on_log(event[1], event[2])
+        elif kind == "shard":
+            _, index, code, msg = event
+            codes[index] = code
+            if msg and code != EXIT_OK:
+                messages.append(f"shard {index}: {msg}")
+        elif kind == "fatal":
+            _, wid, code, msg = event
+            codes[-1 - wid] = code
+            messages.append(f"worker {wid} could not start: {msg}")
+
+    while True:
+        try:
+            try:
+                handle(events.get(timeout=0.2))
+                continue
+            except queue.Empty:
+                pass
+            if not any(p.is_alive() for p in procs):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+        except KeyboardInterrupt:
+            # The terminal sent SIGINT to the workers too; SIGTERM reaches those it did not.
+            interrupted = True
+            for p in procs:
+                if p.is_alive() and p.pid:
+                    p.terminate()
+            deadline = time.monotonic() + STOP_GRACE
+    for p in procs:
+        p.join()
+    # drain what arrived after the last check
+    while True:
+        try:
+            handle(events.get_nowait())
+        except queue.Empty:
+            break
+    for p in procs:
+        if p.exitcode not in (0, None) and not interrupted:
+            messages.append(f"{p.name} died with exit code {p.exitcode}")
+            codes.setdefault(-100 - procs.index(p), EXIT_FAILED)
+    return LocalResult(codes, messages, interrupted)

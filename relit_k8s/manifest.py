@@ -1,0 +1,271 @@
+"""The plan of a run (Manifest), its work units and seeds, and the shard report.
+
+Implicit enumeration: a manifest lists the image keys and the reference keys once; the items
+(image x reference x iteration) are numbered, never listed, so 10,000 images x 1,000 references
+x 50 iterations is a manifest of a few hundred KB. A *unit* is one (image, reference) pair with
+a contiguous range of iterations; unit ``u`` is pair ``u // units_per_pair``; pair ``p`` is
+image ``p // len(references)`` with reference ``p % len(references)``. Shard ``i`` of ``S``
+takes units ``[i*U//S, (i+1)*U//S)``, so shards differ by at most one unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ManifestError
+from .storage import META_DIR, join_key
+
+MANIFEST_VERSION = 1
+REPORT_VERSION = 1
+
+#: Run ids are DNS-1123 labels of at most 40 characters, so Jobs and pods can be named after them.
+RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+
+#: A shard report keeps at most this many failure records; ``failures_dropped`` counts the rest.
+MAX_FAILURE_RECORDS = 1000
+
+_SEED_SPACE = 2**32
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id):
+        raise ManifestError(
+            f"invalid run id {run_id!r}: use at most 40 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return run_id
+
+
+def pair_seeds(base_seed: int, image: str, ref: str, iterations: int) -> list[int]:
+    """The seeds of all iterations of one pair: deterministic and distinct within the pair.
+
+    Seed ``i`` is a hash of (base seed, image key, reference key, i) in ``[0, 2**32)``; in the
+    rare case of a clash with an earlier iteration of the same pair it is re-hashed, so output
+    names never collide.
+    """
+    seeds: list[int] = []
+    seen: set[int] = set()
+    for it in range(iterations):
+        salt = 0
+        while True:
+            text = f"{base_seed}\x00{image}\x00{ref}\x00{it}\x00{salt}".encode()
+            seed = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+            seed %= _SEED_SPACE
+            if seed not in seen:
+                break
+            salt += 1
+        seen.add(seed)
+        seeds.append(seed)
+    return seeds
+
+
+class Unit(NamedTuple):
+    """One (image, reference) pair with iterations ``[start, stop)``."""
+
+    pair: int
+    image: str
+    ref: str
+    start: int
+    stop: int
+
+    @property
+    def items(self) -> int:
+        return self.stop - self.start
+
+
+class Selection(BaseModel):
+    """How the inputs and references were chosen (kept for the record and for `status`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    img_pattern: str = "*"
+    ref_pattern: str = "*"
+    img_formats: tuple[str, ...]
+    ref_formats: tuple[str, ...]
+
+
+class RelighterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """A versioned, checksummed plan: everything a worker needs to do its shard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = MANIFEST_VERSION
+    run_id: str
+    created_at: datetime
+    input: str
+    refs: str
+    output: str
+    normals: str | None = None
+    selection: Selection
+    images: tuple[str, ...]
+    references: tuple[str, ...]
+    iterations: int = Field(ge=1)
+    base_seed: int = Field(ge=0)
+    unit_size: int = Field(ge=1, description="iterations per work unit")
+    shards: int = Field(ge=1)
+    relighter: RelighterSpec
+    batch_size: int = Field(ge=1, description="seeds per relighter call")
+    max_pixels: int = Field(ge=1)
+    checksum: str | None = None
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        if not RUN_ID_RE.match(v):
+            raise ValueError("run id must be a DNS-1123 label of at most 40 characters")
+        return v
+
+    # --- enumeration -------------------------------------------------------------------------
+    @property
+    def pairs(self) -> int:
+        return len(self.images) * len(self.references)
+
+    @property
+    def units_per_pair(self) -> int:
+        return -(-self.iterations // self.unit_size)
+
+    @property
+    def units(self) -> int:
+        return self.pairs * self.units_per_pair
+
+    @property
+    def items(self) -> int:
+        return self.pairs * self.iterations
+
+    def unit(self, u: int) -> Unit:
+        pair, chunk = divmod(u, self.units_per_pair)
+        image, ref = divmod(pair, len(self.references))
+        start = chunk * self.unit_size
+        return Unit(pair, self.images[image], self.references[ref], start,
+                    min(self.iterations, start + self.unit_size))
+
+    def shard_range(self, index: int) -> range:
+        if not 0 <= index < self.shards:
+            raise ManifestError(
+                f"shard index {index} is out of range: run {self.run_id} has {self.shards} "
+                f"shards (0..{self.shards - 1})"
+            )
+        return range(index * self.units // self.shards, (index + 1) * self.units // self.shards)
+
+    def shard_units(self, index: int) -> list[Unit]:
+        return [self.unit(u) for u in self.shard_range(index)]
+
+    def shard_items(self, index: int) -> int:
+        return sum(u.items for u in self.shard_units(index))
+
+    # --- layout ------------------------------------------------------------------------------
+    @staticmethod
+    def pair_folder(image: str, ref: str) -> str:
+        """``<image key>_<reference key>``: the seed's ``<image file>_<reference file>``."""
+        return f"{image}_{ref}"
+
+    @property
+    def meta_prefix(self) -> str:
+        return join_key(META_DIR, self.run_id)
+
+    @property
+    def manifest_key(self) -> str:
+        return join_key(self.meta_prefix, "manifest.json")
+
+    def report_key(self, index: int) -> str:
+        return join_key(self.meta_prefix, "shards", f"{index}.json")
+
+    # --- serialisation -----------------------------------------------------------------------
+    def body_digest(self) -> str:
+        body = self.model_dump(mode="json", exclude={"checksum"})
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+    def to_json(self) -> bytes:
+        sealed = self.model_copy(update={"checksum": self.body_digest()})
+        return sealed.model_dump_json(indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{where} is not valid JSON (truncated?): {e}") from e
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{where} is not a relit-k8s manifest")
+        if raw.get("version") != MANIFEST_VERSION:
+            raise ManifestError(
+                f"{where} has manifest version {raw.get('version')!r}; this relit-k8s reads "
+                f"version {MANIFEST_VERSION}: plan the run again with this version"
+            )
+        try:
+            manifest = cls.model_validate(raw)
+        except ValidationError as e:
+            raise ManifestError(f"{where} is invalid: {e}") from e
+        if manifest.checksum != manifest.body_digest():
+            raise ManifestError(f"{where} fails its checksum: it was changed or truncated")
+        return manifest
+
+
+class Failure(BaseModel):
+    """One item that failed for good."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+    ref: str
+    iteration: int | None = None
+    seed: int | None = None
+    error: str
+    kind: str = Field(description="the error class, e.g. DecodeError")
+
+
+ShardState = Literal["running", "done", "failed"]
+
+
+class ShardReport(BaseModel):
+    """``<output>/_relit/<run>/shards/<index>.json``: what one attempt at a shard did."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = REPORT_VERSION
+    run_id: str
+    index: int
+    state: ShardState
+    items_total: int
+    items_done: int = 0
+    items_skipped: int = 0
+    items_failed: int = 0
+    failures: list[Failure] = Field(default_factory=list)
+    failures_dropped: int = 0
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    host: str
+    device: str
+    relighter: str
+    error: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def items_finished(self) -> int:
+        return self.items_done + self.items_skipped + self.items_failed
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "report") -> ShardReport:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise ManifestError(f"{where} is not a valid shard report: {e}") from e

@@ -1,0 +1,206 @@
+"""Plan a run: list inputs and references, choose units and shards, write the manifest.
+
+:func:`plan` is pure (settings + listings -> :class:`Manifest`); :func:`list_sources` and
+:func:`write_manifest` are the only parts that touch storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import images
+from .errors import ConfigError, NotFoundError
+from .manifest import Manifest, RelighterSpec, Selection, check_run_id, now
+from .relighters import parse_options, resolve
+from .storage import open_storage
+
+#: Seed-parity defaults (the seed's ``--img-formats`` / ``--ref-formats``).
+DEFAULT_IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "exr", "hdr")
+DEFAULT_REF_FORMATS = ("png", "exr", "hdr")
+#: Default shards per worker: several, so that fast workers take more shards (dynamic balance).
+SHARDS_PER_WORKER = 4
+#: Most shards a default plan makes: very large Jobs stress etcd; users may ask for more.
+MAX_DEFAULT_SHARDS = 2000
+#: Seeds per relighter call.
+DEFAULT_BATCH_SIZE = 8
+
+
+class PlanSettings(BaseModel):
+    """What the user asked for (the CLI's selection flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    refs: str
+    output: str
+    normals: str | None = None
+    iterations: int = Field(50, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0)
+    img_pattern: str = "*"
+    ref_pattern: str = "*"
+    img_formats: tuple[str, ...] = DEFAULT_IMG_FORMATS
+    ref_formats: tuple[str, ...] = DEFAULT_REF_FORMATS
+    relighter: str = "sh"
+    options: dict[str, Any] = Field(default_factory=dict)
+    shards: int | None = Field(None, ge=1)
+    workers: int = Field(1, ge=1, description="workers the default shard count is made for")
+    run_id: str | None = None
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
+    max_pixels: int = Field(images.DEFAULT_MAX_PIXELS, ge=1)
+
+    @field_validator("img_formats", "ref_formats")
+    @classmethod
+    def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(dict.fromkeys(f.lower().lstrip(".") for f in v if f.strip()))
+        supported = set(images.LDR_FORMATS) | set(images.HDR_FORMATS)
+        bad = [f for f in out if f not in supported]
+        if bad:
+            raise ValueError(f"unsupported formats {bad}; supported: {sorted(supported)}")
+        if not out:
+            raise ValueError("at least one format is needed")
+        return out
+
+
+def _excluded_prefix(root: str, output: str) -> str | None:
+    """The output's key prefix when the output lies inside ``root`` (so outputs are not inputs)."""
+    r, o = open_storage(root).uri.rstrip("/"), open_storage(output).uri.rstrip("/")
+    return o[len(r) + 1:] + "/" if o.startswith(r + "/") else None
+
+
+def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
+    """The image keys and reference keys the settings select (sorted)."""
+    found = []
+    for uri, pattern, formats, what in (
+        (settings.input, settings.img_pattern, settings.img_formats, "input images"),
+        (settings.refs, settings.ref_pattern, settings.ref_formats, "references"),
+    ):
+        keys = open_storage(uri).list(pattern, formats)
+        skip = _excluded_prefix(uri, settings.output)
+        if skip:
+            keys = [k for k in keys if not k.startswith(skip)]
+        if not keys:
+            raise ConfigError(
+                f"no {what} in {uri} match pattern {pattern!r} and formats "
+                f"{' '.join(formats)}"
+            )
+        found.append(keys)
+    return found[0], found[1]
+
+
+def layout(pairs: int, iterations: int, target_shards: int) -> tuple[int, int]:
+    """(unit_size, shards): whole pairs as units when there are enough, else split iterations."""
+    target = max(1, target_shards)
+    chunks = 1 if pairs >= target else -(-target // pairs)
+    unit_size = -(-iterations // min(chunks, iterations))
+    units = pairs * -(-iterations // unit_size)
+    return unit_size, min(target, units)
+
+
+def derive_run_id(manifest: Manifest) -> str:
+    """``relit-<10 hex>`` from the plan itself (URIs resolved, listings, settings): the same
+    command gives the same run, so running it again continues that run."""
+    body = manifest.model_dump(mode="json", exclude={"run_id", "created_at", "checksum"})
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return "relit-" + digest[:10]
+
+
+def plan(
+    settings: PlanSettings,
+    image_keys: list[str],
+    ref_keys: list[str],
+    created_at: datetime | None = None,
+) -> Manifest:
+    """Make the manifest. Pure: no storage is touched; the relighter's options are validated."""
+    if not image_keys or not ref_keys:
+        raise ConfigError("a plan needs at least one image and one reference")
+    cls = resolve(settings.relighter)
+    options = parse_options(cls, settings.options)
+    pairs = len(image_keys) * len(ref_keys)
+    target = settings.shards or min(MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER * settings.workers)
+    unit_size, shards = layout(pairs, settings.iterations, target)
+    manifest = Manifest(
+        run_id=check_run_id(settings.run_id) if settings.run_id else "pending",
+        created_at=created_at or now(),
+        input=open_storage(settings.input).uri,
+        refs=open_storage(settings.refs).uri,
+        output=open_storage(settings.output).uri,
+        normals=open_storage(settings.normals).uri if settings.normals else None,
+        selection=Selection(
+            img_pattern=settings.img_pattern,
+            ref_pattern=settings.ref_pattern,
+            img_formats=settings.img_formats,
+            ref_formats=settings.ref_formats,
+        ),
+        images=tuple(image_keys),
+        references=tuple(ref_keys),
+        iterations=settings.iterations,
+        base_seed=settings.seed,
+        unit_size=unit_size,
+        shards=shards,
+        relighter=RelighterSpec(name=settings.relighter, options=options.model_dump(mode="json")),
+        batch_size=settings.batch_size,
+        max_pixels=settings.max_pixels,
+    )
+    if settings.run_id:
+        return manifest
+    return manifest.model_copy(update={"run_id": derive_run_id(manifest)})
+
+
+_VOLATILE = {"created_at", "checksum"}
+
+
+def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
+    """Store the manifest under ``<output>/_relit/<run>/``; returns (manifest, its URI).
+
+    When the run exists with the same plan, the stored manifest is kept (a rerun of the same
+    command resumes the same run); a different plan under the same run id is an error.
+    """
+    out = open_storage(manifest.output)
+    try:
+        existing = Manifest.from_json(out.read(manifest.manifest_key), out.uri_of(
+            manifest.manifest_key))
+    except NotFoundError:
+        existing = None
+    if existing is not None:
+        if existing.model_dump(exclude=_VOLATILE) != manifest.model_dump(exclude=_VOLATILE):
+            raise ConfigError(
+                f"run {manifest.run_id} already exists in {out.uri} with a different plan: "
+                "choose another --run-id"
+            )
+        manifest = existing
+    else:
+        out.write(manifest.manifest_key, manifest.to_json())
+    return manifest, out.uri_of(manifest.manifest_key)
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    """The configuration summary printed by ``--dry-run`` and at the start of a run."""
+    m = manifest
+    per_shard = m.units // m.shards
+    return {
+        "run_id": m.run_id,
+        "input": m.input,
+        "refs": m.refs,
+        "output": m.output,
+        "normals": m.normals or "(estimated)",
+        "img_pattern": m.selection.img_pattern,
+        "ref_pattern": m.selection.ref_pattern,
+        "img_formats": " ".join(m.selection.img_formats),
+        "ref_formats": " ".join(m.selection.ref_formats),
+        "images": len(m.images),
+        "references": len(m.references),
+        "pairs": m.pairs,
+        "iterations": m.iterations,
+        "outputs": m.items,
+        "base_seed": m.base_seed,
+        "relighter": m.relighter.name,
+        "options": ", ".join(f"{k}={v}" for k, v in m.relighter.options.items()) or "-",
+        "units": f"{m.units} ({m.unit_size} iterations each)",
+        "shards": f"{m.shards} ({per_shard}-{per_shard + (m.units % m.shards > 0)} units each)",
+        "batch_size": m.batch_size,
+    }

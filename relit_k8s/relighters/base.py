@@ -1,0 +1,143 @@
+"""The relighter plugin API and its registry.
+
+A relighter is a :class:`Relighter` subclass with
+
+* ``name``: the name users pass to ``--relighter``;
+* ``Options``: a pydantic model (``extra="forbid"``) of its options, set with ``-O key=value``;
+* ``__init__(options, device)``: loads weights once onto the device;
+* ``relight(image, reference, seeds, normals=None)``: relights one (image, reference) pair for a
+  list of seeds, as one batch.
+
+Relighters are found by name, in this order: the built-ins (:data:`BUILTINS`), the entry-point
+group ``relit_k8s.relighters`` of installed packages, and ``module:attribute`` paths.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import RelighterError
+
+ENTRY_POINT_GROUP = "relit_k8s.relighters"
+
+#: Built-in relighters: name -> "module:attribute", imported only when used.
+BUILTINS: dict[str, str] = {
+    "sh": "relit_k8s.relighters.sh:SHRelighter",
+}
+
+
+class RelighterOptions(BaseModel):
+    """Base of every relighter's options: unknown keys are an error, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Relighter(ABC):
+    """Base class of relighters; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[RelighterOptions]] = RelighterOptions
+    #: If set, the worker resizes every reference (area average, linear radiance) to this
+    #: (height, width) once, before caching it: keeps thousands of references in memory.
+    reference_resolution: ClassVar[tuple[int, int] | None] = None
+
+    def __init__(self, options: RelighterOptions | None = None, device: str | torch.device = "cpu"):
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise RelighterError(
+                f"{type(self).__name__} needs {self.Options.__name__}, "
+                f"got {type(self.options).__name__}"
+            )
+        self.device = torch.device(device)
+
+    @abstractmethod
+    def relight(
+        self,
+        image: torch.Tensor,
+        reference: torch.Tensor,
+        seeds: Sequence[int],
+        normals: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Relight one pair for each seed.
+
+        Args:
+            image: ``3 x H x W`` float32, sRGB-encoded in [0, 1], on ``self.device``.
+            reference: ``3 x h x w`` float32 linear radiance, equirectangular (see DESIGN
+                conventions), on ``self.device``.
+            seeds: one output per seed; the same seed gives the same output.
+            normals: optional ``3 x H x W`` unit camera-space normals, on ``self.device``.
+
+        Returns:
+            ``len(seeds) x 3 x H x W`` float, sRGB-encoded in [0, 1], on ``self.device``.
+            Output ``b`` equals the output of ``relight(image, reference, [seeds[b]])``.
+        """
+
+
+def available() -> dict[str, str]:
+    """Every relighter name that can be used without a path: name -> "module:attribute"."""
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**found, **BUILTINS}
+
+
+def _load_target(target: str, what: str) -> type[Relighter]:
+    module_name, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise RelighterError(f"cannot load relighter {what} ({target}): {e}") from e
+    if not (isinstance(obj, type) and issubclass(obj, Relighter)):
+        raise RelighterError(f"{target} is not a relit_k8s.Relighter subclass")
+    return obj
+
+
+def resolve(name: str) -> type[Relighter]:
+    """The relighter class for a registered name or a ``module:attribute`` path."""
+    known = available()
+    if name in known:
+        return _load_target(known[name], repr(name))
+    if ":" in name:
+        return _load_target(name, "path")
+    raise RelighterError(
+        f"unknown relighter {name!r}; available: {', '.join(sorted(known))} "
+        "(or give a module:attribute path)"
+    )
+
+
+def describe_options(cls: type[Relighter]) -> str:
+    parts = []
+    for key, field in cls.Options.model_fields.items():
+        default = field.default if field.default is not None else "none"
+        parts.append(f"{key} (default {default})")
+    return ", ".join(parts) if parts else "none"
+
+
+def parse_options(cls: type[Relighter], raw: Mapping[str, Any]) -> RelighterOptions:
+    """Validate ``raw`` (strings from ``-O key=value``, or JSON values) against ``cls.Options``."""
+    unknown = sorted(set(raw) - set(cls.Options.model_fields))
+    if unknown:
+        raise RelighterError(
+            f"relighter {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {describe_options(cls)}"
+        )
+    try:
+        return cls.Options.model_validate(dict(raw))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
+        raise RelighterError(f"invalid options for relighter {cls.name!r}: {problems}") from e
+
+
+def create(name: str, options: Mapping[str, Any], device: str | torch.device) -> Relighter:
+    """Resolve, validate the options and construct (loading weights once)."""
+    cls = resolve(name)
+    return cls(parse_options(cls, options), device)

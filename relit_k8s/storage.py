@@ -1,0 +1,341 @@
+"""One storage interface over local folders and S3-compatible object stores.
+
+A :class:`Storage` is rooted at a URI (``/data/in``, ``file:///data/in``, ``s3://bucket/prefix``)
+and addresses objects by *keys*: relative, ``/``-separated paths under that root. Keys are
+checked before use, so nothing read from a listing or a manifest can reach outside the root.
+
+S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_ENDPOINT_URL`` for MinIO, ``AWS_REGION``);
+nothing here stores or prints a credential.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .errors import (
+    ConfigError,
+    NotFoundError,
+    StorageConfigError,
+    StorageError,
+    StorageUnavailable,
+)
+
+#: Folder, at the root of an output, where relit-k8s keeps manifests and reports.
+META_DIR = "_relit"
+
+#: Attempts per S3 request, retries included (botocore "standard" mode: exponential backoff
+#: with jitter on throttling, 5xx and connection errors). Override with RELIT_S3_MAX_ATTEMPTS.
+S3_MAX_ATTEMPTS = 8
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise :class:`ConfigError`.
+
+    Refused: empty keys, a leading ``/``, backslashes, NUL, and ``.``/``..`` segments.
+    """
+    if (
+        not key
+        or key.startswith("/")
+        or "\\" in key
+        or "\x00" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    ):
+        raise ConfigError(f"unsafe storage key {key!r}: keys must be relative paths without '..'")
+    return key
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with ``/`` (empty parts are dropped)."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def _matches(key: str, pattern: str, extensions: frozenset[str] | None) -> bool:
+    if extensions is not None:
+        ext = posixpath.splitext(key)[1].lower().lstrip(".")
+        if ext not in extensions:
+            return False
+    target = key if "/" in pattern else posixpath.basename(key)
+    return fnmatch.fnmatchcase(target, pattern)
+
+
+def _hidden(key: str) -> bool:
+    parts = key.split("/")
+    return parts[0] == META_DIR or any(p.startswith(".") for p in parts)
+
+
+class Storage(ABC):
+    """Objects under one root URI, addressed by relative keys."""
+
+    uri: str
+
+    def list(
+        self, pattern: str = "*", extensions: Iterable[str] | None = None, prefix: str = ""
+    ) -> list[str]:
+        """All keys under ``prefix`` (recursively), sorted, that match the filters.
+
+        ``pattern`` is a glob matched against the key's file name, or against the whole key
+        when it contains ``/``. ``extensions`` (without dots) are compared case-insensitively.
+        Hidden names (starting with ``.``, such as unfinished writes) and the ``_relit``
+        folder are never listed.
+        """
+        exts = None if extensions is None else frozenset(e.lower().lstrip(".") for e in extensions)
+        keys = (k for k in self.walk(prefix) if not _hidden(k))
+        return sorted(k for k in keys if _matches(k, pattern, exts))
+
+    def uri_of(self, key: str) -> str:
+        return self.uri.rstrip("/") + "/" + check_key(key)
+
+    @abstractmethod
+    def walk(self, prefix: str = "") -> Iterable[str]:
+        """Every key under ``prefix``, in any order, hidden ones and ``_relit/`` included."""
+
+    @abstractmethod
+    def list_names(self, folder: str) -> set[str]:
+        """Names of the objects directly inside ``folder`` (one request, not one per file)."""
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """The object's bytes; :class:`NotFoundError` if there is none."""
+
+    @abstractmethod
+    def write(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key`` atomically: readers see the old object or the whole new one."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at ``key``."""
+
+
+class LocalStorage(Storage):
+    """A folder on a local (or mounted) file system."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.uri!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def walk(self, prefix: str = "") -> Iterable[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                yield name if rel == "." else f"{rel}/{name}"
+
+    def list_names(self, folder: str) -> set[str]:
+        path = self._path(folder) if folder else self.root
+        try:
+            with os.scandir(path) as it:
+                return {e.name for e in it if e.is_file() and not e.name.startswith(".")}
+        except FileNotFoundError:
+            return set()
+        except OSError as e:
+            raise StorageError(f"cannot list {path}: {e}") from e
+
+    def read(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotFoundError(f"no file {path}") from e
+        except IsADirectoryError as e:
+            raise NotFoundError(f"{path} is a folder, not a file") from e
+        except PermissionError as e:
+            raise StorageConfigError(f"permission denied reading {path}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e}") from e
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except PermissionError as e:
+            raise StorageConfigError(f"permission denied writing {path}") from e
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+
+class S3Storage(Storage):
+    """A prefix in an S3-compatible bucket (AWS S3, MinIO, ...), through boto3."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None):
+        if not bucket:
+            raise ConfigError("an s3:// URI needs a bucket: s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client = client or make_s3_client()
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.uri!r})"
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _folder(self, folder: str) -> str:
+        full = self._key(folder) if folder else self.prefix
+        return f"{full}/" if full else ""
+
+    def walk(self, prefix: str = "") -> Iterable[str]:
+        start = self._folder(prefix)
+        strip = len(self._folder(""))
+        paginator = self._client.get_paginator("list_objects_v2")
+        with _s3_errors(self.bucket, start):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        yield obj["Key"][strip:]
+
+    def list_names(self, folder: str) -> set[str]:
+        start = self._folder(folder)
+        names: set[str] = set()
+        paginator = self._client.get_paginator("list_objects_v2")
+        with _s3_errors(self.bucket, start):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
+                names.update(o["Key"][len(start):] for o in page.get("Contents", []))
+        return {n for n in names if n and not n.startswith(".")}
+
+    def read(self, key: str) -> bytes:
+        full = self._key(key)
+        with _s3_errors(self.bucket, full):
+            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+
+    def write(self, key: str, data: bytes) -> None:
+        # One PutObject: S3 makes an object visible only once the whole body has arrived.
+        full = self._key(key)
+        with _s3_errors(self.bucket, full):
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=data)
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            with _s3_errors(self.bucket, full):
+                self._client.head_object(Bucket=self.bucket, Key=full)
+        except NotFoundError:
+            return False
+        return True
+
+
+def make_s3_client():
+    """A boto3 S3 client configured from the standard AWS environment variables."""
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("RELIT_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
+    s3_opts = {}
+    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"):
+        # MinIO and most other S3-compatible servers expect path-style addressing.
+        s3_opts["addressing_style"] = "path"
+    config = Config(
+        retries={"mode": "standard", "max_attempts": attempts},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+        s3=s3_opts,
+    )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return boto3.session.Session().client("s3", region_name=region, config=config)
+
+
+class _s3_errors:
+    """Context manager converting botocore errors into the project's storage errors."""
+
+    def __init__(self, bucket: str, key: str):
+        self.where = f"s3://{bucket}/{key}"
+        self.bucket = bucket
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, StorageError):
+            return False
+        from botocore import exceptions as bx
+
+        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+            raise StorageConfigError(
+                f"no S3 credentials for {self.where}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or use an instance/pod role)"
+            ) from exc
+        if isinstance(exc, bx.NoRegionError):
+            raise StorageConfigError("no AWS region configured: set AWS_REGION") from exc
+        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.HTTPClientError)):
+            raise StorageUnavailable(
+                f"S3 endpoint unreachable for {self.where} after retries: {exc}"
+            ) from exc
+        if isinstance(exc, bx.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code == "NoSuchBucket":
+                raise StorageConfigError(
+                    f"bucket {self.bucket!r} does not exist (at {self.where}); create it first"
+                ) from exc
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                raise NotFoundError(f"no object at {self.where}") from exc
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or (
+                status == 403
+            ):
+                raise StorageConfigError(
+                    f"access denied to {self.where} ({code}): check the credentials and the "
+                    "bucket policy"
+                ) from exc
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                raise StorageUnavailable(
+                    f"S3 kept failing for {self.where} after retries: {code} (HTTP {status})"
+                ) from exc
+            raise StorageError(f"S3 error for {self.where}: {code} (HTTP {status})") from exc
+        if isinstance(exc, bx.BotoCoreError):
+            raise StorageError(f"S3 error for {self.where}: {exc}") from exc
+        return False
+
+
+def open_storage(uri: str) -> Storage:
+    """The storage rooted at ``uri``: a local path, ``file://...`` or ``s3://bucket/prefix``."""
+    if not uri:
+        raise ConfigError("empty storage URI")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return S3Storage(parsed.netloc, unquote(parsed.path))
+    if parsed.scheme == "file":
+        return LocalStorage(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, a local path
+        raise ConfigError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
+    return LocalStorage(uri)
+
+
+def split_uri(uri: str) -> tuple[Storage, str]:
+    """Split the URI of one object into (storage of its folder, file name)."""
+    base, _, name = uri.rstrip("/").rpartition("/")
+    if not name:
+        raise ConfigError(f"{uri!r} does not name a file")
+    if not base:
+        base = "."
+    if base in ("s3:/", "s3:"):
+        raise ConfigError(f"{uri!r} names a bucket, not an object")
+    return open_storage(base), name

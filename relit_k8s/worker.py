@@ -1,0 +1,425 @@
+"""The worker: manifest + index -> its shard's units -> relit outputs + a shard report.
+
+The same code runs in a Kubernetes pod (``relit-k8s worker``, index from
+``JOB_COMPLETION_INDEX``) and in the local runner's processes. Per shard it
+
+* lists each pair folder once and skips the items whose outputs exist;
+* decodes each input and reference once (a small cache; decoding runs ahead in threads);
+* relights the missing seeds of a pair in batches of ``manifest.batch_size`` on one device;
+* encodes and writes outputs in threads (atomic writes: no half-written file at a final key);
+* writes its report at start, every ``report_interval`` seconds, and at the end;
+* records a bad image as failed items and goes on; stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import images
+from .errors import (
+    EXIT_OK,
+    ConfigError,
+    ItemError,
+    NotFoundError,
+    RelitError,
+    Stopped,
+    exit_code_for,
+)
+from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now, pair_seeds
+from .relighters import Relighter, create
+from .storage import Storage, open_storage, split_uri
+
+log = logging.getLogger("relit_k8s.worker")
+
+#: Seconds between two writes of the shard report while a shard runs (its heartbeat).
+REPORT_INTERVAL = 5.0
+#: Threads decoding inputs ahead of the GPU, and threads encoding and writing outputs.
+DECODE_THREADS = 2
+WRITE_THREADS = 4
+#: Decoded images and references kept in memory (references are small once resized).
+IMAGE_CACHE = 4
+REF_CACHE = 256
+#: Pairs decoded ahead of the one being relit.
+LOOKAHEAD = 2
+
+ProgressFn = Callable[[int, int, int], None]  # (done, skipped, failed) increments
+
+
+def load_manifest(uri: str) -> Manifest:
+    """Read and validate the manifest at ``uri`` (local path, file:// or s3://)."""
+    storage, name = split_uri(uri)
+    try:
+        data = storage.read(name)
+    except NotFoundError as e:
+        raise ConfigError(f"no manifest at {uri}: plan the run first (relit-k8s plan)") from e
+    return Manifest.from_json(data, where=uri)
+
+
+def manifest_uri(manifest: Manifest) -> str:
+    return open_storage(manifest.output).uri_of(manifest.manifest_key)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_label(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+class _Cache:
+    """A small LRU of futures keyed by name: each object is decoded once while it is cached."""
+
+    def __init__(self, pool: ThreadPoolExecutor, size: int, load: Callable[[str], object]):
+        self.pool, self.size, self.load = pool, size, load
+        self.items: OrderedDict[str, Future] = OrderedDict()
+
+    def get(self, key: str) -> Future:
+        fut = self.items.get(key)
+        if fut is None:
+            fut = self.items[key] = self.pool.submit(self.load, key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        else:
+            self.items.move_to_end(key)
+        return fut
+
+
+@dataclass
+class _PairWork:
+    image: str
+    ref: str
+    todo: list[tuple[int, int]] = field(default_factory=list)  # (iteration, seed)
+
+
+class _Reporter:
+    """Holds the shard report; a thread writes it every ``interval`` seconds (the heartbeat)."""
+
+    def __init__(self, storage: Storage, key: str, report: ShardReport, interval: float,
+                 progress: ProgressFn | None):
+        self.storage, self.key, self.report = storage, key, report
+        self.interval, self.progress = interval, progress
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="relit-report", daemon=True)
+
+    def start(self) -> None:
+        self.write()
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.write()
+            except RelitError as e:  # a missed heartbeat is not fatal; the next one may pass
+                log.warning("could not write the shard report: %s", e)
+
+    def write(self) -> None:
+        with self.lock:
+            self.report.updated_at = now()
+            data = self.report.model_dump_json(indent=1).encode()
+        self.storage.write(self.key, data)
+
+    def add(self, done: int = 0, skipped: int = 0, failures: list[Failure] | None = None,
+            failed: int = 0) -> None:
+        failures = failures or []
+        failed = failed or len(failures)
+        with self.lock:
+            r = self.report
+            r.items_done += done
+            r.items_skipped += skipped
+            r.items_failed += failed
+            room = max(0, MAX_FAILURE_RECORDS - len(r.failures))
+            r.failures.extend(failures[:room])
+            r.failures_dropped += max(0, len(failures) - room)
+        if self.progress and (done or skipped or failed):
+            self.progress(done, skipped, failed)
+
+    def finish(self, state: str, error: str | None = None, exit_code: int | None = None) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self.lock:
+            self.report.state = state  # type: ignore[assignment]
+            self.report.error = error
+            self.report.exit_code = exit_code
+            self.report.finished_at = now()
+        self.write()
+
+
+class ShardRunner:
+    """Runs shards of one manifest with one loaded relighter (reused across shards)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        relighter: Relighter | None = None,
+        device: str | None = None,
+        stop: threading.Event | None = None,
+        progress: ProgressFn | None = None,
+        report_interval: float = REPORT_INTERVAL,
+    ):
+        self.manifest = manifest
+        self.device = device or default_device()
+        self.stop = stop or threading.Event()
+        self.progress = progress
+        self.report_interval = report_interval
+        self.inputs = open_storage(manifest.input)
+        self.refs = open_storage(manifest.refs)
+        self.output = open_storage(manifest.output)
+        self.normals = open_storage(manifest.normals) if manifest.normals else None
+        self.relighter = relighter or create(
+            manifest.relighter.name, manifest.relighter.options, self.device
+        )
+        self._pin = torch.device(self.device).type == "cuda"
+
+    # --- decoding (runs in threads) ----------------------------------------------------------
+    def _decode(self, storage: Storage, key: str) -> images.Decoded:
+        try:
+            data = storage.read(key)
+        except NotFoundError as e:  # deleted since the plan: this item cannot be done
+            raise ItemError(f"{key}: missing from {storage.uri} (deleted after planning?)") from e
+        return images.decode(data, key, self.manifest.max_pixels)
+
+    def _load_image(self, key: str) -> torch.Tensor:
+        return self._tensor(images.as_display(self._decode(self.inputs, key)))
+
+    def _load_ref(self, key: str) -> torch.Tensor:
+        decoded = self._decode(self.refs, key)
+        t = self._tensor(images.as_radiance(decoded))
+        size = self.relighter.reference_resolution
+        if size and (t.shape[1] > size[0] or t.shape[2] > size[1]):
+            t = F.adaptive_avg_pool2d(t[None], size)[0].contiguous()
+        return t.pin_memory() if self._pin else t
+
+    def _load_normals(self, key: str) -> torch.Tensor | None:
+        assert self.normals is not None
+        folder, name = posixpath.split(key)
+        stem = posixpath.splitext(name)[0]
+        matches = sorted(
+            n for n in self.normals.list_names(folder)
+            if posixpath.splitext(n)[0] == stem and images.extension(n) in images.LDR_FORMATS
+        )
+        if not matches:
+            log.warning("no normal map for %s under %s: using the estimate",
+                        key, self.normals.uri)
+            return None
+        nkey = posixpath.join(folder, matches[0]) if folder else matches[0]
+        decoded = self._decode(self.normals, nkey)
+        n = torch.from_numpy(decoded.pixels).permute(2, 0, 1) * 2.0 - 1.0
+        norm = n.norm(dim=0, keepdim=True)
+        flat = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand_as(n)
+        return torch.where(norm > 1e-3, n / norm.clamp_min(1e-6), flat).contiguous()
+
+    def _tensor(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+        return t.pin_memory() if self._pin else t
+
+    # --- planning the shard ------------------------------------------------------------------
+    def _pairs(self, units: list[Unit], report: _Reporter) -> Iterator[_PairWork]:
+        """Group the shard's units by pair and drop the items already written."""
+        m = self.manifest
+        listed: dict[str, set[str]] = {}
+        for unit in units:
+            folder = m.pair_folder(unit.image, unit.ref)
+            if folder not in listed:
+                listed = {folder: self.output.list_names(folder)}  # one listing per pair
+            existing = listed[folder]
+            out_name = images.output_file_name(unit.image)
+            seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
+            work = _PairWork(unit.image, unit.ref)
+            for it in range(unit.start, unit.stop):
+                if f"{seeds[it]}_{out_name}" in existing:
+                    continue
+                work.todo.append((it, seeds[it]))
+            skipped = unit.items - len(work.todo)
+            if skipped:
+                report.add(skipped=skipped)
+            if work.todo:
+                yield work
+
+    # --- running -----------------------------------------------------------------------------
+    def run(self, index: int) -> ShardReport:
+        """Run shard ``index``; returns its final report. Raises :class:`Stopped` on stop."""
+        m = self.manifest
+        units = m.shard_units(index)
+        report = _Reporter(
+            self.output,
+            m.report_key(index),
+            ShardReport(
+                run_id=m.run_id, index=index, state="running",
+                items_total=sum(u.items for u in units), started_at=now(), updated_at=now(),
+                host=socket.gethostname(), device=device_label(self.device),
+                relighter=m.relighter.name,
+            ),
+            self.report_interval,
+            self.progress,
+        )
+        report.start()
+        log.info("shard %d of run %s: %d items in %d units on %s", index, m.run_id,
+                 report.report.items_total, len(units), report.report.device)
+        try:
+            self._run_units(units, report)
+        except Stopped:
+            report.finish("failed", "stopped by a signal before the shard was finished; "
+                          "run the index again to finish it", Stopped.exit_code)
+            raise
+        except BaseException as e:
+            report.finish("failed", f"{type(e).__name__}: {e}", exit_code_for(e))
+            raise
+        report.finish("done", exit_code=EXIT_OK)
+        r = report.report
+        log.info("shard %d done: %d written, %d skipped, %d failed", index, r.items_done,
+                 r.items_skipped, r.items_failed)
+        return r
+
+    def _run_units(self, units: list[Unit], report: _Reporter) -> None:
+        m = self.manifest
+        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
+                ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="relit-write") as write:
+            img_cache = _Cache(decode, IMAGE_CACHE, self._load_image)
+            ref_cache = _Cache(decode, REF_CACHE, self._load_ref)
+            nrm_cache = _Cache(decode, IMAGE_CACHE, self._load_normals) if self.normals else None
+            in_flight = threading.BoundedSemaphore(2 * WRITE_THREADS * m.batch_size)
+            errors: list[BaseException] = []
+
+            def prefetch(w: _PairWork) -> None:
+                img_cache.get(w.image)
+                ref_cache.get(w.ref)
+                if nrm_cache:
+                    nrm_cache.get(w.image)
+
+            window: list[_PairWork] = []
+            pairs = self._pairs(units, report)
+            for w in pairs:
+                window.append(w)
+                prefetch(w)
+                if len(window) <= LOOKAHEAD:
+                    continue
+                self._relight_pair(window.pop(0), img_cache, ref_cache, nrm_cache, write,
+                                   in_flight, errors, report)
+            for w in window:
+                self._relight_pair(w, img_cache, ref_cache, nrm_cache, write, in_flight,
+                                   errors, report)
+            write.shutdown(wait=True)
+            if errors:
+                raise errors[0]
+
+    def _relight_pair(self, w, img_cache, ref_cache, nrm_cache, write, in_flight, errors,
+                      report: _Reporter) -> None:
+        if errors:
+            raise errors[0]
+        if self.stop.is_set():
+            raise Stopped("stopped before the shard was finished")
+        try:
+            image = img_cache.get(w.image).result()
+            ref = ref_cache.get(w.ref).result()
+            normals = nrm_cache.get(w.image).result() if nrm_cache else None
+        except ItemError as e:
+            self._fail(w, w.todo, e, report)
+            return
+        dev = self.relighter.device
+        image_d = image.to(dev, non_blocking=True)
+        ref_d = ref.to(dev, non_blocking=True)
+        normals_d = normals.to(dev, non_blocking=True) if normals is not None else None
+        folder = self.manifest.pair_folder(w.image, w.ref)
+        out_name = images.output_file_name(w.image)
+        bs = self.manifest.batch_size
+        for start in range(0, len(w.todo), bs):
+            if self.stop.is_set():
+                raise Stopped("stopped before the shard was finished")
+            if errors:
+                raise errors[0]
+            batch = w.todo[start:start + bs]
+            try:
+                out = self.relighter.relight(image_d, ref_d, [s for _, s in batch], normals_d)
+            except ItemError as e:
+                self._fail(w, batch, e, report)
+                continue
+            pixels = out.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+            for (it, seed), px in zip(batch, pixels, strict=True):
+                in_flight.acquire()
+                key = f"{folder}/{seed}_{out_name}"
+                fut = write.submit(self._write_one, key, px)
+                fut.add_done_callback(
+                    lambda f, it=it, seed=seed: self._written(f, w, it, seed, in_flight,
+                                                              errors, report)
+                )
+
+    def _write_one(self, key: str, pixels: np.ndarray) -> None:
+        self.output.write(key, images.encode(pixels, key))
+
+    def _written(self, fut: Future, w: _PairWork, it: int, seed: int,
+                 in_flight: threading.BoundedSemaphore, errors: list, report: _Reporter) -> None:
+        in_flight.release()
+        exc = fut.exception()
+        if exc is None:
+            report.add(done=1)
+        elif isinstance(exc, ItemError):
+            self._fail(w, [(it, seed)], exc, report)
+        else:
+            errors.append(exc)
+
+    @staticmethod
+    def _fail(w: _PairWork, items: list[tuple[int, int]], exc: Exception,
+              report: _Reporter) -> None:
+        log.warning("failed %s x %s (%d items): %s", w.image, w.ref, len(items), exc)
+        report.add(failures=[
+            Failure(image=w.image, ref=w.ref, iteration=it, seed=seed, error=str(exc),
+                    kind=type(exc).__name__)
+            for it, seed in items
+        ])
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``: the worker finishes its batch, saves, and exits."""
+
+    def handler(signum, _frame):
+        log.warning("received %s: stopping after the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(manifest: str | None, index: int | None, device: str | None = None) -> int:
+    """``relit-k8s worker``: run one shard and return the process exit code."""
+    manifest = manifest or os.environ.get("RELIT_MANIFEST")
+    if index is None and os.environ.get("JOB_COMPLETION_INDEX") not in (None, ""):
+        try:
+            index = int(os.environ["JOB_COMPLETION_INDEX"])
+        except ValueError:
+            raise ConfigError(
+                f"JOB_COMPLETION_INDEX={os.environ['JOB_COMPLETION_INDEX']!r} is not an integer"
+            ) from None
+    if not manifest:
+        raise ConfigError("no manifest: pass --manifest URI or set RELIT_MANIFEST")
+    if index is None:
+        raise ConfigError("no shard index: pass --index N or set JOB_COMPLETION_INDEX")
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    m = load_manifest(manifest)
+    m.shard_range(index)  # validates the index before the model loads
+    started = time.monotonic()
+    runner = ShardRunner(m, device=device, stop=stop)
+    log.info("relighter %s loaded on %s in %.1fs", m.relighter.name, runner.device,
+             time.monotonic() - started)
+    runner.run(index)
+    return EXIT_OK
