@@ -20,11 +20,27 @@ from .errors import (
     TransientError,
 )
 from .manifest import Manifest, ShardReport, Unit, pair_seeds
-from .planner import PlanSettings, list_sources, plan, write_manifest
-from .relighters import Relighter, RelighterOptions
 from .storage import Storage, open_storage
 
 __version__ = "0.1.0"
+
+# These import torch: loaded on first use, so `relit-k8s --help` and `status` start fast.
+_LAZY = {
+    "PlanSettings": "planner",
+    "list_sources": "planner",
+    "plan": "planner",
+    "write_manifest": "planner",
+    "Relighter": "relighters",
+    "RelighterOptions": "relighters",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ConfigError",

@@ -176,9 +176,9 @@ def plan_cmd(
                                          "count is made for.")] = 1,
 ):
     """List inputs and references and write the run's manifest (no relighting)."""
+    settings = _settings(**{k: v for k, v in locals().items() if k != "dry_run"})  # the flags
     from .planner import write_manifest
 
-    settings = _settings(**{k: v for k, v in locals().items() if k != "dry_run"})  # the flags
     manifest = _make_plan(settings)
     if dry_run:
         _print_summary(manifest, "Plan (dry run: nothing written)")

@@ -103,7 +103,9 @@ def _decode_ldr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             _guard(name, im.width, im.height, max_pixels)
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its limit
+        raise ImageTooLarge(f"{name}: {e}") from e
+    except UnidentifiedImageError as e:
         raise DecodeError(f"{name}: not a decodable image ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"{name}: corrupt or truncated image ({e})") from e

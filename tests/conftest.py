@@ -1,0 +1,110 @@
+"""Shared fixtures: a real S3 endpoint (moto in server mode on 127.0.0.1), images, examples."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's ThreadedMotoServer), for the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """The standard AWS variables pointing at the local endpoint (as for MinIO)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("RELIT_S3_MAX_ATTEMPTS", "2")
+    return s3_endpoint
+
+
+@pytest.fixture
+def bucket(s3_env):
+    """A throwaway bucket per test; returns its name."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_client(s3_env):
+    return boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+
+
+def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def png_bytes(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    """A small RGB uint8 image with some structure."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x / w, y / h, 0.5 + 0.0 * x], -1)
+    return ((base * 0.8 + rng.random((h, w, 3)) * 0.2) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    """Two images and two references in local folders; returns (images, refs, output)."""
+    images, refs = tmp_path / "images", tmp_path / "refs"
+    images.mkdir()
+    refs.mkdir()
+    (images / "a.png").write_bytes(png_bytes(photo(seed=1)))
+    (images / "b.jpg").write_bytes(png_bytes(photo(seed=2), "JPEG", quality=95))
+    for name in ("sky_sun.hdr", "studio_softboxes.exr"):
+        (refs / name).write_bytes((EXAMPLES / "refs" / name).read_bytes())
+    return images, refs, tmp_path / "out"
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 240, check: bool = False):
+    """Run the installed console script in a subprocess, as a user does."""
+    import subprocess
+
+    exe = Path(sys.executable).parent / "relit-k8s"
+    full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"relit-k8s {' '.join(args)} -> {result.returncode}\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result

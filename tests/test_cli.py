@@ -1,0 +1,134 @@
+"""The command line as users run it: the installed `relit-k8s` script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from conftest import EXAMPLES, ROOT, cli, photo, png_bytes
+
+EXAMPLE_ARGS = ["--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs")]
+
+
+def outputs(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*") if p.is_file() and "_relit" not in p.parts)
+
+
+def test_run_on_the_examples_then_again_then_status(tmp_path):
+    out = tmp_path / "out"
+    first = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "2",
+                "--device", "cpu", check=True)
+    assert "relighting" in first.stderr and "24/24" in first.stderr  # the progress bar
+    assert "written 24, skipped 0 (already there), failed 0, of 24" in first.stdout
+    files = outputs(out)
+    assert len(files) == 24
+    assert {p.parent.name for p in files} == {
+        f"{i}_{r}" for i in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+        for r in ("sky_sun.hdr", "studio_softboxes.exr", "sunset.hdr")}
+    assert all(re.fullmatch(r"\d+_" + re.escape(p.parent.name.split("_")[0]), p.name)
+               for p in files)
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+
+    again = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "2",
+                "--device", "cpu", check=True)
+    assert "written 0, skipped 24" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in outputs(out)} == stamps
+
+    table = cli("status", "--output", str(out), check=True).stdout
+    assert "done" in table and "24 skipped" in table
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
+    for key in ("run_id", "items_total", "items_done", "items_skipped", "items_failed",
+                "shards"):
+        assert key in status
+    assert status["items_total"] == 24 and status["items_skipped"] == 24
+    assert len(status["shards"]) == 4 and all(s["state"] == "done" for s in status["shards"])
+    by_id = json.loads(cli("status", status["run_id"], "--output", str(out), "-o", "json",
+                           check=True).stdout)
+    assert by_id["run_id"] == status["run_id"]
+
+
+def test_failed_items_are_counted_and_strict_turns_them_into_exit_1(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(png_bytes(photo()))
+    (images / "zero.jpg").write_bytes(b"")
+    args = ["run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
+            str(tmp_path / "out"), "--iterations", "1", "--device", "cpu", "--no-progress"]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "written 3, skipped 0 (already there), failed 3, of 6" in result.stdout
+    assert "relit-k8s status" in result.stdout
+    assert cli(*args, "--strict").returncode == 1
+    status = cli("status", "--output", str(tmp_path / "out"), check=True).stdout
+    assert "zero.jpg" in status and "empty file" in status
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "3", "--dry-run",
+                 check=True)
+    text = result.stdout
+    for expected in ("images", "references", "pairs", "outputs", "36", "relighter", "shards",
+                     "jpg jpeg png bmp exr hdr"):
+        assert expected in text, expected
+    assert not out.exists()
+    assert cli("plan", *EXAMPLE_ARGS, "--output", str(out), "--dry-run", check=True)
+    assert not out.exists()
+
+
+def test_option_errors_name_the_options(tmp_path):
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(tmp_path / "o"), "--ddim-steps", "20")
+    assert result.returncode == 78
+    assert "no option 'ddim_steps'" in result.stderr and "rotation" in result.stderr
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(tmp_path / "o"), "-O", "rotation")
+    assert result.returncode == 78 and "KEY=VALUE" in result.stderr
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(tmp_path / "o"), "--relighter", "nope")
+    assert result.returncode == 78 and "available" in result.stderr
+    result = cli("run", "--input", str(tmp_path), "--refs", str(EXAMPLES / "refs"),
+                 "--output", str(tmp_path / "o"))
+    assert result.returncode == 78 and "no input images" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_reach_the_relighter(tmp_path):
+    base = ["run", *EXAMPLE_ARGS, "--img-pattern", "rocket*", "--ref-pattern", "studio*",
+            "--iterations", "2", "--device", "cpu", "--no-progress"]
+    cli(*base, "--output", str(tmp_path / "a"), "-O", "rotation=none", check=True)
+    files = outputs(tmp_path / "a")
+    assert len(files) == 2
+    assert files[0].read_bytes() == files[1].read_bytes()  # no rotation: seeds look the same
+    cli(*base, "--output", str(tmp_path / "b"), check=True)
+    files = outputs(tmp_path / "b")
+    assert files[0].read_bytes() != files[1].read_bytes()
+
+
+def test_help_lists_the_commands_and_the_shared_flags():
+    text = cli("--help", check=True).stdout
+    for command in ("plan", "run", "worker", "status", "relighters"):
+        assert command in text
+    text = cli("run", "--help", check=True).stdout
+    for flag in ("--input", "--refs", "--output", "--iterations", "--seed", "--img-pattern",
+                 "--ref-pattern", "--img-formats", "--ref-formats", "--relighter", "--option",
+                 "--ddim-steps", "--new-decoder", "--shards", "--dry-run", "--gpus", "--workers",
+                 "--device", "--strict"):
+        assert flag in text, flag
+
+
+def test_the_third_party_plugin_runs_through_its_entry_point(tmp_path):
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(tmp_path / "o"), "--relighter", "tiny",
+                 "-O", "strength=0.8", "--iterations", "1", "--device", "cpu", "--no-progress",
+                 check=True)
+    assert "written 12" in result.stdout
+    manifest = next((tmp_path / "o" / "_relit").glob("*/manifest.json"))
+    spec = json.loads(manifest.read_text())["relighter"]
+    assert spec["name"] == "tiny" and spec["options"]["strength"] == 0.8
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```(?:bash|sh)\n(.*?)```", quick, re.S)
+    assert len(commands) == 2, "Quick start has exactly two commands"
+    assert commands[1].strip() in ci

@@ -1,0 +1,149 @@
+"""Tests of the ``sh`` relighter that a physicist would accept."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from relit_k8s.relighters import create
+from relit_k8s.relighters.sh import (
+    env_directions,
+    irradiance,
+    project_env,
+    sh_basis,
+    srgb_to_linear,
+)
+
+
+def sphere_normals(size: int = 65):
+    """Normal map of a sphere facing the camera; background pixels face the camera too."""
+    c = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(-c, c, indexing="ij")  # +y up
+    r2 = x**2 + y**2
+    inside = r2 < 0.95
+    z = torch.sqrt((1 - r2).clamp_min(0))
+    n = torch.stack([x, y, z])
+    n = torch.where(inside, n, torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1))
+    return n / n.norm(dim=0, keepdim=True), inside, x
+
+
+def env_with_sun(u: float, h: int = 64, w: int = 128, power: float = 500.0, mirror=False):
+    """A dim environment with a 2x2-pixel sun on the horizon at column u (or its mirror)."""
+    env = torch.full((3, h, w), 0.05)
+    col = int(round(u * w))
+    cols = slice(w - col - 1, w - col + 1) if mirror else slice(col - 1, col + 1)
+    env[:, h // 2 - 1:h // 2 + 1, cols] = power
+    return env
+
+
+def test_solid_angles_cover_the_sphere():
+    _, solid = env_directions(64, 128)
+    assert solid.sum().item() == pytest.approx(4 * math.pi, rel=1e-3)
+
+
+def test_directions_follow_the_documented_convention():
+    d, _ = env_directions(2, 4)  # u centres 0.125, 0.375, 0.625, 0.875 on the horizon-ish rows
+    d, _ = env_directions(1, 4)  # one row: theta = pi/2, the horizon
+    assert d[0, 1].tolist() == pytest.approx([-math.sin(math.pi / 4), 0, -math.cos(math.pi / 4)])
+    # u = 0.5 looks where the camera looks (-z); u = 0.25 is the camera's left (-x)
+    d, _ = env_directions(1, 2)
+    assert d[0, 0, 0] < 0 and d[0, 1, 0] > 0
+
+
+def test_sh_basis_is_orthonormal_on_the_sphere():
+    d, solid = env_directions(256, 512)
+    y = sh_basis(d)  # h x w x 9
+    gram = torch.einsum("hwi,hwj,hw->ij", y, y, solid)
+    assert torch.allclose(gram, torch.eye(9, dtype=gram.dtype), atol=2e-3)
+
+
+def test_projection_of_a_constant_environment_matches_the_closed_form():
+    c = 2.5
+    coeffs = project_env(torch.full((3, 64, 128), c))[0]
+    # L_00 = c * integral of Y_00 = c * sqrt(4 pi); every other coefficient vanishes
+    assert coeffs[0].tolist() == pytest.approx([c * math.sqrt(4 * math.pi)] * 3, rel=1e-3)
+    assert coeffs[1:].abs().max() < 1e-2 * c
+    # and the irradiance of a constant environment is pi * c for every normal
+    normals, _, _ = sphere_normals(9)
+    e = irradiance(coeffs[None], normals)
+    assert torch.allclose(e, torch.full_like(e, math.pi * c), rtol=5e-3)
+
+
+def test_irradiance_of_a_sun_follows_the_cosine_law():
+    env = torch.zeros(3, 128, 256)
+    env[:, 63:65, 127:129] = 1000.0  # a small source straight ahead of the camera (-z)
+    coeffs = project_env(env)
+    front = irradiance(coeffs, torch.tensor([0.0, 0.0, -1.0]).view(3, 1, 1))[0, 0, 0, 0]
+    side = irradiance(coeffs, torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1))[0, 0, 0, 0]
+    back = irradiance(coeffs, torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1))[0, 0, 0, 0]
+    assert front > 3 * side > 0 and abs(back) < 0.1 * front
+
+
+def test_uniform_white_environment_leaves_the_image_unchanged_up_to_exposure():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 40, 60, generator=g) * 0.8
+    r = create("sh", {}, "cpu")
+    out = r.relight(image, torch.full((3, 32, 64), 3.0), [1, 2, 3])
+    for b in range(3):
+        assert (out[b] - image).abs().max() < 2e-3
+
+
+def test_a_red_environment_makes_the_image_redder():
+    image = torch.full((3, 32, 32), 0.5)
+    red = torch.zeros(3, 32, 64)
+    red[0] = 2.0
+    red[1:] = 0.5
+    out = create("sh", {}, "cpu").relight(image, red, [7])[0]
+    lin = srgb_to_linear(out)
+    assert (lin[0] / lin[1]).mean() > 1.5
+    assert (lin[0] / lin[2]).mean() > 1.5
+
+
+def test_moving_the_sun_from_left_to_right_moves_the_brightness_on_a_sphere():
+    normals, inside, x = sphere_normals()
+    image = torch.full((3, *inside.shape), 0.6)
+    r = create("sh", {"rotation": "none"}, "cpu")
+    left_lit = r.relight(image, env_with_sun(u=0.25), [0], normals)[0].mean(0)
+    right_lit = r.relight(image, env_with_sun(u=0.25, mirror=True), [0], normals)[0].mean(0)
+    left, right = inside & (x < -0.3), inside & (x > 0.3)
+    assert left_lit[left].mean() > 1.5 * left_lit[right].mean()
+    assert right_lit[right].mean() > 1.5 * right_lit[left].mean()
+    # a mirrored sun gives the mirrored image
+    assert torch.allclose(left_lit, right_lit.flip(-1), atol=1e-3)
+
+
+def test_a_sun_behind_the_camera_lights_the_face_looking_at_it():
+    normals, inside, _ = sphere_normals()
+    image = torch.full((3, *inside.shape), 0.6)
+    r = create("sh", {"rotation": "none"}, "cpu")
+    # u ~ 0: the left edge, behind the camera (+z)
+    out = r.relight(image, env_with_sun(u=1 / 128), [0], normals)[0].mean(0)
+    centre = inside & (normals[2] > 0.95)
+    rim = inside & (normals[2] < 0.3)
+    assert out[centre].mean() > out[rim].mean()
+
+
+def test_seeds_rotate_the_light_and_are_reproducible():
+    normals, inside, x = sphere_normals()
+    image = torch.full((3, *inside.shape), 0.6)
+    r = create("sh", {}, "cpu")
+    env = env_with_sun(u=0.25)
+    outs = r.relight(image, env, list(range(8)), normals)
+    assert torch.equal(outs, r.relight(image, env, list(range(8)), normals))
+    balance = [(o.mean(0)[inside & (x < 0)].mean() - o.mean(0)[inside & (x > 0)].mean()).item()
+               for o in outs]
+    assert min(balance) < -0.05 and max(balance) > 0.05  # lit from different sides
+
+
+def test_source_fit_divides_out_the_inputs_own_shading():
+    normals, inside, x = sphere_normals()
+    shading = (0.2 + 0.8 * (-normals[0]).clamp_min(0))  # input lit from the left
+    image = (shading * 0.7).expand(3, -1, -1).clamp(0, 1) ** (1 / 2.2)
+    white = torch.full((3, 32, 64), 1.0)
+    fit = create("sh", {"source": "fit", "rotation": "none"}, "cpu")
+    out = fit.relight(image, white, [0], normals)[0].mean(0)
+    before = image.mean(0)
+    spread = lambda img: img[inside & (x < -0.3)].mean() - img[inside & (x > 0.3)].mean()  # noqa: E731
+    assert spread(out) < 0.6 * spread(before)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from conftest import _free_port
+
+from relit_k8s.errors import (
+    ConfigError,
+    NotFoundError,
+    StorageConfigError,
+    StorageUnavailable,
+)
+from relit_k8s.storage import LocalStorage, S3Storage, check_key, open_storage, split_uri
+
+
+def make_tree(storage):
+    for key in ("a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.hdr", "notes.txt",
+                ".hidden.png", "_relit/run/manifest.json", "with space #%?+é.png"):
+        storage.write(key, key.encode())
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "root")
+    bucket = request.getfixturevalue("bucket")
+    return open_storage(f"s3://{bucket}/some/prefix")
+
+
+def test_list_filters_by_format_case_insensitively_and_hides_internal_files(storage):
+    make_tree(storage)
+    assert storage.list(extensions=["jpg", "jpeg", "png", "hdr"]) == [
+        "a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.hdr", "with space #%?+é.png"]
+    assert storage.list() == ["a.JPG", "b.png", "notes.txt", "sub/c.jpeg", "sub/deeper/d.hdr",
+                              "with space #%?+é.png"]
+
+
+def test_list_glob_matches_file_name_or_whole_key(storage):
+    make_tree(storage)
+    assert storage.list("*.png") == ["b.png", "with space #%?+é.png"]
+    assert storage.list("c*") == ["sub/c.jpeg"]
+    assert storage.list("sub/*") == ["sub/c.jpeg", "sub/deeper/d.hdr"]
+    assert storage.list(prefix="sub/deeper") == ["sub/deeper/d.hdr"]
+
+
+def test_read_write_exists_and_list_names(storage):
+    storage.write("x/y/z.bin", b"\x00\x01")
+    storage.write("x/y/w.bin", b"w")
+    storage.write("x/y/deeper/v.bin", b"v")
+    assert storage.read("x/y/z.bin") == b"\x00\x01"
+    assert storage.exists("x/y/z.bin") and not storage.exists("x/y/nope.bin")
+    assert storage.list_names("x/y") == {"z.bin", "w.bin"}
+    assert storage.list_names("x/none") == set()
+    storage.write("x/y/z.bin", b"new")
+    assert storage.read("x/y/z.bin") == b"new"
+    with pytest.raises(NotFoundError):
+        storage.read("x/y/nope.bin")
+
+
+@pytest.mark.parametrize("key", ["../escape.png", "/abs.png", "a/../../b.png", "a\\b.png", "",
+                                 "a//b.png", "./a.png"])
+def test_unsafe_keys_are_refused(storage, key):
+    with pytest.raises(ConfigError):
+        storage.write(key, b"x")
+    with pytest.raises(ConfigError):
+        check_key(key)
+
+
+def test_local_write_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    store = LocalStorage(tmp_path)
+    store.write("f.bin", b"old")
+    real_replace = os.replace
+
+    def crash(src, dst):
+        raise OSError("disk died during rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(Exception, match="disk died"):
+        store.write("f.bin", b"new content")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert store.read("f.bin") == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_local_concurrent_writers_leave_one_whole_file(tmp_path):
+    store = LocalStorage(tmp_path)
+    payloads = [bytes([i]) * 200_000 for i in range(8)]
+    threads = [threading.Thread(target=store.write, args=("same.bin", p)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.read("same.bin") in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["same.bin"]
+
+
+def test_uris(tmp_path):
+    assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
+    assert open_storage(f"file://{tmp_path}").uri == str(tmp_path)
+    with pytest.raises(ConfigError, match="unsupported"):
+        open_storage("gs://bucket/x")
+    store, name = split_uri(f"{tmp_path}/runs/manifest.json")
+    assert name == "manifest.json" and store.uri == str(tmp_path / "runs")
+
+
+def test_s3_missing_bucket_is_a_config_error(s3_env):
+    store = open_storage("s3://no-such-bucket-relit/x")
+    with pytest.raises(StorageConfigError, match="does not exist"):
+        store.list()
+    with pytest.raises(StorageConfigError, match="does not exist"):
+        store.write("a.bin", b"x")
+
+
+def test_s3_missing_credentials_is_a_config_error(bucket, monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageConfigError, match="no S3 credentials"):
+        open_storage(f"s3://{bucket}/p").read("a.bin")
+
+
+def test_s3_access_denied_is_a_config_error(bucket, s3_client):
+    # A bucket policy that denies reads: moto enforces bucket policies on its endpoint.
+    import json
+
+    s3_client.put_object(Bucket=bucket, Key="p/secret.bin", Body=b"x")
+    s3_client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                       "Resource": f"arn:aws:s3:::{bucket}/*"}],
+    }))
+    try:
+        with pytest.raises(StorageConfigError, match="access denied"):
+            open_storage(f"s3://{bucket}/p").read("secret.bin")
+    finally:
+        s3_client.delete_bucket_policy(Bucket=bucket)
+
+
+def test_s3_unreachable_endpoint_is_temporary_after_retries(monkeypatch, s3_env):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(StorageUnavailable, match="unreachable"):
+        open_storage("s3://any-bucket/x").read("a.bin")
+
+
+def test_s3_repr_and_uri_hold_no_credentials(bucket):
+    store = open_storage(f"s3://{bucket}/p")
+    assert isinstance(store, S3Storage)
+    assert "testing-secret" not in repr(store) and "testing-secret" not in store.uri

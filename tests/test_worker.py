@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, _free_port, photo, png_bytes
+from PIL import Image
+
+from relit_k8s import images
+from relit_k8s.errors import EXIT_CONFIG, EXIT_OK, EXIT_SIGTERM, EXIT_TEMPORARY
+from relit_k8s.manifest import Manifest, RelighterSpec, ShardReport, pair_seeds
+from relit_k8s.planner import PlanSettings, list_sources, plan, write_manifest
+from relit_k8s.worker import ShardRunner
+
+WORKER = [sys.executable, "-m", "relit_k8s", "worker"]
+
+
+def planned(images_dir, refs_dir, out, **kw) -> tuple[Manifest, str]:
+    s = PlanSettings(input=str(images_dir), refs=str(refs_dir), output=str(out),
+                     **{"iterations": 2, **kw})
+    return write_manifest(plan(s, *list_sources(s)))
+
+
+def expected_outputs(m: Manifest) -> set[str]:
+    keys = set()
+    for image in m.images:
+        for ref in m.references:
+            for seed in pair_seeds(m.base_seed, image, ref, m.iterations):
+                keys.add(f"{image}_{ref}/{seed}_{images.output_file_name(image)}")
+    return keys
+
+
+def written(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*")
+            if p.is_file() and "_relit" not in p.parts}
+
+
+def run_all(m: Manifest) -> list[ShardReport]:
+    runner = ShardRunner(m, device="cpu", report_interval=0.2)
+    return [runner.run(i) for i in range(m.shards)]
+
+
+def worker(*args: str, env: dict | None = None, timeout: float = 120):
+    return subprocess.run([*WORKER, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_shards_write_every_output_in_the_seed_layout_and_reports(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out, shards=3)
+    reports = run_all(m)
+    assert written(out) == expected_outputs(m)
+    assert len(expected_outputs(m)) == 2 * 2 * 2
+    for key in expected_outputs(m):
+        arr = images.decode((out / key).read_bytes(), key).pixels
+        assert arr.shape == (24, 32, 3)
+    assert sum(r.items_done for r in reports) == m.items
+    for i, r in enumerate(reports):
+        stored = json.loads((out / m.report_key(i)).read_text())
+        for field in ("run_id", "index", "state", "items_total", "items_done", "items_skipped",
+                      "items_failed", "failures", "started_at", "updated_at", "host", "device"):
+            assert field in stored
+        assert stored["state"] == "done" and stored["index"] == i
+        assert stored["items_total"] == m.shard_items(i) == r.items_done
+
+
+def test_rerun_writes_nothing_and_reports_everything_skipped(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out, shards=2)
+    run_all(m)
+    stamps = {k: (out / k).stat().st_mtime_ns for k in written(out)}
+    time.sleep(0.01)
+    reports = run_all(m)
+    assert {k: (out / k).stat().st_mtime_ns for k in written(out)} == stamps
+    assert sum(r.items_skipped for r in reports) == m.items
+    assert sum(r.items_done for r in reports) == 0
+
+
+def test_only_missing_outputs_are_redone(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out, shards=1)
+    run_all(m)
+    victim = sorted(written(out))[3]
+    before = (out / victim).read_bytes()
+    (out / victim).unlink()
+    [report] = run_all(m)
+    assert report.items_done == 1 and report.items_skipped == m.items - 1
+    assert (out / victim).read_bytes() == before  # same seed, same output
+
+
+@pytest.mark.parametrize("name,data", [
+    ("corrupt.jpg", png_bytes(photo(), "JPEG")[:400]),
+    ("empty.png", b""),
+    ("text.jpg", b"I am not an image\n" * 10),
+])
+def test_a_bad_image_becomes_recorded_failures_and_the_rest_completes(small_dataset, name, data):
+    images_dir, refs_dir, out = small_dataset
+    (images_dir / name).write_bytes(data)
+    m, uri = planned(images_dir, refs_dir, out, shards=2)
+    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu")
+    proc1 = worker("--manifest", uri, "--index", "1", "--device", "cpu")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc1.returncode == EXIT_OK, proc1.stderr
+    reports = [ShardReport.from_json((out / m.report_key(i)).read_bytes()) for i in range(2)]
+    failures = [f for r in reports for f in r.failures]
+    assert sum(r.items_failed for r in reports) == len(failures) == 2 * 2  # 2 refs x 2 iters
+    assert {f.image for f in failures} == {name}
+    assert all(f.kind == "DecodeError" and f.seed is not None and f.error for f in failures)
+    good = {k for k in expected_outputs(m) if not k.startswith(name)}
+    assert written(out) == good
+    assert all(r.state == "done" for r in reports)
+
+
+def test_an_unreadable_reference_fails_its_items_only(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    (refs_dir / "broken.hdr").write_bytes(b"#?RADIANCE\ngarbage")
+    m, _ = planned(images_dir, refs_dir, out, shards=1)
+    [report] = run_all(m)
+    assert report.items_failed == 2 * 2 and report.items_done == m.items - 4
+    assert {f.ref for f in report.failures} == {"broken.hdr"}
+
+
+def test_nested_keys_hdr_inputs_and_odd_names(tmp_path):
+    (tmp_path / "in" / "set a").mkdir(parents=True)
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "in" / "set a" / "ph #1 %?+é.jpg").write_bytes(png_bytes(photo(), "JPEG"))
+    (tmp_path / "in" / "scan.exr").write_bytes((EXAMPLES / "refs/studio_softboxes.exr")
+                                               .read_bytes())
+    (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
+    m, _ = planned(tmp_path / "in", tmp_path / "refs", tmp_path / "out", iterations=1)
+    run_all(m)
+    got = written(tmp_path / "out")
+    assert got == expected_outputs(m)
+    assert any(k.startswith("set a/ph #1 %?+é.jpg_sky.hdr/") and k.endswith("_ph #1 %?+é.jpg")
+               for k in got)
+    hdr_out = [k for k in got if k.startswith("scan.exr_sky.hdr/")]
+    assert len(hdr_out) == 1 and hdr_out[0].endswith("_scan.png")
+    assert Image.open(tmp_path / "out" / hdr_out[0]).format == "PNG"
+
+
+def test_normal_maps_are_matched_by_path_and_used(small_dataset, tmp_path):
+    images_dir, refs_dir, out = small_dataset
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    left = np.zeros((24, 32, 3), np.uint8)
+    left[..., 0], left[..., 1], left[..., 2] = 0, 128, 128  # n = (-1, 0, 0): facing left
+    (normals / "a.png").write_bytes(png_bytes(left))
+    m_est, _ = planned(images_dir, refs_dir, tmp_path / "est", options={"rotation": "none"})
+    m_nrm, _ = planned(images_dir, refs_dir, tmp_path / "nrm", normals=str(normals),
+                       options={"rotation": "none"})
+    run_all(m_est)
+    run_all(m_nrm)
+    key = next(k for k in expected_outputs(m_nrm) if k.startswith("a.png_studio"))
+    est = images.decode((tmp_path / "est" / key).read_bytes(), key).pixels
+    nrm = images.decode((tmp_path / "nrm" / key).read_bytes(), key).pixels
+    assert np.abs(est - nrm).mean() > 0.01
+    # b.jpg has no normal map: the estimate is used, identical to the run without normals
+    key_b = next(k for k in expected_outputs(m_nrm) if k.startswith("b.jpg_studio"))
+    assert (tmp_path / "est" / key_b).read_bytes() == (tmp_path / "nrm" / key_b).read_bytes()
+
+
+def test_worker_reads_its_index_from_the_job_environment(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, uri = planned(images_dir, refs_dir, out, shards=2)
+    proc = worker(env={"RELIT_MANIFEST": uri, "JOB_COMPLETION_INDEX": "1"})
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert (out / m.report_key(1)).exists() and not (out / m.report_key(0)).exists()
+
+
+def test_configuration_errors_exit_78(small_dataset, tmp_path):
+    images_dir, refs_dir, out = small_dataset
+    m, uri = planned(images_dir, refs_dir, out, shards=2)
+    cases = {
+        "missing manifest": ["--manifest", str(tmp_path / "nope.json"), "--index", "0"],
+        "index out of range": ["--manifest", uri, "--index", "2"],
+        "no index": ["--manifest", uri],
+    }
+    tampered = tmp_path / "tampered.json"
+    raw = json.loads(Path(uri).read_text())
+    raw["iterations"] = 3
+    tampered.write_text(json.dumps(raw))
+    cases["tampered manifest"] = ["--manifest", str(tampered), "--index", "0"]
+    bad = m.model_copy(update={"relighter": RelighterSpec(name="nope"), "run_id": "bad-run"})
+    (tmp_path / "bad.json").write_bytes(bad.to_json())
+    cases["unknown relighter"] = ["--manifest", str(tmp_path / "bad.json"), "--index", "0"]
+    for what, args in cases.items():
+        proc = worker(*args)
+        assert proc.returncode == EXIT_CONFIG, (what, proc.stderr)
+        assert "error:" in proc.stderr, what
+    assert "relit-k8s plan" in worker(*cases["missing manifest"]).stderr
+    assert "checksum" in worker(*cases["tampered manifest"]).stderr
+
+
+def test_unreachable_storage_exits_75(small_dataset, tmp_path):
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out)
+    dead = m.model_copy(update={"output": "s3://bucket/out", "run_id": "dead-run"})
+    (tmp_path / "dead.json").write_bytes(dead.to_json())
+    proc = worker("--manifest", str(tmp_path / "dead.json"), "--index", "0", env={
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1", "RELIT_S3_MAX_ATTEMPTS": "2"})
+    assert proc.returncode == EXIT_TEMPORARY, proc.stderr
+    assert "unreachable" in proc.stderr
+
+
+def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "in" / "big.png").write_bytes(png_bytes(photo(384, 512)))
+    (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
+    out = tmp_path / "out"
+    m, uri = planned(tmp_path / "in", tmp_path / "refs", out, iterations=400, shards=1,
+                     batch_size=4)
+    proc = subprocess.Popen([*WORKER, "--manifest", uri, "--index", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(written(out)) < 8:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_SIGTERM, stderr
+    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    assert report.state == "failed" and report.exit_code == EXIT_SIGTERM
+    assert "stopped" in report.error
+    done = written(out)
+    assert 8 <= len(done) < m.items and report.items_done == len(done)
+    assert not [p for p in out.rglob(".*")], "a temporary file was left behind"
+    for key in done:
+        images.decode((out / key).read_bytes(), key)  # every file that stands is whole
+    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu", timeout=240)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    assert report.state == "done" and report.items_skipped == len(done)
+    assert written(out) == expected_outputs(m)
