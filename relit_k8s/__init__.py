@@ -13,10 +13,10 @@ from .errors import (
     NotFoundError,
     RelighterError,
     RelitError,
+    Stopped,
     StorageConfigError,
     StorageError,
     StorageUnavailable,
-    Stopped,
     TransientError,
 )
 from .manifest import Manifest, ShardReport, Unit, pair_seeds

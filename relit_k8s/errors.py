@@ -2,19 +2,19 @@
 
 ::
 
-    RelitError                      exit 1   anything we raise on purpose
-    ├── ConfigError                 exit 78  retrying cannot help: fix the input, flags or manifest
-    │   ├── ManifestError                    manifest missing, invalid, tampered or of another version
-    │   ├── RelighterError                   unknown relighter, bad options
-    │   └── StorageConfigError               missing bucket, missing credentials, access denied
-    ├── TransientError              exit 75  worth retrying later: the Job retries the index
-    │   └── StorageUnavailable               endpoint unreachable / throttled after botocore's retries
-    ├── StorageError                exit 1   base of the storage errors (the two above are also this)
-    │   └── NotFoundError                    no object at that key
-    ├── ItemError                   --       one item cannot be relit (bad image): recorded, not fatal
+    RelitError                   exit 1   anything we raise on purpose
+    ├── ConfigError              exit 78  retrying cannot help: fix the input, flags or manifest
+    │   ├── ManifestError                 manifest missing, invalid, tampered, other version
+    │   ├── RelighterError                unknown relighter, bad options
+    │   └── StorageConfigError            missing bucket, missing credentials, access denied
+    ├── TransientError           exit 75  worth retrying later: the Job retries the index
+    │   └── StorageUnavailable            endpoint unreachable / throttled after retries
+    ├── StorageError             exit 1   base of the storage errors (the two above are too)
+    │   └── NotFoundError                 no object at that key
+    ├── ItemError                --       one item cannot be relit (bad image): recorded
     │   ├── DecodeError
     │   └── ImageTooLarge
-    └── Stopped                     exit 143 SIGTERM / Ctrl+C, after the report was saved
+    └── Stopped                  exit 143 SIGTERM, after the report was saved
 
 Lower-layer errors (botocore, Pillow, OpenEXR, pydantic) are converted where they enter the
 package, with ``raise ... from``; :func:`exit_code_for` is the one place that decides what a

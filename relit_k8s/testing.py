@@ -41,10 +41,20 @@ def check_options(cls: type[Relighter]) -> None:
         raise AssertionError(f"{cls.name}: an unknown option was accepted")
 
 
+#: Tolerance of "same seed, same output" and "batch equals one-by-one", per device type. GPUs
+#: pick other kernels for other batch sizes and run float32 convolutions in TF32, so results
+#: differ in the 4th decimal (measured 1.6e-4 for examples/relit-tiny on an H200); 1e-3 is still
+#: a quarter of one 8-bit output step.
+CONTRACT_ATOL = {"cpu": 1e-5, "cuda": 1e-3}
+
+
 def check_relighter(
-    cls: type[Relighter], device: str = "cpu", atol: float = 1e-5, seeds=(11, 2**31 + 5, 3)
+    cls: type[Relighter], device: str = "cpu", atol: float | None = None,
+    seeds=(11, 2**31 + 5, 3),
 ) -> None:
     """Run every contract check on ``cls`` on ``device``; raises AssertionError on a breach."""
+    if atol is None:
+        atol = CONTRACT_ATOL.get(torch.device(device).type, 1e-3)
     check_options(cls)
     relighter = cls(cls.Options(), device)
     dev = torch.device(device)

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import EXAMPLES, ROOT, cli, photo, png_bytes
+
+from relit_k8s.errors import ConfigError
+from relit_k8s.local import plan_slots
 
 EXAMPLE_ARGS = ["--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs")]
 
@@ -132,3 +142,44 @@ def test_the_readme_test_command_is_what_ci_runs():
     commands = re.findall(r"```(?:bash|sh)\n(.*?)```", quick, re.S)
     assert len(commands) == 2, "Quick start has exactly two commands"
     assert commands[1].strip() in ci
+
+
+def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "big.png").write_bytes(png_bytes(photo(384, 512)))
+    out = tmp_path / "out"
+    args = ["run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
+            str(out), "--iterations", "80", "--device", "cpu", "--workers", "2",
+            "--batch-size", "2"]
+    exe = str(Path(sys.executable).parent / "relit-k8s")
+    # A terminal sends Ctrl+C's SIGINT to the whole foreground process group.
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(outputs(out)) < 10:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "run the same command again" in stderr
+    done = len(outputs(out))
+    assert 10 <= done < 240
+    assert not list(out.rglob(".*")), "a temporary file was left behind"
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
+    stopped = [s for s in status["shards"] if s.get("exit_code") == 143]
+    assert stopped and all(s["state"] == "failed" for s in stopped)
+    assert status["items_done"] == done
+    result = cli(*args, "--no-progress", check=True)
+    assert f"skipped {done}" in result.stdout and len(outputs(out)) == 240
+
+
+def test_device_flags_are_checked():
+    assert [s.device for s in plan_slots("cpu", None, 3)] == ["cpu"] * 3
+    with pytest.raises(ConfigError, match="--gpus needs --device cuda"):
+        plan_slots("cpu", [0], None)
+    with pytest.raises(ConfigError, match="unknown --device"):
+        plan_slots("tpu", None, None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            plan_slots("cuda", None, None)

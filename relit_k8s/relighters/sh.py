@@ -102,7 +102,7 @@ def project_env(env: torch.Tensor, angles: torch.Tensor | None = None) -> torch.
 
 
 def irradiance(coeffs: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """Irradiance ``B x 3 x H x W`` at unit normals ``3 x H x W`` from coefficients ``B x 9 x 3``."""
+    """Irradiance ``B x 3 x H x W`` at unit normals ``3 x H x W``, coefficients ``B x 9 x 3``."""
     lobe = torch.tensor(COSINE_LOBE, device=coeffs.device, dtype=coeffs.dtype)
     basis = sh_basis(normals.permute(1, 2, 0).to(coeffs.dtype))  # H x W x 9
     return torch.einsum("hwk,bkc->bchw", basis, coeffs * lobe[None, :, None])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
+
 from relit_k8s import Relighter, RelighterError, RelighterOptions
 
 CODE = 4  # size of the per-seed random code
