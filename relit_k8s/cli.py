@@ -28,7 +28,7 @@ from .images import DEFAULT_MAX_PIXELS
 app = typer.Typer(
     name="relit-k8s",
     help="Relight images with HDR environment maps at scale: on this machine's GPUs or CPU "
-    "(run), or as a Kubernetes Indexed Job (coming: submit).",
+    "(run), or as a Kubernetes Indexed Job (submit).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -103,6 +103,25 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Seeds per re
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images larger "
                                            "than this many pixels (checked before decoding).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
+
+# --- local execution flags (run, resume --local) ----------------------------------------------
+GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="0,1",
+                                             help="GPUs to use, one worker each.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes "
+                                                "[default: one per GPU, or 1 on the CPU].")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", metavar="cpu|cuda",
+                                               help="[default: cuda if available]")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 if any item failed.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress",
+                                           help="Show the progress bar.")]
+
+# --- cluster flags -----------------------------------------------------------------------------
+NamespaceOpt = Annotated[str | None, typer.Option(
+    "--namespace", "-n", help="Namespace [default: the submission's, else the context's].")]
+ContextOpt = Annotated[str | None, typer.Option("--context", help="kubeconfig context "
+                                                "[default: the current one].")]
+OutputFindOpt = Annotated[str | None, typer.Option(
+    "--output", metavar="URI", help="The run's output, where its submission record is.")]
 
 
 def _formats(values: list[str] | None) -> tuple[str, ...] | None:
@@ -199,22 +218,23 @@ def run_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = 8,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
-    gpus: Annotated[str | None, typer.Option("--gpus", metavar="0,1",
-                                             help="GPUs to use, one worker each.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes "
-                                                "[default: one per GPU, or 1 on the CPU].")] = None,
-    device: Annotated[str | None, typer.Option("--device", metavar="cpu|cuda",
-                                               help="[default: cuda if available]")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any item failed.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress",
-                                           help="Show the progress bar.")] = True,
+    gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
+    strict: StrictOpt = False, progress: ProgressOpt = True,
 ):
     """Relight on this machine: one worker process per GPU (or on the CPU). No cluster needed."""
     selection = {k: v for k, v in locals().items()
                  if k not in ("gpus", "workers", "device", "strict", "progress", "dry_run")}
-    from . import status as status_mod
-    from .local import plan_slots, run_local
-    from .planner import write_manifest
+    slots = _slots(device, gpus, workers)
+    settings = _settings(workers=len(slots), **selection)
+    manifest = _make_plan(settings)
+    if dry_run:
+        _print_summary(manifest, "Plan (dry run: nothing written)")
+        return
+    _run_here(manifest, slots, progress, strict)
+
+
+def _slots(device: str | None, gpus: str | None, workers: int | None):
+    from .local import plan_slots
 
     gpu_list = None
     if gpus:
@@ -222,12 +242,16 @@ def run_cmd(
             gpu_list = [int(g) for g in gpus.replace(" ", "").split(",") if g]
         except ValueError:
             raise ConfigError(f"--gpus {gpus!r}: expected GPU numbers such as 0,1") from None
-    slots = plan_slots(device, gpu_list, workers)
-    settings = _settings(workers=len(slots), **selection)
-    manifest = _make_plan(settings)
-    if dry_run:
-        _print_summary(manifest, "Plan (dry run: nothing written)")
-        return
+    return plan_slots(device, gpu_list, workers)
+
+
+def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run the same "
+              "command again") -> None:
+    """Write the manifest, run its shards in local worker processes, print the outcome."""
+    from . import status as status_mod
+    from .local import run_local
+    from .planner import write_manifest
+
     manifest, uri = write_manifest(manifest)
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
         sorted({s.visible_gpu or "0" for s in slots}))
@@ -244,11 +268,11 @@ def run_cmd(
     out.print(f"reports: {manifest.output.rstrip('/')}/{manifest.meta_prefix}/shards/")
     if status["items_failed"]:
         out.print(f"failures are listed in the reports: relit-k8s status {manifest.run_id} "
-                  f"--output {output}")
+                  f"--output {manifest.output}")
     for msg in result.messages:
         err.print(f"[red]{msg}[/]", highlight=False)
     if result.interrupted:
-        raise _fail("interrupted: run the same command again to continue", 130)
+        raise _fail(f"interrupted: {again} to continue", 130)
     code = result.exit_code
     if code == EXIT_OK and strict and status["items_failed"]:
         code = EXIT_FAILED
@@ -309,28 +333,68 @@ def status_cmd(
     run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
     output: OutputOpt = ...,
     fmt: Annotated[str, typer.Option("-o", "--format", metavar="table|json")] = "table",
+    namespace: NamespaceOpt = None, context: ContextOpt = None,
+    cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Also read the Job "
+                                          "of a submitted run.")] = True,
 ):
-    """Show a run's progress and failures, from its shard reports."""
-    from .status import collect
+    """Show a run's progress and failures (shard reports), and its Job when it was submitted."""
+    from .status import collect, load_run
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"-o {fmt!r}: use table or json")
     status = collect(output, run)
+    status["job"] = _job_state(load_run(output, status["run_id"]), namespace, context) \
+        if cluster else None
     if fmt == "json":
         out.print_json(json.dumps(status))
         return
+    _print_status(status)
+
+
+def _job_state(manifest, namespace, context) -> dict | None:
+    """The Job's summary for a submitted run; None for local runs; an error note if unreachable."""
+    from .kube.runs import cluster_for, job_summary, read_submission
+
+    record = read_submission(manifest)
+    if record is None and not namespace:
+        return None
+    try:
+        summary = job_summary(cluster_for(record, context, namespace).get_job(manifest.run_id))
+    except RelitError as e:
+        return {"error": str(e)}
+    return summary or {"state": "gone", "name": manifest.run_id,
+                       "note": "the Job no longer exists (deleted or expired by its TTL)"}
+
+
+def _print_status(status: dict) -> None:
+    rate, eta = status.get("items_per_second"), status.get("eta_seconds")
+    speed = f", {rate:.2f} items/s" if rate else ""
+    speed += f", eta {eta / 60:.1f} min" if eta else ""
     out.print(f"run [bold]{status['run_id']}[/] ({status['relighter']}), {status['state']}: "
               f"{status['items_done']} written, {status['items_skipped']} skipped, "
-              f"{status['items_failed']} failed, of {status['items_total']}", highlight=False)
-    table = Table("shard", "state", "done", "skipped", "failed", "total", "device", "updated (UTC)")
+              f"{status['items_failed']} failed, of {status['items_total']}{speed}",
+              highlight=False)
+    job = status.get("job")
+    if job and "error" in job:
+        err.print(f"[yellow]Job state unavailable: {job['error']}[/]", highlight=False)
+    elif job:
+        out.print(f"job {job['name']}: {job['state']}; active {job.get('active', 0)}, "
+                  f"succeeded {job.get('succeeded', 0)}, failed {job.get('failed', 0)}; "
+                  f"completed indexes {job.get('completed_indexes') or '-'}; "
+                  f"failed indexes {job.get('failed_indexes') or '-'}", highlight=False)
+        for c in job.get("conditions", []):
+            out.print(f"  {c['type']}: {c.get('reason') or ''} {c.get('message') or ''}",
+                      highlight=False)
+    table = Table("shard", "state", "done", "skipped", "failed", "total", "device",
+                  "updated (UTC)")
     colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
-    for s in status["shards"]:
-        table.add_row(str(s["index"]), f"[{colour[s['state']]}]{s['state']}[/]",
-                      str(s["items_done"]), str(s["items_skipped"]), str(s["items_failed"]),
-                      str(s["items_total"]), s.get("device", ""),
-                      (s.get("updated_at") or "")[11:19])
+    for sh in status["shards"]:
+        table.add_row(str(sh["index"]), f"[{colour[sh['state']]}]{sh['state']}[/]",
+                      str(sh["items_done"]), str(sh["items_skipped"]), str(sh["items_failed"]),
+                      str(sh["items_total"]), sh.get("device", ""),
+                      (sh.get("updated_at") or "")[11:19])
     out.print(table)
-    failures = [f for s in status["shards"] for f in s["failures"]]
+    failures = [f for sh in status["shards"] for f in sh["failures"]]
     if failures:
         ft = Table("image", "reference", "iteration", "error", title="failures",
                    title_justify="left")
@@ -339,6 +403,303 @@ def status_cmd(
         out.print(ft)
         if len(failures) > 50:
             out.print(f"... and {len(failures) - 50} more (-o json lists them all)")
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+@app.command("submit")
+@handles_errors
+def submit_cmd(
+    input: InputOpt, refs: RefsOpt, output: OutputOpt,
+    image: Annotated[str, typer.Option("--image", help="Container image with relit-k8s "
+                                       "(see the Dockerfile).")],
+    normals: NormalsOpt = None,
+    iterations: IterationsOpt = 50, seed: SeedOpt = 0, img_pattern: ImgPatternOpt = "*",
+    ref_pattern: RefPatternOpt = "*", img_formats: ImgFormatsOpt = None,
+    ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
+    option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
+    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = 8,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    parallelism: Annotated[int, typer.Option("--parallelism", min=1, max=100_000,
+                                             help="Pods running at once.")] = 8,
+    namespace: NamespaceOpt = None, context: ContextOpt = None,
+    s3_secret: Annotated[str, typer.Option("--s3-secret", help="Secret with AWS_ACCESS_KEY_ID "
+                                           "and AWS_SECRET_ACCESS_KEY ('' for pod identity)."
+                                           )] = "relit-s3",
+    s3_endpoint: Annotated[str | None, typer.Option(
+        "--s3-endpoint", help="AWS_ENDPOINT_URL for the pods [default: $AWS_ENDPOINT_URL].")]
+    = None,
+    s3_region: Annotated[str | None, typer.Option(
+        "--s3-region", help="AWS_REGION for the pods [default: $AWS_REGION].")] = None,
+    gpus_per_pod: Annotated[int, typer.Option("--gpus-per-pod", min=0,
+                                              help="nvidia.com/gpu per pod (0: CPU only).")] = 1,
+    cpu: Annotated[str, typer.Option("--cpu", help="CPU request per pod.")] = "4",
+    cpu_limit: Annotated[str | None, typer.Option("--cpu-limit", help="CPU limit per pod.")]
+    = None,
+    memory: Annotated[str, typer.Option("--memory", help="Memory request and limit.")] = "16Gi",
+    node_selector: Annotated[list[str] | None, typer.Option(
+        "--node-selector", metavar="KEY=VALUE", help="Node label to require (repeatable).")]
+    = None,
+    toleration: Annotated[list[str] | None, typer.Option(
+        "--toleration", metavar="KEY[=VALUE][:EFFECT]", help="Toleration (repeatable) "
+        "[default with GPUs: nvidia.com/gpu:NoSchedule].")] = None,
+    priority_class: Annotated[str | None, typer.Option("--priority-class")] = None,
+    service_account: Annotated[str | None, typer.Option("--service-account")] = None,
+    queue: Annotated[str | None, typer.Option("--queue", help="Kueue LocalQueue name.")] = None,
+    backoff_limit_per_index: Annotated[int, typer.Option("--backoff-limit-per-index", min=0,
+                                                         help="Retries of each index.")] = 3,
+    max_failed_indexes: Annotated[int | None, typer.Option(
+        "--max-failed-indexes", min=0, help="Fail the Job past this many failed indexes "
+        "[default: a tenth of the shards].")] = None,
+    ttl: Annotated[int | None, typer.Option("--ttl", min=0, help="Seconds the finished Job "
+                                            "is kept [default: a week].")] = 7 * 24 * 3600,
+    grace_period: Annotated[int, typer.Option("--grace-period", min=1, help="Pod termination "
+                                              "grace period, seconds.")] = 120,
+    image_pull_policy: Annotated[str, typer.Option("--image-pull-policy")] = "IfNotPresent",
+    image_pull_secret: Annotated[str | None, typer.Option("--image-pull-secret")] = None,
+    cache_host_path: Annotated[str | None, typer.Option(
+        "--cache-host-path", help="Opt-in: a node directory as the shared model cache.")] = None,
+    fmt: Annotated[str | None, typer.Option("-o", "--format", metavar="yaml|json",
+                                            help="Print the Job as YAML or JSON.")] = None,
+):
+    """Run on Kubernetes: write the manifest and create one Indexed Job (one pod per shard)."""
+    flags = dict(locals())
+    selection = {k: flags[k] for k in _SELECTION}
+    settings = _settings(workers=parallelism, **selection)
+    job_settings = _job_settings(flags)
+    manifest = _make_plan(settings)
+    _submit(manifest, job_settings, context, dry_run, fmt)
+
+
+_SELECTION = ("input", "refs", "output", "normals", "iterations", "seed", "img_pattern",
+              "ref_pattern", "img_formats", "ref_formats", "relighter", "option", "ddim_steps",
+              "new_decoder", "shards", "run_id", "batch_size", "max_pixels")
+
+
+def _job_settings(f: dict):
+    import os
+
+    from pydantic import ValidationError
+
+    from .kube.job import JobSettings, parse_toleration
+
+    selectors = {}
+    for pair in f["node_selector"] or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--node-selector {pair!r}: expected KEY=VALUE")
+        selectors[key] = value
+    try:
+        return JobSettings(
+            image=f["image"], namespace=f["namespace"], parallelism=f["parallelism"],
+            gpus_per_pod=f["gpus_per_pod"], cpu=f["cpu"], cpu_limit=f["cpu_limit"],
+            memory=f["memory"], s3_secret=f["s3_secret"] or None,
+            s3_endpoint=f["s3_endpoint"] or os.environ.get("AWS_ENDPOINT_URL") or None,
+            s3_region=f["s3_region"] or os.environ.get("AWS_REGION") or None,
+            backoff_limit_per_index=f["backoff_limit_per_index"],
+            max_failed_indexes=f["max_failed_indexes"], ttl_seconds_after_finished=f["ttl"],
+            termination_grace_seconds=f["grace_period"], node_selector=selectors,
+            tolerations=tuple(parse_toleration(t) for t in f["toleration"])
+            if f["toleration"] else None,
+            priority_class=f["priority_class"], service_account=f["service_account"],
+            queue=f["queue"], image_pull_policy=f["image_pull_policy"],
+            image_pull_secret=f["image_pull_secret"], cache_host_path=f["cache_host_path"],
+        )
+    except ValidationError as e:
+        problems = "; ".join(f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
+                             for x in e.errors())
+        raise ConfigError(problems) from e
+
+
+def _submit(manifest, job_settings, context: str | None, dry_run: bool, fmt: str | None,
+            title: str = "Submit") -> None:
+    from .kube.job import build_job
+    from .kube.runs import manifest_uri_of, submit
+
+    if fmt not in (None, "yaml", "json"):
+        raise ConfigError(f"-o {fmt!r}: use yaml or json")
+    local = [u for u in (manifest.input, manifest.refs, manifest.output, manifest.normals)
+             if u and not u.startswith("s3://")]
+    if local:
+        raise ConfigError(f"pods cannot read local paths ({', '.join(local)}): put the data in "
+                          "S3 or MinIO and pass s3:// URIs (relit-k8s run works on local paths)")
+    if dry_run:
+        job = build_job(manifest, manifest_uri_of(manifest), job_settings)
+        if fmt:
+            _print_objects([job], fmt)
+            return
+        _print_summary(manifest, f"{title} (dry run: nothing written or created)")
+        _print_job_summary(job)
+        return
+    created, record = submit(manifest, job_settings, context)
+    if fmt:
+        _print_objects([created], fmt)
+        return
+    ns = record.namespace
+    out.print(f"run [bold]{record.run_id}[/]: Job {record.job} created in namespace {ns} "
+              f"({manifest.shards} indexes, {created['spec']['parallelism']} at a time)",
+              highlight=False)
+    out.print(f"manifest: {record.manifest}")
+    out.print("follow it with:")
+    out.print(f"  relit-k8s status {record.run_id} --output {manifest.output}")
+    out.print(f"  relit-k8s logs {record.run_id} --output {manifest.output} --follow")
+    out.print(f"  kubectl -n {ns} get job {record.job}")
+    out.print(f"  kubectl -n {ns} get pods -l relit-k8s/run-id={record.run_id}")
+    out.print(f"  kubectl -n {ns} logs -l relit-k8s/run-id={record.run_id} --prefix")
+
+
+def _print_objects(objects: list[dict], fmt: str) -> None:
+    if fmt == "json":
+        data = objects[0] if len(objects) == 1 else {"apiVersion": "v1", "kind": "List",
+                                                     "items": objects}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
+
+
+def _print_job_summary(job: dict) -> None:
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    table = Table(title="Job", show_header=False, title_justify="left", box=None)
+    table.add_column(style="bold cyan")
+    table.add_column()
+    rows = {
+        "name": job["metadata"]["name"],
+        "namespace": job["metadata"].get("namespace", "(the context's)"),
+        "image": container["image"],
+        "indexes": f"{spec['completions']} ({spec['parallelism']} at a time)",
+        "resources": ", ".join(f"{k}={v}" for k, v in container["resources"]["requests"]
+                               .items()),
+        "retries": f"{spec['backoffLimitPerIndex']} per index; the Job fails past "
+                   f"{spec['maxFailedIndexes']} failed indexes or on a configuration error",
+        "s3 secret": next((e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
+                           if "valueFrom" in e), "(none: pod identity)"),
+        "print it": "add -o yaml (pipe to kubectl apply -f - after relit-k8s plan)",
+    }
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command("logs")
+@handles_errors
+def logs_cmd(
+    run: Annotated[str, typer.Argument(help="Run id (the Job's name).")],
+    output: OutputFindOpt = None,
+    index: Annotated[int | None, typer.Option("--index", min=0, help="Only this shard.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the pods end.")]
+    = False,
+    all_attempts: Annotated[bool, typer.Option("--all-attempts", help="Every pod, not only "
+                                               "the newest attempt of each index.")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", min=0, help="Last lines per pod.")]
+    = None,
+    namespace: NamespaceOpt = None, context: ContextOpt = None,
+):
+    """Print the logs of a run's pods: the newest attempt of each index, prefixed by index."""
+    import threading
+
+    from .kube.runs import cluster_for, newest_pods, pod_index
+
+    cluster = cluster_for(_record(run, output), context, namespace)
+    pods = newest_pods(cluster.list_pods(run, index), all_attempts)
+    if not pods:
+        raise ConfigError(f"no pods of run {run} in namespace {cluster.namespace}"
+                          + (f" for index {index}" if index is not None else ""))
+    lock = threading.Lock()
+    prefix = len(pods) > 1 or index is None
+
+    def show(pod: dict) -> None:
+        name = pod["metadata"]["name"]
+        for line in cluster.pod_logs(name, follow=follow, tail=tail):
+            with lock:
+                sys.stdout.write(f"[{pod_index(pod)}] {line}\n" if prefix else line + "\n")
+                sys.stdout.flush()
+
+    if not follow:
+        for pod in pods:
+            show(pod)
+        return
+    threads = [threading.Thread(target=show, args=(p,), daemon=True) for p in pods]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _record(run: str, output: str | None):
+    if not output:
+        return None
+    from .kube.runs import read_submission
+    from .status import load_run
+
+    return read_submission(load_run(output, run))
+
+
+@app.command("cancel")
+@handles_errors
+def cancel_cmd(
+    run: Annotated[str, typer.Argument(help="Run id (the Job's name).")],
+    output: OutputFindOpt = None,
+    namespace: NamespaceOpt = None, context: ContextOpt = None,
+):
+    """Delete a run's Job and its pods; workers save their reports as they stop."""
+    from .kube.runs import cluster_for
+
+    cluster = cluster_for(_record(run, output), context, namespace)
+    cluster.delete_job(run)
+    out.print(f"Job {run} deleted in namespace {cluster.namespace} (pods stop in the "
+              "background); outputs and reports stay. relit-k8s resume continues it.")
+
+
+@app.command("resume")
+@handles_errors
+def resume_cmd(
+    run: Annotated[str, typer.Argument(help="Run id to finish.")],
+    output: OutputOpt = ...,
+    local: Annotated[bool, typer.Option("--local", help="Run the rest here, not as a Job.")]
+    = False,
+    image: Annotated[str | None, typer.Option("--image", help="[default: the run's]")] = None,
+    parallelism: Annotated[int | None, typer.Option("--parallelism", min=1, help="[default: "
+                                                    "the run's]")] = None,
+    shards: ShardsOpt = None, dry_run: DryRunOpt = False,
+    trust_reports: Annotated[bool, typer.Option(
+        "--trust-reports", help="Skip shards reported done without listing their outputs "
+        "(faster on huge runs; misses outputs deleted since).")] = False,
+    fmt: Annotated[str | None, typer.Option("-o", "--format", metavar="yaml|json")] = None,
+    namespace: NamespaceOpt = None, context: ContextOpt = None,
+    gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
+    strict: StrictOpt = False, progress: ProgressOpt = True,
+):
+    """A new run over only the units not yet written (or failed), as a Job or here."""
+    from .kube.runs import read_submission
+    from .resume import plan_resume
+    from .status import load_run
+
+    manifest = load_run(output, run)
+    record = read_submission(manifest)
+    on_cluster = record is not None and not local
+    if on_cluster:
+        job_settings = record.settings.model_copy(update={
+            k: v for k, v in {"image": image, "parallelism": parallelism,
+                              "namespace": namespace}.items() if v is not None})
+        slots, width = None, job_settings.parallelism
+    else:
+        slots = _slots(device, gpus, workers)
+        width = len(slots)
+    resumed = plan_resume(manifest, width, shards, trust_reports)
+    if resumed is None:
+        out.print(f"run {run}: every output is written; nothing to resume")
+        return
+    out.print(f"run {run}: {resumed.items} outputs in {resumed.units} units are missing; "
+              f"new run {resumed.run_id}", highlight=False)
+    if on_cluster:
+        _submit(resumed, job_settings, context or record.context, dry_run, fmt, "Resume")
+    elif dry_run:
+        _print_summary(resumed, "Resume (dry run: nothing written)")
+    else:
+        _run_here(resumed, slots, progress, strict, again=f"relit-k8s resume {run} --local")
 
 
 @app.command("relighters")

@@ -16,7 +16,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ManifestError
 from .storage import META_DIR, join_key
@@ -123,6 +123,9 @@ class Manifest(BaseModel):
     relighter: RelighterSpec
     batch_size: int = Field(ge=1, description="seeds per relighter call")
     max_pixels: int = Field(ge=1)
+    resumed_from: str | None = Field(None, description="the run this one finishes")
+    only_units: tuple[tuple[int, int], ...] | None = Field(
+        None, description="a resumed run's units: ranges [start, stop) of the full numbering")
     checksum: str | None = None
 
     @field_validator("run_id")
@@ -131,6 +134,17 @@ class Manifest(BaseModel):
         if not RUN_ID_RE.match(v):
             raise ValueError("run id must be a DNS-1123 label of at most 40 characters")
         return v
+
+    @model_validator(mode="after")
+    def _layout(self) -> Manifest:
+        if not self.images or not self.references:
+            raise ValueError("a manifest needs at least one image and one reference")
+        for a, b in self.only_units or ():
+            if not 0 <= a < b <= self.all_units:
+                raise ValueError(f"unit range [{a}, {b}) is outside 0..{self.all_units}")
+        if self.shards > self.units:
+            raise ValueError(f"{self.shards} shards for {self.units} units: some would be empty")
+        return self
 
     # --- enumeration -------------------------------------------------------------------------
     @property
@@ -142,14 +156,40 @@ class Manifest(BaseModel):
         return -(-self.iterations // self.unit_size)
 
     @property
-    def units(self) -> int:
+    def all_units(self) -> int:
+        """Units of the full plan (a resumed run runs a subset of them)."""
         return self.pairs * self.units_per_pair
 
     @property
+    def units(self) -> int:
+        if self.only_units is None:
+            return self.all_units
+        return sum(b - a for a, b in self.only_units)
+
+    @property
     def items(self) -> int:
-        return self.pairs * self.iterations
+        if self.only_units is None:
+            return self.pairs * self.iterations
+        upp, size = self.units_per_pair, self.unit_size
+        last = self.iterations - (upp - 1) * size  # a pair's last unit may be shorter
+        total = 0
+        for a, b in self.only_units:
+            lasts = b // upp - a // upp  # units o in [a, b) with o % upp == upp - 1
+            total += (b - a - lasts) * size + lasts * last
+        return total
 
     def unit(self, u: int) -> Unit:
+        """Unit ``u`` of this run (0..units-1)."""
+        if self.only_units is None:
+            return self.full_unit(u)
+        for a, b in self.only_units:
+            if u < b - a:
+                return self.full_unit(a + u)
+            u -= b - a
+        raise IndexError(u)
+
+    def full_unit(self, u: int) -> Unit:
+        """Unit ``u`` of the full plan's numbering."""
         pair, chunk = divmod(u, self.units_per_pair)
         image, ref = divmod(pair, len(self.references))
         start = chunk * self.unit_size
@@ -165,7 +205,17 @@ class Manifest(BaseModel):
         return range(index * self.units // self.shards, (index + 1) * self.units // self.shards)
 
     def shard_units(self, index: int) -> list[Unit]:
-        return [self.unit(u) for u in self.shard_range(index)]
+        r = self.shard_range(index)
+        if self.only_units is None:
+            return [self.full_unit(u) for u in r]
+        units, offset = [], 0
+        for a, b in self.only_units:  # one pass over the ranges
+            lo, hi = max(r.start, offset), min(r.stop, offset + b - a)
+            units.extend(self.full_unit(a + u - offset) for u in range(lo, hi))
+            offset += b - a
+            if offset >= r.stop:
+                break
+        return units
 
     def shard_items(self, index: int) -> int:
         return sum(u.items for u in self.shard_units(index))

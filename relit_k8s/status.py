@@ -58,6 +58,21 @@ def overall_state(states: list[str]) -> str:
     return "pending" if all(s == "pending" for s in states) else "running"
 
 
+def throughput(reports: list[ShardReport], remaining: int,
+               state: str) -> tuple[float | None, float | None]:
+    """(items written per second over the run so far, seconds left at that rate)."""
+    if not reports:
+        return None, None
+    start = min(r.started_at for r in reports)
+    end = max(r.updated_at for r in reports)
+    seconds = (end - start).total_seconds()
+    done = sum(r.items_done for r in reports)
+    if seconds <= 0 or done == 0:
+        return None, None
+    rate = done / seconds
+    return round(rate, 3), (round(remaining / rate, 1) if state == "running" else None)
+
+
 def collect(output: str, run_id: str | None = None) -> dict[str, Any]:
     """The status object of ``relit-k8s status -o json`` (sums over shards, and every shard)."""
     manifest = load_run(output, run_id)
@@ -74,15 +89,20 @@ def collect(output: str, run_id: str | None = None) -> dict[str, Any]:
             shards.append(report.model_dump(mode="json"))
     total = {k: sum(s[k] for s in shards) for k in ("items_done", "items_skipped",
                                                      "items_failed")}
+    state = overall_state([s["state"] for s in shards])
+    rate, eta = throughput(list(reports.values()), manifest.items - sum(total.values()), state)
     return {
         "run_id": manifest.run_id,
         "created_at": manifest.created_at.isoformat(),
         "output": manifest.output,
         "manifest": out.uri_of(manifest.manifest_key),
         "relighter": manifest.relighter.name,
-        "state": overall_state([s["state"] for s in shards]),
+        "state": state,
         "items_total": manifest.items,
         **total,
+        "items_per_second": rate,
+        "eta_seconds": eta,
+        "resumed_from": manifest.resumed_from,
         "shards_total": manifest.shards,
         "shards": shards,
     }

@@ -1,0 +1,273 @@
+"""Build the Indexed Job for a run: a pure function of the manifest and the job settings.
+
+The Job is a plain dict, exactly what ``submit --dry-run -o yaml`` prints and what is sent to
+the API server. Every field is chosen on purpose:
+
+* ``completionMode: Indexed``, ``completions`` = shards: pod ``i`` gets ``JOB_COMPLETION_INDEX=i``
+  and runs shard ``i``; ``parallelism`` pods run at once.
+* ``backoffLimitPerIndex`` retries each index on its own (a crashing shard does not use up the
+  others' retries); ``maxFailedIndexes`` fails the Job early when too many shards fail for good.
+* ``podFailurePolicy``: exit 78 (configuration error) fails the Job at once, since no retry can
+  help; a ``DisruptionTarget`` pod condition (preemption, eviction, node drain) is ignored, so it
+  does not count against the backoff; exit 75 (temporary) counts.
+* ``podReplacementPolicy: Failed``: a replacement pod starts only once the old one is gone, so two
+  attempts at one index rarely overlap (outputs are safe to write twice anyway).
+* Pods run as non-root with a read-only root filesystem, no privilege escalation, no
+  capabilities, seccomp ``RuntimeDefault``, no service-account token; ``/tmp``, the model cache
+  and ``/dev/shm`` are ``emptyDir`` volumes. Credentials come only from a Secret.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import ConfigError
+from ..manifest import Manifest
+
+CONTAINER = "worker"
+RUN_LABEL = "relit-k8s/run-id"
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+MANIFEST_ANNOTATION = "relit-k8s/manifest"
+OUTPUT_ANNOTATION = "relit-k8s/output"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU_RESOURCE = "nvidia.com/gpu"
+#: The common toleration of GPU node taints, added when GPUs are requested and none is given.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+#: Worker exit codes the podFailurePolicy acts on (see errors.py).
+EXIT_TEMPORARY, EXIT_CONFIG = 75, 78
+#: Non-root user the image runs as (see the Dockerfile).
+UID = 10001
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+class JobSettings(BaseModel):
+    """Everything about the Job that is not in the manifest (the ``submit`` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str = Field(min_length=1, description="container image with relit-k8s installed")
+    namespace: str | None = Field(
+        None, description="None: left out of the Job, so kubectl apply uses the context's")
+    parallelism: int = Field(8, ge=1, le=100_000, description="pods running at once")
+    gpus_per_pod: int = Field(1, ge=0, description="nvidia.com/gpu per pod; 0 for CPU-only")
+    cpu: str = Field("4", description="CPU request per pod")
+    cpu_limit: str | None = Field(None, description="CPU limit (none: no CPU throttling)")
+    memory: str = Field("16Gi", description="memory request and limit per pod")
+    s3_secret: str | None = Field(
+        "relit-s3", description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; "
+        "None for pod identities (IRSA, workload identity)")
+    s3_endpoint: str | None = Field(None, description="AWS_ENDPOINT_URL as seen from the pods")
+    s3_region: str | None = Field(None, description="AWS_REGION for the pods")
+    backoff_limit_per_index: int = Field(3, ge=0, description="retries of each index")
+    max_failed_indexes: int | None = Field(
+        None, ge=0, description="fail the Job when more indexes failed for good "
+        "(default: a tenth of the shards, at least 1, at most 10,000)")
+    ttl_seconds_after_finished: int | None = Field(
+        7 * 24 * 3600, ge=0, description="delete the finished Job after this long (default "
+        "a week; reports stay in storage)")
+    termination_grace_seconds: int = Field(
+        120, ge=1, description="pod grace period; the worker saves its report well within it")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] | None = Field(
+        None, description="None: the nvidia.com/gpu NoSchedule toleration when GPUs are used")
+    priority_class: str | None = None
+    service_account: str | None = Field(None, description="pods need no API access")
+    queue: str | None = Field(None, description="Kueue LocalQueue name")
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secret: str | None = None
+    tmp_size: str = "10Gi"
+    cache_size: str = Field("50Gi", description="model cache emptyDir size limit")
+    shm_size: str = Field("8Gi", description="memory-backed /dev/shm size limit")
+    cache_host_path: str | None = Field(
+        None, description="opt-in: a node directory as the model cache, shared by the pods of "
+        "a node (hostPath)")
+
+    @field_validator("cpu", "memory", "tmp_size", "cache_size", "shm_size", "cpu_limit")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None and not _QUANTITY.match(v):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity (like 500m, 4, 16Gi)")
+        return v
+
+    @field_validator("queue")
+    @classmethod
+    def _label_value(cls, v: str | None) -> str | None:
+        if v is not None and not _LABEL_VALUE.match(v):
+            raise ValueError(f"{v!r} is not a valid label value")
+        return v
+
+    @field_validator("image_pull_policy")
+    @classmethod
+    def _pull_policy(cls, v: str) -> str:
+        if v not in ("Always", "IfNotPresent", "Never"):
+            raise ValueError("image pull policy must be Always, IfNotPresent or Never")
+        return v
+
+
+def parse_toleration(text: str) -> dict[str, Any]:
+    """``key[=value][:Effect]`` -> a toleration (``Exists`` without a value)."""
+    spec, _, effect = text.partition(":")
+    key, eq, value = spec.partition("=")
+    if not key or (effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute")):
+        raise ConfigError(
+            f"--toleration {text!r}: expected key[=value][:NoSchedule|PreferNoSchedule|NoExecute]"
+        )
+    tol: dict[str, Any] = {"key": key, "operator": "Equal" if eq else "Exists"}
+    if eq:
+        tol["value"] = value
+    if effect:
+        tol["effect"] = effect
+    return tol
+
+
+def job_name(manifest: Manifest) -> str:
+    """The Job is named after the run (a DNS label of at most 40 characters)."""
+    return manifest.run_id
+
+
+def run_labels(run_id: str) -> dict[str, str]:
+    from .. import __version__
+
+    return {
+        "app.kubernetes.io/name": "relit-k8s",
+        "app.kubernetes.io/instance": run_id,
+        "app.kubernetes.io/managed-by": "relit-k8s",
+        "app.kubernetes.io/version": __version__,
+        RUN_LABEL: run_id,
+    }
+
+
+def default_max_failed(shards: int) -> int:
+    return min(10_000, max(1, shards // 10))
+
+
+def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str, Any]:
+    """The ``batch/v1`` Job for ``manifest`` (see the module docstring for each choice)."""
+    name = job_name(manifest)
+    labels = run_labels(name)
+    job_labels = {**labels, **({QUEUE_LABEL: s.queue} if s.queue else {})}
+    env: list[dict[str, Any]] = [
+        {"name": "RELIT_MANIFEST", "value": manifest_uri},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/cache"},
+        {"name": "TORCH_HOME", "value": "/cache/torch"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+    ]
+    if s.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s.s3_endpoint})
+    if s.s3_region:
+        env.append({"name": "AWS_REGION", "value": s.s3_region})
+    if s.s3_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": s.s3_secret, "key": key}}})
+    requests: dict[str, str] = {"cpu": s.cpu, "memory": s.memory}
+    limits: dict[str, str] = {"memory": s.memory}
+    if s.cpu_limit:
+        limits["cpu"] = s.cpu_limit
+    if s.gpus_per_pod:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(s.gpus_per_pod)
+    tolerations = list(s.tolerations) if s.tolerations is not None else (
+        [dict(GPU_TOLERATION)] if s.gpus_per_pod else [])
+    cache_volume: dict[str, Any] = (
+        {"name": "model-cache", "hostPath": {"path": s.cache_host_path,
+                                             "type": "DirectoryOrCreate"}}
+        if s.cache_host_path else
+        {"name": "model-cache", "emptyDir": {"sizeLimit": s.cache_size}}
+    )
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": s.image,
+        "imagePullPolicy": s.image_pull_policy,
+        "command": ["relit-k8s"],
+        "args": ["worker"],
+        "env": env,
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "model-cache", "mountPath": "/cache"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": s.termination_grace_seconds,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {"sizeLimit": s.tmp_size}},
+            cache_volume,
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
+        ],
+    }
+    if s.service_account:
+        pod_spec["serviceAccountName"] = s.service_account
+    if s.node_selector:
+        pod_spec["nodeSelector"] = dict(s.node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if s.priority_class:
+        pod_spec["priorityClassName"] = s.priority_class
+    if s.image_pull_secret:
+        pod_spec["imagePullSecrets"] = [{"name": s.image_pull_secret}]
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": manifest.shards,
+        "parallelism": min(s.parallelism, manifest.shards),
+        "backoffLimitPerIndex": s.backoff_limit_per_index,
+        "maxFailedIndexes": min(
+            manifest.shards,
+            s.max_failed_indexes if s.max_failed_indexes is not None
+            else default_max_failed(manifest.shards)),
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {
+                "containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}},
+            {"action": "Ignore", "onPodConditions": [
+                {"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "Count", "onExitCodes": {
+                "containerName": CONTAINER, "operator": "In", "values": [EXIT_TEMPORARY]}},
+        ]},
+        "template": {
+            "metadata": {"labels": labels,
+                         "annotations": {MANIFEST_ANNOTATION: manifest_uri}},
+            "spec": pod_spec,
+        },
+    }
+    if s.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = s.ttl_seconds_after_finished
+    if s.queue:
+        spec["suspend"] = True  # Kueue unsuspends the Job when it admits it
+    if manifest.shards > 100_000 or s.parallelism > 100_000:
+        raise ConfigError("a Job holds at most 100,000 indexes here: use fewer --shards")
+    metadata: dict[str, Any] = {"name": name}
+    if s.namespace:
+        metadata["namespace"] = s.namespace
+    metadata["labels"] = job_labels
+    metadata["annotations"] = {MANIFEST_ANNOTATION: manifest_uri,
+                               OUTPUT_ANNOTATION: manifest.output}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}

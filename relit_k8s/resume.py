@@ -1,0 +1,86 @@
+"""Resume a run: a new run over only the units not yet written (or failed), renumbered 0..n-1.
+
+Kubernetes cannot rerun chosen indexes of a Job (kubernetes/kubernetes#109131); relit-k8s
+plans a new manifest whose units are the unfinished ones of the old run, so a new Job (or a
+local run) does exactly the missing work.
+"""
+
+from __future__ import annotations
+
+import re
+
+from . import images
+from .errors import ConfigError
+from .manifest import Manifest, now, pair_seeds
+from .planner import MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER
+from .status import list_runs, read_reports
+from .storage import open_storage
+
+_RESUMED = re.compile(r"^(.*)-r(\d+)$")
+
+
+def remaining_units(manifest: Manifest, trust_reports: bool = False) -> list[int]:
+    """Full-numbering units of ``manifest`` with at least one output missing.
+
+    Every pair folder is listed once (outputs may have been deleted since the reports were
+    written); with ``trust_reports``, shards reported ``done`` without failures are skipped
+    unlisted, which is faster on very large runs.
+    """
+    out = open_storage(manifest.output)
+    reports = read_reports(out, manifest) if trust_reports else {}
+    missing: list[int] = []
+    listed: dict[str, set[str]] = {}
+    for index in range(manifest.shards):
+        report = reports.get(index)
+        if report and report.state == "done" and report.items_failed == 0:
+            continue
+        for unit in manifest.shard_units(index):
+            folder = manifest.pair_folder(unit.image, unit.ref)
+            if folder not in listed:
+                listed = {folder: out.list_names(folder)}
+            name = images.output_file_name(unit.image)
+            seeds = pair_seeds(manifest.base_seed, unit.image, unit.ref, manifest.iterations)
+            if any(f"{seeds[i]}_{name}" not in listed[folder]
+                   for i in range(unit.start, unit.stop)):
+                missing.append(unit.pair * manifest.units_per_pair
+                               + unit.start // manifest.unit_size)
+    return missing
+
+
+def _ranges(units: list[int]) -> tuple[tuple[int, int], ...]:
+    ranges: list[list[int]] = []
+    for u in sorted(units):
+        if ranges and ranges[-1][1] == u:
+            ranges[-1][1] = u + 1
+        else:
+            ranges.append([u, u + 1])
+    return tuple((a, b) for a, b in ranges)
+
+
+def next_run_id(manifest: Manifest) -> str:
+    """``<root>-r<n>``: the next free resume id in the run's output."""
+    m = _RESUMED.match(manifest.run_id)
+    root, n = (m.group(1), int(m.group(2))) if m and manifest.resumed_from else (
+        manifest.run_id, 0)
+    taken = {r.run_id for r in list_runs(manifest.output)}
+    while True:
+        n += 1
+        suffix = f"-r{n}"
+        candidate = root[: 40 - len(suffix)].rstrip("-") + suffix
+        if candidate not in taken:
+            return candidate
+
+
+def plan_resume(manifest: Manifest, workers: int = 1, shards: int | None = None,
+                trust_reports: bool = False) -> Manifest | None:
+    """The manifest of a run over the unfinished units, or None when nothing is left."""
+    todo = remaining_units(manifest, trust_reports)
+    if not todo:
+        return None
+    target = shards or min(MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER * workers)
+    if target < 1:
+        raise ConfigError("--shards must be at least 1")
+    data = manifest.model_dump(exclude={"checksum"})
+    data.update(run_id=next_run_id(manifest), created_at=now(), resumed_from=manifest.run_id,
+                only_units=_ranges(todo), shards=min(target, len(todo)))
+    return Manifest(**data)

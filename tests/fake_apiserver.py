@@ -1,0 +1,170 @@
+"""FakeApiServer: THE ONE MOCK IN THIS SUITE.
+
+No Kubernetes cluster can run on the machines this suite runs on (no container engine), so the
+client layer is tested against this stand-in for the API server: a real HTTP server on
+127.0.0.1 that answers the few endpoints relit-k8s calls (create/read/delete Jobs, list pods by
+label selector, pod logs) with responses shaped like the real API server's (objects, and
+``Status`` bodies with the real messages for 404/409/403). The official ``kubernetes`` client
+talks to it over HTTP through an ordinary kubeconfig, so request building, label selectors,
+serialisation and error mapping are exercised for real. It records every request.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import yaml
+
+
+def _status(code: int, reason: str, message: str, details: dict | None = None) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "details": details or {}, "code": code}
+
+
+class FakeApiServer:
+    def __init__(self, namespaces=("relit", "default")):
+        self.namespaces = set(namespaces)
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self.pods: list[dict] = []
+        self.logs: dict[str, str] = {}
+        self.requests: list[dict] = []
+        self.forbidden = False
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeApiServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def write_kubeconfig(self, path: Path, namespace: str = "relit") -> Path:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake",
+                                                      "namespace": namespace}}],
+        }))
+        return path
+
+    def add_pod(self, run_id: str, index: int, name: str, created: str, log: str,
+                namespace: str = "relit") -> None:
+        self.pods.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created,
+                         "labels": {"relit-k8s/run-id": run_id,
+                                    "batch.kubernetes.io/job-completion-index": str(index)}},
+            "spec": {"containers": [{"name": "worker", "image": "x"}]},
+            "status": {"phase": "Running"},
+        })
+        self.logs[name] = log
+
+    # --- HTTP -------------------------------------------------------------------------------
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, code: int, body, content_type="application/json"):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self, method: str):
+                url = urlparse(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                fake.requests.append({"method": method, "path": url.path, "query": query,
+                                      "body": body})
+                parts = url.path.strip("/").split("/")
+                if fake.forbidden:
+                    return self._send(403, _status(
+                        403, "Forbidden", f'jobs.batch is forbidden: User "alice" cannot '
+                        f'{method.lower()} resource "jobs" in API group "batch" in the '
+                        f'namespace "{parts[4] if len(parts) > 4 else ""}"'))
+                if parts[:3] == ["apis", "batch", "v1"] and parts[3] == "namespaces":
+                    return self._jobs(method, parts[4], parts[6] if len(parts) > 6 else None,
+                                      body)
+                if parts[:2] == ["api", "v1"] and parts[2] == "namespaces" and parts[4] == "pods":
+                    if len(parts) == 5:
+                        return self._list_pods(parts[3], query.get("labelSelector", ""))
+                    if len(parts) == 7 and parts[6] == "log":
+                        return self._log(parts[5], query)
+                return self._send(404, _status(404, "NotFound", "the server could not find "
+                                               "the requested resource"))
+
+            def _jobs(self, method, ns, name, body):
+                if ns not in fake.namespaces:
+                    return self._send(404, _status(404, "NotFound",
+                                                   f'namespaces "{ns}" not found',
+                                                   {"name": ns, "kind": "namespaces"}))
+                if method == "POST":
+                    name = body["metadata"]["name"]
+                    if (ns, name) in fake.jobs:
+                        return self._send(409, _status(
+                            409, "AlreadyExists", f'jobs.batch "{name}" already exists',
+                            {"name": name, "group": "batch", "kind": "jobs"}))
+                    job = json.loads(json.dumps(body))
+                    job["metadata"].update(namespace=ns, uid=f"uid-{name}",
+                                           creationTimestamp=datetime.now(UTC).strftime(
+                                               "%Y-%m-%dT%H:%M:%SZ"))
+                    job["status"] = {}
+                    fake.jobs[(ns, name)] = job
+                    return self._send(201, job)
+                job = fake.jobs.get((ns, name))
+                if job is None:
+                    return self._send(404, _status(404, "NotFound",
+                                                   f'jobs.batch "{name}" not found',
+                                                   {"name": name, "kind": "jobs"}))
+                if method == "GET":
+                    return self._send(200, job)
+                if method == "DELETE":
+                    del fake.jobs[(ns, name)]
+                    return self._send(200, {"kind": "Status", "apiVersion": "v1",
+                                            "status": "Success", "metadata": {},
+                                            "details": {"name": name, "kind": "jobs"}})
+                return self._send(405, _status(405, "MethodNotAllowed", "no"))
+
+            def _list_pods(self, ns, selector):
+                wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
+                items = [p for p in fake.pods if p["metadata"]["namespace"] == ns and all(
+                    p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+                return self._send(200, {"kind": "PodList", "apiVersion": "v1",
+                                        "metadata": {}, "items": items})
+
+            def _log(self, pod, query):
+                if pod not in fake.logs:
+                    return self._send(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+                lines = fake.logs[pod].splitlines(keepends=True)
+                if "tailLines" in query:
+                    lines = lines[-int(query["tailLines"]):]
+                return self._send(200, "".join(lines), "text/plain")
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_DELETE(self):
+                self._route("DELETE")
+
+        return Handler

@@ -1,0 +1,373 @@
+"""The Kubernetes path: the Job builder, submit/status/logs/cancel/resume through the official
+client (against FakeApiServer, the one mock of the suite), and the objects the kit ships."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import EXAMPLES, ROOT, _free_port, cli, upload_folder
+from fake_apiserver import FakeApiServer
+
+from relit_k8s.kube.job import JobSettings, build_job, parse_toleration
+from relit_k8s.manifest import Manifest
+from relit_k8s.planner import PlanSettings, plan
+
+#: Oldest and newest Kubernetes versions relit-k8s supports (README, "Kubernetes").
+K8S_VERSIONS = ["1.31.0", "1.37.0"]
+SECRET = "planted-secret-value-9f8e7d"
+
+
+def validate_strict(obj: dict) -> None:
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def manifest(shards: int = 6) -> Manifest:
+    s = PlanSettings(input="s3://b/in", refs="s3://b/refs", output="s3://b/out", iterations=4,
+                     shards=shards)
+    return plan(s, [f"i{i}.jpg" for i in range(5)], ["r.hdr", "q.exr"])
+
+
+GPU = JobSettings(image="registry.example/relit-k8s:0.1.0", namespace="relit", parallelism=4,
+                  s3_endpoint="http://minio:9000", s3_region="us-east-1",
+                  node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                  priority_class="batch-low", queue="team-a")
+CPU = JobSettings(image="relit-k8s:dev-cpu", gpus_per_pod=0, cpu="500m", memory="2Gi",
+                  image_pull_policy="Never")
+
+
+@pytest.mark.parametrize("settings", [GPU, CPU], ids=["gpu", "cpu"])
+def test_jobs_validate_strictly_against_oldest_and_newest_kubernetes(settings):
+    validate_strict(build_job(manifest(), "s3://b/out/_relit/x/manifest.json", settings))
+
+
+def test_the_job_is_an_indexed_job_with_the_failure_policy():
+    m = manifest()
+    job = build_job(m, "s3://b/out/m.json", GPU)
+    spec = job["spec"]
+    assert job["metadata"]["name"] == m.run_id
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == m.shards == 6 and spec["parallelism"] == 4
+    assert spec["backoffLimitPerIndex"] == 3 and 1 <= spec["maxFailedIndexes"] <= 6
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In",
+                                                 "values": [78]}} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                     "status": "True"}]} in rules
+    assert any(r["action"] == "Count" and r["onExitCodes"]["values"] == [75] for r in rules)
+    assert spec["ttlSecondsAfterFinished"] == 7 * 24 * 3600
+    labels = job["metadata"]["labels"]
+    for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                "app.kubernetes.io/managed-by", "relit-k8s/run-id"):
+        assert key in labels and key in spec["template"]["metadata"]["labels"]
+    assert job["metadata"]["annotations"]["relit-k8s/manifest"] == "s3://b/out/m.json"
+    # Kueue: the queue label, and created suspended for Kueue to admit
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and spec["suspend"] is True
+    assert "suspend" not in build_job(m, "u", CPU)["spec"]
+
+
+def test_the_container_runs_the_worker_with_the_manifest_and_s3_settings():
+    job = build_job(manifest(), "s3://b/out/m.json", GPU)
+    pod = job["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["command"] == ["relit-k8s"] and c["args"] == ["worker"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RELIT_MANIFEST"]["value"] == "s3://b/out/m.json"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "relit-s3", "key": key}
+        assert "value" not in env[key]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["priorityClassName"] == "batch-low"
+    cpu_pod = build_job(manifest(), "u", CPU)["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in cpu_pod
+    no_secret = build_job(manifest(), "u", CPU.model_copy(update={"s3_secret": None}))
+    assert not any("valueFrom" in e for e in
+                   no_secret["spec"]["template"]["spec"]["containers"][0]["env"])
+
+
+def test_pods_are_hardened_and_use_no_host_paths_unless_asked():
+    for settings in (GPU, CPU):
+        pod = build_job(manifest(), "u", settings)["spec"]["template"]["spec"]
+        sc = pod["containers"][0]["securityContext"]
+        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        assert not any("hostPath" in v for v in pod["volumes"])
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts == {"/tmp", "/cache", "/dev/shm"}
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+    asked = build_job(manifest(), "u", CPU.model_copy(update={"cache_host_path": "/var/relit"}))
+    vols = asked["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "model-cache", "hostPath": {"path": "/var/relit",
+                                                "type": "DirectoryOrCreate"}} in vols
+
+
+def test_the_official_client_keeps_every_field_of_the_job():
+    from kubernetes.client import ApiClient, V1Job
+
+    job = build_job(manifest(), "s3://b/out/m.json", GPU)
+    assert ApiClient().sanitize_for_serialization(V1Job.from_dict(job)) == job
+
+
+def test_tolerations_and_settings_are_checked():
+    assert parse_toleration("gpu") == {"key": "gpu", "operator": "Exists"}
+    assert parse_toleration("dedicated=ml:NoSchedule") == {
+        "key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    with pytest.raises(Exception, match="toleration"):
+        parse_toleration("x:Sometimes")
+    with pytest.raises(ValueError, match="quantity"):
+        JobSettings(image="i", memory="lots")
+
+
+# --- the CLI against S3 (moto) and the fake API server -------------------------------------------
+@pytest.fixture
+def fake_api(tmp_path, monkeypatch):
+    server = FakeApiServer().start()
+    kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_data(bucket, s3_client):
+    upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
+    upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
+    return bucket
+
+
+def submit_args(bucket: str, *extra: str) -> list[str]:
+    return ["submit", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
+            "--output", f"s3://{bucket}/out", "--iterations", "2", "--image",
+            "relit-k8s:test", *extra]
+
+
+def test_submit_dry_run_prints_valid_objects_and_touches_nothing(s3_data, s3_client,
+                                                                 monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    for extra in ([], ["--gpus-per-pod", "0", "--parallelism", "2", "--cpu", "500m"]):
+        result = cli(*submit_args(s3_data, "--parallelism", "8", "--dry-run", "-o", "yaml",
+                                  *extra), check=True)
+        [job] = list(yaml.safe_load_all(result.stdout))
+        validate_strict(job)
+        assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+        assert SECRET not in result.stdout and SECRET not in result.stderr
+    as_json = json.loads(cli(*submit_args(s3_data, "--dry-run", "-o", "json"),
+                             check=True).stdout)
+    validate_strict(as_json)
+    listing = s3_client.list_objects_v2(Bucket=s3_data, Prefix="out/")
+    assert listing.get("KeyCount", 0) == 0, "a dry run wrote to storage"
+    summary = cli(*submit_args(s3_data, "--dry-run"), check=True).stdout
+    assert "Job" in summary and "indexes" in summary and "outputs" in summary
+
+
+def test_submit_refuses_local_paths(tmp_path):
+    result = cli("submit", "--input", str(EXAMPLES / "images"), "--refs",
+                 str(EXAMPLES / "refs"), "--output", str(tmp_path / "o"), "--image", "x",
+                 "--dry-run")
+    assert result.returncode == 78 and "pods cannot read local paths" in result.stderr
+
+
+def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_client, fake_api):
+    result = cli(*submit_args(s3_data, "--parallelism", "3"), check=True)
+    [(ns, name)] = list(fake_api.jobs)
+    assert ns == "relit"  # the kubeconfig context's namespace
+    assert f"run {name}: Job {name} created in namespace relit" in result.stdout
+    assert f"kubectl -n relit get pods -l relit-k8s/run-id={name}" in result.stdout
+    [post] = [r for r in fake_api.requests if r["method"] == "POST"]
+    assert post["path"] == "/apis/batch/v1/namespaces/relit/jobs"
+    sent = post["body"]
+    validate_strict(sent)
+    manifest_key = f"out/_relit/{name}/manifest.json"
+    assert sent["metadata"]["annotations"]["relit-k8s/manifest"] == \
+        f"s3://{s3_data}/{manifest_key}"
+    stored = s3_client.get_object(Bucket=s3_data, Key=manifest_key)["Body"].read()
+    assert Manifest.from_json(stored).shards == sent["spec"]["completions"]
+    record = json.loads(s3_client.get_object(
+        Bucket=s3_data, Key=f"out/_relit/{name}/job.json")["Body"].read())
+    assert record["namespace"] == "relit" and record["job"] == name
+
+    # status: the Job's state next to the (still empty) shard reports
+    fake_api.jobs[(ns, name)]["status"] = {
+        "active": 2, "succeeded": 1, "failed": 1, "completedIndexes": "0",
+        "failedIndexes": "3", "startTime": "2026-11-27T10:00:00Z"}
+    status = json.loads(cli("status", name, "--output", f"s3://{s3_data}/out", "-o", "json",
+                            check=True).stdout)
+    assert status["job"]["state"] == "running" and status["job"]["active"] == 2
+    assert status["job"]["completed_indexes"] == "0" and status["job"]["failed_indexes"] == "3"
+    assert status["state"] == "pending" and len(status["shards"]) == sent["spec"]["completions"]
+    fake_api.jobs[(ns, name)]["status"]["conditions"] = [
+        {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]
+    table = cli("status", name, "--output", f"s3://{s3_data}/out", check=True).stdout
+    assert f"job {name}: complete" in table
+
+    # logs: the newest attempt of each index, prefixed by the index
+    fake_api.add_pod(name, 0, f"{name}-0-aaaaa", "2026-11-27T10:00:00Z", "old attempt\n")
+    fake_api.add_pod(name, 0, f"{name}-0-bbbbb", "2026-11-27T10:05:00Z", "new 0\nline 2\n")
+    fake_api.add_pod(name, 1, f"{name}-1-ccccc", "2026-11-27T10:00:00Z", "shard 1\n")
+    fake_api.add_pod("other-run", 0, "other-0-x", "2026-11-27T10:00:00Z", "not ours\n")
+    logs = cli("logs", name, "--output", f"s3://{s3_data}/out", check=True).stdout
+    assert logs.splitlines() == ["[0] new 0", "[0] line 2", "[1] shard 1"]
+    one = cli("logs", name, "--namespace", "relit", "--index", "1", check=True).stdout
+    assert one.splitlines() == ["shard 1"]
+    selectors = [r["query"].get("labelSelector") for r in fake_api.requests
+                 if r["path"].endswith("/pods")]
+    assert f"relit-k8s/run-id={name},batch.kubernetes.io/job-completion-index=1" in selectors
+    every = cli("logs", name, "--namespace", "relit", "--all-attempts", check=True).stdout
+    assert "[0] old attempt" in every
+
+    # a second submit of the same plan: the Job exists
+    again = cli(*submit_args(s3_data, "--parallelism", "3"))
+    assert again.returncode == 78 and "already exists" in again.stderr
+
+    # cancel: background propagation
+    cli("cancel", name, "--output", f"s3://{s3_data}/out", check=True)
+    [delete] = [r for r in fake_api.requests if r["method"] == "DELETE"]
+    assert delete["path"] == f"/apis/batch/v1/namespaces/relit/jobs/{name}"
+    propagation = (delete["body"] or {}).get("propagationPolicy") or \
+        delete["query"].get("propagationPolicy")
+    assert propagation == "Background"
+    gone = json.loads(cli("status", name, "--output", f"s3://{s3_data}/out", "-o", "json",
+                          check=True).stdout)
+    assert gone["job"]["state"] == "gone"
+
+
+def test_cluster_errors_are_clear(s3_data, fake_api, tmp_path, monkeypatch):
+    missing_ns = cli(*submit_args(s3_data, "--namespace", "nope"))
+    assert missing_ns.returncode == 78 and "namespace 'nope' does not exist" in missing_ns.stderr
+    fake_api.forbidden = True
+    denied = cli(*submit_args(s3_data))
+    assert denied.returncode == 78 and "forbidden" in denied.stderr
+    assert "manifests/base" in denied.stderr
+    fake_api.forbidden = False
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    no_config = cli(*submit_args(s3_data))
+    assert no_config.returncode == 78 and "Kubernetes configuration" in no_config.stderr
+    dead = FakeApiServer()
+    dead._server.server_close()  # a port nobody answers on
+    config = yaml.safe_load(fake_api.write_kubeconfig(tmp_path / "k").read_text())
+    config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{_free_port()}"
+    (tmp_path / "dead").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "dead"))
+    unreachable = cli(*submit_args(s3_data))
+    assert unreachable.returncode == 75 and "unreachable" in unreachable.stderr
+
+
+def test_resume_submits_a_job_over_only_the_missing_units(s3_data, s3_client, fake_api):
+    from relit_k8s.kube.runs import read_submission
+    from relit_k8s.status import load_run
+    from relit_k8s.worker import ShardRunner
+
+    cli(*submit_args(s3_data, "--parallelism", "2", "--shards", "4"), check=True)
+    [(_, name)] = list(fake_api.jobs)
+    m = load_run(f"s3://{s3_data}/out", name)
+    # pods ran shards 0 and 2 only (here, in-process, against the same S3)
+    runner = ShardRunner(m, device="cpu")
+    runner.run(0)
+    runner.run(2)
+    result = cli("resume", name, "--output", f"s3://{s3_data}/out", check=True)
+    new_jobs = [key for key in fake_api.jobs if key[1] != name]
+    [(_, resumed_name)] = new_jobs
+    assert resumed_name == f"{name}-r1" and f"new run {resumed_name}" in result.stdout
+    resumed = load_run(f"s3://{s3_data}/out", resumed_name)
+    assert resumed.resumed_from == name
+    done_units = {u for i in (0, 2) for u in m.shard_range(i)}
+    assert resumed.units == m.units - len(done_units)
+    todo = [resumed.shard_units(i) for i in range(resumed.shards)]
+    assert [u for shard in todo for u in shard] == [
+        m.unit(u) for u in range(m.units) if u not in done_units]
+    job = fake_api.jobs[("relit", resumed_name)]
+    assert job["spec"]["completions"] == resumed.shards
+    assert read_submission(resumed).settings.image == "relit-k8s:test"
+    validate_strict(job)
+
+
+def test_resume_locally_finishes_a_run(tmp_path):
+    out = tmp_path / "out"
+    cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
+        "--output", str(out), "--iterations", "2", "--device", "cpu", "--no-progress",
+        check=True)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and "_relit" not in p.parts)
+    for p in files[::5]:
+        p.unlink()
+    run_id = json.loads(cli("status", "--output", str(out), "-o", "json",
+                            check=True).stdout)["run_id"]
+    result = cli("resume", run_id, "--output", str(out), "--device", "cpu", "--no-progress",
+                 check=True)
+    # units are whole pairs here: the other iteration of each pair is skipped, not redone
+    deleted = len(files[::5])
+    assert f"written {deleted}, skipped {deleted}" in result.stdout
+    assert sorted(p for p in out.rglob("*") if p.is_file() and "_relit" not in p.parts) == files
+    assert "nothing to resume" in cli("resume", run_id, "--output", str(out),
+                                      check=True).stdout
+
+
+# --- shipped objects: kustomize, Dockerfile, scripts ---------------------------------------------
+def _need(tool: str) -> str:
+    path = shutil.which(tool) or shutil.which(tool, path=str(Path(sys.executable).parent))
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
+        pytest.skip(f"{tool} is not installed here")
+    return path
+
+
+@pytest.mark.parametrize("folder", ["base", "dev"])
+def test_kustomize_builds_and_every_object_validates(folder):
+    kubectl = _need("kubectl")
+    built = subprocess.run([kubectl, "kustomize", str(ROOT / "manifests" / folder)],
+                           capture_output=True, text=True, check=True).stdout
+    objects = [o for o in yaml.safe_load_all(built) if o]
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret"} <= kinds
+    if folder == "dev":
+        assert {"Deployment", "Service", "PersistentVolumeClaim", "Job"} <= kinds
+    for obj in objects:
+        validate_strict(obj)
+    role = next(o for o in objects if o["kind"] == "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"],
+         "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    ]
+
+
+def test_the_kind_cluster_config_parses():
+    config = yaml.safe_load((ROOT / "manifests/dev/kind.yaml").read_text())
+    assert config["kind"] == "Cluster" and config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+
+
+def test_hadolint_passes_on_the_dockerfile():
+    result = subprocess.run([_need("hadolint"), str(ROOT / "Dockerfile")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["relit-k8s"]' in text and "USER 10001" in text
+    assert "BASE_IMAGE" in text and "TORCH_INDEX_URL" in text
+
+
+def test_shellcheck_passes_on_the_scripts():
+    scripts = [str(p) for p in (ROOT / "scripts").glob("*.sh")] + [str(ROOT / ".ci/run")]
+    result = subprocess.run([_need("shellcheck"), *scripts], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
