@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -54,8 +55,13 @@ def handles_errors(fn):
             raise _fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
-        except MemoryError as e:
-            raise _fail(f"out of memory: {e}", exit_code_for(e)) from None
+        except (typer.Exit, typer.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug or an unforeseen failure: show where, exit by kind
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            raise _fail(f"{type(e).__name__}: {e}", exit_code_for(e)) from None
 
     return wrapper
 
@@ -272,7 +278,7 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
     for msg in result.messages:
         err.print(f"[red]{msg}[/]", highlight=False)
     if result.interrupted:
-        raise _fail(f"interrupted: {again} to continue", 130)
+        raise _fail(f"interrupted: {again} to continue", result.interrupt_code)
     code = result.exit_code
     if code == EXIT_OK and strict and status["items_failed"]:
         code = EXIT_FAILED

@@ -10,7 +10,8 @@
     ├── TransientError           exit 75  worth retrying later: the Job retries the index
     │   └── StorageUnavailable            endpoint unreachable / throttled after retries
     ├── StorageError             exit 1   base of the storage errors (the two above are too)
-    │   └── NotFoundError                 no object at that key
+    │   └── ObjectUnreadable              this one object cannot be read (archived, permission)
+    │       └── NotFoundError             no object at that key
     ├── ItemError                --       one item cannot be relit (bad image): recorded
     │   ├── DecodeError
     │   └── ImageTooLarge
@@ -60,7 +61,11 @@ class StorageError(RelitError):
     """Base of the storage errors."""
 
 
-class NotFoundError(StorageError):
+class ObjectUnreadable(StorageError):
+    """One object cannot be read (archived, no permission on that file): others may be fine."""
+
+
+class NotFoundError(ObjectUnreadable):
     """No object or file at the key asked for."""
 
 

@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -139,6 +140,8 @@ class LocalResult:
     shard_codes: dict[int, int]
     messages: list[str]
     interrupted: bool
+    #: The exit code for an interruption: 130 for Ctrl+C (SIGINT), 143 for SIGTERM.
+    interrupt_code: int = 130
 
     @property
     def exit_code(self) -> int:
@@ -173,7 +176,16 @@ def run_local(
     codes: dict[int, int] = {}
     messages: list[str] = []
     interrupted = False
+    interrupt_code = 130
     deadline = None
+
+    class _Terminated(Exception):
+        pass
+
+    def on_sigterm(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
 
     def handle(event) -> None:
         kind = event[0]
@@ -203,13 +215,17 @@ def run_local(
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
                     p.kill()
-        except KeyboardInterrupt:
-            # The terminal sent SIGINT to the workers too; SIGTERM reaches those it did not.
+        except (KeyboardInterrupt, _Terminated) as e:
+            # Ctrl+C reaches the workers too (one process group); SIGTERM to the parent alone
+            # does not: either way each worker gets SIGTERM, saves its report and stops.
             interrupted = True
+            if isinstance(e, _Terminated):
+                interrupt_code = 143
             for p in procs:
                 if p.is_alive() and p.pid:
                     p.terminate()
             deadline = time.monotonic() + STOP_GRACE
+    signal.signal(signal.SIGTERM, previous)
     for p in procs:
         p.join()
     # drain what arrived after the last check
@@ -222,4 +238,10 @@ def run_local(
         if p.exitcode not in (0, None) and not interrupted:
             messages.append(f"{p.name} died with exit code {p.exitcode}")
             codes.setdefault(-100 - procs.index(p), EXIT_FAILED)
-    return LocalResult(codes, messages, interrupted)
+    stopped = interrupted or EXIT_SIGTERM in codes.values()
+    for index in range(shards):
+        if index not in codes:  # never started, or its worker died or stopped first
+            codes[index] = EXIT_SIGTERM if stopped else EXIT_FAILED
+            if not stopped:
+                messages.append(f"shard {index} did not finish")
+    return LocalResult(codes, messages, interrupted, interrupt_code)

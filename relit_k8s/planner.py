@@ -74,6 +74,11 @@ def _excluded_prefix(root: str, output: str) -> str | None:
 
 def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
     """The image keys and reference keys the settings select (sorted)."""
+    output = open_storage(settings.output).uri.rstrip("/")
+    for flag, uri in (("--input", settings.input), ("--refs", settings.refs)):
+        if open_storage(uri).uri.rstrip("/") == output:
+            raise ConfigError(f"--output is the same folder as {flag} ({uri}): outputs would "
+                              "become inputs; write them to another folder")
     found = []
     for uri, pattern, formats, what in (
         (settings.input, settings.img_pattern, settings.img_formats, "input images"),

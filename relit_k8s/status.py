@@ -49,13 +49,15 @@ def read_reports(out: Storage, manifest: Manifest) -> dict[int, ShardReport]:
 
 
 def overall_state(states: list[str]) -> str:
+    """done: every shard done; running: a shard runs; failed: a shard failed; pending: none
+    started; incomplete: some done, the others not started (a stopped or partial run)."""
     if states and all(s == "done" for s in states):
         return "done"
     if "running" in states:
         return "running"
     if "failed" in states:
         return "failed"
-    return "pending" if all(s == "pending" for s in states) else "running"
+    return "pending" if all(s == "pending" for s in states) else "incomplete"
 
 
 def throughput(reports: list[ShardReport], remaining: int,

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 from .errors import (
     ConfigError,
     NotFoundError,
+    ObjectUnreadable,
     StorageConfigError,
     StorageError,
     StorageUnavailable,
@@ -155,8 +156,8 @@ class LocalStorage(Storage):
             raise NotFoundError(f"no file {path}") from e
         except IsADirectoryError as e:
             raise NotFoundError(f"{path} is a folder, not a file") from e
-        except PermissionError as e:
-            raise StorageConfigError(f"permission denied reading {path}") from e
+        except PermissionError as e:  # this file only; the folder was listable
+            raise ObjectUnreadable(f"permission denied reading {path}") from e
         except OSError as e:
             raise StorageError(f"cannot read {path}: {e}") from e
 
@@ -275,16 +276,20 @@ class _s3_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, StorageError):
             return False
+        import urllib3
         from botocore import exceptions as bx
 
-        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError,
+                            bx.CredentialRetrievalError, bx.TokenRetrievalError)):
             raise StorageConfigError(
                 f"no S3 credentials for {self.where}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or use an instance/pod role)"
             ) from exc
         if isinstance(exc, bx.NoRegionError):
             raise StorageConfigError("no AWS region configured: set AWS_REGION") from exc
-        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.HTTPClientError)):
+        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.HTTPClientError,
+                            bx.IncompleteReadError, urllib3.exceptions.HTTPError,
+                            ConnectionResetError, TimeoutError)):
             raise StorageUnavailable(
                 f"S3 endpoint unreachable for {self.where} after retries: {exc}"
             ) from exc
@@ -298,6 +303,16 @@ class _s3_errors:
                 ) from exc
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise NotFoundError(f"no object at {self.where}") from exc
+            if code == "InvalidObjectState":
+                raise ObjectUnreadable(
+                    f"{self.where} is archived (restore it from its storage class first)"
+                ) from exc
+            if code in ("ExpiredToken", "ExpiredTokenException", "InvalidToken",
+                        "TokenRefreshRequired"):
+                raise StorageConfigError(
+                    f"the S3 credentials for {self.where} are expired or invalid ({code}): "
+                    "refresh them"
+                ) from exc
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or (
                 status == 403
             ):
@@ -305,7 +320,10 @@ class _s3_errors:
                     f"access denied to {self.where} ({code}): check the credentials and the "
                     "bucket policy"
                 ) from exc
-            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+            if status >= 500 or status == 429 or code in (
+                "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                "RequestLimitExceeded", "RequestTimeout",
+            ):
                 raise StorageUnavailable(
                     f"S3 kept failing for {self.where} after retries: {code} (HTTP {status})"
                 ) from exc

@@ -35,6 +35,7 @@ from .errors import (
     ConfigError,
     ItemError,
     NotFoundError,
+    ObjectUnreadable,
     RelitError,
     Stopped,
     exit_code_for,
@@ -50,11 +51,17 @@ REPORT_INTERVAL = 5.0
 #: Threads decoding inputs ahead of the GPU, and threads encoding and writing outputs.
 DECODE_THREADS = 2
 WRITE_THREADS = 4
-#: Decoded images and references kept in memory (references are small once resized).
+#: Decoded inputs kept in memory (a shard visits its pairs image by image).
 IMAGE_CACHE = 4
-REF_CACHE = 256
+#: Bytes of decoded references kept in memory: a shard cycles through its references for each
+#: image, so all of them should fit. With the sh relighter's 64x128 references that is ~20,000;
+#: relighters that keep references at full size fit fewer (set RELIT_REF_CACHE_BYTES).
+REF_CACHE_BYTES = int(os.environ.get("RELIT_REF_CACHE_BYTES", 2 * 1024**3))
 #: Pairs decoded ahead of the one being relit.
 LOOKAHEAD = 2
+#: Unexpected relighter errors in a row (no success between them) that end the shard with
+#: exit 1: fewer are recorded as failed items, since one odd input must not stop a shard.
+UNEXPECTED_LIMIT = 3
 
 ProgressFn = Callable[[int, int, int], None]  # (done, skipped, failed) increments
 
@@ -85,20 +92,34 @@ def device_label(device: str) -> str:
 
 
 class _Cache:
-    """A small LRU of futures keyed by name: each object is decoded once while it is cached."""
+    """An LRU of decode futures keyed by name, bounded by count and by the bytes of the decoded
+    tensors: each object is decoded once while it stays cached."""
 
-    def __init__(self, pool: ThreadPoolExecutor, size: int, load: Callable[[str], object]):
-        self.pool, self.size, self.load = pool, size, load
+    def __init__(self, pool: ThreadPoolExecutor, load: Callable[[str], object],
+                 size: int = 1 << 30, max_bytes: int | None = None):
+        self.pool, self.load, self.size, self.max_bytes = pool, load, size, max_bytes
         self.items: OrderedDict[str, Future] = OrderedDict()
+
+    @staticmethod
+    def _bytes(fut: Future) -> int:
+        if not fut.done() or fut.exception() is not None:
+            return 0
+        t = fut.result()
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
     def get(self, key: str) -> Future:
         fut = self.items.get(key)
-        if fut is None:
-            fut = self.items[key] = self.pool.submit(self.load, key)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        else:
+        if fut is not None:
             self.items.move_to_end(key)
+            return fut
+        fut = self.items[key] = self.pool.submit(self.load, key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        if self.max_bytes is not None:
+            total = sum(self._bytes(f) for f in self.items.values())
+            while total > self.max_bytes and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                total -= self._bytes(old)
         return fut
 
 
@@ -189,6 +210,7 @@ class ShardRunner:
             manifest.relighter.name, manifest.relighter.options, self.device
         )
         self._pin = torch.device(self.device).type == "cuda"
+        self._unexpected = 0
 
     # --- decoding (runs in threads) ----------------------------------------------------------
     def _decode(self, storage: Storage, key: str) -> images.Decoded:
@@ -196,6 +218,8 @@ class ShardRunner:
             data = storage.read(key)
         except NotFoundError as e:  # deleted since the plan: this item cannot be done
             raise ItemError(f"{key}: missing from {storage.uri} (deleted after planning?)") from e
+        except ObjectUnreadable as e:  # archived, or no permission on this one file
+            raise ItemError(str(e)) from e
         return images.decode(data, key, self.manifest.max_pixels)
 
     def _load_image(self, key: str) -> torch.Tensor:
@@ -294,9 +318,10 @@ class ShardRunner:
         m = self.manifest
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
                 ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="relit-write") as write:
-            img_cache = _Cache(decode, IMAGE_CACHE, self._load_image)
-            ref_cache = _Cache(decode, REF_CACHE, self._load_ref)
-            nrm_cache = _Cache(decode, IMAGE_CACHE, self._load_normals) if self.normals else None
+            img_cache = _Cache(decode, self._load_image, size=IMAGE_CACHE)
+            ref_cache = _Cache(decode, self._load_ref, max_bytes=REF_CACHE_BYTES)
+            nrm_cache = (_Cache(decode, self._load_normals, size=IMAGE_CACHE)
+                         if self.normals else None)
             in_flight = threading.BoundedSemaphore(2 * WRITE_THREADS * m.batch_size)
             errors: list[BaseException] = []
 
@@ -332,6 +357,10 @@ class ShardRunner:
             image = img_cache.get(w.image).result()
             ref = ref_cache.get(w.ref).result()
             normals = nrm_cache.get(w.image).result() if nrm_cache else None
+            if normals is not None and normals.shape != image.shape:
+                raise ItemError(f"{w.image}: its normal map is {normals.shape[2]}x"
+                                f"{normals.shape[1]}, the image {image.shape[2]}x"
+                                f"{image.shape[1]}: they must have the same size")
         except ItemError as e:
             self._fail(w, w.todo, e, report)
             return
@@ -350,9 +379,22 @@ class ShardRunner:
             batch = w.todo[start:start + bs]
             try:
                 out = self.relighter.relight(image_d, ref_d, [s for _, s in batch], normals_d)
+                if tuple(out.shape) != (len(batch), 3, *image.shape[1:]):
+                    raise ItemError(f"the relighter returned shape {tuple(out.shape)} for "
+                                    f"{len(batch)} seeds of a {tuple(image.shape)} image")
             except ItemError as e:
                 self._fail(w, batch, e, report)
                 continue
+            except (Stopped, MemoryError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - one odd input must not end the shard ...
+                self._unexpected += 1
+                if self._unexpected >= UNEXPECTED_LIMIT:  # ... but a broken relighter must
+                    raise
+                log.exception("relighter failed on %s x %s", w.image, w.ref)
+                self._fail(w, batch, e, report)
+                continue
+            self._unexpected = 0
             pixels = out.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             for (it, seed), px in zip(batch, pixels, strict=True):
                 in_flight.acquire()

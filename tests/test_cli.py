@@ -183,3 +183,37 @@ def test_device_flags_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             plan_slots("cuda", None, None)
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes(photo()))
+    result = cli("run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
+                 str(images), "--iterations", "1")
+    assert result.returncode == 78 and "same folder as --input" in result.stderr
+    assert [p.name for p in images.iterdir()] == ["a.png"]
+
+
+def test_sigterm_to_run_stops_its_workers_and_exits_143(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "big.png").write_bytes(png_bytes(photo(384, 512)))
+    out = tmp_path / "out"
+    exe = str(Path(sys.executable).parent / "relit-k8s")
+    proc = subprocess.Popen([exe, "run", "--input", str(images), "--refs",
+                             str(EXAMPLES / "refs"), "--output", str(out), "--iterations", "80",
+                             "--device", "cpu", "--workers", "2", "--batch-size", "2",
+                             "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(outputs(out)) < 10:
+        time.sleep(0.1)
+    proc.terminate()  # SIGTERM to the parent only, as a scheduler or systemd would send it
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    settled = len(outputs(out))
+    time.sleep(3)
+    assert len(outputs(out)) == settled, "a worker outlived the run"
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
+    assert status["state"] in ("failed", "incomplete") and status["items_done"] == settled

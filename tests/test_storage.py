@@ -9,6 +9,7 @@ from conftest import _free_port
 from relit_k8s.errors import (
     ConfigError,
     NotFoundError,
+    ObjectUnreadable,
     StorageConfigError,
     StorageUnavailable,
 )
@@ -150,3 +151,48 @@ def test_s3_repr_and_uri_hold_no_credentials(bucket):
     store = open_storage(f"s3://{bucket}/p")
     assert isinstance(store, S3Storage)
     assert "testing-secret" not in repr(store) and "testing-secret" not in store.uri
+
+
+@pytest.mark.parametrize("code,status,expected", [
+    ("NoSuchBucket", 404, StorageConfigError),
+    ("NoSuchKey", 404, NotFoundError),
+    ("InvalidObjectState", 403, ObjectUnreadable),
+    ("AccessDenied", 403, StorageConfigError),
+    ("ExpiredToken", 400, StorageConfigError),
+    ("SlowDown", 503, StorageUnavailable),
+    ("TooManyRequests", 429, StorageUnavailable),
+    ("InternalError", 500, StorageUnavailable),
+])
+def test_s3_error_codes_map_to_what_they_mean(code, status, expected):
+    from botocore.exceptions import ClientError
+
+    from relit_k8s.storage import _s3_errors
+
+    error = ClientError({"Error": {"Code": code, "Message": "x"},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    with pytest.raises(expected), _s3_errors("bucket", "key"):
+        raise error
+
+
+def test_s3_body_cut_short_is_temporary():
+    from botocore.exceptions import IncompleteReadError
+
+    from relit_k8s.storage import _s3_errors
+
+    with pytest.raises(StorageUnavailable), _s3_errors("bucket", "key"):
+        raise IncompleteReadError(actual_bytes=10, expected_bytes=100)
+
+
+def test_a_local_file_without_read_permission_is_unreadable_not_a_config_error(
+        tmp_path, monkeypatch):
+    from pathlib import Path
+
+    store = LocalStorage(tmp_path)
+    store.write("x.png", b"x")
+
+    def denied(self):  # root reads every file, so the refusal is simulated at the OS call
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ObjectUnreadable, match="permission denied"):
+        store.read("x.png")

@@ -239,3 +239,74 @@ def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
     report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
     assert report.state == "done" and report.items_skipped == len(done)
     assert written(out) == expected_outputs(m)
+
+
+def test_odd_inputs_and_relighter_errors_fail_only_their_items(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    (images_dir / "thin.png").write_bytes(png_bytes(photo(1, 200)))  # one row
+    (images_dir / "narrow.png").write_bytes(png_bytes(photo(24, 7)))  # PickyRelighter refuses
+    m, _ = planned(images_dir, refs_dir, out, shards=1,
+                   relighter="plugins_for_tests:PickyRelighter")
+    [report] = run_all(m)
+    assert report.state == "done"
+    assert {f.image for f in report.failures} == {"narrow.png"}
+    assert all(f.kind == "RuntimeError" and "picky" in f.error for f in report.failures)
+    assert report.items_failed == 2 * 2 and report.items_done == m.items - 4
+    assert any(k.startswith("thin.png_") for k in written(out))
+
+
+def test_a_normal_map_of_another_size_fails_that_image_only(small_dataset, tmp_path):
+    images_dir, refs_dir, out = small_dataset
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    (normals / "a.png").write_bytes(png_bytes(photo(12, 16)))  # the image is 24 x 32
+    m, _ = planned(images_dir, refs_dir, out, normals=str(normals), shards=1)
+    [report] = run_all(m)
+    assert {f.image for f in report.failures} == {"a.png"}
+    assert "same size" in report.failures[0].error
+    assert report.items_done == m.items - 4
+
+
+def test_a_relighter_that_always_fails_ends_the_shard_with_exit_1(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, uri = planned(images_dir, refs_dir, out, shards=1,
+                     relighter="plugins_for_tests:BrokenRelighter")
+    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu",
+                  env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 1, proc.stderr
+    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    assert report.state == "failed" and "broken: always fails" in report.error
+
+
+def test_out_of_memory_is_temporary_exit_75(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, uri = planned(images_dir, refs_dir, out, shards=1,
+                     relighter="plugins_for_tests:OOMRelighter")
+    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu",
+                  env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == EXIT_TEMPORARY, proc.stderr
+    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    assert report.exit_code == EXIT_TEMPORARY
+
+
+def test_each_reference_is_decoded_once_per_shard(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"i{i}.png").write_bytes(png_bytes(photo(seed=i)))
+    for j in range(5):
+        (tmp_path / "refs" / f"r{j}.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr")
+                                                      .read_bytes())
+    m, _ = planned(tmp_path / "in", tmp_path / "refs", tmp_path / "out", iterations=1,
+                   shards=1)
+    runner = ShardRunner(m, device="cpu")
+    decoded: list[str] = []
+    real = runner._load_ref
+
+    def counting(key):
+        decoded.append(key)
+        return real(key)
+
+    monkeypatch.setattr(runner, "_load_ref", counting)
+    runner.run(0)
+    assert sorted(decoded) == [f"r{j}.hdr" for j in range(5)]

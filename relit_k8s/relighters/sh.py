@@ -137,7 +137,7 @@ def estimate_normals(image: torch.Tensor, dome: float, detail: float) -> torch.T
     xs = (torch.arange(w, device=dev, dtype=dt) - (w - 1) / 2) * scale
     nx = dome * xs[None, :].expand(h, w)
     ny = dome * ys[:, None].expand(h, w)
-    if detail:
+    if detail and h >= 2 and w >= 2:  # gradients need two pixels a side
         lum = luminance(srgb_to_linear(image))[None]  # 1 x 1 x H x W
         k = max(1, (max(h, w) // 64) | 1)
         blurred = F.avg_pool2d(F.pad(lum, (k // 2,) * 4, mode="replicate"), k, stride=1)[0, 0]

@@ -1,0 +1,36 @@
+"""Relighters that misbehave on purpose, loaded by ``module:attribute`` path in tests."""
+
+from __future__ import annotations
+
+import torch
+
+from relit_k8s.relighters.sh import SHRelighter
+
+
+class PickyRelighter(SHRelighter):
+    """The sh relighter, except that it raises a plain RuntimeError on images 7 pixels wide."""
+
+    name = "picky"
+
+    def relight(self, image, reference, seeds, normals=None):
+        if image.shape[2] == 7:
+            raise RuntimeError("picky: cannot handle 7-pixel-wide images")
+        return super().relight(image, reference, seeds, normals)
+
+
+class BrokenRelighter(SHRelighter):
+    """Fails on every input: a bug, which must end the shard rather than fail every item."""
+
+    name = "broken"
+
+    def relight(self, image, reference, seeds, normals=None):
+        raise RuntimeError("broken: always fails")
+
+
+class OOMRelighter(SHRelighter):
+    """Runs out of GPU memory: a temporary failure (exit 75)."""
+
+    name = "oom"
+
+    def relight(self, image, reference, seeds, normals=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
