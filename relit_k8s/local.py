@@ -90,7 +90,7 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
     import torch
 
-    from .worker import ShardRunner, install_stop_handlers, load_manifest
+    from .worker import ShardRunner, abandon, install_stop_handlers, load_manifest
 
     if slot.threads:
         torch.set_num_threads(slot.threads)
@@ -99,7 +99,8 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
     root.setLevel(logging.INFO)
     root.propagate = False
     stop = threading.Event()
-    install_stop_handlers(stop)
+    runners: list = []
+    install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None))
     try:
         runner = ShardRunner(
             load_manifest(manifest_uri), device=slot.device, stop=stop,
@@ -108,6 +109,7 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
         events.put(("fatal", wid, exit_code_for(e), f"{type(e).__name__}: {e}"))
         return
+    runners.append(runner)
     while not stop.is_set():
         try:
             index = indexes.get(timeout=0.5)

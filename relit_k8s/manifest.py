@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ManifestError
-from .storage import META_DIR, join_key
+from .storage import META_DIR, is_safe_key, join_key
 
 MANIFEST_VERSION = 1
 REPORT_VERSION = 1
@@ -139,6 +139,9 @@ class Manifest(BaseModel):
     def _layout(self) -> Manifest:
         if not self.images or not self.references:
             raise ValueError("a manifest needs at least one image and one reference")
+        unsafe = [k for k in (*self.images, *self.references) if not is_safe_key(k)]
+        if unsafe:  # keys with '..', a leading '/' or '\\' could reach outside the prefixes
+            raise ValueError(f"unsafe keys {unsafe[:3]}: keys must be relative, without '..'")
         for a, b in self.only_units or ():
             if not 0 <= a < b <= self.all_units:
                 raise ValueError(f"unit range [{a}, {b}) is outside 0..{self.all_units}")

@@ -12,6 +12,7 @@ nothing here stores or prints a credential.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import posixpath
 import uuid
@@ -19,6 +20,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .errors import (
     ConfigError,
@@ -28,6 +31,8 @@ from .errors import (
     StorageError,
     StorageUnavailable,
 )
+
+log = logging.getLogger("relit_k8s.storage")
 
 #: Folder, at the root of an output, where relit-k8s keeps manifests and reports.
 META_DIR = "_relit"
@@ -51,6 +56,14 @@ def check_key(key: str) -> str:
     ):
         raise ConfigError(f"unsafe storage key {key!r}: keys must be relative paths without '..'")
     return key
+
+
+def is_safe_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except ConfigError:
+        return False
+    return True
 
 
 def join_key(*parts: str) -> str:
@@ -88,8 +101,16 @@ class Storage(ABC):
         folder are never listed.
         """
         exts = None if extensions is None else frozenset(e.lower().lstrip(".") for e in extensions)
-        keys = (k for k in self.walk(prefix) if not _hidden(k))
-        return sorted(k for k in keys if _matches(k, pattern, exts))
+        keys = []
+        for key in self.walk(prefix):
+            if _hidden(key):
+                continue
+            if not is_safe_key(key):  # S3 keys may hold '..', '//' or '\\': never used
+                log.warning("skipping %r in %s: not a safe relative key", key, self.uri)
+                continue
+            if _matches(key, pattern, exts):
+                keys.append(key)
+        return sorted(keys)
 
     def uri_of(self, key: str) -> str:
         return self.uri.rstrip("/") + "/" + check_key(key)
@@ -242,25 +263,64 @@ class S3Storage(Storage):
         return True
 
 
-def make_s3_client():
+class S3Settings(BaseModel):
+    """S3 settings from the standard AWS variables. Secrets are masked in ``repr`` and never
+    written anywhere by relit-k8s; unset credentials leave boto3's own chain (roles, profiles)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    #: Attempts per request, retries included (botocore "standard" mode).
+    max_attempts: int = S3_MAX_ATTEMPTS
+    #: Seconds to connect and to wait for an answer before a retry.
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        env = os.environ
+        try:
+            return cls(
+                endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+                or None,
+                region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+                access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+                secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+                session_token=env.get("AWS_SESSION_TOKEN") or None,
+                max_attempts=int(env.get("RELIT_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
+                connect_timeout=float(env.get("RELIT_S3_CONNECT_TIMEOUT", 10)),
+                read_timeout=float(env.get("RELIT_S3_READ_TIMEOUT", 60)),
+            )
+        except ValueError as e:
+            raise ConfigError(f"invalid RELIT_S3_* setting: {e}") from None
+
+
+def make_s3_client(settings: S3Settings | None = None):
     """A boto3 S3 client configured from the standard AWS environment variables."""
     import boto3
     from botocore.config import Config
 
-    attempts = int(os.environ.get("RELIT_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
-    s3_opts = {}
-    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"):
-        # MinIO and most other S3-compatible servers expect path-style addressing.
-        s3_opts["addressing_style"] = "path"
+    s = settings or S3Settings.from_env()
     config = Config(
-        retries={"mode": "standard", "max_attempts": attempts},
-        connect_timeout=10,
-        read_timeout=60,
+        retries={"mode": "standard", "max_attempts": s.max_attempts},
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
         max_pool_connections=32,
-        s3=s3_opts,
+        # MinIO and most other S3-compatible servers expect path-style addressing.
+        s3={"addressing_style": "path"} if s.endpoint_url else {},
     )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.session.Session().client("s3", region_name=region, config=config)
+    session = boto3.session.Session(
+        aws_access_key_id=s.access_key_id,
+        aws_secret_access_key=s.secret_access_key.get_secret_value()
+        if s.secret_access_key else None,
+        aws_session_token=s.session_token.get_secret_value() if s.session_token else None,
+    )
+    return session.client("s3", region_name=s.region, endpoint_url=s.endpoint_url,
+                          config=config)
 
 
 class _s3_errors:

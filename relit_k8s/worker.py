@@ -59,6 +59,10 @@ IMAGE_CACHE = 4
 REF_CACHE_BYTES = int(os.environ.get("RELIT_REF_CACHE_BYTES", 2 * 1024**3))
 #: Pairs decoded ahead of the one being relit.
 LOOKAHEAD = 2
+#: Seconds a worker may take after SIGTERM to finish its current batch; past them it abandons
+#: the batch (an output is written whole or not at all), saves its report and exits 143. The Job
+#: sets RELIT_STOP_GRACE below the pod's terminationGracePeriodSeconds.
+STOP_GRACE = 30.0
 #: Unexpected relighter errors in a row (no success between them) that end the shard with
 #: exit 1: fewer are recorded as failed items, since one odd input must not stop a shard.
 UNEXPECTED_LIMIT = 3
@@ -211,6 +215,7 @@ class ShardRunner:
         )
         self._pin = torch.device(self.device).type == "cuda"
         self._unexpected = 0
+        self._reporter: _Reporter | None = None
 
     # --- decoding (runs in threads) ----------------------------------------------------------
     def _decode(self, storage: Storage, key: str) -> images.Decoded:
@@ -296,6 +301,7 @@ class ShardRunner:
             self.report_interval,
             self.progress,
         )
+        self._reporter = report
         report.start()
         log.info("shard %d of run %s: %d items in %d units on %s", index, m.run_id,
                  report.report.items_total, len(units), report.report.device)
@@ -430,12 +436,52 @@ class ShardRunner:
         ])
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT set ``stop``: the worker finishes its batch, saves, and exits."""
+def abandon(runner: ShardRunner | None) -> None:
+    """The grace period after SIGTERM ran out: save the report as it stands and exit 143 now.
+
+    Outputs being written are lost, never half-written (atomic writes); a rerun redoes them.
+    """
+    reporter = runner._reporter if runner is not None else None
+    if reporter is not None and reporter.report.state == "running":
+        try:
+            reporter.finish("failed", "stopped by SIGTERM; the grace period ran out, so the "
+                            "current batch was abandoned (nothing half-written): run the "
+                            "index again to finish it", Stopped.exit_code)
+        except BaseException:  # noqa: BLE001 - exiting regardless
+            log.exception("could not save the report before exiting")
+    log.warning("grace period over: exiting with %d", Stopped.exit_code)
+    logging.shutdown()
+    os._exit(Stopped.exit_code)
+
+
+def stop_grace() -> float:
+    """Seconds a worker may take after SIGTERM to finish its batch (``RELIT_STOP_GRACE``)."""
+    try:
+        return max(0.0, float(os.environ.get("RELIT_STOP_GRACE", STOP_GRACE)))
+    except ValueError:
+        raise ConfigError(f"RELIT_STOP_GRACE={os.environ['RELIT_STOP_GRACE']!r} is not a "
+                          "number of seconds") from None
+
+
+def install_stop_handlers(stop: threading.Event,
+                          overdue: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT set ``stop``: the worker finishes its batch, saves, and exits 143.
+
+    If it is still running ``stop_grace()`` seconds later, ``overdue`` is called (from a timer
+    thread): it abandons the batch, saves the report and ends the process.
+    """
+    grace = stop_grace()
 
     def handler(signum, _frame):
-        log.warning("received %s: stopping after the current batch", signal.Signals(signum).name)
+        if stop.is_set():
+            return
+        log.warning("received %s: stopping after the current batch (at most %.0fs)",
+                    signal.Signals(signum).name, grace)
         stop.set()
+        if overdue is not None:
+            timer = threading.Timer(grace, overdue)
+            timer.daemon = True
+            timer.start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -456,11 +502,13 @@ def main(manifest: str | None, index: int | None, device: str | None = None) -> 
     if index is None:
         raise ConfigError("no shard index: pass --index N or set JOB_COMPLETION_INDEX")
     stop = threading.Event()
-    install_stop_handlers(stop)
+    runners: list[ShardRunner] = []
+    install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None))
     m = load_manifest(manifest)
     m.shard_range(index)  # validates the index before the model loads
     started = time.monotonic()
-    runner = ShardRunner(m, device=device, stop=stop)
+    runners.append(ShardRunner(m, device=device, stop=stop))
+    runner = runners[0]
     log.info("relighter %s loaded on %s in %.1fs", m.relighter.name, runner.device,
              time.monotonic() - started)
     runner.run(index)

@@ -34,3 +34,15 @@ class OOMRelighter(SHRelighter):
 
     def relight(self, image, reference, seeds, normals=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class SlowRelighter(SHRelighter):
+    """Takes ten minutes per batch: for the SIGTERM grace period."""
+
+    name = "slow"
+
+    def relight(self, image, reference, seeds, normals=None):
+        import time
+
+        time.sleep(600)
+        return super().relight(image, reference, seeds, normals)

@@ -142,6 +142,11 @@ def run_labels(run_id: str) -> dict[str, str]:
     }
 
 
+def stop_grace_for(termination_grace_seconds: int) -> int:
+    """The worker's grace after SIGTERM: 15 s (or a quarter) less than the pod's."""
+    return max(1, termination_grace_seconds - min(15, termination_grace_seconds // 4))
+
+
 def default_max_failed(shards: int) -> int:
     return min(10_000, max(1, shards // 10))
 
@@ -154,6 +159,9 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
     env: list[dict[str, Any]] = [
         {"name": "RELIT_MANIFEST", "value": manifest_uri},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # The worker saves its report and exits this long after SIGTERM at the latest, well
+        # inside the pod's grace period (after which the kubelet sends SIGKILL).
+        {"name": "RELIT_STOP_GRACE", "value": str(stop_grace_for(s.termination_grace_seconds))},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "TORCH_HOME", "value": "/cache/torch"},
