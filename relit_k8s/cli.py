@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from typing import Annotated, Any
 
 import click
@@ -177,12 +178,15 @@ def _make_plan(settings):
 
 
 def _print_summary(manifest, title: str) -> None:
-    from .planner import summary
+    from .planner import estimate_output_bytes, human_bytes, summary
 
     table = Table(title=title, show_header=False, title_justify="left", box=None)
     table.add_column(style="bold cyan")
     table.add_column()
-    for key, value in summary(manifest).items():
+    rows = summary(manifest)
+    size = estimate_output_bytes(manifest)
+    rows["estimated size"] = f"~{human_bytes(size)} of outputs" if size else "unknown"
+    for key, value in rows.items():
         table.add_row(key.replace("_", " "), str(value))
     out.print(table)
 
@@ -324,12 +328,15 @@ def worker_cmd(
                                               "[env: JOB_COMPLETION_INDEX].")] = None,
     device: Annotated[str | None, typer.Option("--device", metavar="cpu|cuda|cuda:N",
                                                help="[default: cuda if available]")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        "--log-format", metavar="text|json", help="text, or one JSON object per line "
+        "[env: RELIT_LOG_FORMAT; default text; the Job sets json].")] = None,
 ):
     """Run one shard (the pod entrypoint). Exit 0 done, 75 retry, 78 config error, 143 stopped."""
+    from . import logs
     from .worker import main
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logs.setup(logs.log_format(log_format))
     raise typer.Exit(main(manifest, index, device))
 
 
@@ -342,19 +349,42 @@ def status_cmd(
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Also read the Job "
                                           "of a submitted run.")] = True,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until the run ends "
+                                        "(Ctrl+C to leave).")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.5, help="Seconds between "
+                                            "refreshes with --watch.")] = 5.0,
+    stall_after: Annotated[float, typer.Option("--stall-after", min=1, help="Flag running "
+                                               "shards silent this many seconds.")] = 120.0,
 ):
-    """Show a run's progress and failures (shard reports), and its Job when it was submitted."""
+    """Show a run's progress, speed and failures (shard reports), and its Job if submitted."""
     from .status import collect, load_run
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"-o {fmt!r}: use table or json")
-    status = collect(output, run)
-    status["job"] = _job_state(load_run(output, status["run_id"]), namespace, context) \
-        if cluster else None
+
+    def snapshot() -> dict:
+        status = collect(output, run, stall_after)
+        status["job"] = _job_state(load_run(output, status["run_id"]), namespace, context) \
+            if cluster else None
+        return status
+
+    status = snapshot()
     if fmt == "json":
         out.print_json(json.dumps(status))
         return
-    _print_status(status)
+    if not watch:
+        out.print(_status_view(status))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_view(status), console=out, auto_refresh=False) as live:
+            while status["state"] in ("running", "pending"):
+                time.sleep(interval)
+                status = snapshot()
+                live.update(_status_view(status), refresh=True)
+    except KeyboardInterrupt:
+        pass
 
 
 def _job_state(manifest, namespace, context) -> dict | None:
@@ -372,43 +402,65 @@ def _job_state(manifest, namespace, context) -> dict | None:
                        "note": "the Job no longer exists (deleted or expired by its TTL)"}
 
 
-def _print_status(status: dict) -> None:
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def _status_view(status: dict):
+    from rich.console import Group
+    from rich.text import Text
+
+    parts: list = []
     rate, eta = status.get("items_per_second"), status.get("eta_seconds")
+    finished = status["items_done"] + status["items_skipped"] + status["items_failed"]
     speed = f", {rate:.2f} items/s" if rate else ""
-    speed += f", eta {eta / 60:.1f} min" if eta else ""
-    out.print(f"run [bold]{status['run_id']}[/] ({status['relighter']}), {status['state']}: "
-              f"{status['items_done']} written, {status['items_skipped']} skipped, "
-              f"{status['items_failed']} failed, of {status['items_total']}{speed}",
-              highlight=False)
+    speed += f", eta {_age(eta)}" if eta else ""
+    parts.append(Text.from_markup(
+        f"run [bold]{status['run_id']}[/] ({status['relighter']}), {status['state']}: "
+        f"{finished}/{status['items_total']} items ({status['items_done']} written, "
+        f"{status['items_skipped']} skipped, {status['items_failed']} failed){speed}"))
     job = status.get("job")
     if job and "error" in job:
-        err.print(f"[yellow]Job state unavailable: {job['error']}[/]", highlight=False)
+        parts.append(Text(f"Job state unavailable: {job['error']}", style="yellow"))
     elif job:
-        out.print(f"job {job['name']}: {job['state']}; active {job.get('active', 0)}, "
-                  f"succeeded {job.get('succeeded', 0)}, failed {job.get('failed', 0)}; "
-                  f"completed indexes {job.get('completed_indexes') or '-'}; "
-                  f"failed indexes {job.get('failed_indexes') or '-'}", highlight=False)
+        parts.append(Text(
+            f"job {job['name']}: {job['state']}; active {job.get('active', 0)}, "
+            f"succeeded {job.get('succeeded', 0)}, failed {job.get('failed', 0)}; "
+            f"completed indexes {job.get('completed_indexes') or '-'}; "
+            f"failed indexes {job.get('failed_indexes') or '-'}"))
         for c in job.get("conditions", []):
-            out.print(f"  {c['type']}: {c.get('reason') or ''} {c.get('message') or ''}",
-                      highlight=False)
-    table = Table("shard", "state", "done", "skipped", "failed", "total", "device",
-                  "updated (UTC)")
+            parts.append(Text(f"  {c['type']}: {c.get('reason') or ''} {c.get('message') or ''}"))
+    if status.get("stalled_shards"):
+        parts.append(Text(f"stalled (no heartbeat): shards {status['stalled_shards']}",
+                          style="bold red"))
+    table = Table("shard", "state", "done", "skipped", "failed", "total", "items/s",
+                  "heartbeat", "attempt", "host / device")
     colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
     for sh in status["shards"]:
-        table.add_row(str(sh["index"]), f"[{colour[sh['state']]}]{sh['state']}[/]",
-                      str(sh["items_done"]), str(sh["items_skipped"]), str(sh["items_failed"]),
-                      str(sh["items_total"]), sh.get("device", ""),
-                      (sh.get("updated_at") or "")[11:19])
-    out.print(table)
-    failures = [f for sh in status["shards"] for f in sh["failures"]]
-    if failures:
-        ft = Table("image", "reference", "iteration", "error", title="failures",
+        state = f"[{colour[sh['state']]}]{sh['state']}[/]"
+        if sh.get("stalled"):
+            state += " [bold red]stalled[/]"
+        table.add_row(
+            str(sh["index"]), state, str(sh["items_done"]), str(sh["items_skipped"]),
+            str(sh["items_failed"]), str(sh["items_total"]),
+            f"{sh['items_per_second']:.2f}" if sh.get("items_per_second") else "",
+            _age(sh.get("heartbeat_age_seconds")), str(sh.get("attempt", "")),
+            " / ".join(x for x in (sh.get("host"), sh.get("device")) if x))
+    parts.append(table)
+    timings = status.get("timings") or {}
+    if timings:
+        parts.append(Text("time spent (s, summed over shards and threads): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in timings.items())))
+    reasons = status.get("failure_reasons") or []
+    if reasons:
+        ft = Table("count", "kind", "reason", "e.g.", title="failures by reason",
                    title_justify="left")
-        for f in failures[:50]:
-            ft.add_row(f["image"], f["ref"], str(f["iteration"]), f["error"])
-        out.print(ft)
-        if len(failures) > 50:
-            out.print(f"... and {len(failures) - 50} more (-o json lists them all)")
+        for g in reasons:
+            ft.add_row(str(g["count"]), g["kind"], g["reason"], ", ".join(g["examples"]))
+        parts.append(ft)
+    return Group(*parts)
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
@@ -706,6 +758,26 @@ def resume_cmd(
         _print_summary(resumed, "Resume (dry run: nothing written)")
     else:
         _run_here(resumed, slots, progress, strict, again=f"relit-k8s resume {run} --local")
+
+
+@app.command("gallery")
+@handles_errors
+def gallery_cmd(
+    run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
+    output: OutputOpt = ...,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Samples per pair.")] = 3,
+    max_images: Annotated[int, typer.Option("--max-images", min=1)] = 12,
+    max_refs: Annotated[int, typer.Option("--max-refs", min=1)] = 8,
+):
+    """Write an HTML contact sheet and a PNG grid of a run's results (thumbnails)."""
+    from .gallery import build
+
+    result = build(output, run, samples, max_images, max_refs)
+    out.print(f"gallery: {result['html']}")
+    out.print(f"grid:    {result['png']}")
+    out.print(f"{result['images']} images x {result['references']} references, "
+              f"{result['thumbnails']} thumbnails, {result['failed_pairs']} failed pairs marked",
+              highlight=False)
 
 
 @app.command("relighters")

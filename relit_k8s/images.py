@@ -106,7 +106,8 @@ def _decode_ldr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its limit
         raise ImageTooLarge(f"{name}: {e}") from e
     except UnidentifiedImageError as e:
-        raise DecodeError(f"{name}: not a decodable image ({e})") from e
+        raise DecodeError(f"{name}: not a decodable image (unknown format or corrupt header)"
+                          ) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"{name}: corrupt or truncated image ({e})") from e
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):

@@ -309,8 +309,13 @@ class ShardReport(BaseModel):
     host: str
     device: str
     relighter: str
+    attempt: int = Field(1, description="1 + the attempts at this index seen before")
     error: str | None = None
     exit_code: int | None = None
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="seconds: model_load, decode, relight, encode, "
+        "write (decode, encode and write summed over their threads)")
+    items_per_second: float | None = Field(None, description="items written per second")
 
     @property
     def items_finished(self) -> int:

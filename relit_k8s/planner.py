@@ -183,6 +183,31 @@ def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
     return manifest, out.uri_of(manifest.manifest_key)
 
 
+def estimate_output_bytes(manifest: Manifest, sample: int = 20) -> int | None:
+    """A rough output size: outputs x the mean size of up to ``sample`` inputs (read-only).
+
+    Outputs keep their input's format and size, so this is usually within a factor of two;
+    HDR inputs become PNGs of their own, smaller size.
+    """
+    store = open_storage(manifest.input)
+    step = max(1, len(manifest.images) // sample)
+    sizes = []
+    for key in manifest.images[::step][:sample]:
+        try:
+            sizes.append(store.size(key))
+        except NotFoundError:
+            continue
+    return int(manifest.items * sum(sizes) / len(sizes)) if sizes else None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
 def summary(manifest: Manifest) -> dict[str, Any]:
     """The configuration summary printed by ``--dry-run`` and at the start of a run."""
     m = manifest

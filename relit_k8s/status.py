@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import posixpath
+from datetime import datetime
 from typing import Any
 
 from .errors import ConfigError, NotFoundError
-from .manifest import Manifest, ShardReport
+from .manifest import Manifest, ShardReport, now
 from .storage import META_DIR, Storage, open_storage
 
 
@@ -75,7 +76,31 @@ def throughput(reports: list[ShardReport], remaining: int,
     return round(rate, 3), (round(remaining / rate, 1) if state == "running" else None)
 
 
-def collect(output: str, run_id: str | None = None) -> dict[str, Any]:
+#: A running shard whose report is older than this many seconds is flagged as stalled
+#: (its heartbeat is every 5 s; a pod that died without a word stops it).
+STALL_AFTER = 120.0
+
+
+def failure_reasons(shards: list[dict[str, Any]], limit: int = 20) -> list[dict[str, Any]]:
+    """Failures grouped by reason (the error without the file name in front), most first."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for sh in shards:
+        for f in sh.get("failures", []):
+            reason = f["error"]
+            for key in (f["image"], f["ref"]):
+                if reason.startswith(key + ": "):
+                    reason = reason[len(key) + 2:]
+            g = groups.setdefault((f.get("kind", ""), reason),
+                                  {"kind": f.get("kind", ""), "reason": reason, "count": 0,
+                                   "examples": []})
+            g["count"] += 1
+            if len(g["examples"]) < 3 and f["image"] not in g["examples"]:
+                g["examples"].append(f["image"])
+    return sorted(groups.values(), key=lambda g: -g["count"])[:limit]
+
+
+def collect(output: str, run_id: str | None = None,
+            stall_after: float = STALL_AFTER) -> dict[str, Any]:
     """The status object of ``relit-k8s status -o json`` (sums over shards, and every shard)."""
     manifest = load_run(output, run_id)
     out = open_storage(output)
@@ -89,8 +114,20 @@ def collect(output: str, run_id: str | None = None) -> dict[str, Any]:
                            "items_skipped": 0, "items_failed": 0, "failures": []})
         else:
             shards.append(report.model_dump(mode="json"))
+    current = now()
+    for sh in shards:
+        if sh["state"] == "running" and sh.get("updated_at"):
+            age = (current - datetime.fromisoformat(sh["updated_at"])).total_seconds()
+            sh["heartbeat_age_seconds"] = round(age, 1)
+            sh["stalled"] = age > stall_after
     total = {k: sum(s[k] for s in shards) for k in ("items_done", "items_skipped",
                                                      "items_failed")}
+    timings: dict[str, float] = {}
+    for sh in shards:
+        for key, seconds in (sh.get("timings") or {}).items():
+            # a worker loads its model once for all its shards: the longest load, not a sum
+            merge = max if key == "model_load" else (lambda a, b: a + b)
+            timings[key] = round(merge(timings.get(key, 0.0), seconds), 3)
     state = overall_state([s["state"] for s in shards])
     rate, eta = throughput(list(reports.values()), manifest.items - sum(total.values()), state)
     return {
@@ -105,6 +142,9 @@ def collect(output: str, run_id: str | None = None) -> dict[str, Any]:
         "items_per_second": rate,
         "eta_seconds": eta,
         "resumed_from": manifest.resumed_from,
+        "stalled_shards": [sh["index"] for sh in shards if sh.get("stalled")],
+        "failure_reasons": failure_reasons(shards),
+        "timings": timings,
         "shards_total": manifest.shards,
         "shards": shards,
     }

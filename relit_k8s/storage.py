@@ -135,6 +135,10 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         """Whether an object is stored at ``key``."""
 
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; :class:`NotFoundError` if there is none."""
+
 
 class LocalStorage(Storage):
     """A folder on a local (or mounted) file system."""
@@ -200,6 +204,12 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError as e:
+            raise NotFoundError(f"no file {self._path(key)}") from e
+
 
 class S3Storage(Storage):
     """A prefix in an S3-compatible bucket (AWS S3, MinIO, ...), through boto3."""
@@ -252,6 +262,11 @@ class S3Storage(Storage):
         full = self._key(key)
         with _s3_errors(self.bucket, full):
             self._client.put_object(Bucket=self.bucket, Key=full, Body=data)
+
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        with _s3_errors(self.bucket, full):
+            return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
 
     def exists(self, key: str) -> bool:
         full = self._key(key)

@@ -47,7 +47,7 @@ from .storage import Storage, open_storage, split_uri
 log = logging.getLogger("relit_k8s.worker")
 
 #: Seconds between two writes of the shard report while a shard runs (its heartbeat).
-REPORT_INTERVAL = 5.0
+REPORT_INTERVAL = float(os.environ.get("RELIT_REPORT_INTERVAL", 5.0))
 #: Threads decoding inputs ahead of the GPU, and threads encoding and writing outputs.
 DECODE_THREADS = 2
 WRITE_THREADS = 4
@@ -57,6 +57,8 @@ IMAGE_CACHE = 4
 #: image, so all of them should fit. With the sh relighter's 64x128 references that is ~20,000;
 #: relighters that keep references at full size fit fewer (set RELIT_REF_CACHE_BYTES).
 REF_CACHE_BYTES = int(os.environ.get("RELIT_REF_CACHE_BYTES", 2 * 1024**3))
+#: Seconds between two progress lines in the log (rate and ETA).
+PROGRESS_LOG_SECONDS = float(os.environ.get("RELIT_PROGRESS_SECONDS", 30))
 #: Pairs decoded ahead of the one being relit.
 LOOKAHEAD = 2
 #: Seconds a worker may take after SIGTERM to finish its current batch; past them it abandons
@@ -134,6 +136,21 @@ class _PairWork:
     todo: list[tuple[int, int]] = field(default_factory=list)  # (iteration, seed)
 
 
+class _Timer:
+    """Adds the seconds spent inside ``with`` to the report's ``timings[what]``."""
+
+    def __init__(self, reporter: _Reporter | None, what: str):
+        self.reporter, self.what = reporter, what
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.reporter is not None:
+            self.reporter.add_time(self.what, time.perf_counter() - self.start)
+        return False
+
+
 class _Reporter:
     """Holds the shard report; a thread writes it every ``interval`` seconds (the heartbeat)."""
 
@@ -142,6 +159,8 @@ class _Reporter:
         self.storage, self.key, self.report = storage, key, report
         self.interval, self.progress = interval, progress
         self.lock = threading.Lock()
+        self._started = time.monotonic()
+        self._last_log = self._started
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="relit-report", daemon=True)
 
@@ -155,12 +174,35 @@ class _Reporter:
                 self.write()
             except RelitError as e:  # a missed heartbeat is not fatal; the next one may pass
                 log.warning("could not write the shard report: %s", e)
+            if time.monotonic() - self._last_log >= PROGRESS_LOG_SECONDS:
+                self._last_log = time.monotonic()
+                self.log_progress()
+
+    def log_progress(self) -> None:
+        with self.lock:
+            r = self.report
+            finished = r.items_done + r.items_skipped + r.items_failed
+            rate = r.items_per_second
+            eta = (r.items_total - finished) / rate if rate else None
+            fields = {"index": r.index, "done": r.items_done, "skipped": r.items_skipped,
+                      "failed": r.items_failed, "total": r.items_total,
+                      "items_per_second": rate, "eta_seconds": round(eta, 1) if eta else None}
+        log.info("shard %d: %d/%d items (%s items/s, eta %s s)", fields["index"], finished,
+                 fields["total"], rate, fields["eta_seconds"],
+                 extra={"event": "progress", "fields": fields})
 
     def write(self) -> None:
         with self.lock:
-            self.report.updated_at = now()
-            data = self.report.model_dump_json(indent=1).encode()
+            r = self.report
+            r.updated_at = now()
+            elapsed = time.monotonic() - self._started
+            r.items_per_second = round(r.items_done / elapsed, 3) if elapsed > 0 else None
+            data = r.model_dump_json(indent=1).encode()
         self.storage.write(self.key, data)
+
+    def add_time(self, what: str, seconds: float) -> None:
+        with self.lock:
+            self.report.timings[what] = round(self.report.timings.get(what, 0.0) + seconds, 4)
 
     def add(self, done: int = 0, skipped: int = 0, failures: list[Failure] | None = None,
             failed: int = 0) -> None:
@@ -210,9 +252,11 @@ class ShardRunner:
         self.refs = open_storage(manifest.refs)
         self.output = open_storage(manifest.output)
         self.normals = open_storage(manifest.normals) if manifest.normals else None
+        started = time.monotonic()
         self.relighter = relighter or create(
             manifest.relighter.name, manifest.relighter.options, self.device
         )
+        self.model_load_seconds = round(time.monotonic() - started, 4)
         self._pin = torch.device(self.device).type == "cuda"
         self._unexpected = 0
         self._reporter: _Reporter | None = None
@@ -227,11 +271,18 @@ class ShardRunner:
             raise ItemError(str(e)) from e
         return images.decode(data, key, self.manifest.max_pixels)
 
+    def _timed(self, what: str):
+        return _Timer(self._reporter, what)
+
     def _load_image(self, key: str) -> torch.Tensor:
-        return self._tensor(images.as_display(self._decode(self.inputs, key)))
+        with self._timed("decode"):
+            return self._tensor(images.as_display(self._decode(self.inputs, key)))
 
     def _load_ref(self, key: str) -> torch.Tensor:
-        decoded = self._decode(self.refs, key)
+        with self._timed("decode"):
+            return self._prepare_ref(self._decode(self.refs, key))
+
+    def _prepare_ref(self, decoded: images.Decoded) -> torch.Tensor:
         t = self._tensor(images.as_radiance(decoded))
         size = self.relighter.reference_resolution
         if size and (t.shape[1] > size[0] or t.shape[2] > size[1]):
@@ -289,6 +340,7 @@ class ShardRunner:
         """Run shard ``index``; returns its final report. Raises :class:`Stopped` on stop."""
         m = self.manifest
         units = m.shard_units(index)
+        attempt = self._previous_attempts(index) + 1
         report = _Reporter(
             self.output,
             m.report_key(index),
@@ -296,15 +348,24 @@ class ShardRunner:
                 run_id=m.run_id, index=index, state="running",
                 items_total=sum(u.items for u in units), started_at=now(), updated_at=now(),
                 host=socket.gethostname(), device=device_label(self.device),
-                relighter=m.relighter.name,
+                relighter=m.relighter.name, attempt=attempt,
+                timings={"model_load": self.model_load_seconds},
             ),
             self.report_interval,
             self.progress,
         )
         self._reporter = report
         report.start()
-        log.info("shard %d of run %s: %d items in %d units on %s", index, m.run_id,
-                 report.report.items_total, len(units), report.report.device)
+        log.info("shard %d of run %s (attempt %d): %d items in %d units on %s, relighter %s",
+                 index, m.run_id, attempt, report.report.items_total, len(units),
+                 report.report.device, m.relighter.name,
+                 extra={"event": "start", "fields": {
+                     "run_id": m.run_id, "index": index, "attempt": attempt,
+                     "items": report.report.items_total, "units": len(units),
+                     "device": report.report.device, "host": report.report.host,
+                     "relighter": m.relighter.name, "options": m.relighter.options,
+                     "batch_size": m.batch_size, "model_load_seconds": self.model_load_seconds,
+                 }})
         try:
             self._run_units(units, report)
         except Stopped:
@@ -316,9 +377,20 @@ class ShardRunner:
             raise
         report.finish("done", exit_code=EXIT_OK)
         r = report.report
-        log.info("shard %d done: %d written, %d skipped, %d failed", index, r.items_done,
-                 r.items_skipped, r.items_failed)
+        log.info("shard %d done: %d written, %d skipped, %d failed (%s items/s)", index,
+                 r.items_done, r.items_skipped, r.items_failed, r.items_per_second,
+                 extra={"event": "end", "fields": {
+                     "index": index, "done": r.items_done, "skipped": r.items_skipped,
+                     "failed": r.items_failed, "total": r.items_total,
+                     "items_per_second": r.items_per_second, "timings": r.timings}})
         return r
+
+    def _previous_attempts(self, index: int) -> int:
+        try:
+            old = ShardReport.from_json(self.output.read(self.manifest.report_key(index)))
+        except (RelitError, ValueError):
+            return 0
+        return old.attempt
 
     def _run_units(self, units: list[Unit], report: _Reporter) -> None:
         m = self.manifest
@@ -384,7 +456,10 @@ class ShardRunner:
                 raise errors[0]
             batch = w.todo[start:start + bs]
             try:
-                out = self.relighter.relight(image_d, ref_d, [s for _, s in batch], normals_d)
+                with self._timed("relight"):
+                    out = self.relighter.relight(image_d, ref_d, [s for _, s in batch],
+                                                 normals_d)
+                    pixels = out.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
                 if tuple(out.shape) != (len(batch), 3, *image.shape[1:]):
                     raise ItemError(f"the relighter returned shape {tuple(out.shape)} for "
                                     f"{len(batch)} seeds of a {tuple(image.shape)} image")
@@ -401,7 +476,6 @@ class ShardRunner:
                 self._fail(w, batch, e, report)
                 continue
             self._unexpected = 0
-            pixels = out.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             for (it, seed), px in zip(batch, pixels, strict=True):
                 in_flight.acquire()
                 key = f"{folder}/{seed}_{out_name}"
@@ -412,7 +486,10 @@ class ShardRunner:
                 )
 
     def _write_one(self, key: str, pixels: np.ndarray) -> None:
-        self.output.write(key, images.encode(pixels, key))
+        with self._timed("encode"):
+            data = images.encode(pixels, key)
+        with self._timed("write"):
+            self.output.write(key, data)
 
     def _written(self, fut: Future, w: _PairWork, it: int, seed: int,
                  in_flight: threading.BoundedSemaphore, errors: list, report: _Reporter) -> None:
@@ -428,7 +505,10 @@ class ShardRunner:
     @staticmethod
     def _fail(w: _PairWork, items: list[tuple[int, int]], exc: Exception,
               report: _Reporter) -> None:
-        log.warning("failed %s x %s (%d items): %s", w.image, w.ref, len(items), exc)
+        log.warning("failed %s x %s (%d items): %s", w.image, w.ref, len(items), exc,
+                    extra={"event": "item_failed", "fields": {
+                        "image": w.image, "ref": w.ref, "iterations": [i for i, _ in items],
+                        "error": str(exc), "kind": type(exc).__name__}})
         report.add(failures=[
             Failure(image=w.image, ref=w.ref, iteration=it, seed=seed, error=str(exc),
                     kind=type(exc).__name__)
@@ -506,10 +586,6 @@ def main(manifest: str | None, index: int | None, device: str | None = None) -> 
     install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None))
     m = load_manifest(manifest)
     m.shard_range(index)  # validates the index before the model loads
-    started = time.monotonic()
     runners.append(ShardRunner(m, device=device, stop=stop))
-    runner = runners[0]
-    log.info("relighter %s loaded on %s in %.1fs", m.relighter.name, runner.device,
-             time.monotonic() - started)
-    runner.run(index)
+    runners[0].run(index)  # its "start" event tells the model load time
     return EXIT_OK

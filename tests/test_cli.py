@@ -217,3 +217,32 @@ def test_sigterm_to_run_stops_its_workers_and_exits_143(tmp_path):
     assert len(outputs(out)) == settled, "a worker outlived the run"
     status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
     assert status["state"] in ("failed", "incomplete") and status["items_done"] == settled
+
+
+def test_status_flags_stalled_shards_and_groups_failures_by_reason(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(png_bytes(photo()))
+    for name in ("e1.png", "e2.jpg"):
+        (images / name).write_bytes(b"")
+    out = tmp_path / "out"
+    cli("run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output", str(out),
+        "--iterations", "1", "--device", "cpu", "--no-progress", "--shards", "3", check=True)
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
+    [reason] = status["failure_reasons"]
+    assert reason["count"] == 6 and reason["reason"] == "empty file (0 bytes)"
+    assert sorted(reason["examples"]) == ["e1.png", "e2.jpg"]
+    assert status["timings"]["relight"] > 0
+    # a shard whose pod vanished: its report says running, its heartbeat is old
+    report_path = next(out.glob("_relit/*/shards/0.json"))
+    report = json.loads(report_path.read_text())
+    report.update(state="running", updated_at="2026-01-01T00:00:00Z", finished_at=None)
+    report_path.write_text(json.dumps(report))
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", "--stall-after",
+                            "60", check=True).stdout)
+    assert status["stalled_shards"] == [0] and status["state"] == "running"
+    table = cli("status", "--output", str(out), check=True).stdout
+    assert "stalled" in table and "failures by reason" in table and "empty file" in table
+    dry = cli("run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
+              str(tmp_path / "o2"), "--dry-run", check=True).stdout
+    assert "estimated size" in dry

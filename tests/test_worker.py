@@ -310,3 +310,41 @@ def test_each_reference_is_decoded_once_per_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_load_ref", counting)
     runner.run(0)
     assert sorted(decoded) == [f"r{j}.hdr" for j in range(5)]
+
+
+def test_json_logs_are_one_event_per_line(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "in" / "big.png").write_bytes(png_bytes(photo(192, 256)))
+    (tmp_path / "in" / "bad.jpg").write_bytes(b"")
+    (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
+    m, uri = planned(tmp_path / "in", tmp_path / "refs", tmp_path / "out", iterations=120,
+                     shards=1, batch_size=4)
+    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu", "--log-format", "json",
+                  env={"RELIT_REPORT_INTERVAL": "0.2", "RELIT_PROGRESS_SECONDS": "0"})
+    assert proc.returncode == EXIT_OK, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert "progress" in kinds and "item_failed" in kinds
+    start = events[0]
+    assert start["relighter"] == "sh" and start["device"] == "cpu" and start["items"] == 240
+    progress = next(e for e in events if e["event"] == "progress")
+    assert {"done", "total", "items_per_second", "eta_seconds"} <= set(progress)
+    failed = next(e for e in events if e["event"] == "item_failed")
+    assert failed["image"] == "bad.jpg" and "empty" in failed["error"]
+    end = events[-1]
+    assert end["done"] == 120 and end["failed"] == 120
+    assert {"decode", "relight", "encode", "write", "model_load"} <= set(end["timings"])
+    assert all({"ts", "level", "msg"} <= set(e) for e in events)
+
+
+def test_reports_carry_timings_rate_and_attempts(small_dataset):
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out, shards=1)
+    [first] = run_all(m)
+    assert first.attempt == 1 and first.items_per_second > 0
+    assert set(first.timings) == {"model_load", "decode", "relight", "encode", "write"}
+    assert all(v >= 0 for v in first.timings.values()) and first.timings["relight"] > 0
+    [second] = run_all(m)
+    assert second.attempt == 2

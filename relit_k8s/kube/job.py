@@ -159,6 +159,7 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
     env: list[dict[str, Any]] = [
         {"name": "RELIT_MANIFEST", "value": manifest_uri},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "RELIT_LOG_FORMAT", "value": "json"},  # one event per line for kubectl logs
         # The worker saves its report and exits this long after SIGTERM at the latest, well
         # inside the pod's grace period (after which the kubelet sends SIGKILL).
         {"name": "RELIT_STOP_GRACE", "value": str(stop_grace_for(s.termination_grace_seconds))},

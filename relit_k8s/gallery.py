@@ -1,0 +1,183 @@
+"""A contact sheet of a run: inputs x references with a few samples each, as HTML and PNG.
+
+Written to ``<output>/_relit/<run>/gallery/``: ``index.html`` (thumbnails linking to the full
+files, references shown tone-mapped, failed pairs marked with their reason), ``grid.png`` (one
+sample per pair) and ``thumbs/``. Thumbnails are generated; full images are never embedded.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import images
+from .errors import ItemError, NotFoundError
+from .manifest import Manifest, pair_seeds
+from .status import load_run, read_reports
+from .storage import Storage, join_key, open_storage
+
+THUMB = 160  # pixels, the longer side of a thumbnail
+
+
+def _thumb(pixels: np.ndarray, size: int = THUMB) -> bytes:
+    im = Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8))
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _decode(storage: Storage, key: str, max_pixels: int) -> images.Decoded | None:
+    try:
+        return images.decode(storage.read(key), key, max_pixels)
+    except (ItemError, NotFoundError):
+        return None
+
+
+def build(output: str, run_id: str | None = None, samples: int = 3, max_images: int = 12,
+          max_refs: int = 8) -> dict[str, Any]:
+    """Write the gallery of a run; returns its URIs and what it shows."""
+    m = load_run(output, run_id)
+    out = open_storage(output)
+    inputs, refs = open_storage(m.input), open_storage(m.refs)
+    failed: dict[tuple[str, str], str] = {}
+    for report in read_reports(out, m).values():
+        for f in report.failures:
+            failed.setdefault((f.image, f.ref), f.error)
+    prefix = join_key(m.meta_prefix, "gallery")
+    shown_images, shown_refs = list(m.images[:max_images]), list(m.references[:max_refs])
+    thumbs: dict[str, str] = {}  # source key -> thumbnail file name in the gallery
+
+    def put_thumb(name: str, pixels: np.ndarray) -> str:
+        out.write(f"{prefix}/thumbs/{name}", _thumb(pixels))
+        return f"thumbs/{name}"
+
+    grid_tiles: dict[tuple[int, int], np.ndarray] = {}
+    for i, key in enumerate(shown_images):
+        dec = _decode(inputs, key, m.max_pixels)
+        if dec is not None:
+            pixels = images.as_display(dec)
+            thumbs[f"in:{key}"] = put_thumb(f"in-{i}.jpg", pixels)
+            grid_tiles[(i + 1, 0)] = pixels
+    for j, key in enumerate(shown_refs):
+        dec = _decode(refs, key, m.max_pixels)
+        if dec is not None:
+            # the seed's tone mapping, at the 99.5th percentile so that small lights show
+            pixels = images.tonemap_hdr(images.as_radiance(dec), percentile=99.5)
+            thumbs[f"ref:{key}"] = put_thumb(f"ref-{j}.jpg", pixels)
+            grid_tiles[(0, j + 1)] = pixels
+
+    cells: dict[tuple[str, str], list[tuple[str, str]]] = {}  # pair -> [(thumb, full href)]
+    for i, img in enumerate(shown_images):
+        name = images.output_file_name(img)
+        for j, ref in enumerate(shown_refs):
+            folder = m.pair_folder(img, ref)
+            present = out.list_names(folder)
+            chosen = [s for s in pair_seeds(m.base_seed, img, ref, m.iterations)
+                      if f"{s}_{name}" in present][:samples]
+            cells[(img, ref)] = []
+            for k, seed in enumerate(chosen):
+                key = f"{folder}/{seed}_{name}"
+                dec = _decode(out, key, m.max_pixels)
+                if dec is None:
+                    continue
+                thumb = put_thumb(f"out-{i}-{j}-{k}.jpg", dec.pixels)
+                href = "../../../" + quote(key)
+                cells[(img, ref)].append((thumb, href))
+                if k == 0:
+                    grid_tiles[(i + 1, j + 1)] = dec.pixels
+
+    page = _html(m, shown_images, shown_refs, thumbs, cells, failed)
+    out.write(f"{prefix}/index.html", page.encode())
+    out.write(f"{prefix}/grid.png", _grid(grid_tiles, len(shown_images), len(shown_refs),
+                                          {(shown_images.index(a) + 1, shown_refs.index(b) + 1)
+                                           for a, b in failed
+                                           if a in shown_images and b in shown_refs}))
+    return {
+        "html": out.uri_of(f"{prefix}/index.html"),
+        "png": out.uri_of(f"{prefix}/grid.png"),
+        "images": len(shown_images),
+        "references": len(shown_refs),
+        "thumbnails": sum(len(v) for v in cells.values()) + len(thumbs),
+        "failed_pairs": sum(1 for p in failed if p[0] in shown_images and p[1] in shown_refs),
+    }
+
+
+def _html(m: Manifest, shown_images, shown_refs, thumbs, cells, failed) -> str:
+    esc = html.escape
+
+    def img_tag(src: str, alt: str, cls: str) -> str:
+        return (f'<img class="{cls}" src="{esc(src)}" alt="{esc(alt)}" loading="eager" '
+                'onload="this.dataset.loaded=1" onerror="this.dataset.failed=1">')
+
+    def head(kind: str, key: str, cls: str) -> str:
+        tag = img_tag(thumbs[f"{kind}:{key}"], key, cls) if f"{kind}:{key}" in thumbs else ""
+        return f'<th class="{cls}">{tag}<div>{esc(key)}</div></th>'
+
+    rows = ["<tr><th></th>" + "".join(head("ref", r, "ref") for r in shown_refs) + "</tr>"]
+    for img in shown_images:
+        row = [head("in", img, "input")]
+        for ref in shown_refs:
+            if (img, ref) in failed:
+                row.append(f'<td class="failed" title="{esc(failed[(img, ref)])}"><b>failed</b>'
+                           f"<div>{esc(failed[(img, ref)][:160])}</div></td>")
+            elif cells[(img, ref)]:
+                row.append("<td>" + "".join(
+                    f'<a href="{esc(href)}">{img_tag(thumb, f"{img} x {ref}", "sample")}</a>'
+                    for thumb, href in cells[(img, ref)]) + "</td>")
+            else:
+                row.append('<td class="missing">not written yet</td>')
+        rows.append("<tr>" + "".join(row) + "</tr>")
+    more = ""
+    if len(shown_images) < len(m.images) or len(shown_refs) < len(m.references):
+        more = (f"<p>Showing {len(shown_images)} of {len(m.images)} images and "
+                f"{len(shown_refs)} of {len(m.references)} references.</p>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>relit-k8s {esc(m.run_id)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; background: #fafafa; color: #222; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: center; }}
+th div, td div {{ font-size: 11px; max-width: 170px; overflow-wrap: anywhere; }}
+img.sample {{ height: 110px; margin: 2px; }}
+img.input {{ height: 110px; }}
+img.ref {{ width: 160px; }}
+td.failed {{ background: #fde2e2; color: #a40000; max-width: 180px; }}
+td.missing {{ color: #999; }}
+</style></head><body>
+<h1>{esc(m.run_id)}</h1>
+<p>{len(m.images)} images x {len(m.references)} references x {m.iterations} iterations,
+relighter <code>{esc(m.relighter.name)}</code>. Rows: inputs; columns: references (tone-mapped);
+cells: samples, each linking to the full file.</p>
+{more}
+<table>
+{chr(10).join(rows)}
+</table>
+</body></html>
+"""
+
+
+def _grid(tiles: dict[tuple[int, int], np.ndarray], n_images: int, n_refs: int,
+          failed: set[tuple[int, int]], size: int = 128) -> bytes:
+    sheet = Image.new("RGB", ((n_refs + 1) * size, (n_images + 1) * size), (250, 250, 250))
+    draw = ImageDraw.Draw(sheet)
+    for (r, c), pixels in tiles.items():
+        im = Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8))
+        im.thumbnail((size - 4, size - 4), Image.Resampling.LANCZOS)
+        sheet.paste(im, (c * size + (size - im.width) // 2, r * size + (size - im.height) // 2))
+    for r, c in failed:
+        draw.rectangle([c * size + 2, r * size + 2, (c + 1) * size - 3, (r + 1) * size - 3],
+                       outline=(200, 0, 0), width=4)
+        draw.line([c * size + 8, r * size + 8, (c + 1) * size - 9, (r + 1) * size - 9],
+                  fill=(200, 0, 0), width=3)
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    return buf.getvalue()
+
+
+__all__ = ["build"]
