@@ -780,6 +780,32 @@ def gallery_cmd(
               highlight=False)
 
 
+@app.command("make-model")
+@handles_errors
+def make_model_cmd(
+    path: Annotated[str, typer.Argument(help="Directory to write the model to.")],
+    size: Annotated[str, typer.Option("--size", metavar="tiny|sd21",
+                                      help="tiny (tests) or sd21 (the seed model's sizes)")]
+    = "tiny",
+    distinct_uncond: Annotated[bool, typer.Option(
+        "--distinct-uncond", help="Give the unconditional branch its own embedding (then "
+        "guidance needs two passes per step).")] = False,
+    new_decoder: Annotated[bool, typer.Option("--new-decoder",
+                                              help="Also write vae_new_decoder/.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where to initialise the weights "
+                                        "(cuda is much faster for sd21).")] = "cpu",
+):
+    """Write a random-weight model directory for the diffusion relighter (tests, benchmarks)."""
+    from .modelkit import SIZES, make_model
+
+    if size not in SIZES:
+        raise ConfigError(f"--size {size!r}: use one of {', '.join(SIZES)}")
+    written = make_model(path, size, distinct_uncond=distinct_uncond, new_decoder=new_decoder,
+                         device=device)
+    out.print(f"model: {written} (random weights, {size}); use it with "
+              f"--relighter diffusion -O model={written}")
+
+
 @app.command("relighters")
 @handles_errors
 def relighters_cmd():

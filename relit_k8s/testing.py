@@ -50,13 +50,16 @@ CONTRACT_ATOL = {"cpu": 1e-5, "cuda": 1e-3}
 
 def check_relighter(
     cls: type[Relighter], device: str = "cpu", atol: float | None = None,
-    seeds=(11, 2**31 + 5, 3),
+    seeds=(11, 2**31 + 5, 3), options: dict | None = None,
 ) -> None:
-    """Run every contract check on ``cls`` on ``device``; raises AssertionError on a breach."""
+    """Run every contract check on ``cls`` on ``device``; raises AssertionError on a breach.
+
+    ``options`` are for relighters that need some (a model path, say) to be constructed.
+    """
     if atol is None:
         atol = CONTRACT_ATOL.get(torch.device(device).type, 1e-3)
     check_options(cls)
-    relighter = cls(cls.Options(), device)
+    relighter = cls(parse_options(cls, options or {}), device)
     dev = torch.device(device)
     image, reference, normals = sample_pair(device=device)
     seeds = list(seeds)

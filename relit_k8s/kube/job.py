@@ -166,6 +166,9 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "TORCH_HOME", "value": "/cache/torch"},
+        # compiled kernels of torch.compile next to the weights: reused by later pods when the
+        # cache is node-local (--cache-host-path)
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/cache/torch/inductor"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
     ]
     if s.s3_endpoint:

@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "relit_k8s.relighters"
 #: Built-in relighters: name -> "module:attribute", imported only when used.
 BUILTINS: dict[str, str] = {
     "sh": "relit_k8s.relighters.sh:SHRelighter",
+    "diffusion": "relit_k8s.relighters.diffusion:DiffusionRelighter",
 }
 
 

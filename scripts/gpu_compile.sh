@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU benchmark of the compiled diffusion relighter: a first run compiles (cold start), a second
+# process reuses the inductor cache on disk (a warm node). Writes ${OUT:-/tmp/gpu}/compiled-*.json.
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu}
+mkdir -p "$OUT"
+site=/tmp/relit-site
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+  --target "$site" .
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+relit-k8s make-model /tmp/sd21 --size sd21 --device cuda
+for run in cold warm; do
+  echo "== compiled, $run inductor cache"
+  python3 benchmarks/relighter_throughput.py --model /tmp/sd21 --compile --skip-eager \
+    --skip-seed-loop --out "$OUT/compiled-$run.json"
+done
