@@ -33,7 +33,9 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relit_k8s ./relit_k8s
-RUN pip install . && rm -rf /src
+# The local source tree, with the diffusion relighter's extra; versions come from pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ".[diffusion]" && rm -rf /src
 
 # Non-root; the Job mounts writable emptyDirs at /tmp, /cache and /dev/shm and keeps the root
 # filesystem read-only.

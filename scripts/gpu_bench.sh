@@ -3,16 +3,8 @@
 # diffusion relighter's tests on CUDA. Writes the result to ${OUT:-/tmp/gpu}/relighter.json.
 # Dependencies missing on the machine may be given as wheels in .whl/ (see gpu_check.sh).
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu}
-mkdir -p "$OUT"
-site=/tmp/relit-site
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
-  --target "$site" .
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
+# shellcheck source=scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "== diffusion tests on CUDA (contract included)"
 python3 -m pytest -q -p no:cacheprovider tests/test_relighters.py -k diffusion

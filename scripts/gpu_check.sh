@@ -3,16 +3,8 @@
 # Runs on a machine with an NVIDIA GPU and torch already installed; other dependencies may be
 # given as wheels in .whl/ (see the README's Development section). Writes to ${OUT:-/tmp/gpu}.
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu}
-mkdir -p "$OUT"
-site=/tmp/relit-site
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
-  --target "$site" . ./examples/relit-tiny
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
+# shellcheck source=scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh" ./examples/relit-tiny
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 

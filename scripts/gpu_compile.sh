@@ -2,16 +2,8 @@
 # GPU benchmark of the compiled diffusion relighter: a first run compiles (cold start), a second
 # process reuses the inductor cache on disk (a warm node). Writes ${OUT:-/tmp/gpu}/compiled-*.json.
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu}
-mkdir -p "$OUT"
-site=/tmp/relit-site
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
-  --target "$site" .
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
+# shellcheck source=scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 relit-k8s make-model /tmp/sd21 --size sd21 --device cuda
 for run in cold warm; do

@@ -69,6 +69,18 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
             client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
 
 
+def s3_outputs(client, bucket: str, prefix: str = "out") -> dict[str, bytes]:
+    """Every output object under ``prefix`` (the run metadata excluded), key -> bytes."""
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                  Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            key = obj["Key"][len(prefix) + 1:]
+            if not key.startswith("_relit/"):
+                found[key] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return found
+
+
 def png_bytes(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, fmt, **kw)

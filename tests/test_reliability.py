@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import OpenEXR
 import pytest
-from conftest import EXAMPLES, cli, photo, png_bytes, upload_folder
+from conftest import EXAMPLES, cli, photo, png_bytes, s3_outputs, upload_folder
 from fault_proxy import FaultProxy
 from PIL import Image
 from test_images import bomb_png
@@ -43,17 +43,6 @@ def expected(m: Manifest, skip_images=()) -> set[str]:
 def local_outputs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
             if p.is_file() and "_relit" not in p.parts}
-
-
-def s3_outputs(client, bucket: str, prefix: str = "out") -> dict[str, bytes]:
-    found = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                  Prefix=prefix + "/"):
-        for obj in page.get("Contents", []):
-            key = obj["Key"][len(prefix) + 1:]
-            if not key.startswith("_relit/"):
-                found[key] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return found
 
 
 def s3_count(client, bucket: str, prefix: str = "out/") -> int:

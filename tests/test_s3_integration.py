@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import EXAMPLES, cli, upload_folder
+from conftest import EXAMPLES, cli, s3_outputs, upload_folder
 
 from relit_k8s import images
 from relit_k8s.manifest import pair_seeds
 from relit_k8s.status import collect
-
-
-def s3_outputs(client, bucket: str, prefix: str) -> dict[str, bytes]:
-    keys = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                  Prefix=prefix + "/"):
-        for obj in page.get("Contents", []):
-            key = obj["Key"][len(prefix) + 1:]
-            if not key.startswith("_relit/"):
-                keys[key] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return keys
 
 
 def test_plan_and_workers_on_s3_for_several_indexes(bucket, s3_client, s3_env):
