@@ -151,11 +151,19 @@ def _options(pairs: list[str] | None, ddim_steps: int | None, new_decoder: bool)
     return options
 
 
-def _settings(workers: int = 1, **kw):
+#: The shared selection flags (plan, run, submit): the names of their PlanSettings inputs.
+_SELECTION = ("input", "refs", "output", "normals", "iterations", "seed", "img_pattern",
+              "ref_pattern", "img_formats", "ref_formats", "relighter", "option", "ddim_steps",
+              "new_decoder", "shards", "run_id", "batch_size", "max_pixels")
+
+
+def _settings(flags: dict, workers: int = 1):
+    """PlanSettings from a command's flags (its ``locals()``): the selection flags only."""
     from pydantic import ValidationError
 
     from .planner import PlanSettings
 
+    kw = {k: flags[k] for k in _SELECTION}
     img_formats, ref_formats = _formats(kw.pop("img_formats")), _formats(kw.pop("ref_formats"))
     options = _options(kw.pop("option"), kw.pop("ddim_steps"), kw.pop("new_decoder"))
     data = {**kw, "options": options, "workers": workers}
@@ -205,7 +213,7 @@ def plan_cmd(
                                          "count is made for.")] = 1,
 ):
     """List inputs and references and write the run's manifest (no relighting)."""
-    settings = _settings(**{k: v for k, v in locals().items() if k != "dry_run"})  # the flags
+    settings = _settings(dict(locals()), workers)
     from .planner import write_manifest
 
     manifest = _make_plan(settings)
@@ -232,10 +240,9 @@ def run_cmd(
     strict: StrictOpt = False, progress: ProgressOpt = True,
 ):
     """Relight on this machine: one worker process per GPU (or on the CPU). No cluster needed."""
-    selection = {k: v for k, v in locals().items()
-                 if k not in ("gpus", "workers", "device", "strict", "progress", "dry_run")}
+    flags = dict(locals())
     slots = _slots(device, gpus, workers)
-    settings = _settings(workers=len(slots), **selection)
+    settings = _settings(flags, workers=len(slots))
     manifest = _make_plan(settings)
     if dry_run:
         _print_summary(manifest, "Plan (dry run: nothing written)")
@@ -521,16 +528,10 @@ def submit_cmd(
 ):
     """Run on Kubernetes: write the manifest and create one Indexed Job (one pod per shard)."""
     flags = dict(locals())
-    selection = {k: flags[k] for k in _SELECTION}
-    settings = _settings(workers=parallelism, **selection)
+    settings = _settings(flags, workers=parallelism)
     job_settings = _job_settings(flags)
     manifest = _make_plan(settings)
     _submit(manifest, job_settings, context, dry_run, fmt)
-
-
-_SELECTION = ("input", "refs", "output", "normals", "iterations", "seed", "img_pattern",
-              "ref_pattern", "img_formats", "ref_formats", "relighter", "option", "ddim_steps",
-              "new_decoder", "shards", "run_id", "batch_size", "max_pixels")
 
 
 def _job_settings(f: dict):
