@@ -18,24 +18,18 @@ and the time from worker start to the first finished sample with the weights on 
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
+import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from common import device_for, header, parser, sync
 
 #: FLOPs of the seed's model (SD2.1 sizes, 512 x 512) per sample, from DESIGN.md: 1.09 TFLOP
 #: per denoising step of UNet + ControlNet, 2.5 TFLOP per VAE decode.
 STEP_TFLOP, DECODE_TFLOP = 1.09, 2.5
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
@@ -69,7 +63,8 @@ def seed_loop(model: str, res: int, steps: int, samples: int, device) -> float:
     start = time.perf_counter()
     for s in range(samples):
         r = create("diffusion", {"model": model, "dtype": "fp32", "ddim_steps": steps,
-                                 "resolution": res}, device)  # re-loaded for every pair
+                                 "resolution": res, "batch_size": 1},  # no memory probe
+                   device)  # re-loaded for every pair
         with torch.inference_mode():
             hint = r._hint(image, ref)[None]
             latents = r._noise([s]).float()
@@ -85,44 +80,107 @@ def seed_loop(model: str, res: int, steps: int, samples: int, device) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def ours(model: str, res: int, steps: int, batch: int, batches: int, device,
-         compiled: bool = False):
-    """(samples/s steady, seconds from worker start to the first finished batch, ...)."""
+def ours(model: str, res: int, steps: int, batch: int | None, batches: int, device,
+         compiled: bool = False, extra: dict | None = None) -> dict:
+    """The diffusion relighter: its batch size, load and first-batch seconds, steady samples/s,
+    decode seconds per sample, and (eager only: compiled code would compile new shapes) the
+    largest difference between a batch and the same seeds one by one."""
     from relit_k8s.relighters import create
 
     image, ref = inputs(res, device)
     start = time.perf_counter()
-    r = create("diffusion", {"model": model, "ddim_steps": steps, "resolution": res,
-                             "compile": compiled}, device)
-    r.relight(image, ref, list(range(batch)))
+    options = {"model": model, "ddim_steps": steps, "resolution": res, "compile": compiled,
+               **(extra or {})}
+    if batch:
+        options["batch_size"] = batch
+    r = create("diffusion", options, device)
+    sync(device)
+    loaded = time.perf_counter() - start
+    b = r.batch_size
+    r.relight(image, ref, list(range(b)))
     sync(device)
     first = time.perf_counter() - start
     start = time.perf_counter()
     for k in range(batches):
-        r.relight(image, ref, list(range(batch * (k + 1), batch * (k + 2))))
+        r.relight(image, ref, list(range(b * (k + 1), b * (k + 2))))
     sync(device)
-    rate = batch * batches / (time.perf_counter() - start)
-    together = r.relight(image, ref, [1, 2, 3])
-    alone = torch.cat([r.relight(image, ref, [s]) for s in (1, 2, 3)])
-    return rate, first, r.one_pass, (together - alone).abs().max().item()
+    rate = b * batches / (time.perf_counter() - start)
+    side = res // r.scale
+    latents = torch.randn(b, r.latent_channels, side, side, device=device, dtype=r.dtype)
+    with torch.inference_mode():
+        r._decode(latents)  # warm
+        sync(device)
+        start = time.perf_counter()
+        r._decode(latents)
+        sync(device)
+    decode = (time.perf_counter() - start) / b
+    diff = None
+    if not compiled:
+        together = r.relight(image, ref, [1, 2, 3])
+        alone = torch.cat([r.relight(image, ref, [s]) for s in (1, 2, 3)])
+        diff = (together - alone).abs().max().item()
+    return {"batch": b, "load_seconds": loaded, "load_phases": r.load_timings,
+            "first": first, "rate": rate,
+            "decode_seconds_per_sample": decode, "one_pass": r.one_pass, "diff": diff}
+
+
+def batch_sweep(model: str, res: int, device, sizes=(8, 16, 32, 48, 64), reps: int = 3) -> dict:
+    """Samples/s of one denoising step (UNet + ControlNet, bf16, eager) per batch size: the
+    measurement behind the automatic batch size's cap."""
+    from relit_k8s.relighters import create
+
+    r = create("diffusion", {"model": model, "resolution": res, "batch_size": 8}, device)
+    side = res // r.scale
+    t = torch.tensor(500, device=device)
+    found = {}
+    with torch.inference_mode():
+        for b in sizes:
+            x = torch.randn(b, r.latent_channels, side, side, device=device, dtype=r.dtype)
+            hint = torch.rand(b, 6, res, res, device=device, dtype=r.dtype)
+            text = r.cond.expand(b, -1, -1)
+            r._eps(x, t, hint, text)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                r._eps(x, t, hint, text)
+            sync(device)
+            found[b] = round(b * reps / (time.perf_counter() - start), 2)
+            if b == 32:  # each attention kernel, at the automatic batch size's cap
+                from relit_k8s.relighters.diffusion import use_backend
+
+                use_backend("math")
+                reference = r._eps(x, t, hint, text).float()
+                for name in ("flash", "cudnn", "efficient"):
+                    use_backend(name)
+                    diff = (r._eps(x, t, hint, text).float() - reference).abs().max().item()
+                    found[f"32_attention_{name}_max_abs_diff_vs_math"] = round(diff, 4)
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(reps):
+                        r._eps(x, t, hint, text)
+                    sync(device)
+                    found[f"32_attention_{name}"] = round(
+                        b * reps / (time.perf_counter() - start), 2)
+                for flag in ("flash", "mem_efficient", "cudnn", "math"):  # PyTorch's defaults
+                    getattr(torch.backends.cuda, f"enable_{flag}_sdp")(True)
+    return found
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test)")
-    ap.add_argument("--model", help="model directory [default: a random one, made here]")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=32, help="seeds per batch (relit-k8s)")
+    ap = parser(__doc__)
+    ap.add_argument("--batch", type=int, help="seeds per batch (relit-k8s) [default: the "
+                    "relighter's automatic choice]")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--seed-samples", type=int, default=2, help="samples, seed loop style")
-    ap.add_argument("--out", help="write the result as JSON here")
     ap.add_argument("--compile", action="store_true",
                     help="also measure the relighter with torch.compile (first run compiles; "
                     "a second run with the same TORCHINDUCTOR_CACHE_DIR shows the warm start)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time one denoising step at batch sizes 8 to 64 (GPU)")
     ap.add_argument("--skip-seed-loop", action="store_true")
     ap.add_argument("--skip-eager", action="store_true", help="with --compile: only compiled")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = device_for(args)
     if args.tiny:
         args.steps, args.batch, args.batches, args.seed_samples = 4, 4, 2, 2
     res = 32 if args.tiny else 512
@@ -137,51 +195,54 @@ def main() -> None:
                                    device=str(device)))
             made = round(time.perf_counter() - t, 1)
         peak = matmul_peak_tflops(device)
+        sweep = batch_sweep(model, res, device) if args.sweep else None
+        if sweep:
+            print("denoising-step samples/s by batch size (eager bf16):", sweep, flush=True)
         seed_rate = None if args.skip_seed_loop else seed_loop(model, res, args.steps,
                                                                 args.seed_samples, device)
-        rate, first, one_pass, batch_diff = (None, None, None, None) if args.skip_eager else \
-            ours(model, res, args.steps, args.batch, args.batches, device)
-        compiled = ours(model, res, args.steps, args.batch, args.batches, device, True) \
-            if args.compile else None
-    result = {
-        "benchmark": "relighter_throughput",
-        "date": datetime.now(UTC).date().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "model": "tiny (random)" if args.tiny else "SD2.1 sizes (random)",
-        "model_made_seconds": made,
-        "steps": args.steps,
-        "resolution": res,
-        "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
-        "relit_samples_per_s": round(rate, 4) if rate else None,
-        "speedup": round(rate / seed_rate, 2) if seed_rate and rate else None,
-        "relit_batch": args.batch,
-        "relit_one_pass": one_pass,
-        "relit_dtype": "bf16" if device.type == "cuda" else "fp32",
-        "batch_vs_one_by_one_max_abs_diff": round(batch_diff, 5) if rate else None,
-        "first_sample_seconds_warm_node": round(first, 2) if rate else None,
-        "bf16_matmul_peak_tflops": round(peak, 1) if peak else None,
-    }
+        if seed_rate:
+            print(f"seed loop style: {seed_rate:.4f} samples/s", flush=True)
+        extra = dict(o.split("=", 1) for o in args.option)
+        eager = None if args.skip_eager else ours(model, res, args.steps, args.batch,
+                                                  args.batches, device, extra=extra)
+        if eager:
+            print(f"diffusion (eager): {eager['rate']:.3f} samples/s at batch "
+                  f"{eager['batch']}", flush=True)
+        compiled = ours(model, res, args.steps, args.batch, args.batches, device, True,
+                        extra) if args.compile else None
     flops = args.steps * STEP_TFLOP + DECODE_TFLOP
-    if peak and rate and not args.tiny:
-        result["model_flop_utilisation"] = round(rate * flops / peak, 3)
-    if compiled:
-        c_rate, c_first, _, c_diff = compiled
+    result = {
+        **header("relighter_throughput", args, device),
+        "model_made_seconds": made,
+        "resolution": res,
+        "bf16_matmul_peak_tflops": round(peak, 1) if peak else None,
+        "step_samples_per_s_by_batch": sweep,
+        "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
+    }
+    for name, m in (("relit", eager), ("compiled", compiled)):
+        if not m:
+            continue
         result.update({
-            "compiled_samples_per_s": round(c_rate, 4),
-            "compiled_speedup": round(c_rate / seed_rate, 2) if seed_rate else None,
-            "compiled_first_sample_seconds": round(c_first, 2),
-            "compiled_batch_vs_one_by_one_max_abs_diff": round(c_diff, 5),
+            f"{name}_samples_per_s": round(m["rate"], 4),
+            f"{name}_speedup": round(m["rate"] / seed_rate, 2) if seed_rate else None,
+            f"{name}_batch": m["batch"],
+            f"{name}_one_pass": m["one_pass"],
+            f"{name}_load_seconds": round(m["load_seconds"], 2),
+            f"{name}_load_phases": m["load_phases"],
+            f"{name}_first_sample_seconds": round(m["first"], 2),
+            f"{name}_decode_seconds_per_sample": round(m["decode_seconds_per_sample"], 4),
+            f"{name}_batch_vs_one_by_one_max_abs_diff":
+                round(m["diff"], 5) if m["diff"] is not None else None,
         })
         if peak and not args.tiny:
-            result["compiled_model_flop_utilisation"] = round(c_rate * flops / peak, 3)
-    result["command"] = "python benchmarks/relighter_throughput.py" + (
-        " --tiny" if args.tiny else "")
+            result[f"{name}_model_flop_utilisation"] = round(m["rate"] * flops / peak, 3)
+    result["relit_dtype"] = "bf16" if device.type == "cuda" else "fp32"
+    result["command"] = " ".join(["python", "benchmarks/relighter_throughput.py", *sys.argv[1:]])
     print(json.dumps(result, indent=1))
-    if seed_rate and rate:
-        print(f"seed loop {seed_rate:.3f} samples/s, relit-k8s {rate:.3f} samples/s: "
-              f"{rate / seed_rate:.1f}x")
+    for name, m in (("eager", eager), ("compiled", compiled)):
+        if seed_rate and m:
+            print(f"seed loop {seed_rate:.3f} samples/s, relit-k8s {name} {m['rate']:.3f} "
+                  f"samples/s: {m['rate'] / seed_rate:.1f}x")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

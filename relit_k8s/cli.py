@@ -106,7 +106,9 @@ ShardsOpt = Annotated[int | None, typer.Option("--shards", min=1, help="Number o
 RunIdOpt = Annotated[str | None, typer.Option("--run-id", help="Run id (DNS label, <= 40 chars)"
                                               " [default: derived from the plan, so the same "
                                               "command continues the same run].")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Seeds per relighter call.")]
+BatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, show_default="the relighter's choice: 8, diffusion measures it",
+    help="Seeds per relighter call.")]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images larger "
                                            "than this many pixels (checked before decoding).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
@@ -207,7 +209,7 @@ def plan_cmd(
     ref_pattern: RefPatternOpt = "*", img_formats: ImgFormatsOpt = None,
     ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
-    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = 8,
+    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Workers the default shard "
                                          "count is made for.")] = 1,
@@ -234,7 +236,7 @@ def run_cmd(
     ref_pattern: RefPatternOpt = "*", img_formats: ImgFormatsOpt = None,
     ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
-    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = 8,
+    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
     strict: StrictOpt = False, progress: ProgressOpt = True,
@@ -482,7 +484,7 @@ def submit_cmd(
     ref_pattern: RefPatternOpt = "*", img_formats: ImgFormatsOpt = None,
     ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
-    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = 8,
+    shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, max=100_000,
                                              help="Pods running at once.")] = 8,

@@ -39,11 +39,13 @@ STOP_GRACE = 60.0
 
 @dataclass(frozen=True)
 class Slot:
-    """One worker process: its torch device and the GPU it may see (None: leave it as is)."""
+    """One worker process: its torch device, the GPU it may see (None: leave it as is), its CPU
+    threads, and how many workers share its GPU."""
 
     device: str
     visible_gpu: str | None = None
     threads: int = 0
+    gpu_share: int = 1
 
 
 def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) -> list[Slot]:
@@ -63,7 +65,8 @@ def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) 
         if bad:
             raise ConfigError(f"--gpus {bad}: this machine has GPUs 0..{count - 1}")
         n = workers or len(gpus)
-        return [Slot("cuda:0", str(gpus[i % len(gpus)])) for i in range(n)]
+        chosen = [gpus[i % len(gpus)] for i in range(n)]
+        return [Slot("cuda:0", str(g), gpu_share=chosen.count(g)) for g in chosen]
     if device != "cpu":
         raise ConfigError(f"unknown --device {device!r}: use cpu or cuda")
     if gpus:
@@ -88,6 +91,8 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
     """Body of one worker process (spawned; CUDA is not initialised before this point)."""
     if slot.visible_gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
+        # relighters that size batches from free GPU memory divide it by this (diffusion does)
+        os.environ["RELIT_GPU_SHARE"] = str(slot.gpu_share)
     import torch
 
     from .worker import ShardRunner, abandon, install_stop_handlers, load_manifest

@@ -21,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ManifestError
 from .storage import META_DIR, is_safe_key, join_key
 
-MANIFEST_VERSION = 1
+#: Version 2: ``batch_size`` may be null (each worker asks its relighter).
+MANIFEST_VERSION = 2
+#: Versions this relit-k8s reads: version 1 manifests are valid version 2 ones.
+READABLE_MANIFEST_VERSIONS = (1, 2)
 REPORT_VERSION = 1
 
 #: Run ids are DNS-1123 labels of at most 40 characters, so Jobs and pods can be named after them.
@@ -106,7 +109,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1] = MANIFEST_VERSION
+    version: Literal[1, 2] = MANIFEST_VERSION
     run_id: str
     created_at: datetime
     input: str
@@ -121,7 +124,8 @@ class Manifest(BaseModel):
     unit_size: int = Field(ge=1, description="iterations per work unit")
     shards: int = Field(ge=1)
     relighter: RelighterSpec
-    batch_size: int = Field(ge=1, description="seeds per relighter call")
+    batch_size: int | None = Field(None, ge=1, description="seeds per relighter call; none: "
+                                   "the relighter's own choice, made on the worker's device")
     max_pixels: int = Field(ge=1)
     resumed_from: str | None = Field(None, description="the run this one finishes")
     only_units: tuple[tuple[int, int], ...] | None = Field(
@@ -258,10 +262,11 @@ class Manifest(BaseModel):
             raise ManifestError(f"{where} is not valid JSON (truncated?): {e}") from e
         if not isinstance(raw, dict):
             raise ManifestError(f"{where} is not a relit-k8s manifest")
-        if raw.get("version") != MANIFEST_VERSION:
+        if raw.get("version") not in READABLE_MANIFEST_VERSIONS:
             raise ManifestError(
                 f"{where} has manifest version {raw.get('version')!r}; this relit-k8s reads "
-                f"version {MANIFEST_VERSION}: plan the run again with this version"
+                f"versions {', '.join(map(str, READABLE_MANIFEST_VERSIONS))}: use the "
+                "relit-k8s (and worker image) that planned it, or plan the run again"
             )
         try:
             manifest = cls.model_validate(raw)

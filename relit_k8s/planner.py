@@ -26,8 +26,6 @@ DEFAULT_REF_FORMATS = ("png", "exr", "hdr")
 SHARDS_PER_WORKER = 4
 #: Most shards a default plan makes: very large Jobs stress etcd; users may ask for more.
 MAX_DEFAULT_SHARDS = 2000
-#: Seeds per relighter call.
-DEFAULT_BATCH_SIZE = 8
 
 
 class PlanSettings(BaseModel):
@@ -50,7 +48,7 @@ class PlanSettings(BaseModel):
     shards: int | None = Field(None, ge=1)
     workers: int = Field(1, ge=1, description="workers the default shard count is made for")
     run_id: str | None = None
-    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="none: the relighter's choice")
     max_pixels: int = Field(images.DEFAULT_MAX_PIXELS, ge=1)
 
     @field_validator("img_formats", "ref_formats")
@@ -232,5 +230,5 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "options": ", ".join(f"{k}={v}" for k, v in m.relighter.options.items()) or "-",
         "units": f"{m.units} ({m.unit_size} iterations each)",
         "shards": f"{m.shards} ({per_shard}-{per_shard + (m.units % m.shards > 0)} units each)",
-        "batch_size": m.batch_size,
+        "batch_size": m.batch_size or "the relighter's choice",
     }

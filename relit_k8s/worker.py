@@ -5,7 +5,9 @@ The same code runs in a Kubernetes pod (``relit-k8s worker``, index from
 
 * lists each pair folder once and skips the items whose outputs exist;
 * decodes each input and reference once (a small cache; decoding runs ahead in threads);
-* relights the missing seeds of a pair in batches of ``manifest.batch_size`` on one device;
+* relights the missing seeds of a pair in batches of ``manifest.batch_size`` (when the plan sets
+  none, the relighter's own ``batch_size``; fewer for very large images, so that one call returns
+  at most ``RELIT_CALL_OUTPUT_BYTES``) on one device;
 * encodes and writes outputs in threads (atomic writes: no half-written file at a final key);
 * writes its report at start, every ``report_interval`` seconds, and at the end;
 * records a bad image as failed items and goes on; stops cleanly on SIGTERM.
@@ -65,6 +67,11 @@ LOOKAHEAD = 2
 #: the batch (an output is written whole or not at all), saves its report and exits 143. The Job
 #: sets RELIT_STOP_GRACE below the pod's terminationGracePeriodSeconds.
 STOP_GRACE = 30.0
+#: Most bytes of output (float32, at the input's size) one relighter call may return: a pair of
+#: a very large image gets fewer seeds per call, which bounds GPU memory whatever the batch size.
+CALL_OUTPUT_BYTES = int(os.environ.get("RELIT_CALL_OUTPUT_BYTES", 4 * 1024**3))
+#: Most bytes of relit pixels waiting for the encode-and-write threads (at least one item).
+WRITE_BACKLOG_BYTES = int(os.environ.get("RELIT_WRITE_BACKLOG_BYTES", 4 * 1024**3))
 #: Unexpected relighter errors in a row (no success between them) that end the shard with
 #: exit 1: fewer are recorded as failed items, since one odd input must not stop a shard.
 UNEXPECTED_LIMIT = 3
@@ -231,6 +238,34 @@ class _Reporter:
         self.write()
 
 
+def _options_with_batch(manifest: Manifest) -> dict:
+    """The relighter's options, with the plan's ``--batch-size`` as its ``batch_size`` option
+    when it has one and the options do not set it (so ``diffusion`` batches the GPU the same)."""
+    options = dict(manifest.relighter.options)
+    if manifest.batch_size and options.get("batch_size", "absent") is None:
+        options["batch_size"] = manifest.batch_size
+    return options
+
+
+class _Backlog:
+    """Bytes of relit pixels queued for writing, bounded: ``take`` waits while over the bound
+    (one item always passes, however large)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
 class ShardRunner:
     """Runs shards of one manifest with one loaded relighter (reused across shards)."""
 
@@ -254,9 +289,11 @@ class ShardRunner:
         self.normals = open_storage(manifest.normals) if manifest.normals else None
         started = time.monotonic()
         self.relighter = relighter or create(
-            manifest.relighter.name, manifest.relighter.options, self.device
+            manifest.relighter.name, _options_with_batch(manifest), self.device
         )
         self.model_load_seconds = round(time.monotonic() - started, 4)
+        #: Seeds per relighter call: the plan's, else the relighter's choice for its device.
+        self.batch_size = manifest.batch_size or self.relighter.batch_size
         self._pin = torch.device(self.device).type == "cuda"
         self._unexpected = 0
         self._reporter: _Reporter | None = None
@@ -364,7 +401,8 @@ class ShardRunner:
                      "items": report.report.items_total, "units": len(units),
                      "device": report.report.device, "host": report.report.host,
                      "relighter": m.relighter.name, "options": m.relighter.options,
-                     "batch_size": m.batch_size, "model_load_seconds": self.model_load_seconds,
+                     "batch_size": self.batch_size, "model_load_seconds": self.model_load_seconds,
+                     "model_load_phases": getattr(self.relighter, "load_timings", None),
                  }})
         try:
             self._run_units(units, report)
@@ -393,14 +431,13 @@ class ShardRunner:
         return old.attempt
 
     def _run_units(self, units: list[Unit], report: _Reporter) -> None:
-        m = self.manifest
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
                 ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="relit-write") as write:
             img_cache = _Cache(decode, self._load_image, size=IMAGE_CACHE)
             ref_cache = _Cache(decode, self._load_ref, max_bytes=REF_CACHE_BYTES)
             nrm_cache = (_Cache(decode, self._load_normals, size=IMAGE_CACHE)
                          if self.normals else None)
-            in_flight = threading.BoundedSemaphore(2 * WRITE_THREADS * m.batch_size)
+            in_flight = _Backlog(WRITE_BACKLOG_BYTES)
             errors: list[BaseException] = []
 
             def prefetch(w: _PairWork) -> None:
@@ -448,7 +485,8 @@ class ShardRunner:
         normals_d = normals.to(dev, non_blocking=True) if normals is not None else None
         folder = self.manifest.pair_folder(w.image, w.ref)
         out_name = images.output_file_name(w.image)
-        bs = self.manifest.batch_size
+        seed_bytes = 3 * image.shape[1] * image.shape[2] * 4  # one float32 output
+        bs = max(1, min(self.batch_size, CALL_OUTPUT_BYTES // seed_bytes))
         for start in range(0, len(w.todo), bs):
             if self.stop.is_set():
                 raise Stopped("stopped before the shard was finished")
@@ -459,7 +497,8 @@ class ShardRunner:
                 with self._timed("relight"):
                     out = self.relighter.relight(image_d, ref_d, [s for _, s in batch],
                                                  normals_d)
-                    pixels = out.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+                    # to the host first: the clamped copy then costs host memory, not GPU
+                    pixels = out.detach().cpu().float().clamp(0, 1).permute(0, 2, 3, 1).numpy()
                 if tuple(out.shape) != (len(batch), 3, *image.shape[1:]):
                     raise ItemError(f"the relighter returned shape {tuple(out.shape)} for "
                                     f"{len(batch)} seeds of a {tuple(image.shape)} image")
@@ -477,12 +516,12 @@ class ShardRunner:
                 continue
             self._unexpected = 0
             for (it, seed), px in zip(batch, pixels, strict=True):
-                in_flight.acquire()
+                in_flight.take(px.nbytes)
                 key = f"{folder}/{seed}_{out_name}"
                 fut = write.submit(self._write_one, key, px)
                 fut.add_done_callback(
-                    lambda f, it=it, seed=seed: self._written(f, w, it, seed, in_flight,
-                                                              errors, report)
+                    lambda f, it=it, seed=seed, n=px.nbytes: self._written(
+                        f, w, it, seed, in_flight, n, errors, report)
                 )
 
     def _write_one(self, key: str, pixels: np.ndarray) -> None:
@@ -492,8 +531,8 @@ class ShardRunner:
             self.output.write(key, data)
 
     def _written(self, fut: Future, w: _PairWork, it: int, seed: int,
-                 in_flight: threading.BoundedSemaphore, errors: list, report: _Reporter) -> None:
-        in_flight.release()
+                 in_flight: _Backlog, nbytes: int, errors: list, report: _Reporter) -> None:
+        in_flight.give(nbytes)
         exc = fut.exception()
         if exc is None:
             report.add(done=1)

@@ -46,3 +46,15 @@ class SlowRelighter(SHRelighter):
 
         time.sleep(600)
         return super().relight(image, reference, seeds, normals)
+
+
+class CountingRelighter(SHRelighter):
+    """Prefers 3 seeds per call and records the size of every call it gets."""
+
+    name = "counting"
+    batch_size = 3
+    calls: list[int] = []
+
+    def relight(self, image, reference, seeds, normals=None):
+        CountingRelighter.calls.append(len(seeds))
+        return super().relight(image, reference, seeds, normals)

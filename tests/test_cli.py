@@ -185,6 +185,16 @@ def test_device_flags_are_checked():
             plan_slots("cuda", None, None)
 
 
+def test_workers_sharing_a_gpu_know_how_many_share_it(monkeypatch):
+    # no GPU here: torch is told there are two (plan_slots only counts them)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    slots = plan_slots("cuda", None, 3)
+    assert [(s.visible_gpu, s.gpu_share) for s in slots] == [("0", 2), ("1", 1), ("0", 2)]
+    assert [s.gpu_share for s in plan_slots("cuda", [1], 2)] == [2, 2]
+    assert [s.gpu_share for s in plan_slots("cuda", None, None)] == [1, 1]
+
+
 def test_output_equal_to_input_is_refused(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import EXAMPLES, ROOT, cli, upload_folder
 
-from relit_k8s.errors import RelighterError
+from relit_k8s.errors import EXIT_TEMPORARY, RelighterError, TransientError
 from relit_k8s.modelkit import make_model
 from relit_k8s.relighters import create
-from relit_k8s.relighters.diffusion import fetch_model
+from relit_k8s.relighters.diffusion import AUTO_BATCH_CAP, batch_for_memory, fetch_model
 
 OPTS = {"ddim_steps": 4, "resolution": 32}
 
@@ -37,6 +37,75 @@ def test_outputs_keep_the_input_size_and_depend_only_on_the_seed(model):
     assert torch.allclose(out[1], again[0], atol=1e-5)
     single = torch.cat([r.relight(image, ref, [s]) for s in (5, 6, 7)])
     assert torch.allclose(out, single, atol=1e-5)
+
+
+def calls_of(module: torch.nn.Module) -> list[int]:
+    """The batch sizes ``module`` is called with, from now on."""
+    sizes: list[int] = []
+    module.register_forward_pre_hook(lambda _m, args, kw: sizes.append(
+        len(args[0] if args else kw["sample"])), with_kwargs=True)
+    return sizes
+
+
+def test_seeds_beyond_batch_size_run_in_several_batches_with_the_same_result(model):
+    r = create("diffusion", {"model": str(model), **OPTS, "batch_size": 2}, "cpu")
+    assert r.batch_size == 2
+    sizes = calls_of(r.unet)
+    image, ref = pair()
+    out = r.relight(image, ref, [5, 6, 7, 8, 9])
+    assert sizes == [2] * 4 + [2] * 4 + [1] * 4  # 4 DDIM steps per batch
+    single = torch.cat([r.relight(image, ref, [s]) for s in (5, 6, 7, 8, 9)])
+    assert torch.allclose(out, single, atol=1e-5)
+    assert create("diffusion", {"model": str(model), **OPTS}, "cpu").batch_size == 8  # CPU
+
+
+def test_eta_noise_stays_per_seed_across_batches_and_padding(tmp_path):
+    model = make_model(tmp_path / "m", "tiny", distinct_uncond=True)  # two-branch guidance too
+    r = create("diffusion", {"model": str(model), **OPTS, "eta": 0.5, "batch_size": 3}, "cpu")
+    image, ref = pair()
+    together = r.relight(image, ref, [11, 12, 13, 14, 15])
+    single = torch.cat([r.relight(image, ref, [s]) for s in (11, 12, 13, 14, 15)])
+    assert torch.allclose(together, single, atol=1e-5)
+    r.static_shapes = True  # 3 + 2 seeds, padded to 3 + 3
+    assert torch.allclose(r.relight(image, ref, [11, 12, 13, 14, 15]), together, atol=1e-5)
+    plain = create("diffusion", {"model": str(model), **OPTS, "batch_size": 3}, "cpu")
+    assert not torch.allclose(plain.relight(image, ref, [11]), together[:1], atol=1e-3)
+
+
+def test_no_seeds_give_an_empty_batch(model):
+    r = create("diffusion", {"model": str(model), **OPTS}, "cpu")
+    assert r.relight(*pair(), []).shape == (0, 3, 30, 44)
+
+
+def test_the_automatic_batch_size_from_measured_memory():
+    gib = 2**30
+    # 1 GiB fixed + 0.5 GiB per seed; 40 GiB free -> 85% = 34 GiB -> 66 fit -> the cap
+    step4, step8 = 3 * gib, 5 * gib
+    assert batch_for_memory(step4, step8, gib, 40 * gib) == AUTO_BATCH_CAP
+    assert batch_for_memory(step4, step8, gib, 12 * gib) == 16  # 18 fit: a multiple of 8
+    assert batch_for_memory(step4, step8, gib, 40 * gib, share=4) == 8  # 8.5 GiB: 15 fit
+    assert batch_for_memory(step4, step8, gib, 4 * gib) == 4  # fewer than 8 fit: as many
+    with pytest.raises(TransientError, match="not enough free GPU memory") as e:
+        batch_for_memory(step4, step8, gib, 1.5 * gib)
+    assert e.value.exit_code == EXIT_TEMPORARY  # the memory may be free on a retry
+    with pytest.raises(TransientError):  # the decode does not fit, though a step would
+        batch_for_memory(step4, step8, 20 * gib, 20 * gib)
+
+
+def test_static_shapes_pad_batches_to_multiples_of_8_without_changing_outputs(model):
+    # compile=true sets static_shapes (torch.compile compiles at the first call, which takes
+    # minutes on a CPU; the GPU benchmark runs it), so the padding is checked on eager modules.
+    assert create("diffusion", {"model": str(model), **OPTS, "compile": "true"},
+                  "cpu").static_shapes
+    r = create("diffusion", {"model": str(model), **OPTS, "batch_size": 12}, "cpu")
+    image, ref = pair()
+    plain = r.relight(image, ref, list(range(1, 15)))
+    r.static_shapes = True
+    unet, decoder = calls_of(r.unet), calls_of(r.vae.decoder)
+    padded = r.relight(image, ref, list(range(1, 15)))
+    assert set(unet) == {8, 12} and len(unet) == 2 * OPTS["ddim_steps"]  # 14 = 12 + 2 -> 8
+    assert set(decoder) == {8}  # decode chunks are padded to one shape
+    assert padded.shape == plain.shape and torch.allclose(padded, plain, atol=1e-5)
 
 
 def test_one_pass_equals_two_pass_guidance_when_the_branches_are_equal(model):
@@ -119,4 +188,21 @@ def test_make_model_command_and_the_tiny_benchmark(tmp_path):
     assert bench.returncode == 0, bench.stderr[-3000:]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["seed_loop_samples_per_s"] > 0 and data["relit_samples_per_s"] > 0
-    assert data["relit_one_pass"] is True and data["speedup"] > 0
+    assert data["relit_one_pass"] is True and data["relit_speedup"] > 0
+
+
+def test_the_tiny_worker_pipeline_benchmark(tmp_path):
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks/worker_pipeline.py"),
+                            "--tiny", "--cold-start", "--out", str(tmp_path / "p.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["relighter_only_samples_per_s"] > 0
+    for where in ("local", "s3"):  # the S3 run goes through moto's server (a test dependency)
+        assert data[f"{where}_samples_per_s"] > 0 and data[f"{where}_ratio"] > 0
+        assert data[f"{where}_timings"]["write"] > 0
+    cold = data["cold_start"]
+    assert cold["samples"] == data["iterations"]
+    assert 0 < cold["first_output_seconds"] < cold["worker_seconds"]  # seen before it ended
+    assert {"imports", "read_weights", "to_device", "batch_probe"} <= set(
+        cold["model_load_phases"])

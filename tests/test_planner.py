@@ -99,6 +99,14 @@ def test_manifest_round_trips_and_detects_tampering(tmp_path):
         Manifest.from_json(json.dumps(raw).encode())
 
 
+def test_version_1_manifests_are_still_read(tmp_path):
+    m = make(tmp_path)
+    assert m.version == 2 and m.batch_size is None  # no --batch-size: the relighter chooses
+    old = m.model_copy(update={"version": 1, "batch_size": 8})  # as earlier relit-k8s wrote them
+    back = Manifest.from_json(old.to_json())
+    assert back.version == 1 and back.batch_size == 8
+
+
 def test_run_id_is_a_dns_label_and_stable(tmp_path):
     a, b = make(tmp_path), make(tmp_path)
     assert a.run_id == b.run_id and a.run_id.startswith("relit-") and len(a.run_id) <= 40

@@ -348,3 +348,55 @@ def test_reports_carry_timings_rate_and_attempts(small_dataset):
     assert all(v >= 0 for v in first.timings.values()) and first.timings["relight"] > 0
     [second] = run_all(m)
     assert second.attempt == 2
+
+
+def test_batches_follow_the_plan_or_else_the_relighters_choice(small_dataset):
+    from plugins_for_tests import CountingRelighter
+
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out, iterations=7, shards=1,
+                   relighter="plugins_for_tests:CountingRelighter")
+    assert m.batch_size is None  # no --batch-size: the relighter chooses on its device
+    CountingRelighter.calls.clear()
+    [report] = run_all(m)
+    assert report.items_done == m.items
+    assert CountingRelighter.calls == [3, 3, 1] * m.pairs
+    m2, _ = planned(images_dir, refs_dir, out / "two", iterations=7, shards=1, batch_size=5,
+                    relighter="plugins_for_tests:CountingRelighter")
+    CountingRelighter.calls.clear()
+    run_all(m2)
+    assert CountingRelighter.calls == [5, 2] * m2.pairs
+
+
+def test_the_plans_batch_size_reaches_a_relighter_that_batches_itself(tmp_path):
+    from relit_k8s.modelkit import make_model
+
+    model = make_model(tmp_path / "m", "tiny")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png_bytes(photo(24, 32)))
+    (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
+    options = {"model": str(model), "ddim_steps": 2, "resolution": 32}
+    m, _ = planned(tmp_path / "in", tmp_path / "refs", tmp_path / "out", batch_size=3,
+                   relighter="diffusion", options=options)
+    runner = ShardRunner(m, device="cpu")
+    assert runner.relighter.batch_size == 3 and runner.batch_size == 3
+    m2, _ = planned(tmp_path / "in", tmp_path / "refs", tmp_path / "out2",
+                    relighter="diffusion", options={**options, "batch_size": 2})
+    assert ShardRunner(m2, device="cpu").relighter.batch_size == 2  # its own option stays
+
+
+def test_calls_for_very_large_outputs_take_fewer_seeds(small_dataset, monkeypatch):
+    from plugins_for_tests import CountingRelighter
+
+    from relit_k8s import worker as worker_module
+
+    images_dir, refs_dir, out = small_dataset  # 24 x 32 images: 9,216 bytes per output
+    monkeypatch.setattr(worker_module, "CALL_OUTPUT_BYTES", 2 * 9216)
+    monkeypatch.setattr(worker_module, "WRITE_BACKLOG_BYTES", 9216)  # one queued write at a time
+    m, _ = planned(images_dir, refs_dir, out, iterations=5, shards=1,
+                   relighter="plugins_for_tests:CountingRelighter")
+    CountingRelighter.calls.clear()
+    [report] = run_all(m)
+    assert report.items_done == m.items and written(out) == expected_outputs(m)
+    assert CountingRelighter.calls == [2, 2, 1] * m.pairs

@@ -48,6 +48,9 @@ class Relighter(ABC):
     #: If set, the worker resizes every reference (area average, linear radiance) to this
     #: (height, width) once, before caching it: keeps thousands of references in memory.
     reference_resolution: ClassVar[tuple[int, int] | None] = None
+    #: Seeds per ``relight`` call the worker uses when the plan sets no ``--batch-size``. A
+    #: relighter may set it per instance, from its device (``diffusion`` measures free memory).
+    batch_size: int = 8
 
     def __init__(self, options: RelighterOptions | None = None, device: str | torch.device = "cpu"):
         self.options = options if options is not None else self.Options()

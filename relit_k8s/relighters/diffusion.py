@@ -9,13 +9,23 @@ weights, for tests and benchmarks.
 
 What it does differently from the seed's loop:
 
-* weights load once per worker, in bf16 on a GPU (fp32 on the CPU), with PyTorch's SDPA attention;
+* weights load once per worker, in bf16 on a GPU (fp32 on the CPU), channels-last, with fused
+  q/k/v projections and PyTorch's SDPA attention;
 * all seeds of a pair run as one batch; each seed's starting noise comes from its own
   generator, so a batch equals one-by-one;
 * one UNet + ControlNet pass per step when the unconditional branch equals the conditional one
   (same hint and text, as in the seed's model) or guidance is 1: the same result for half the
   work; otherwise both branches run in one batched call;
-* per-pair work (resizing and tone-mapping the hint) is done once per pair, not per step or seed.
+* per-pair work (resizing and tone-mapping the hint) is done once per pair, not per step or seed;
+* the batch size is measured, not guessed: unless ``batch_size`` is set, the relighter runs one
+  denoising step at two batch sizes on the GPU at load time, takes the memory each extra seed
+  costs, and picks the largest multiple of 8 that fits in 85% of the free memory (divided
+  between the workers sharing the GPU; fewer than 8 when fewer fit), capped at
+  :data:`AUTO_BATCH_CAP` (the benchmark's sweep: 64 seeds gain 2.4% for twice the memory);
+* the VAE decodes in chunks of :data:`DECODE_CHUNK`, so decode memory does not grow with the batch;
+* ``compile=true``: the UNet, ControlNet and VAE decoder are compiled with static shapes, and
+  batches are padded to a multiple of 8 seeds, so a worker compiles a handful of shapes at most
+  (the compiled code is cached on disk, see ``TORCHINDUCTOR_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -31,10 +41,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..errors import RelighterError
+from ..errors import RelighterError, TransientError
 from .base import Relighter, RelighterOptions
 
 EMBEDDINGS = "text_embeddings.safetensors"
+#: The largest batch the automatic choice takes (seeds of one pair per GPU call).
+AUTO_BATCH_CAP = 32
+#: Latents decoded per VAE call.
+DECODE_CHUNK = 8
+#: Fraction of the free GPU memory the automatic batch size may plan to use.
+MEMORY_FRACTION = 0.85
 
 
 class DiffusionOptions(RelighterOptions):
@@ -47,9 +63,16 @@ class DiffusionOptions(RelighterOptions):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on the CPU")
     new_decoder: bool = Field(False, description="use the directory's vae_new_decoder/")
-    compile: bool = Field(False, description="torch.compile the UNet and ControlNet (static "
-                          "shapes): faster steps after a one-time compile, whose artefacts are "
-                          "cached in TORCHINDUCTOR_CACHE_DIR (the Job puts it in /cache)")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="seeds per GPU batch "
+                                   "[default: measured at load from free GPU memory, at most "
+                                   f"{AUTO_BATCH_CAP}; 8 on the CPU]")
+    compile: bool = Field(False, description="torch.compile the UNet, ControlNet and VAE "
+                          "decoder (static shapes): faster steps after a one-time compile, whose "
+                          "artefacts are cached in TORCHINDUCTOR_CACHE_DIR (the Job puts it in "
+                          "/cache)")
+    attention: Literal["auto", "flash", "cudnn", "efficient"] = Field(
+        "auto", description="scaled-dot-product attention kernel on a GPU: PyTorch's choice, "
+        "or one to use (relighter_throughput --sweep times each)")
     cache_dir: str | None = Field(None, description="where s3:// models are downloaded "
                                   "[default: $XDG_CACHE_HOME/relit-k8s/models]")
 
@@ -58,6 +81,37 @@ def _dtype(option: str, device: torch.device) -> torch.dtype:
     if option == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[option]
+
+
+def use_backend(name: str) -> None:
+    """Make ``name`` the process's SDPA attention kernel (the math one stays as a fallback);
+    ``auto`` enables them all again, leaving the choice to PyTorch."""
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(name in ("flash", "auto"))
+    cuda.enable_cudnn_sdp(name in ("cudnn", "auto"))
+    cuda.enable_mem_efficient_sdp(name in ("efficient", "auto"))
+    cuda.enable_math_sdp(True)
+
+
+def batch_for_memory(step4: float, step8: float, decode: float, free: float,
+                     share: int = 1) -> int:
+    """Seeds per batch from the peak memory of one denoising step at 4 and 8 seeds, of one
+    decode chunk, and the free memory (shared by ``share`` workers on the GPU): the largest
+    multiple of 8 that fits in MEMORY_FRACTION of it (fewer than 8 when fewer fit), at most
+    AUTO_BATCH_CAP. Raises TransientError (exit 75: the memory may be free on a retry) when not
+    even one seed fits."""
+    per_seed = max((step8 - step4) / 4, 1.0)
+    fixed = max(step4 - 4 * per_seed, 0.0)
+    budget = free * MEMORY_FRACTION / max(share, 1)
+    fits = int((budget - fixed) // per_seed)
+    if fits < 1 or decode > budget:
+        need = max(fixed + per_seed, decode)
+        raise TransientError(
+            f"diffusion: not enough free GPU memory for one seed ({budget / 2**30:.1f} GiB "
+            f"usable of {free / 2**30:.1f} GiB free, shared by {share} worker(s); "
+            f"{need / 2**30:.1f} GiB needed): free the GPU, run fewer workers on it, or lower "
+            "the resolution")
+    return min(AUTO_BATCH_CAP, fits if fits < 8 else fits // 8 * 8)
 
 
 def fetch_model(uri: str, cache_dir: str | None = None) -> Path:
@@ -107,6 +161,17 @@ class DiffusionRelighter(Relighter):
         if not o.model:
             raise RelighterError("diffusion needs a model: -O model=DIR or s3://bucket/model "
                                  "(relit-k8s make-model DIR writes a random-weight one)")
+        #: Seconds of each loading phase (the worker logs them with its start event).
+        self.load_timings: dict[str, float] = {}
+        clock = time.monotonic()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            self.load_timings[phase] = round(now - clock, 3)
+            clock = now
+
+        started = clock
         try:
             from diffusers import (
                 AutoencoderKL,
@@ -119,8 +184,9 @@ class DiffusionRelighter(Relighter):
         except ImportError as e:
             raise RelighterError("the diffusion relighter needs diffusers: "
                                  "pip install 'relit-k8s[diffusion]'") from e
-        started = time.monotonic()
+        lap("imports")
         path = fetch_model(o.model, o.cache_dir)
+        lap("fetch")
         self.dtype = _dtype(o.dtype, self.device)
         vae_dir = path / ("vae_new_decoder" if o.new_decoder else "vae")
         if o.new_decoder and not vae_dir.is_dir():
@@ -138,23 +204,70 @@ class DiffusionRelighter(Relighter):
         emb = load_file(str(path / EMBEDDINGS))
         self.cond = emb["cond"].to(self.device, self.dtype)
         self.uncond = emb["uncond"].to(self.device, self.dtype) if "uncond" in emb else None
+        lap("read_weights")
+        if self.device.type == "cuda":
+            use_backend(o.attention)
         for module in (self.unet, self.controlnet, self.vae):
             module.to(self.device).eval().requires_grad_(False)
             if self.device.type == "cuda":
                 module.to(memory_format=torch.channels_last)  # faster bf16 convolutions
+        # one matmul for q, k and v (k and v in cross-attention) instead of three: same result
+        self.unet.fuse_qkv_projections()
+        self.controlnet.fuse_qkv_projections()
+        lap("to_device")
+        self.latent_channels = self.unet.config.in_channels
+        self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # True when guidance cannot change the result: one UNet pass per step is exact
+        self.one_pass = (o.guidance_scale == 1.0 or self.uncond is None
+                         or torch.equal(self.uncond, self.cond))
+        self._decoder = self.vae.decoder
+        #: Pad batches to a multiple of 8 seeds and decode chunks to DECODE_CHUNK (compiled
+        #: code is specialised to shapes: this keeps their number small).
+        self.static_shapes = o.compile
+        self.batch_size = o.batch_size or (self._measure_batch_size()
+                                           if self.device.type == "cuda" else 8)
+        lap("batch_probe")
         if o.compile:
+            import torch._inductor.config as inductor
+
+            inductor.conv_1x1_as_mm = True  # PyTorch's advice for diffusion UNets
             self.unet = torch.compile(self.unet, dynamic=False)
             self.controlnet = torch.compile(self.controlnet, dynamic=False)
-        self.latent_channels = self.unet.config.in_channels  # compiled modules forward it
-        self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.load_seconds = time.monotonic() - started
+            self._decoder = torch.compile(self.vae.decoder, dynamic=False)
+        self.load_seconds = time.monotonic() - started  # compiling happens at the first call
 
-    @property
-    def one_pass(self) -> bool:
-        """True when guidance cannot change the result: one UNet pass per step is exact."""
-        o = self.options
-        return (o.guidance_scale == 1.0 or self.uncond is None
-                or torch.equal(self.uncond, self.cond))
+    def _measure_batch_size(self) -> int:
+        """Seeds per batch on this GPU (:func:`batch_for_memory`), from the step's peak memory
+        measured at 4 and 8 seeds and the decode's at DECODE_CHUNK. ``RELIT_GPU_SHARE`` (set by
+        ``relit-k8s run`` when workers share a GPU) divides the free memory between them."""
+        res, dev = self.options.resolution, self.device
+        side = res // self.scale
+        branches = 1 if self.one_pass else 2
+        text = self.cond if self.one_pass else torch.cat([self.uncond, self.cond])
+
+        def peak(fn) -> int:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            before = torch.cuda.memory_allocated(dev)
+            with torch.inference_mode():
+                fn()
+            torch.cuda.synchronize(dev)
+            return torch.cuda.max_memory_allocated(dev) - before
+
+        def latents(n: int) -> torch.Tensor:
+            return torch.randn(n, self.latent_channels, side, side, device=dev, dtype=self.dtype)
+
+        def step(b: int) -> None:
+            hint = torch.rand(b * branches, 6, res, res, device=dev, dtype=self.dtype)
+            self._eps(latents(b * branches), torch.tensor(500, device=dev), hint,
+                      text.repeat_interleave(b, 0))
+
+        small, large = peak(lambda: step(4)), peak(lambda: step(8))
+        decode = peak(lambda: self._decode(latents(DECODE_CHUNK)))
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(dev)
+        return batch_for_memory(small, large, decode, free,
+                                int(os.environ.get("RELIT_GPU_SHARE", "1") or 1))
 
     def _hint(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Input ++ tone-mapped reference, 6 x res x res in [0, 1]: once per pair."""
@@ -183,12 +296,46 @@ class DiffusionRelighter(Relighter):
                          down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False)[0]
 
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode in chunks of DECODE_CHUNK (padded to it when compiled: one shape)."""
+        vae = self.vae
+        parts = []
+        for chunk in latents.split(DECODE_CHUNK):
+            n = len(chunk)
+            if self.static_shapes and n < DECODE_CHUNK:
+                chunk = torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK - n, -1, -1, -1)])
+            z = chunk / vae.config.scaling_factor
+            if vae.post_quant_conv is not None:  # as AutoencoderKL.decode does
+                z = vae.post_quant_conv(z)
+            parts.append(self._decoder(z)[:n])
+        return torch.cat(parts)
+
     @torch.inference_mode()
     def relight(self, image, reference, seeds, normals=None):
+        h, w = image.shape[1:]
+        seeds = [int(s) for s in seeds]
+        # filled in place, a few seeds at a time: at the input's size the outputs are the
+        # largest tensors here, so no second copy of them is ever made
+        result = torch.empty(len(seeds), 3, h, w, device=self.device)
+        if not seeds:
+            return result
+        hint = self._hint(image.to(self.device), reference.to(self.device)).to(self.dtype)
+        for start in range(0, len(seeds), self.batch_size):  # at most batch_size per batch
+            chunk = seeds[start:start + self.batch_size]
+            pad = 0
+            if self.static_shapes:  # few compiled shapes: pad to a multiple of 8 seeds
+                pad = min(-(-len(chunk) // 8) * 8, self.batch_size) - len(chunk)
+            out = self._denoise(hint, chunk + [chunk[-1]] * pad)[:len(chunk)]
+            for i in range(0, len(chunk), DECODE_CHUNK):
+                part = result[start + i:start + min(i + DECODE_CHUNK, len(chunk))]
+                part.copy_(F.interpolate(out[i:i + len(part)], (h, w), mode="bicubic",
+                                         antialias=True)).clamp_(0, 1)
+        return result
+
+    def _denoise(self, hint: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """The seeds' samples for one hint, ``len(seeds) x 3 x res x res`` in [0, 1]."""
         o = self.options
         b = len(seeds)
-        h, w = image.shape[1:]
-        hint = self._hint(image.to(self.device), reference.to(self.device)).to(self.dtype)
         hints = hint[None].expand(b, -1, -1, -1)
         latents = self._noise(seeds)
         self.scheduler.set_timesteps(o.ddim_steps, device=self.device)
@@ -210,7 +357,4 @@ class DiffusionRelighter(Relighter):
                 pred = uncond_pred + o.guidance_scale * (cond_pred - uncond_pred)
             latents = self.scheduler.step(pred, t, latents, eta=o.eta,
                                           generator=gens).prev_sample
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor,
-                                  return_dict=False)[0]
-        out = ((decoded.float() + 1) / 2).clamp(0, 1)
-        return F.interpolate(out, (h, w), mode="bicubic", antialias=True).clamp(0, 1)
+        return ((self._decode(latents).float() + 1) / 2).clamp(0, 1)
