@@ -161,8 +161,7 @@ def batch_sweep(model: str, res: int, device, sizes=(8, 16, 32, 48, 64), reps: i
                     sync(device)
                     found[f"32_attention_{name}"] = round(
                         b * reps / (time.perf_counter() - start), 2)
-                for flag in ("flash", "mem_efficient", "cudnn", "math"):  # PyTorch's defaults
-                    getattr(torch.backends.cuda, f"enable_{flag}_sdp")(True)
+                use_backend("auto")  # PyTorch's own choice again
     return found
 
 

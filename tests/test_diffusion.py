@@ -206,3 +206,20 @@ def test_the_tiny_worker_pipeline_benchmark(tmp_path):
     assert 0 < cold["first_output_seconds"] < cold["worker_seconds"]  # seen before it ended
     assert {"imports", "read_weights", "to_device", "batch_probe"} <= set(
         cold["model_load_phases"])
+
+
+def test_attention_kernel_choice_and_auto_restores_pytorchs_own():
+    from relit_k8s.relighters.diffusion import use_backend
+
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(),
+              cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())
+    try:
+        use_backend("cudnn")
+        assert (cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(),
+                cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == (
+                    False, True, False, True)
+    finally:
+        use_backend("auto")
+    assert (cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(),
+            cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == before

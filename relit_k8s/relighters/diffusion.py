@@ -83,14 +83,19 @@ def _dtype(option: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[option]
 
 
+#: PyTorch's SDPA kernel switches as the process started: ``attention=auto`` restores them.
+_SDPA_DEFAULTS = {flag: getattr(torch.backends.cuda, f"{flag}_sdp_enabled")()
+                  for flag in ("flash", "cudnn", "mem_efficient", "math")}
+
+
 def use_backend(name: str) -> None:
     """Make ``name`` the process's SDPA attention kernel (the math one stays as a fallback);
-    ``auto`` enables them all again, leaving the choice to PyTorch."""
-    cuda = torch.backends.cuda
-    cuda.enable_flash_sdp(name in ("flash", "auto"))
-    cuda.enable_cudnn_sdp(name in ("cudnn", "auto"))
-    cuda.enable_mem_efficient_sdp(name in ("efficient", "auto"))
-    cuda.enable_math_sdp(True)
+    ``auto`` restores PyTorch's own switches, leaving the choice to it."""
+    wanted = dict(_SDPA_DEFAULTS) if name == "auto" else {
+        "flash": name == "flash", "cudnn": name == "cudnn",
+        "mem_efficient": name == "efficient", "math": True}
+    for flag, on in wanted.items():
+        getattr(torch.backends.cuda, f"enable_{flag}_sdp")(on)
 
 
 def batch_for_memory(step4: float, step8: float, decode: float, free: float,
