@@ -242,7 +242,7 @@ def _options_with_batch(manifest: Manifest) -> dict:
     """The relighter's options, with the plan's ``--batch-size`` as its ``batch_size`` option
     when it has one and the options do not set it (so ``diffusion`` batches the GPU the same)."""
     options = dict(manifest.relighter.options)
-    if manifest.batch_size and options.get("batch_size", "absent") is None:
+    if manifest.batch_size and "batch_size" in options and options["batch_size"] is None:
         options["batch_size"] = manifest.batch_size
     return options
 

@@ -267,25 +267,26 @@ def test_a_normal_map_of_another_size_fails_that_image_only(small_dataset, tmp_p
     assert report.items_done == m.items - 4
 
 
-def test_a_relighter_that_always_fails_ends_the_shard_with_exit_1(small_dataset):
+def worker_with_plugin(small_dataset, relighter: str):
+    """Shard 0 of a one-shard plan with a relighter of plugins_for_tests, in a worker process:
+    (the process, its shard report)."""
     images_dir, refs_dir, out = small_dataset
     m, uri = planned(images_dir, refs_dir, out, shards=1,
-                     relighter="plugins_for_tests:BrokenRelighter")
+                     relighter=f"plugins_for_tests:{relighter}")
     proc = worker("--manifest", uri, "--index", "0", "--device", "cpu",
                   env={"PYTHONPATH": str(Path(__file__).parent)})
+    return proc, ShardReport.from_json((out / m.report_key(0)).read_bytes())
+
+
+def test_a_relighter_that_always_fails_ends_the_shard_with_exit_1(small_dataset):
+    proc, report = worker_with_plugin(small_dataset, "BrokenRelighter")
     assert proc.returncode == 1, proc.stderr
-    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
     assert report.state == "failed" and "broken: always fails" in report.error
 
 
 def test_out_of_memory_is_temporary_exit_75(small_dataset):
-    images_dir, refs_dir, out = small_dataset
-    m, uri = planned(images_dir, refs_dir, out, shards=1,
-                     relighter="plugins_for_tests:OOMRelighter")
-    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu",
-                  env={"PYTHONPATH": str(Path(__file__).parent)})
+    proc, report = worker_with_plugin(small_dataset, "OOMRelighter")
     assert proc.returncode == EXIT_TEMPORARY, proc.stderr
-    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
     assert report.exit_code == EXIT_TEMPORARY
 
 
