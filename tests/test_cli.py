@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, cli, photo, png_bytes
+from conftest import EXAMPLES, cli, photo, png_bytes
 
 from relit_k8s.errors import ConfigError
 from relit_k8s.local import plan_slots
@@ -133,15 +133,6 @@ def test_the_third_party_plugin_runs_through_its_entry_point(tmp_path):
     manifest = next((tmp_path / "o" / "_relit").glob("*/manifest.json"))
     spec = json.loads(manifest.read_text())["relighter"]
     assert spec["name"] == "tiny" and spec["options"]["strength"] == 0.8
-
-
-def test_the_readme_test_command_is_what_ci_runs():
-    readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r"```(?:bash|sh)\n(.*?)```", quick, re.S)
-    assert len(commands) == 2, "Quick start has exactly two commands"
-    assert commands[1].strip() in ci
 
 
 def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_path):
