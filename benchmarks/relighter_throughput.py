@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from common import device_for, header, parser, sync
 
-#: FLOPs of the seed's model (SD2.1 sizes, 512 x 512) per sample, from DESIGN.md: 1.09 TFLOP
+#: FLOPs of the seed's model (SD2.1 sizes, 512 x 512) per sample, counted for its layers: 1.09 TFLOP
 #: per denoising step of UNet + ControlNet, 2.5 TFLOP per VAE decode.
 STEP_TFLOP, DECODE_TFLOP = 1.09, 2.5
 

@@ -70,13 +70,13 @@ def plan_run(images: str, refs: str, output: str, iterations: int, options: dict
 def decoded_pairs(r, manifest, device) -> list:
     """(image, reference, seeds) of each pair of the shard, decoded by the worker's own code
     and already on the device."""
+    from relit_k8s.inputs import InputLoader
     from relit_k8s.manifest import pair_seeds
-    from relit_k8s.worker import ShardRunner
 
-    runner = ShardRunner(manifest, relighter=r, device=str(device))
+    loader = InputLoader(manifest, r.reference_resolution)
     ref_key = manifest.references[0]
-    ref = runner._load_ref(ref_key).to(device)
-    return [(runner._load_image(key).to(device), ref,
+    ref = loader.reference(ref_key).to(device)
+    return [(loader.image(key).to(device), ref,
              pair_seeds(manifest.base_seed, key, ref_key, manifest.iterations))
             for key in manifest.images]
 
@@ -135,10 +135,9 @@ def cold_start(images: Path, refs: Path, output: Path, iterations: int, options:
     for line in log.read_text().splitlines():
         if line.startswith("{") and '"event": "start"' in line:
             phases = json.loads(line).get("model_load_phases")
-    from relit_k8s.manifest import ShardReport
-    from relit_k8s.storage import open_storage
+    from relit_k8s.run import Run
 
-    report = ShardReport.from_json(open_storage(str(output)).read(manifest.report_key(0)))
+    report = Run.of(manifest).read_report(0)
     return {"first_output_seconds": round(first if first is not None else total, 2),
             "worker_seconds": round(total, 2), "samples": manifest.items,
             "report_timings": report.timings, "model_load_phases": phases}

@@ -1,30 +1,30 @@
-"""The ``relit-k8s`` command line: parse, call, print. No logic of its own."""
+"""The ``relit-k8s`` command line: parse, call, print.
+
+Commands turn flags into typed settings, call the library (planner, local runner, kube.runs,
+status, resume, gallery) and print through :mod:`relit_k8s.console`. The rules live in the
+library, where a Python caller meets them too.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import sys
 import time
 from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, RelitError, exit_code_for
+from .console import out
+from .errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    RelitError,
+    exit_code_for,
+)
 from .images import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
@@ -36,12 +36,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from .console import fail
+
+    fail(message)
     return typer.Exit(code)
 
 
@@ -55,7 +55,7 @@ def handles_errors(fn):
         except RelitError as e:
             raise _fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            raise _fail("interrupted", 130) from None
+            raise _fail("interrupted", EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort, click.ClickException, SystemExit):
             raise
         except Exception as e:  # a bug or an unforeseen failure: show where, exit by kind
@@ -153,26 +153,26 @@ def _options(pairs: list[str] | None, ddim_steps: int | None, new_decoder: bool)
     return options
 
 
-#: The shared selection flags (plan, run, submit): the names of their PlanSettings inputs.
-_SELECTION = ("input", "refs", "output", "normals", "iterations", "seed", "img_pattern",
-              "ref_pattern", "img_formats", "ref_formats", "relighter", "option", "ddim_steps",
-              "new_decoder", "shards", "run_id", "batch_size", "max_pixels")
-
-
-def _settings(flags: dict, workers: int = 1):
-    """PlanSettings from a command's flags (its ``locals()``): the selection flags only."""
+def _plan_settings(
+    *, input: str, refs: str, output: str, normals: str | None, iterations: int, seed: int,
+    img_pattern: str, ref_pattern: str, img_formats: list[str] | None,
+    ref_formats: list[str] | None, relighter: str, option: list[str] | None,
+    ddim_steps: int | None, new_decoder: bool, shards: int | None, run_id: str | None,
+    batch_size: int | None, max_pixels: int, workers: int,
+):
+    """PlanSettings from the shared selection flags of plan, run and submit."""
     from pydantic import ValidationError
 
     from .planner import PlanSettings
 
-    kw = {k: flags[k] for k in _SELECTION}
-    img_formats, ref_formats = _formats(kw.pop("img_formats")), _formats(kw.pop("ref_formats"))
-    options = _options(kw.pop("option"), kw.pop("ddim_steps"), kw.pop("new_decoder"))
-    data = {**kw, "options": options, "workers": workers}
-    if img_formats:
-        data["img_formats"] = img_formats
-    if ref_formats:
-        data["ref_formats"] = ref_formats
+    data: dict[str, Any] = dict(
+        input=input, refs=refs, output=output, normals=normals, iterations=iterations,
+        seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, relighter=relighter,
+        options=_options(option, ddim_steps, new_decoder), shards=shards, run_id=run_id,
+        batch_size=batch_size, max_pixels=max_pixels, workers=workers)
+    for name, values in (("img_formats", img_formats), ("ref_formats", ref_formats)):
+        if parsed := _formats(values):
+            data[name] = parsed
     try:
         return PlanSettings(**data)
     except ValidationError as e:
@@ -185,20 +185,6 @@ def _make_plan(settings):
 
     images, refs = list_sources(settings)
     return plan(settings, images, refs)
-
-
-def _print_summary(manifest, title: str) -> None:
-    from .planner import estimate_output_bytes, human_bytes, summary
-
-    table = Table(title=title, show_header=False, title_justify="left", box=None)
-    table.add_column(style="bold cyan")
-    table.add_column()
-    rows = summary(manifest)
-    size = estimate_output_bytes(manifest)
-    rows["estimated size"] = f"~{human_bytes(size)} of outputs" if size else "unknown"
-    for key, value in rows.items():
-        table.add_row(key.replace("_", " "), str(value))
-    out.print(table)
 
 
 @app.command("plan")
@@ -215,17 +201,22 @@ def plan_cmd(
                                          "count is made for.")] = 1,
 ):
     """List inputs and references and write the run's manifest (no relighting)."""
-    settings = _settings(dict(locals()), workers)
+    from . import console
     from .planner import write_manifest
 
-    manifest = _make_plan(settings)
+    manifest = _make_plan(_plan_settings(
+        input=input, refs=refs, output=output, normals=normals, iterations=iterations,
+        seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
+        ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
+        new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
+        max_pixels=max_pixels, workers=workers))
     if dry_run:
-        _print_summary(manifest, "Plan (dry run: nothing written)")
+        console.plan_summary(manifest, "Plan (dry run: nothing written)")
         return
     manifest, uri = write_manifest(manifest)
-    _print_summary(manifest, "Plan")
-    out.print(f"manifest: {uri}")
-    out.print(f"run a shard with: relit-k8s worker --manifest {uri} --index 0")
+    console.plan_summary(manifest, "Plan")
+    out.print(f"manifest: {uri}", highlight=False)
+    out.print(f"run a shard with: relit-k8s worker --manifest {uri} --index 0", highlight=False)
 
 
 @app.command("run")
@@ -242,34 +233,35 @@ def run_cmd(
     strict: StrictOpt = False, progress: ProgressOpt = True,
 ):
     """Relight on this machine: one worker process per GPU (or on the CPU). No cluster needed."""
-    flags = dict(locals())
+    from . import console
+
     slots = _slots(device, gpus, workers)
-    settings = _settings(flags, workers=len(slots))
-    manifest = _make_plan(settings)
+    manifest = _make_plan(_plan_settings(
+        input=input, refs=refs, output=output, normals=normals, iterations=iterations,
+        seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
+        ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
+        new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
+        max_pixels=max_pixels, workers=len(slots)))
     if dry_run:
-        _print_summary(manifest, "Plan (dry run: nothing written)")
+        console.plan_summary(manifest, "Plan (dry run: nothing written)")
         return
     _run_here(manifest, slots, progress, strict)
 
 
 def _slots(device: str | None, gpus: str | None, workers: int | None):
-    from .local import plan_slots
+    from .local import parse_gpus, plan_slots
 
-    gpu_list = None
-    if gpus:
-        try:
-            gpu_list = [int(g) for g in gpus.replace(" ", "").split(",") if g]
-        except ValueError:
-            raise ConfigError(f"--gpus {gpus!r}: expected GPU numbers such as 0,1") from None
-    return plan_slots(device, gpu_list, workers)
+    return plan_slots(device, parse_gpus(gpus), workers)
 
 
 def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run the same "
               "command again") -> None:
     """Write the manifest, run its shards in local worker processes, print the outcome."""
-    from . import status as status_mod
+    from . import console
     from .local import run_local
     from .planner import write_manifest
+    from .run import Run
+    from .status import collect
 
     manifest, uri = write_manifest(manifest)
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
@@ -278,52 +270,22 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
               f"({len(manifest.images)} images x {len(manifest.references)} references x "
               f"{manifest.iterations}) in {manifest.shards} shards on {len(slots)} worker(s), "
               f"{where}", highlight=False)
-    result = _run_with_progress(uri, manifest, slots, run_local, progress)
-    status = status_mod.collect(manifest.output, manifest.run_id)
-    out.print(f"written {status['items_done']}, skipped {status['items_skipped']} "
-              f"(already there), failed {status['items_failed']}, of {status['items_total']}",
-              highlight=False)
-    out.print(f"outputs: {manifest.output}")
-    out.print(f"reports: {manifest.output.rstrip('/')}/{manifest.meta_prefix}/shards/")
-    if status["items_failed"]:
-        out.print(f"failures are listed in the reports: relit-k8s status {manifest.run_id} "
-                  f"--output {manifest.output}")
-    for msg in result.messages:
-        err.print(f"[red]{msg}[/]", highlight=False)
+    if progress:
+        with console.progress_runner(manifest.items) as (on_progress, on_log):
+            result = run_local(uri, manifest.shards, slots, on_progress=on_progress,
+                               on_log=on_log)
+    else:
+        result = run_local(uri, manifest.shards, slots, on_log=console.warn_log)
+    run = Run.of(manifest)
+    status = collect(run)
+    console.run_outcome(status, run.uri_of(run.paths.shards) + "/")
+    console.problems(result.messages)
     if result.interrupted:
         raise _fail(f"interrupted: {again} to continue", result.interrupt_code)
     code = result.exit_code
-    if code == EXIT_OK and strict and status["items_failed"]:
+    if code == EXIT_OK and strict and status.items_failed:
         code = EXIT_FAILED
     raise typer.Exit(code)
-
-
-def _run_with_progress(uri, manifest, slots, run_local, show: bool):
-    levels = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "red"}
-    if not show:
-        return run_local(uri, manifest.shards, slots,
-                         on_log=lambda lvl, msg: lvl >= logging.WARNING and err.print(msg))
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("relighting", total=manifest.items, rate="")
-        state = {"failed": 0}
-
-        def on_progress(done: int, skipped: int, failed: int) -> None:
-            state["failed"] += failed
-            bar.advance(task, done + skipped + failed)
-            t = bar.tasks[task]
-            rate = f"{t.speed:.1f} items/s" if t.speed else ""
-            if state["failed"]:
-                rate += f" [red]{state['failed']} failed[/]"
-            bar.update(task, rate=rate)
-
-        def on_log(level: int, msg: str) -> None:
-            if level >= logging.WARNING:
-                bar.console.print(f"[{levels.get(level, 'yellow')}]{msg}[/]", highlight=False)
-
-        return run_local(uri, manifest.shards, slots, on_progress=on_progress, on_log=on_log)
 
 
 @app.command("worker")
@@ -366,110 +328,39 @@ def status_cmd(
                                                "shards silent this many seconds.")] = 120.0,
 ):
     """Show a run's progress, speed and failures (shard reports), and its Job if submitted."""
-    from .status import collect, load_run
+    from . import console
+    from .run import Run
+    from .status import collect
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"-o {fmt!r}: use table or json")
+    the_run = Run.load(output, run)
 
-    def snapshot() -> dict:
-        status = collect(output, run, stall_after)
-        status["job"] = _job_state(load_run(output, status["run_id"]), namespace, context) \
-            if cluster else None
+    def snapshot():
+        status = collect(the_run, stall_after=stall_after)
+        if cluster:
+            from .kube.runs import job_state
+
+            status.job = job_state(the_run, namespace, context)
         return status
 
     status = snapshot()
     if fmt == "json":
-        out.print_json(json.dumps(status))
+        sys.stdout.write(status.model_dump_json(indent=2) + "\n")
         return
     if not watch:
-        out.print(_status_view(status))
+        out.print(console.status_view(status))
         return
     from rich.live import Live
 
     try:
-        with Live(_status_view(status), console=out, auto_refresh=False) as live:
-            while status["state"] in ("running", "pending"):
+        with Live(console.status_view(status), console=out, auto_refresh=False) as live:
+            while status.state in ("running", "pending"):
                 time.sleep(interval)
                 status = snapshot()
-                live.update(_status_view(status), refresh=True)
+                live.update(console.status_view(status), refresh=True)
     except KeyboardInterrupt:
         pass
-
-
-def _job_state(manifest, namespace, context) -> dict | None:
-    """The Job's summary for a submitted run; None for local runs; an error note if unreachable."""
-    from .kube.runs import cluster_for, job_summary, read_submission
-
-    record = read_submission(manifest)
-    if record is None and not namespace:
-        return None
-    try:
-        summary = job_summary(cluster_for(record, context, namespace).get_job(manifest.run_id))
-    except RelitError as e:
-        return {"error": str(e)}
-    return summary or {"state": "gone", "name": manifest.run_id,
-                       "note": "the Job no longer exists (deleted or expired by its TTL)"}
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
-
-
-def _status_view(status: dict):
-    from rich.console import Group
-    from rich.text import Text
-
-    parts: list = []
-    rate, eta = status.get("items_per_second"), status.get("eta_seconds")
-    finished = status["items_done"] + status["items_skipped"] + status["items_failed"]
-    speed = f", {rate:.2f} items/s" if rate else ""
-    speed += f", eta {_age(eta)}" if eta else ""
-    parts.append(Text.from_markup(
-        f"run [bold]{status['run_id']}[/] ({status['relighter']}), {status['state']}: "
-        f"{finished}/{status['items_total']} items ({status['items_done']} written, "
-        f"{status['items_skipped']} skipped, {status['items_failed']} failed){speed}"))
-    job = status.get("job")
-    if job and "error" in job:
-        parts.append(Text(f"Job state unavailable: {job['error']}", style="yellow"))
-    elif job:
-        parts.append(Text(
-            f"job {job['name']}: {job['state']}; active {job.get('active', 0)}, "
-            f"succeeded {job.get('succeeded', 0)}, failed {job.get('failed', 0)}; "
-            f"completed indexes {job.get('completed_indexes') or '-'}; "
-            f"failed indexes {job.get('failed_indexes') or '-'}"))
-        for c in job.get("conditions", []):
-            parts.append(Text(f"  {c['type']}: {c.get('reason') or ''} {c.get('message') or ''}"))
-    if status.get("stalled_shards"):
-        parts.append(Text(f"stalled (no heartbeat): shards {status['stalled_shards']}",
-                          style="bold red"))
-    table = Table("shard", "state", "done", "skipped", "failed", "total", "items/s",
-                  "heartbeat", "attempt", "host / device")
-    colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
-    for sh in status["shards"]:
-        state = f"[{colour[sh['state']]}]{sh['state']}[/]"
-        if sh.get("stalled"):
-            state += " [bold red]stalled[/]"
-        table.add_row(
-            str(sh["index"]), state, str(sh["items_done"]), str(sh["items_skipped"]),
-            str(sh["items_failed"]), str(sh["items_total"]),
-            f"{sh['items_per_second']:.2f}" if sh.get("items_per_second") else "",
-            _age(sh.get("heartbeat_age_seconds")), str(sh.get("attempt", "")),
-            " / ".join(x for x in (sh.get("host"), sh.get("device")) if x))
-    parts.append(table)
-    timings = status.get("timings") or {}
-    if timings:
-        parts.append(Text("time spent (s, summed over shards and threads): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in timings.items())))
-    reasons = status.get("failure_reasons") or []
-    if reasons:
-        ft = Table("count", "kind", "reason", "e.g.", title="failures by reason",
-                   title_justify="left")
-        for g in reasons:
-            ft.add_row(str(g["count"]), g["kind"], g["reason"], ", ".join(g["examples"]))
-        parts.append(ft)
-    return Group(*parts)
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
@@ -529,119 +420,46 @@ def submit_cmd(
                                             help="Print the Job as YAML or JSON.")] = None,
 ):
     """Run on Kubernetes: write the manifest and create one Indexed Job (one pod per shard)."""
-    flags = dict(locals())
-    settings = _settings(flags, workers=parallelism)
-    job_settings = _job_settings(flags)
-    manifest = _make_plan(settings)
+    from .kube.job import JobSettings
+
+    manifest = _make_plan(_plan_settings(
+        input=input, refs=refs, output=output, normals=normals, iterations=iterations,
+        seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
+        ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
+        new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
+        max_pixels=max_pixels, workers=parallelism))
+    job_settings = JobSettings.from_flags(
+        node_selector=node_selector, toleration=toleration, image=image, namespace=namespace,
+        parallelism=parallelism, gpus_per_pod=gpus_per_pod, cpu=cpu, cpu_limit=cpu_limit,
+        memory=memory, s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region,
+        backoff_limit_per_index=backoff_limit_per_index, max_failed_indexes=max_failed_indexes,
+        ttl_seconds_after_finished=ttl, termination_grace_seconds=grace_period,
+        priority_class=priority_class, service_account=service_account, queue=queue,
+        image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
+        cache_host_path=cache_host_path)
     _submit(manifest, job_settings, context, dry_run, fmt)
-
-
-def _job_settings(f: dict):
-    import os
-
-    from pydantic import ValidationError
-
-    from .kube.job import JobSettings, parse_toleration
-
-    selectors = {}
-    for pair in f["node_selector"] or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--node-selector {pair!r}: expected KEY=VALUE")
-        selectors[key] = value
-    try:
-        return JobSettings(
-            image=f["image"], namespace=f["namespace"], parallelism=f["parallelism"],
-            gpus_per_pod=f["gpus_per_pod"], cpu=f["cpu"], cpu_limit=f["cpu_limit"],
-            memory=f["memory"], s3_secret=f["s3_secret"] or None,
-            s3_endpoint=f["s3_endpoint"] or os.environ.get("AWS_ENDPOINT_URL") or None,
-            s3_region=f["s3_region"] or os.environ.get("AWS_REGION") or None,
-            backoff_limit_per_index=f["backoff_limit_per_index"],
-            max_failed_indexes=f["max_failed_indexes"], ttl_seconds_after_finished=f["ttl"],
-            termination_grace_seconds=f["grace_period"], node_selector=selectors,
-            tolerations=tuple(parse_toleration(t) for t in f["toleration"])
-            if f["toleration"] else None,
-            priority_class=f["priority_class"], service_account=f["service_account"],
-            queue=f["queue"], image_pull_policy=f["image_pull_policy"],
-            image_pull_secret=f["image_pull_secret"], cache_host_path=f["cache_host_path"],
-        )
-    except ValidationError as e:
-        problems = "; ".join(f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
-                             for x in e.errors())
-        raise ConfigError(problems) from e
 
 
 def _submit(manifest, job_settings, context: str | None, dry_run: bool, fmt: str | None,
             title: str = "Submit") -> None:
-    from .kube.job import build_job
-    from .kube.runs import manifest_uri_of, submit
+    from . import console
+    from .kube.runs import plan_job, submit
 
     if fmt not in (None, "yaml", "json"):
         raise ConfigError(f"-o {fmt!r}: use yaml or json")
-    local = [u for u in (manifest.input, manifest.refs, manifest.output, manifest.normals)
-             if u and not u.startswith("s3://")]
-    if local:
-        raise ConfigError(f"pods cannot read local paths ({', '.join(local)}): put the data in "
-                          "S3 or MinIO and pass s3:// URIs (relit-k8s run works on local paths)")
     if dry_run:
-        job = build_job(manifest, manifest_uri_of(manifest), job_settings)
+        job = plan_job(manifest, job_settings)
         if fmt:
-            _print_objects([job], fmt)
+            console.print_objects([job], fmt)
             return
-        _print_summary(manifest, f"{title} (dry run: nothing written or created)")
-        _print_job_summary(job)
+        console.plan_summary(manifest, f"{title} (dry run: nothing written or created)")
+        console.job_summary(job)
         return
     created, record = submit(manifest, job_settings, context)
     if fmt:
-        _print_objects([created], fmt)
+        console.print_objects([created], fmt)
         return
-    ns = record.namespace
-    out.print(f"run [bold]{record.run_id}[/]: Job {record.job} created in namespace {ns} "
-              f"({manifest.shards} indexes, {created['spec']['parallelism']} at a time)",
-              highlight=False)
-    out.print(f"manifest: {record.manifest}")
-    out.print("follow it with:")
-    out.print(f"  relit-k8s status {record.run_id} --output {manifest.output}")
-    out.print(f"  relit-k8s logs {record.run_id} --output {manifest.output} --follow")
-    out.print(f"  kubectl -n {ns} get job {record.job}")
-    out.print(f"  kubectl -n {ns} get pods -l relit-k8s/run-id={record.run_id}")
-    out.print(f"  kubectl -n {ns} logs -l relit-k8s/run-id={record.run_id} --prefix")
-
-
-def _print_objects(objects: list[dict], fmt: str) -> None:
-    if fmt == "json":
-        data = objects[0] if len(objects) == 1 else {"apiVersion": "v1", "kind": "List",
-                                                     "items": objects}
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    else:
-        import yaml
-
-        sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
-
-
-def _print_job_summary(job: dict) -> None:
-    spec = job["spec"]
-    pod = spec["template"]["spec"]
-    container = pod["containers"][0]
-    table = Table(title="Job", show_header=False, title_justify="left", box=None)
-    table.add_column(style="bold cyan")
-    table.add_column()
-    rows = {
-        "name": job["metadata"]["name"],
-        "namespace": job["metadata"].get("namespace", "(the context's)"),
-        "image": container["image"],
-        "indexes": f"{spec['completions']} ({spec['parallelism']} at a time)",
-        "resources": ", ".join(f"{k}={v}" for k, v in container["resources"]["requests"]
-                               .items()),
-        "retries": f"{spec['backoffLimitPerIndex']} per index; the Job fails past "
-                   f"{spec['maxFailedIndexes']} failed indexes or on a configuration error",
-        "s3 secret": next((e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
-                           if "valueFrom" in e), "(none: pod identity)"),
-        "print it": "add -o yaml (pipe to kubectl apply -f - after relit-k8s plan)",
-    }
-    for key, value in rows.items():
-        table.add_row(key, str(value))
-    out.print(table)
+    console.submitted(record, manifest, created)
 
 
 @app.command("logs")
@@ -659,43 +477,23 @@ def logs_cmd(
     namespace: NamespaceOpt = None, context: ContextOpt = None,
 ):
     """Print the logs of a run's pods: the newest attempt of each index, prefixed by index."""
-    import threading
+    from .kube.runs import cluster_for, stream_logs
 
-    from .kube.runs import cluster_for, newest_pods, pod_index
+    def emit(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
-    cluster = cluster_for(_record(run, output), context, namespace)
-    pods = newest_pods(cluster.list_pods(run, index), all_attempts)
-    if not pods:
-        raise ConfigError(f"no pods of run {run} in namespace {cluster.namespace}"
-                          + (f" for index {index}" if index is not None else ""))
-    lock = threading.Lock()
-    prefix = len(pods) > 1 or index is None
-
-    def show(pod: dict) -> None:
-        name = pod["metadata"]["name"]
-        for line in cluster.pod_logs(name, follow=follow, tail=tail):
-            with lock:
-                sys.stdout.write(f"[{pod_index(pod)}] {line}\n" if prefix else line + "\n")
-                sys.stdout.flush()
-
-    if not follow:
-        for pod in pods:
-            show(pod)
-        return
-    threads = [threading.Thread(target=show, args=(p,), daemon=True) for p in pods]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    stream_logs(cluster_for(_record(run, output), context, namespace), run, emit, index,
+                follow, tail, all_attempts)
 
 
 def _record(run: str, output: str | None):
     if not output:
         return None
     from .kube.runs import read_submission
-    from .status import load_run
+    from .run import Run
 
-    return read_submission(load_run(output, run))
+    return read_submission(Run.load(output, run))
 
 
 @app.command("cancel")
@@ -734,14 +532,13 @@ def resume_cmd(
     strict: StrictOpt = False, progress: ProgressOpt = True,
 ):
     """A new run over only the units not yet written (or failed), as a Job or here."""
-    from .kube.runs import read_submission
-    from .resume import plan_resume
-    from .status import load_run
+    from . import console
+    from .resume import plan_resume, resume_on_cluster
+    from .run import Run
 
-    manifest = load_run(output, run)
-    record = read_submission(manifest)
-    on_cluster = record is not None and not local
-    if on_cluster:
+    the_run = Run.load(output, run)
+    record = resume_on_cluster(the_run, local)
+    if record is not None:
         job_settings = record.settings.model_copy(update={
             k: v for k, v in {"image": image, "parallelism": parallelism,
                               "namespace": namespace}.items() if v is not None})
@@ -749,16 +546,16 @@ def resume_cmd(
     else:
         slots = _slots(device, gpus, workers)
         width = len(slots)
-    resumed = plan_resume(manifest, width, shards, trust_reports)
+    resumed = plan_resume(the_run, width, shards, trust_reports)
     if resumed is None:
         out.print(f"run {run}: every output is written; nothing to resume")
         return
     out.print(f"run {run}: {resumed.items} outputs in {resumed.units} units are missing; "
               f"new run {resumed.run_id}", highlight=False)
-    if on_cluster:
+    if record is not None:
         _submit(resumed, job_settings, context or record.context, dry_run, fmt, "Resume")
     elif dry_run:
-        _print_summary(resumed, "Resume (dry run: nothing written)")
+        console.plan_summary(resumed, "Resume (dry run: nothing written)")
     else:
         _run_here(resumed, slots, progress, strict, again=f"relit-k8s resume {run} --local")
 
@@ -813,16 +610,16 @@ def make_model_cmd(
 @handles_errors
 def relighters_cmd():
     """List the relighters that can be used, and their options."""
+    from . import console
     from .relighters import available, describe_options, resolve
 
-    table = Table("name", "from", "options")
+    rows = []
     for name, target in sorted(available().items()):
         try:
-            opts = describe_options(resolve(name))
+            rows.append((name, target, describe_options(resolve(name)), True))
         except RelitError as e:
-            opts = f"[red]cannot load: {e}[/]"
-        table.add_row(name, target, opts)
-    out.print(table)
+            rows.append((name, target, f"cannot load: {e}", False))
+    console.relighters_table(rows)
 
 
 def version_callback(value: bool):
@@ -840,11 +637,7 @@ def root(
 
 
 def main() -> None:
-    try:
-        app()
-    except ConfigError as e:  # pragma: no cover - handled in commands
-        err.print(f"error: {e}")
-        sys.exit(EXIT_CONFIG)
+    app()
 
 
 __all__ = ["app", "main"]

@@ -13,9 +13,10 @@
     │   └── ObjectUnreadable              this one object cannot be read (archived, permission)
     │       └── NotFoundError             no object at that key
     ├── ItemError                --       one item cannot be relit (bad image): recorded
-    │   ├── DecodeError
+    │   ├── DecodeError                   with its ``key`` (the file) and ``reason``
     │   └── ImageTooLarge
     └── Stopped                  exit 143 SIGTERM, after the report was saved
+                                 exit 130 Ctrl+C (SIGINT) ended ``relit-k8s run``
 
 Lower-layer errors (botocore, Pillow, OpenEXR, pydantic) are converted where they enter the
 package, with ``raise ... from``; :func:`exit_code_for` is the one place that decides what a
@@ -28,6 +29,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_TEMPORARY = 75  # EX_TEMPFAIL
 EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl+C
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 
 
@@ -78,7 +80,16 @@ class StorageUnavailable(StorageError, TransientError):
 
 
 class ItemError(RelitError):
-    """One item (an image or reference) cannot be processed; the rest of the shard goes on."""
+    """One item (an image or reference) cannot be processed; the rest of the shard goes on.
+
+    ``key`` names the file at fault (the image, the reference or a normal map; None when the
+    fault is not one file's) and ``reason`` says what is wrong with it, without the key; the
+    shard report records both.
+    """
+
+    def __init__(self, reason: str, *, key: str | None = None):
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key, self.reason = key, reason
 
 
 class DecodeError(ItemError):

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from . import images
 from .errors import ItemError, NotFoundError
 from .manifest import Manifest, pair_seeds
-from .status import load_run, read_reports
-from .storage import Storage, join_key, open_storage
+from .run import Run
+from .storage import Storage, open_storage
 
 THUMB = 160  # pixels, the longer side of a thumbnail
 
@@ -42,14 +42,14 @@ def _decode(storage: Storage, key: str, max_pixels: int) -> images.Decoded | Non
 def build(output: str, run_id: str | None = None, samples: int = 3, max_images: int = 12,
           max_refs: int = 8) -> dict[str, Any]:
     """Write the gallery of a run; returns its URIs and what it shows."""
-    m = load_run(output, run_id)
-    out = open_storage(output)
+    run = Run.load(output, run_id)
+    m, out = run.manifest, run.output
     inputs, refs = open_storage(m.input), open_storage(m.refs)
     failed: dict[tuple[str, str], str] = {}
-    for report in read_reports(out, m).values():
+    for report in run.read_reports().values():
         for f in report.failures:
             failed.setdefault((f.image, f.ref), f.error)
-    prefix = join_key(m.meta_prefix, "gallery")
+    prefix = run.paths.gallery
     shown_images, shown_refs = list(m.images[:max_images]), list(m.references[:max_refs])
     thumbs: dict[str, str] = {}  # source key -> thumbnail file name in the gallery
 
@@ -74,15 +74,13 @@ def build(output: str, run_id: str | None = None, samples: int = 3, max_images: 
 
     cells: dict[tuple[str, str], list[tuple[str, str]]] = {}  # pair -> [(thumb, full href)]
     for i, img in enumerate(shown_images):
-        name = images.output_file_name(img)
         for j, ref in enumerate(shown_refs):
-            folder = m.pair_folder(img, ref)
-            present = out.list_names(folder)
+            present = run.existing_seeds(img, ref)
             chosen = [s for s in pair_seeds(m.base_seed, img, ref, m.iterations)
-                      if f"{s}_{name}" in present][:samples]
+                      if s in present][:samples]
             cells[(img, ref)] = []
             for k, seed in enumerate(chosen):
-                key = f"{folder}/{seed}_{name}"
+                key = m.output_key(img, ref, seed)
                 dec = _decode(out, key, m.max_pixels)
                 if dec is None:
                     continue

@@ -72,7 +72,7 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
     :class:`ImageTooLarge` when the header claims more than ``max_pixels`` pixels.
     """
     if not data:
-        raise DecodeError(f"{name}: empty file (0 bytes)")
+        raise DecodeError("empty file (0 bytes)", key=name)
     ext = extension(name)
     if ext == "hdr":
         return Decoded(_decode_radiance(data, name, max_pixels), hdr=True)
@@ -80,17 +80,16 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
         return Decoded(_decode_exr(data, name, max_pixels), hdr=True)
     if ext in _PIL_FORMATS:
         return Decoded(_decode_ldr(data, name, max_pixels), hdr=False)
-    raise DecodeError(f"{name}: unsupported image format {ext!r}")
+    raise DecodeError(f"unsupported image format {ext!r}", key=name)
 
 
 def _guard(name: str, width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
-        raise DecodeError(f"{name}: invalid image size {width}x{height}")
+        raise DecodeError(f"invalid image size {width}x{height}", key=name)
     if width * height > max_pixels:
         raise ImageTooLarge(
-            f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
-            f"{max_pixels:,} (raise it with --max-pixels if the image is genuine)"
-        )
+            f"{width}x{height} = {width * height:,} pixels is over the limit of "
+            f"{max_pixels:,} (raise it with --max-pixels if the image is genuine)", key=name)
 
 
 def _decode_ldr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -104,12 +103,12 @@ def _decode_ldr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             im.load()
             im = ImageOps.exif_transpose(im)
     except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its limit
-        raise ImageTooLarge(f"{name}: {e}") from e
+        raise ImageTooLarge(str(e), key=name) from e
     except UnidentifiedImageError as e:
-        raise DecodeError(f"{name}: not a decodable image (unknown format or corrupt header)"
-                          ) from e
+        raise DecodeError("not a decodable image (unknown format or corrupt header)",
+                          key=name) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"{name}: corrupt or truncated image ({e})") from e
+        raise DecodeError(f"corrupt or truncated image ({e})", key=name) from e
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(im, dtype=np.float32) / 65535.0
     elif im.mode in ("I", "F"):
@@ -130,15 +129,15 @@ _RADIANCE_SIZE = re.compile(rb"^([-+])([YX]) (\d+) ([-+])([YX]) (\d+)$")
 def _radiance_size(data: bytes, name: str) -> tuple[int, int]:
     """(width, height) from a Radiance header, without decoding pixels."""
     if not (data.startswith(b"#?")):
-        raise DecodeError(f"{name}: not a Radiance .hdr file (no '#?' signature)")
+        raise DecodeError("not a Radiance .hdr file (no '#?' signature)", key=name)
     head = data[:65536]
     end = head.find(b"\n\n")
     if end < 0:
-        raise DecodeError(f"{name}: truncated Radiance header")
+        raise DecodeError("truncated Radiance header", key=name)
     line = head[end + 2 :].split(b"\n", 1)[0].strip()
     m = _RADIANCE_SIZE.match(line)
     if not m:
-        raise DecodeError(f"{name}: invalid Radiance resolution line {line[:40]!r}")
+        raise DecodeError(f"invalid Radiance resolution line {line[:40]!r}", key=name)
     first, second = int(m.group(3)), int(m.group(6))
     return (second, first) if m.group(2) == b"Y" else (first, second)
 
@@ -150,7 +149,7 @@ def _decode_radiance(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     _guard(name, width, height, max_pixels)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.ndim != 3 or arr.shape[2] < 3:
-        raise DecodeError(f"{name}: corrupt Radiance .hdr file")
+        raise DecodeError("corrupt Radiance .hdr file", key=name)
     return _sanitise(arr[:, :, 2::-1])
 
 
@@ -165,7 +164,7 @@ def _decode_exr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     except (ImageTooLarge, DecodeError):
         raise
     except Exception as e:  # OpenEXR raises plain RuntimeError/Exception for corrupt files
-        raise DecodeError(f"{name}: corrupt OpenEXR file ({e})") from e
+        raise DecodeError(f"corrupt OpenEXR file ({e})", key=name) from e
     for key in ("RGB", "RGBA"):
         if key in channels:
             arr = channels[key].pixels[:, :, :3]
@@ -173,7 +172,7 @@ def _decode_exr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     else:
         key = "Y" if "Y" in channels else next(iter(channels), None)
         if key is None or channels[key].pixels.ndim != 2:
-            raise DecodeError(f"{name}: OpenEXR file has no RGB or Y channels")
+            raise DecodeError("OpenEXR file has no RGB or Y channels", key=name)
         arr = np.repeat(channels[key].pixels[:, :, None], 3, axis=2)
     return _sanitise(arr)
 
@@ -213,17 +212,6 @@ def as_display(img: Decoded) -> np.ndarray:
 def as_radiance(img: Decoded) -> np.ndarray:
     """A reference as linear radiance: LDR references are sRGB-decoded."""
     return img.pixels if img.hdr else srgb_to_linear(img.pixels)
-
-
-def output_file_name(image_key: str) -> str:
-    """The file name relit outputs of ``image_key`` get (before the ``<seed>_`` prefix).
-
-    LDR inputs keep their name, format and extension; HDR inputs are written as ``.png``.
-    """
-    base = posixpath.basename(image_key)
-    if is_hdr_name(base):
-        return posixpath.splitext(base)[0] + ".png"
-    return base
 
 
 def encode(pixels: np.ndarray, name: str) -> bytes:

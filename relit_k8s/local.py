@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from .errors import (
     EXIT_CONFIG,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SIGTERM,
     EXIT_TEMPORARY,
@@ -46,6 +46,16 @@ class Slot:
     visible_gpu: str | None = None
     threads: int = 0
     gpu_share: int = 1
+
+
+def parse_gpus(text: str | None) -> list[int] | None:
+    """``--gpus 0,1`` -> [0, 1]; None when not given."""
+    if not text:
+        return None
+    try:
+        return [int(g) for g in text.replace(" ", "").split(",") if g]
+    except ValueError:
+        raise ConfigError(f"--gpus {text!r}: expected GPU numbers such as 0,1") from None
 
 
 def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) -> list[Slot]:
@@ -95,7 +105,7 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
         os.environ["RELIT_GPU_SHARE"] = str(slot.gpu_share)
     import torch
 
-    from .worker import ShardRunner, abandon, install_stop_handlers, load_manifest
+    from . import worker
 
     if slot.threads:
         torch.set_num_threads(slot.threads)
@@ -103,18 +113,13 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
     root.handlers[:] = [_QueueLog(events)]
     root.setLevel(logging.INFO)
     root.propagate = False
-    stop = threading.Event()
-    runners: list = []
-    install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None))
     try:
-        runner = ShardRunner(
-            load_manifest(manifest_uri), device=slot.device, stop=stop,
-            progress=lambda d, s, f: events.put(("progress", d, s, f)),
-        )
+        runner = worker.start(manifest_uri, slot.device,
+                              progress=lambda d, s, f: events.put(("progress", d, s, f)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
         events.put(("fatal", wid, exit_code_for(e), f"{type(e).__name__}: {e}"))
         return
-    runners.append(runner)
+    stop = runner.stop
     while not stop.is_set():
         try:
             index = indexes.get(timeout=0.5)
@@ -148,7 +153,7 @@ class LocalResult:
     messages: list[str]
     interrupted: bool
     #: The exit code for an interruption: 130 for Ctrl+C (SIGINT), 143 for SIGTERM.
-    interrupt_code: int = 130
+    interrupt_code: int = EXIT_INTERRUPTED
 
     @property
     def exit_code(self) -> int:
@@ -183,7 +188,7 @@ def run_local(
     codes: dict[int, int] = {}
     messages: list[str] = []
     interrupted = False
-    interrupt_code = 130
+    interrupt_code = EXIT_INTERRUPTED
     deadline = None
 
     class _Terminated(Exception):
@@ -227,7 +232,7 @@ def run_local(
             # does not: either way each worker gets SIGTERM, saves its report and stops.
             interrupted = True
             if isinstance(e, _Terminated):
-                interrupt_code = 143
+                interrupt_code = EXIT_SIGTERM
             for p in procs:
                 if p.is_alive() and p.pid:
                     p.terminate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -19,7 +20,8 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ManifestError
-from .storage import META_DIR, is_safe_key, join_key
+from .images import is_hdr_name
+from .storage import is_safe_key
 
 #: Version 2: ``batch_size`` may be null (each worker asks its relighter).
 MANIFEST_VERSION = 2
@@ -227,22 +229,24 @@ class Manifest(BaseModel):
     def shard_items(self, index: int) -> int:
         return sum(u.items for u in self.shard_units(index))
 
-    # --- layout ------------------------------------------------------------------------------
+    # --- output layout: the only place that knows how outputs are named ----------------------
     @staticmethod
     def pair_folder(image: str, ref: str) -> str:
         """``<image key>_<reference key>``: the seed's ``<image file>_<reference file>``."""
         return f"{image}_{ref}"
 
-    @property
-    def meta_prefix(self) -> str:
-        return join_key(META_DIR, self.run_id)
+    @staticmethod
+    def output_name(image: str) -> str:
+        """The file name of the image's outputs after ``<seed>_``: LDR inputs keep their name,
+        format and extension; HDR inputs are written as ``.png``."""
+        base = posixpath.basename(image)
+        if is_hdr_name(base):
+            return posixpath.splitext(base)[0] + ".png"
+        return base
 
-    @property
-    def manifest_key(self) -> str:
-        return join_key(self.meta_prefix, "manifest.json")
-
-    def report_key(self, index: int) -> str:
-        return join_key(self.meta_prefix, "shards", f"{index}.json")
+    def output_key(self, image: str, ref: str, seed: int) -> str:
+        """``<image>_<ref>/<seed>_<image file>``: the key of one output under the output root."""
+        return f"{self.pair_folder(image, ref)}/{seed}_{self.output_name(image)}"
 
     # --- serialisation -----------------------------------------------------------------------
     def body_digest(self) -> str:
@@ -286,8 +290,20 @@ class Failure(BaseModel):
     ref: str
     iteration: int | None = None
     seed: int | None = None
-    error: str
+    error: str = Field(description="the whole message: '<key>: <reason>'")
     kind: str = Field(description="the error class, e.g. DecodeError")
+    key: str | None = Field(None, description="the file at fault: the image, the reference or "
+                            "a normal map (none: not one file's fault)")
+    reason: str | None = Field(None, description="what is wrong, without the key (reports "
+                               "written before 0.2 have only 'error')")
+
+    @classmethod
+    def of(cls, image: str, ref: str, iteration: int | None, seed: int | None,
+           exc: BaseException) -> Failure:
+        """The record of an item that failed with ``exc`` (an ItemError carries its file)."""
+        return cls(image=image, ref=ref, iteration=iteration, seed=seed, error=str(exc),
+                   kind=type(exc).__name__, key=getattr(exc, "key", None),
+                   reason=getattr(exc, "reason", None) or str(exc))
 
 
 ShardState = Literal["running", "done", "failed"]

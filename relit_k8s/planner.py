@@ -17,6 +17,7 @@ from . import images
 from .errors import ConfigError, NotFoundError
 from .manifest import Manifest, RelighterSpec, Selection, check_run_id, now
 from .relighters import parse_options, resolve
+from .run import Run
 from .storage import open_storage
 
 #: Seed-parity defaults (the seed's ``--img-formats`` / ``--ref-formats``).
@@ -95,6 +96,12 @@ def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
     return found[0], found[1]
 
 
+def default_shards(workers: int = 1) -> int:
+    """The shard count when none is asked for: ``SHARDS_PER_WORKER`` per worker, at most
+    ``MAX_DEFAULT_SHARDS``. ``plan``, ``run``, ``submit`` and ``resume`` all use it."""
+    return min(MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER * max(1, workers))
+
+
 def layout(pairs: int, iterations: int, target_shards: int) -> tuple[int, int]:
     """(unit_size, shards): whole pairs as units when there are enough, else split iterations."""
     target = max(1, target_shards)
@@ -124,7 +131,7 @@ def plan(
     cls = resolve(settings.relighter)
     options = parse_options(cls, settings.options)
     pairs = len(image_keys) * len(ref_keys)
-    target = settings.shards or min(MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER * settings.workers)
+    target = settings.shards or default_shards(settings.workers)
     unit_size, shards = layout(pairs, settings.iterations, target)
     manifest = Manifest(
         run_id=check_run_id(settings.run_id) if settings.run_id else "pending",
@@ -163,22 +170,22 @@ def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
     When the run exists with the same plan, the stored manifest is kept (a rerun of the same
     command resumes the same run); a different plan under the same run id is an error.
     """
-    out = open_storage(manifest.output)
+    run = Run.of(manifest)
+    key = run.paths.manifest
     try:
-        existing = Manifest.from_json(out.read(manifest.manifest_key), out.uri_of(
-            manifest.manifest_key))
+        existing = Manifest.from_json(run.output.read(key), run.uri_of(key))
     except NotFoundError:
         existing = None
     if existing is not None:
         if existing.model_dump(exclude=_VOLATILE) != manifest.model_dump(exclude=_VOLATILE):
             raise ConfigError(
-                f"run {manifest.run_id} already exists in {out.uri} with a different plan: "
-                "choose another --run-id"
+                f"run {manifest.run_id} already exists in {run.output.uri} with a different "
+                "plan: choose another --run-id"
             )
-        manifest = existing
+        run = Run(existing, run.output)
     else:
-        out.write(manifest.manifest_key, manifest.to_json())
-    return manifest, out.uri_of(manifest.manifest_key)
+        run.output.write(key, manifest.to_json())
+    return run.manifest, run.manifest_uri
 
 
 def estimate_output_bytes(manifest: Manifest, sample: int = 20) -> int | None:

@@ -9,39 +9,35 @@ from __future__ import annotations
 
 import re
 
-from . import images
 from .errors import ConfigError
 from .manifest import Manifest, now, pair_seeds
-from .planner import MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER
-from .status import list_runs, read_reports
-from .storage import open_storage
+from .planner import default_shards
+from .run import Run, list_runs
 
 _RESUMED = re.compile(r"^(.*)-r(\d+)$")
 
 
-def remaining_units(manifest: Manifest, trust_reports: bool = False) -> list[int]:
-    """Full-numbering units of ``manifest`` with at least one output missing.
+def remaining_units(run: Run, trust_reports: bool = False) -> list[int]:
+    """Full-numbering units of the run with at least one output missing.
 
     Every pair folder is listed once (outputs may have been deleted since the reports were
     written); with ``trust_reports``, shards reported ``done`` without failures are skipped
     unlisted, which is faster on very large runs.
     """
-    out = open_storage(manifest.output)
-    reports = read_reports(out, manifest) if trust_reports else {}
+    manifest = run.manifest
+    reports = run.read_reports() if trust_reports else {}
     missing: list[int] = []
-    listed: dict[str, set[str]] = {}
+    pair, existing = None, set()
     for index in range(manifest.shards):
         report = reports.get(index)
         if report and report.state == "done" and report.items_failed == 0:
             continue
         for unit in manifest.shard_units(index):
-            folder = manifest.pair_folder(unit.image, unit.ref)
-            if folder not in listed:
-                listed = {folder: out.list_names(folder)}
-            name = images.output_file_name(unit.image)
+            if (unit.image, unit.ref) != pair:
+                pair = (unit.image, unit.ref)
+                existing = run.existing_seeds(unit.image, unit.ref)
             seeds = pair_seeds(manifest.base_seed, unit.image, unit.ref, manifest.iterations)
-            if any(f"{seeds[i]}_{name}" not in listed[folder]
-                   for i in range(unit.start, unit.stop)):
+            if any(seeds[i] not in existing for i in range(unit.start, unit.stop)):
                 missing.append(unit.pair * manifest.units_per_pair
                                + unit.start // manifest.unit_size)
     return missing
@@ -57,12 +53,13 @@ def _ranges(units: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in ranges)
 
 
-def next_run_id(manifest: Manifest) -> str:
+def next_run_id(run: Run) -> str:
     """``<root>-r<n>``: the next free resume id in the run's output."""
+    manifest = run.manifest
     m = _RESUMED.match(manifest.run_id)
     root, n = (m.group(1), int(m.group(2))) if m and manifest.resumed_from else (
         manifest.run_id, 0)
-    taken = {r.run_id for r in list_runs(manifest.output)}
+    taken = {r.run_id for r in list_runs(run.output)}
     while True:
         n += 1
         suffix = f"-r{n}"
@@ -71,16 +68,28 @@ def next_run_id(manifest: Manifest) -> str:
             return candidate
 
 
-def plan_resume(manifest: Manifest, workers: int = 1, shards: int | None = None,
+def resume_on_cluster(run: Run, local: bool = False):
+    """Where ``resume`` runs: on the cluster (returns the run's submission record, whose Job
+    settings the new Job reuses) when the run was submitted and ``local`` is not asked for;
+    here (None) otherwise."""
+    if local:
+        return None
+    from .kube.runs import read_submission
+
+    return read_submission(run)
+
+
+def plan_resume(run: Run, workers: int = 1, shards: int | None = None,
                 trust_reports: bool = False) -> Manifest | None:
     """The manifest of a run over the unfinished units, or None when nothing is left."""
-    todo = remaining_units(manifest, trust_reports)
+    todo = remaining_units(run, trust_reports)
     if not todo:
         return None
-    target = shards or min(MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER * workers)
+    target = shards or default_shards(workers)
     if target < 1:
         raise ConfigError("--shards must be at least 1")
+    manifest = run.manifest
     data = manifest.model_dump(exclude={"checksum"})
-    data.update(run_id=next_run_id(manifest), created_at=now(), resumed_from=manifest.run_id,
+    data.update(run_id=next_run_id(run), created_at=now(), resumed_from=manifest.run_id,
                 only_units=_ranges(todo), shards=min(target, len(todo)))
     return Manifest(**data)

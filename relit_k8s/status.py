@@ -1,55 +1,115 @@
-"""Read a run's state from storage: its manifest and shard reports."""
+"""A run's state, read from storage: typed results for ``relit-k8s status``.
+
+:func:`collect` returns a :class:`RunStatus`; ``status -o json`` prints its
+``model_dump_json()``. The JSON keys are the documented ones (README, "Status"): sums over the
+shards at the top, each shard's report under ``shards``, the Job under ``job`` when submitted.
+"""
 
 from __future__ import annotations
 
-import posixpath
 from datetime import datetime
-from typing import Any
+from typing import Literal
 
-from .errors import ConfigError, NotFoundError
-from .manifest import Manifest, ShardReport, now
-from .storage import META_DIR, Storage, open_storage
+from pydantic import BaseModel, ConfigDict, Field
 
+from .manifest import Failure, ShardReport, now
+from .run import Run
+from .storage import Storage
 
-def list_runs(output: str) -> list[Manifest]:
-    """Every run planned into ``output``, oldest first."""
-    out = open_storage(output)
-    runs = []
-    for key in out.walk(META_DIR):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "manifest.json":
-            runs.append(Manifest.from_json(out.read(key), out.uri_of(key)))
-    return sorted(runs, key=lambda m: m.created_at)
+#: A running shard whose report is older than this many seconds is flagged as stalled
+#: (its heartbeat is every 5 s; a pod that died without a word stops it).
+STALL_AFTER = 120.0
+
+RunState = Literal["done", "running", "failed", "pending", "incomplete"]
 
 
-def load_run(output: str, run_id: str | None = None) -> Manifest:
-    """The manifest of ``run_id`` in ``output``, or of the newest run when ``run_id`` is None."""
-    out = open_storage(output)
-    if run_id is None:
-        runs = list_runs(output)
-        if not runs:
-            raise ConfigError(f"no runs in {out.uri}: start one with relit-k8s run or plan")
-        return runs[-1]
-    key = posixpath.join(META_DIR, run_id, "manifest.json")
-    try:
-        return Manifest.from_json(out.read(key), out.uri_of(key))
-    except NotFoundError as e:
-        known = ", ".join(m.run_id for m in list_runs(output)) or "none"
-        raise ConfigError(f"no run {run_id!r} in {out.uri} (runs there: {known})") from e
+class ShardStatus(ShardReport):
+    """One shard: its report's fields, or a ``pending`` placeholder before any attempt wrote
+    one; for running shards, the heartbeat's age and whether it is stalled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: Literal["pending", "running", "done", "failed"]  # type: ignore[assignment]
+    started_at: datetime | None = None  # type: ignore[assignment]
+    updated_at: datetime | None = None  # type: ignore[assignment]
+    host: str | None = None  # type: ignore[assignment]
+    device: str | None = None  # type: ignore[assignment]
+    relighter: str | None = None  # type: ignore[assignment]
+    attempt: int | None = None  # type: ignore[assignment]
+    heartbeat_age_seconds: float | None = None
+    stalled: bool = False
+
+    @classmethod
+    def pending(cls, run_id: str, index: int, items_total: int) -> ShardStatus:
+        return cls(run_id=run_id, index=index, state="pending", items_total=items_total)
 
 
-def read_reports(out: Storage, manifest: Manifest) -> dict[int, ShardReport]:
-    folder = posixpath.join(manifest.meta_prefix, "shards")
-    reports = {}
-    for name in out.list_names(folder):
-        stem, ext = posixpath.splitext(name)
-        if ext == ".json" and stem.isdigit():
-            key = f"{folder}/{name}"
-            reports[int(stem)] = ShardReport.from_json(out.read(key), out.uri_of(key))
-    return reports
+class FailureGroup(BaseModel):
+    """Failed items that share a kind and a reason, with a few of their images."""
+
+    kind: str
+    reason: str
+    count: int
+    examples: list[str]
 
 
-def overall_state(states: list[str]) -> str:
+class JobCondition(BaseModel):
+    type: str
+    reason: str | None = None
+    message: str | None = None
+
+
+class JobSummary(BaseModel):
+    """The parts of a submitted run's Job that tell how it goes; ``state`` is ``gone`` once
+    the Job was deleted, and ``error`` says why it could not be read."""
+
+    name: str | None = None
+    namespace: str | None = None
+    state: str | None = None
+    conditions: list[JobCondition] = Field(default_factory=list)
+    completions: int | None = None
+    parallelism: int | None = None
+    active: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    completed_indexes: str = ""
+    failed_indexes: str = ""
+    start_time: str | None = None
+    completion_time: str | None = None
+    note: str | None = None
+    error: str | None = None
+
+
+class RunStatus(BaseModel):
+    """``relit-k8s status -o json``: sums over all shards, and every shard."""
+
+    run_id: str
+    created_at: datetime
+    output: str
+    manifest: str
+    relighter: str
+    state: RunState
+    items_total: int
+    items_done: int
+    items_skipped: int
+    items_failed: int
+    items_per_second: float | None
+    eta_seconds: float | None
+    resumed_from: str | None
+    stalled_shards: list[int]
+    failure_reasons: list[FailureGroup]
+    timings: dict[str, float]
+    shards_total: int
+    shards: list[ShardStatus]
+    job: JobSummary | None = None
+
+    @property
+    def items_finished(self) -> int:
+        return self.items_done + self.items_skipped + self.items_failed
+
+
+def overall_state(states: list[str]) -> RunState:
     """done: every shard done; running: a shard runs; failed: a shard failed; pending: none
     started; incomplete: some done, the others not started (a stopped or partial run)."""
     if states and all(s == "done" for s in states):
@@ -76,75 +136,62 @@ def throughput(reports: list[ShardReport], remaining: int,
     return round(rate, 3), (round(remaining / rate, 1) if state == "running" else None)
 
 
-#: A running shard whose report is older than this many seconds is flagged as stalled
-#: (its heartbeat is every 5 s; a pod that died without a word stops it).
-STALL_AFTER = 120.0
+def failure_reasons(failures: list[Failure], limit: int = 20) -> list[FailureGroup]:
+    """Failures grouped by kind and reason, most first."""
+    groups: dict[tuple[str, str], FailureGroup] = {}
+    for f in failures:
+        reason = f.reason or f.error
+        g = groups.setdefault((f.kind, reason),
+                              FailureGroup(kind=f.kind, reason=reason, count=0, examples=[]))
+        g.count += 1
+        if len(g.examples) < 3 and f.image not in g.examples:
+            g.examples.append(f.image)
+    return sorted(groups.values(), key=lambda g: -g.count)[:limit]
 
 
-def failure_reasons(shards: list[dict[str, Any]], limit: int = 20) -> list[dict[str, Any]]:
-    """Failures grouped by reason (the error without the file name in front), most first."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for sh in shards:
-        for f in sh.get("failures", []):
-            reason = f["error"]
-            for key in (f["image"], f["ref"]):
-                if reason.startswith(key + ": "):
-                    reason = reason[len(key) + 2:]
-            g = groups.setdefault((f.get("kind", ""), reason),
-                                  {"kind": f.get("kind", ""), "reason": reason, "count": 0,
-                                   "examples": []})
-            g["count"] += 1
-            if len(g["examples"]) < 3 and f["image"] not in g["examples"]:
-                g["examples"].append(f["image"])
-    return sorted(groups.values(), key=lambda g: -g["count"])[:limit]
-
-
-def collect(output: str, run_id: str | None = None,
-            stall_after: float = STALL_AFTER) -> dict[str, Any]:
-    """The status object of ``relit-k8s status -o json`` (sums over shards, and every shard)."""
-    manifest = load_run(output, run_id)
-    out = open_storage(output)
-    reports = read_reports(out, manifest)
-    shards: list[dict[str, Any]] = []
-    for index in range(manifest.shards):
-        report = reports.get(index)
-        if report is None:
-            shards.append({"run_id": manifest.run_id, "index": index, "state": "pending",
-                           "items_total": manifest.shard_items(index), "items_done": 0,
-                           "items_skipped": 0, "items_failed": 0, "failures": []})
-        else:
-            shards.append(report.model_dump(mode="json"))
-    current = now()
-    for sh in shards:
-        if sh["state"] == "running" and sh.get("updated_at"):
-            age = (current - datetime.fromisoformat(sh["updated_at"])).total_seconds()
-            sh["heartbeat_age_seconds"] = round(age, 1)
-            sh["stalled"] = age > stall_after
-    total = {k: sum(s[k] for s in shards) for k in ("items_done", "items_skipped",
-                                                     "items_failed")}
+def _merge_timings(shards: list[ShardStatus]) -> dict[str, float]:
     timings: dict[str, float] = {}
     for sh in shards:
-        for key, seconds in (sh.get("timings") or {}).items():
+        for key, seconds in sh.timings.items():
             # a worker loads its model once for all its shards: the longest load, not a sum
             merge = max if key == "model_load" else (lambda a, b: a + b)
             timings[key] = round(merge(timings.get(key, 0.0), seconds), 3)
-    state = overall_state([s["state"] for s in shards])
-    rate, eta = throughput(list(reports.values()), manifest.items - sum(total.values()), state)
-    return {
-        "run_id": manifest.run_id,
-        "created_at": manifest.created_at.isoformat(),
-        "output": manifest.output,
-        "manifest": out.uri_of(manifest.manifest_key),
-        "relighter": manifest.relighter.name,
-        "state": state,
-        "items_total": manifest.items,
-        **total,
-        "items_per_second": rate,
-        "eta_seconds": eta,
-        "resumed_from": manifest.resumed_from,
-        "stalled_shards": [sh["index"] for sh in shards if sh.get("stalled")],
-        "failure_reasons": failure_reasons(shards),
-        "timings": timings,
-        "shards_total": manifest.shards,
-        "shards": shards,
-    }
+    return timings
+
+
+def collect(output: str | Storage | Run, run_id: str | None = None,
+            stall_after: float = STALL_AFTER) -> RunStatus:
+    """The status of ``run_id`` (the newest run when None) in ``output``, from its reports."""
+    run = output if isinstance(output, Run) else Run.load(output, run_id)
+    manifest = run.manifest
+    reports = run.read_reports()
+    current = now()
+    shards: list[ShardStatus] = []
+    for index in range(manifest.shards):
+        report = reports.get(index)
+        if report is None:
+            shards.append(ShardStatus.pending(manifest.run_id, index,
+                                              manifest.shard_items(index)))
+            continue
+        sh = ShardStatus(**dict(report))
+        if sh.state == "running" and sh.updated_at:
+            sh.heartbeat_age_seconds = round((current - sh.updated_at).total_seconds(), 1)
+            sh.stalled = sh.heartbeat_age_seconds > stall_after
+        shards.append(sh)
+    done, skipped, failed = (sum(getattr(s, k) for s in shards)
+                             for k in ("items_done", "items_skipped", "items_failed"))
+    state = overall_state([s.state for s in shards])
+    rate, eta = throughput(list(reports.values()), manifest.items - done - skipped - failed,
+                           state)
+    return RunStatus(
+        run_id=manifest.run_id, created_at=manifest.created_at, output=manifest.output,
+        manifest=run.manifest_uri, relighter=manifest.relighter.name, state=state,
+        items_total=manifest.items, items_done=done, items_skipped=skipped, items_failed=failed,
+        items_per_second=rate, eta_seconds=eta, resumed_from=manifest.resumed_from,
+        stalled_shards=[sh.index for sh in shards if sh.stalled],
+        failure_reasons=failure_reasons([f for sh in shards for f in sh.failures]),
+        timings=_merge_timings(shards), shards_total=manifest.shards, shards=shards,
+    )
+
+
+__all__ = ["FailureGroup", "JobSummary", "RunStatus", "ShardStatus", "collect"]

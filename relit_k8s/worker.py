@@ -7,7 +7,7 @@ The same code runs in a Kubernetes pod (``relit-k8s worker``, index from
 * decodes each input and reference once (a small cache; decoding runs ahead in threads);
 * relights the missing seeds of a pair in batches of ``manifest.batch_size`` (when the plan sets
   none, the relighter's own ``batch_size``; fewer for very large images, so that one call returns
-  at most ``RELIT_CALL_OUTPUT_BYTES``) on one device;
+  at most ``RELIT_CALL_OUTPUT_BYTES``; see :mod:`relit_k8s.settings`) on one device;
 * encodes and writes outputs in threads (atomic writes: no half-written file at a final key);
 * writes its report at start, every ``report_interval`` seconds, and at the end;
 * records a bad image as failed items and goes on; stops cleanly on SIGTERM.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import signal
 import socket
 import threading
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import images
 from .errors import (
@@ -37,41 +35,26 @@ from .errors import (
     ConfigError,
     ItemError,
     NotFoundError,
-    ObjectUnreadable,
     RelitError,
     Stopped,
     exit_code_for,
 )
+from .inputs import InputLoader
 from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now, pair_seeds
 from .relighters import Relighter, create
-from .storage import Storage, open_storage, split_uri
+from .run import Run
+from .settings import WorkerSettings
+from .storage import Storage, split_uri
 
 log = logging.getLogger("relit_k8s.worker")
 
-#: Seconds between two writes of the shard report while a shard runs (its heartbeat).
-REPORT_INTERVAL = float(os.environ.get("RELIT_REPORT_INTERVAL", 5.0))
 #: Threads decoding inputs ahead of the GPU, and threads encoding and writing outputs.
 DECODE_THREADS = 2
 WRITE_THREADS = 4
 #: Decoded inputs kept in memory (a shard visits its pairs image by image).
 IMAGE_CACHE = 4
-#: Bytes of decoded references kept in memory: a shard cycles through its references for each
-#: image, so all of them should fit. With the sh relighter's 64x128 references that is ~20,000;
-#: relighters that keep references at full size fit fewer (set RELIT_REF_CACHE_BYTES).
-REF_CACHE_BYTES = int(os.environ.get("RELIT_REF_CACHE_BYTES", 2 * 1024**3))
-#: Seconds between two progress lines in the log (rate and ETA).
-PROGRESS_LOG_SECONDS = float(os.environ.get("RELIT_PROGRESS_SECONDS", 30))
 #: Pairs decoded ahead of the one being relit.
 LOOKAHEAD = 2
-#: Seconds a worker may take after SIGTERM to finish its current batch; past them it abandons
-#: the batch (an output is written whole or not at all), saves its report and exits 143. The Job
-#: sets RELIT_STOP_GRACE below the pod's terminationGracePeriodSeconds.
-STOP_GRACE = 30.0
-#: Most bytes of output (float32, at the input's size) one relighter call may return: a pair of
-#: a very large image gets fewer seeds per call, which bounds GPU memory whatever the batch size.
-CALL_OUTPUT_BYTES = int(os.environ.get("RELIT_CALL_OUTPUT_BYTES", 4 * 1024**3))
-#: Most bytes of relit pixels waiting for the encode-and-write threads (at least one item).
-WRITE_BACKLOG_BYTES = int(os.environ.get("RELIT_WRITE_BACKLOG_BYTES", 4 * 1024**3))
 #: Unexpected relighter errors in a row (no success between them) that end the shard with
 #: exit 1: fewer are recorded as failed items, since one odd input must not stop a shard.
 UNEXPECTED_LIMIT = 3
@@ -87,10 +70,6 @@ def load_manifest(uri: str) -> Manifest:
     except NotFoundError as e:
         raise ConfigError(f"no manifest at {uri}: plan the run first (relit-k8s plan)") from e
     return Manifest.from_json(data, where=uri)
-
-
-def manifest_uri(manifest: Manifest) -> str:
-    return open_storage(manifest.output).uri_of(manifest.manifest_key)
 
 
 def default_device() -> str:
@@ -162,9 +141,9 @@ class _Reporter:
     """Holds the shard report; a thread writes it every ``interval`` seconds (the heartbeat)."""
 
     def __init__(self, storage: Storage, key: str, report: ShardReport, interval: float,
-                 progress: ProgressFn | None):
+                 progress: ProgressFn | None, log_every: float):
         self.storage, self.key, self.report = storage, key, report
-        self.interval, self.progress = interval, progress
+        self.interval, self.progress, self.log_every = interval, progress, log_every
         self.lock = threading.Lock()
         self._started = time.monotonic()
         self._last_log = self._started
@@ -181,7 +160,7 @@ class _Reporter:
                 self.write()
             except RelitError as e:  # a missed heartbeat is not fatal; the next one may pass
                 log.warning("could not write the shard report: %s", e)
-            if time.monotonic() - self._last_log >= PROGRESS_LOG_SECONDS:
+            if time.monotonic() - self._last_log >= self.log_every:
                 self._last_log = time.monotonic()
                 self.log_progress()
 
@@ -276,17 +255,18 @@ class ShardRunner:
         device: str | None = None,
         stop: threading.Event | None = None,
         progress: ProgressFn | None = None,
-        report_interval: float = REPORT_INTERVAL,
+        report_interval: float | None = None,
+        settings: WorkerSettings | None = None,
     ):
         self.manifest = manifest
+        #: The RELIT_* tuning settings (read from the environment unless given).
+        self.settings = settings or WorkerSettings.from_env()
         self.device = device or default_device()
         self.stop = stop or threading.Event()
         self.progress = progress
-        self.report_interval = report_interval
-        self.inputs = open_storage(manifest.input)
-        self.refs = open_storage(manifest.refs)
-        self.output = open_storage(manifest.output)
-        self.normals = open_storage(manifest.normals) if manifest.normals else None
+        self.report_interval = report_interval or self.settings.report_interval
+        self.relit_run = Run.of(manifest)
+        self.output = self.relit_run.output
         started = time.monotonic()
         self.relighter = relighter or create(
             manifest.relighter.name, _options_with_batch(manifest), self.device
@@ -294,78 +274,41 @@ class ShardRunner:
         self.model_load_seconds = round(time.monotonic() - started, 4)
         #: Seeds per relighter call: the plan's, else the relighter's choice for its device.
         self.batch_size = manifest.batch_size or self.relighter.batch_size
-        self._pin = torch.device(self.device).type == "cuda"
+        #: Reads and decodes the plan's files into what the relighter is handed.
+        self.loader = InputLoader(manifest, self.relighter.reference_resolution,
+                                  pin_memory=torch.device(self.device).type == "cuda")
         self._unexpected = 0
         self._reporter: _Reporter | None = None
 
     # --- decoding (runs in threads) ----------------------------------------------------------
-    def _decode(self, storage: Storage, key: str) -> images.Decoded:
-        try:
-            data = storage.read(key)
-        except NotFoundError as e:  # deleted since the plan: this item cannot be done
-            raise ItemError(f"{key}: missing from {storage.uri} (deleted after planning?)") from e
-        except ObjectUnreadable as e:  # archived, or no permission on this one file
-            raise ItemError(str(e)) from e
-        return images.decode(data, key, self.manifest.max_pixels)
-
     def _timed(self, what: str):
         return _Timer(self._reporter, what)
 
     def _load_image(self, key: str) -> torch.Tensor:
         with self._timed("decode"):
-            return self._tensor(images.as_display(self._decode(self.inputs, key)))
+            return self.loader.image(key)
 
     def _load_ref(self, key: str) -> torch.Tensor:
         with self._timed("decode"):
-            return self._prepare_ref(self._decode(self.refs, key))
-
-    def _prepare_ref(self, decoded: images.Decoded) -> torch.Tensor:
-        t = self._tensor(images.as_radiance(decoded))
-        size = self.relighter.reference_resolution
-        if size and (t.shape[1] > size[0] or t.shape[2] > size[1]):
-            t = F.adaptive_avg_pool2d(t[None], size)[0].contiguous()
-        return t.pin_memory() if self._pin else t
+            return self.loader.reference(key)
 
     def _load_normals(self, key: str) -> torch.Tensor | None:
-        assert self.normals is not None
-        folder, name = posixpath.split(key)
-        stem = posixpath.splitext(name)[0]
-        matches = sorted(
-            n for n in self.normals.list_names(folder)
-            if posixpath.splitext(n)[0] == stem and images.extension(n) in images.LDR_FORMATS
-        )
-        if not matches:
-            log.warning("no normal map for %s under %s: using the estimate",
-                        key, self.normals.uri)
-            return None
-        nkey = posixpath.join(folder, matches[0]) if folder else matches[0]
-        decoded = self._decode(self.normals, nkey)
-        n = torch.from_numpy(decoded.pixels).permute(2, 0, 1) * 2.0 - 1.0
-        norm = n.norm(dim=0, keepdim=True)
-        flat = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand_as(n)
-        return torch.where(norm > 1e-3, n / norm.clamp_min(1e-6), flat).contiguous()
-
-    def _tensor(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
-        return t.pin_memory() if self._pin else t
+        with self._timed("decode"):
+            return self.loader.normal_map(key)
 
     # --- planning the shard ------------------------------------------------------------------
     def _pairs(self, units: list[Unit], report: _Reporter) -> Iterator[_PairWork]:
         """Group the shard's units by pair and drop the items already written."""
         m = self.manifest
-        listed: dict[str, set[str]] = {}
+        pair, existing = None, set()
         for unit in units:
-            folder = m.pair_folder(unit.image, unit.ref)
-            if folder not in listed:
-                listed = {folder: self.output.list_names(folder)}  # one listing per pair
-            existing = listed[folder]
-            out_name = images.output_file_name(unit.image)
+            if (unit.image, unit.ref) != pair:  # units of a pair are consecutive: one listing
+                pair = (unit.image, unit.ref)
+                existing = self.relit_run.existing_seeds(unit.image, unit.ref)
             seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
             work = _PairWork(unit.image, unit.ref)
-            for it in range(unit.start, unit.stop):
-                if f"{seeds[it]}_{out_name}" in existing:
-                    continue
-                work.todo.append((it, seeds[it]))
+            work.todo = [(it, seeds[it]) for it in range(unit.start, unit.stop)
+                         if seeds[it] not in existing]
             skipped = unit.items - len(work.todo)
             if skipped:
                 report.add(skipped=skipped)
@@ -380,7 +323,7 @@ class ShardRunner:
         attempt = self._previous_attempts(index) + 1
         report = _Reporter(
             self.output,
-            m.report_key(index),
+            self.relit_run.paths.report(index),
             ShardReport(
                 run_id=m.run_id, index=index, state="running",
                 items_total=sum(u.items for u in units), started_at=now(), updated_at=now(),
@@ -390,6 +333,7 @@ class ShardRunner:
             ),
             self.report_interval,
             self.progress,
+            self.settings.progress_seconds,
         )
         self._reporter = report
         report.start()
@@ -425,19 +369,19 @@ class ShardRunner:
 
     def _previous_attempts(self, index: int) -> int:
         try:
-            old = ShardReport.from_json(self.output.read(self.manifest.report_key(index)))
-        except (RelitError, ValueError):
+            old = self.relit_run.read_report(index)
+        except RelitError:  # unreadable: count this attempt as the first
             return 0
-        return old.attempt
+        return old.attempt if old else 0
 
     def _run_units(self, units: list[Unit], report: _Reporter) -> None:
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
                 ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="relit-write") as write:
             img_cache = _Cache(decode, self._load_image, size=IMAGE_CACHE)
-            ref_cache = _Cache(decode, self._load_ref, max_bytes=REF_CACHE_BYTES)
+            ref_cache = _Cache(decode, self._load_ref, max_bytes=self.settings.ref_cache_bytes)
             nrm_cache = (_Cache(decode, self._load_normals, size=IMAGE_CACHE)
-                         if self.normals else None)
-            in_flight = _Backlog(WRITE_BACKLOG_BYTES)
+                         if self.loader.normals else None)
+            in_flight = _Backlog(self.settings.write_backlog_bytes)
             errors: list[BaseException] = []
 
             def prefetch(w: _PairWork) -> None:
@@ -473,9 +417,9 @@ class ShardRunner:
             ref = ref_cache.get(w.ref).result()
             normals = nrm_cache.get(w.image).result() if nrm_cache else None
             if normals is not None and normals.shape != image.shape:
-                raise ItemError(f"{w.image}: its normal map is {normals.shape[2]}x"
-                                f"{normals.shape[1]}, the image {image.shape[2]}x"
-                                f"{image.shape[1]}: they must have the same size")
+                raise ItemError(f"its normal map is {normals.shape[2]}x{normals.shape[1]}, the "
+                                f"image {image.shape[2]}x{image.shape[1]}: they must have the "
+                                "same size", key=w.image)
         except ItemError as e:
             self._fail(w, w.todo, e, report)
             return
@@ -483,10 +427,8 @@ class ShardRunner:
         image_d = image.to(dev, non_blocking=True)
         ref_d = ref.to(dev, non_blocking=True)
         normals_d = normals.to(dev, non_blocking=True) if normals is not None else None
-        folder = self.manifest.pair_folder(w.image, w.ref)
-        out_name = images.output_file_name(w.image)
         seed_bytes = 3 * image.shape[1] * image.shape[2] * 4  # one float32 output
-        bs = max(1, min(self.batch_size, CALL_OUTPUT_BYTES // seed_bytes))
+        bs = max(1, min(self.batch_size, self.settings.call_output_bytes // seed_bytes))
         for start in range(0, len(w.todo), bs):
             if self.stop.is_set():
                 raise Stopped("stopped before the shard was finished")
@@ -517,7 +459,7 @@ class ShardRunner:
             self._unexpected = 0
             for (it, seed), px in zip(batch, pixels, strict=True):
                 in_flight.take(px.nbytes)
-                key = f"{folder}/{seed}_{out_name}"
+                key = self.manifest.output_key(w.image, w.ref, seed)
                 fut = write.submit(self._write_one, key, px)
                 fut.add_done_callback(
                     lambda f, it=it, seed=seed, n=px.nbytes: self._written(
@@ -548,11 +490,7 @@ class ShardRunner:
                     extra={"event": "item_failed", "fields": {
                         "image": w.image, "ref": w.ref, "iterations": [i for i, _ in items],
                         "error": str(exc), "kind": type(exc).__name__}})
-        report.add(failures=[
-            Failure(image=w.image, ref=w.ref, iteration=it, seed=seed, error=str(exc),
-                    kind=type(exc).__name__)
-            for it, seed in items
-        ])
+        report.add(failures=[Failure.of(w.image, w.ref, it, seed, exc) for it, seed in items])
 
 
 def abandon(runner: ShardRunner | None) -> None:
@@ -573,23 +511,13 @@ def abandon(runner: ShardRunner | None) -> None:
     os._exit(Stopped.exit_code)
 
 
-def stop_grace() -> float:
-    """Seconds a worker may take after SIGTERM to finish its batch (``RELIT_STOP_GRACE``)."""
-    try:
-        return max(0.0, float(os.environ.get("RELIT_STOP_GRACE", STOP_GRACE)))
-    except ValueError:
-        raise ConfigError(f"RELIT_STOP_GRACE={os.environ['RELIT_STOP_GRACE']!r} is not a "
-                          "number of seconds") from None
-
-
-def install_stop_handlers(stop: threading.Event,
-                          overdue: Callable[[], None] | None = None) -> None:
+def install_stop_handlers(stop: threading.Event, overdue: Callable[[], None] | None = None,
+                          grace: float = 30.0) -> None:
     """SIGTERM and SIGINT set ``stop``: the worker finishes its batch, saves, and exits 143.
 
-    If it is still running ``stop_grace()`` seconds later, ``overdue`` is called (from a timer
-    thread): it abandons the batch, saves the report and ends the process.
+    If it is still running ``grace`` seconds later (``RELIT_STOP_GRACE``), ``overdue`` is called
+    (from a timer thread): it abandons the batch, saves the report and ends the process.
     """
-    grace = stop_grace()
 
     def handler(signum, _frame):
         if stop.is_set():
@@ -620,11 +548,25 @@ def main(manifest: str | None, index: int | None, device: str | None = None) -> 
         raise ConfigError("no manifest: pass --manifest URI or set RELIT_MANIFEST")
     if index is None:
         raise ConfigError("no shard index: pass --index N or set JOB_COMPLETION_INDEX")
+    runner = start(manifest, device, index=index)
+    runner.run(index)  # its "start" event tells the model load time
+    return EXIT_OK
+
+
+def start(manifest_uri: str, device: str | None = None, index: int | None = None,
+          progress: ProgressFn | None = None) -> ShardRunner:
+    """The start of every worker process, a pod's or one of ``relit-k8s run``'s: SIGTERM and
+    SIGINT stop it cleanly (its ``stop`` event; past the grace period the report is saved and
+    the process exits 143), the manifest is read and checked (``index`` against its shards,
+    before the model loads), and the relighter is loaded once."""
+    settings = WorkerSettings.from_env()
     stop = threading.Event()
     runners: list[ShardRunner] = []
-    install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None))
-    m = load_manifest(manifest)
-    m.shard_range(index)  # validates the index before the model loads
-    runners.append(ShardRunner(m, device=device, stop=stop))
-    runners[0].run(index)  # its "start" event tells the model load time
-    return EXIT_OK
+    install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None),
+                          settings.stop_grace)
+    m = load_manifest(manifest_uri)
+    if index is not None:
+        m.shard_range(index)
+    runners.append(ShardRunner(m, device=device, stop=stop, progress=progress,
+                               settings=settings))
+    return runners[0]

@@ -130,7 +130,7 @@ def check(client, bucket: str, run_id: str, kills: int, attempts: int, faults: d
         return client.get_object(Bucket=bucket, Key=f"out/{key}")["Body"].read()
 
     m = Manifest.from_json(read(f"_relit/{run_id}/manifest.json"))
-    planned = {f"{img}_{ref}/{seed}_{imaging.output_file_name(img)}": img
+    planned = {f"{img}_{ref}/{seed}_{Manifest.output_name(img)}": img
                for img in m.images for ref in m.references
                for seed in pair_seeds(m.base_seed, img, ref, m.iterations)}
     stored = []
@@ -140,7 +140,8 @@ def check(client, bucket: str, run_id: str, kills: int, attempts: int, faults: d
     good = {k for k, img in planned.items() if img not in BAD}
     for key in stored:
         imaging.decode(read(key), key)  # each stored output is a whole image
-    reports = [ShardReport.from_json(read(m.report_key(i))) for i in range(m.shards)]
+    reports = [ShardReport.from_json(read(f"_relit/{run_id}/shards/{i}.json"))
+               for i in range(m.shards)]
     for r in reports:
         assert r.state == "done", (r.index, r.state, r.error)
         assert r.items_done + r.items_skipped + r.items_failed == r.items_total, r.index

@@ -13,6 +13,7 @@ from PIL import Image
 
 from relit_k8s import images
 from relit_k8s.errors import DecodeError, ImageTooLarge
+from relit_k8s.manifest import Manifest
 
 
 def exr_bytes(rgb: np.ndarray, tmp_path) -> bytes:
@@ -158,6 +159,6 @@ def test_encode_round_trips_in_the_named_format(name):
 
 
 def test_output_names_keep_ldr_and_turn_hdr_into_png():
-    assert images.output_file_name("dir/photo.JPG") == "photo.JPG"
-    assert images.output_file_name("dir/scan.exr") == "scan.png"
-    assert images.output_file_name("a b+c.hdr") == "a b+c.png"
+    assert Manifest.output_name("dir/photo.JPG") == "photo.JPG"
+    assert Manifest.output_name("dir/scan.exr") == "scan.png"
+    assert Manifest.output_name("a b+c.hdr") == "a b+c.png"

@@ -275,12 +275,12 @@ def test_cluster_errors_are_clear(s3_data, fake_api, tmp_path, monkeypatch):
 
 def test_resume_submits_a_job_over_only_the_missing_units(s3_data, s3_client, fake_api):
     from relit_k8s.kube.runs import read_submission
-    from relit_k8s.status import load_run
+    from relit_k8s.run import Run
     from relit_k8s.worker import ShardRunner
 
     cli(*submit_args(s3_data, "--parallelism", "2", "--shards", "4"), check=True)
     [(_, name)] = list(fake_api.jobs)
-    m = load_run(f"s3://{s3_data}/out", name)
+    m = Run.load(f"s3://{s3_data}/out", name).manifest
     # pods ran shards 0 and 2 only (here, in-process, against the same S3)
     runner = ShardRunner(m, device="cpu")
     runner.run(0)
@@ -289,7 +289,7 @@ def test_resume_submits_a_job_over_only_the_missing_units(s3_data, s3_client, fa
     new_jobs = [key for key in fake_api.jobs if key[1] != name]
     [(_, resumed_name)] = new_jobs
     assert resumed_name == f"{name}-r1" and f"new run {resumed_name}" in result.stdout
-    resumed = load_run(f"s3://{s3_data}/out", resumed_name)
+    resumed = Run.load(f"s3://{s3_data}/out", resumed_name).manifest
     assert resumed.resumed_from == name
     done_units = {u for i in (0, 2) for u in m.shard_range(i)}
     assert resumed.units == m.units - len(done_units)
@@ -298,7 +298,7 @@ def test_resume_submits_a_job_over_only_the_missing_units(s3_data, s3_client, fa
         m.unit(u) for u in range(m.units) if u not in done_units]
     job = fake_api.jobs[("relit", resumed_name)]
     assert job["spec"]["completions"] == resumed.shards
-    assert read_submission(resumed).settings.image == "relit-k8s:test"
+    assert read_submission(Run.of(resumed)).settings.image == "relit-k8s:test"
     validate_strict(job)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import subprocess
 import sys
 import tomllib
 from collections import defaultdict
@@ -116,3 +117,17 @@ def test_ci_runs_both_quick_start_commands_verbatim():
     assert "pytest" in test
     assert run in ci and test in ci
     assert ci.index(run) < ci.index(test), "the main job runs first, in its own environment"
+
+
+def test_the_import_layers_hold():
+    # [tool.importlinter] in pyproject.toml: the CLI on top, errors at the bottom, no cycles
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_the_package_is_marked_typed():
+    assert (PACKAGE / "py.typed").exists()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["relit_k8s"]

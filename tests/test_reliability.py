@@ -23,6 +23,7 @@ from relit_k8s import images
 from relit_k8s.errors import EXIT_CONFIG, EXIT_OK, EXIT_SIGTERM, EXIT_TEMPORARY
 from relit_k8s.manifest import Manifest, ShardReport, pair_seeds
 from relit_k8s.planner import PlanSettings, list_sources, plan, write_manifest
+from relit_k8s.run import RunPaths
 
 TESTS = Path(__file__).parent
 WORKER = [sys.executable, "-m", "relit_k8s", "worker", "--device", "cpu"]
@@ -35,7 +36,7 @@ def planned(input_uri, refs_uri, out_uri, **kw) -> tuple[Manifest, str]:
 
 
 def expected(m: Manifest, skip_images=()) -> set[str]:
-    return {f"{img}_{ref}/{seed}_{images.output_file_name(img)}"
+    return {f"{img}_{ref}/{seed}_{Manifest.output_name(img)}"
             for img in m.images if img not in skip_images for ref in m.references
             for seed in pair_seeds(m.base_seed, img, ref, m.iterations)}
 
@@ -57,7 +58,7 @@ def all_decode(outputs: dict[str, bytes]) -> None:
 
 
 def report_of(storage_read, m: Manifest, index: int) -> ShardReport:
-    return ShardReport.from_json(storage_read(m.report_key(index)))
+    return ShardReport.from_json(storage_read(RunPaths(m.run_id).report(index)))
 
 
 def one_image_dataset(tmp_path, size=(384, 512)) -> tuple[Path, Path]:
@@ -94,7 +95,7 @@ def test_sigkill_mid_shard_then_rerun_gives_every_output_exactly_once(tmp_path):
     final = local_outputs(out)
     assert set(final) == expected(m)
     all_decode(final)
-    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "done" and report.items_failed == 0
     assert report.items_skipped >= len(partial)
     assert report.items_done + report.items_skipped == m.items
@@ -145,7 +146,7 @@ def test_sigterm_abandons_a_batch_that_outlasts_the_grace_period(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(TESTS), "RELIT_STOP_GRACE": "2"}
     proc = subprocess.Popen([*WORKER, "--manifest", uri, "--index", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    report_path = out / m.report_key(0)
+    report_path = out / RunPaths(m.run_id).report(0)
     wait_for(lambda: report_path.exists())
     time.sleep(1.0)  # inside the first (slow) batch
     sent = time.monotonic()

@@ -24,7 +24,7 @@ def test_plan_and_workers_on_s3_for_several_indexes(bucket, s3_client, s3_env):
         cli("worker", "--manifest", manifest_uri, "--index", str(index), "--device", "cpu",
             check=True)
     status = collect(out)
-    assert status["state"] == "done" and status["items_done"] == 4 * 3 * 2
+    assert status.state == "done" and status.items_done == 4 * 3 * 2
     objs = s3_outputs(s3_client, bucket, "out")
     expected = {f"{img}_{ref}/{seed}_{img}"
                 for img in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")

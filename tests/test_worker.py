@@ -17,6 +17,7 @@ from relit_k8s import images
 from relit_k8s.errors import EXIT_CONFIG, EXIT_OK, EXIT_SIGTERM, EXIT_TEMPORARY
 from relit_k8s.manifest import Manifest, RelighterSpec, ShardReport, pair_seeds
 from relit_k8s.planner import PlanSettings, list_sources, plan, write_manifest
+from relit_k8s.run import RunPaths
 from relit_k8s.worker import ShardRunner
 
 WORKER = [sys.executable, "-m", "relit_k8s", "worker"]
@@ -33,7 +34,7 @@ def expected_outputs(m: Manifest) -> set[str]:
     for image in m.images:
         for ref in m.references:
             for seed in pair_seeds(m.base_seed, image, ref, m.iterations):
-                keys.add(f"{image}_{ref}/{seed}_{images.output_file_name(image)}")
+                keys.add(f"{image}_{ref}/{seed}_{Manifest.output_name(image)}")
     return keys
 
 
@@ -63,7 +64,7 @@ def test_shards_write_every_output_in_the_seed_layout_and_reports(small_dataset)
         assert arr.shape == (24, 32, 3)
     assert sum(r.items_done for r in reports) == m.items
     for i, r in enumerate(reports):
-        stored = json.loads((out / m.report_key(i)).read_text())
+        stored = json.loads((out / RunPaths(m.run_id).report(i)).read_text())
         for field in ("run_id", "index", "state", "items_total", "items_done", "items_skipped",
                       "items_failed", "failures", "started_at", "updated_at", "host", "device"):
             assert field in stored
@@ -108,7 +109,8 @@ def test_a_bad_image_becomes_recorded_failures_and_the_rest_completes(small_data
     proc1 = worker("--manifest", uri, "--index", "1", "--device", "cpu")
     assert proc.returncode == EXIT_OK, proc.stderr
     assert proc1.returncode == EXIT_OK, proc1.stderr
-    reports = [ShardReport.from_json((out / m.report_key(i)).read_bytes()) for i in range(2)]
+    reports = [ShardReport.from_json((out / RunPaths(m.run_id).report(i)).read_bytes())
+               for i in range(2)]
     failures = [f for r in reports for f in r.failures]
     assert sum(r.items_failed for r in reports) == len(failures) == 2 * 2  # 2 refs x 2 iters
     assert {f.image for f in failures} == {name}
@@ -171,7 +173,8 @@ def test_worker_reads_its_index_from_the_job_environment(small_dataset):
     m, uri = planned(images_dir, refs_dir, out, shards=2)
     proc = worker(env={"RELIT_MANIFEST": uri, "JOB_COMPLETION_INDEX": "1"})
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert (out / m.report_key(1)).exists() and not (out / m.report_key(0)).exists()
+    paths = RunPaths(m.run_id)
+    assert (out / paths.report(1)).exists() and not (out / paths.report(0)).exists()
 
 
 def test_configuration_errors_exit_78(small_dataset, tmp_path):
@@ -196,6 +199,28 @@ def test_configuration_errors_exit_78(small_dataset, tmp_path):
         assert "error:" in proc.stderr, what
     assert "relit-k8s plan" in worker(*cases["missing manifest"]).stderr
     assert "checksum" in worker(*cases["tampered manifest"]).stderr
+
+
+@pytest.mark.parametrize("variable, value", [("RELIT_REPORT_INTERVAL", "5s"),
+                                             ("RELIT_STOP_GRACE", "-1"),
+                                             ("RELIT_CALL_OUTPUT_BYTES", "4GiB")])
+def test_a_bad_worker_setting_is_a_configuration_error(small_dataset, variable, value):
+    # a typo in the Job's env must not look like a crash (exit 1) that Kubernetes retries
+    images_dir, refs_dir, out = small_dataset
+    _, uri = planned(images_dir, refs_dir, out, shards=1)
+    proc = worker("--manifest", uri, "--index", "0", env={variable: value})
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert f"{variable}={value!r}" in proc.stderr
+    assert not list(out.rglob("*.png")), "nothing is relit with a bad setting"
+
+
+def test_worker_settings_come_from_relit_variables():
+    from relit_k8s.settings import WorkerSettings
+
+    s = WorkerSettings.from_env({"RELIT_REPORT_INTERVAL": "0.5", "RELIT_GPU_SHARE": "2",
+                                 "RELIT_REF_CACHE_BYTES": "", "OTHER": "x"})
+    assert s.report_interval == 0.5 and s.gpu_share == 2
+    assert s.ref_cache_bytes == WorkerSettings().ref_cache_bytes  # empty: the default
 
 
 def test_unreachable_storage_exits_75(small_dataset, tmp_path):
@@ -226,7 +251,7 @@ def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_SIGTERM, stderr
-    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "failed" and report.exit_code == EXIT_SIGTERM
     assert "stopped" in report.error
     done = written(out)
@@ -236,7 +261,7 @@ def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
         images.decode((out / key).read_bytes(), key)  # every file that stands is whole
     proc = worker("--manifest", uri, "--index", "0", "--device", "cpu", timeout=240)
     assert proc.returncode == EXIT_OK, proc.stderr
-    report = ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "done" and report.items_skipped == len(done)
     assert written(out) == expected_outputs(m)
 
@@ -275,7 +300,7 @@ def worker_with_plugin(small_dataset, relighter: str):
                      relighter=f"plugins_for_tests:{relighter}")
     proc = worker("--manifest", uri, "--index", "0", "--device", "cpu",
                   env={"PYTHONPATH": str(Path(__file__).parent)})
-    return proc, ShardReport.from_json((out / m.report_key(0)).read_bytes())
+    return proc, ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
 
 
 def test_a_relighter_that_always_fails_ends_the_shard_with_exit_1(small_dataset):
@@ -302,13 +327,13 @@ def test_each_reference_is_decoded_once_per_shard(tmp_path, monkeypatch):
                    shards=1)
     runner = ShardRunner(m, device="cpu")
     decoded: list[str] = []
-    real = runner._load_ref
+    real = runner.loader.reference
 
     def counting(key):
         decoded.append(key)
         return real(key)
 
-    monkeypatch.setattr(runner, "_load_ref", counting)
+    monkeypatch.setattr(runner.loader, "reference", counting)
     runner.run(0)
     assert sorted(decoded) == [f"r{j}.hdr" for j in range(5)]
 
@@ -390,11 +415,9 @@ def test_the_plans_batch_size_reaches_a_relighter_that_batches_itself(tmp_path):
 def test_calls_for_very_large_outputs_take_fewer_seeds(small_dataset, monkeypatch):
     from plugins_for_tests import CountingRelighter
 
-    from relit_k8s import worker as worker_module
-
     images_dir, refs_dir, out = small_dataset  # 24 x 32 images: 9,216 bytes per output
-    monkeypatch.setattr(worker_module, "CALL_OUTPUT_BYTES", 2 * 9216)
-    monkeypatch.setattr(worker_module, "WRITE_BACKLOG_BYTES", 9216)  # one queued write at a time
+    monkeypatch.setenv("RELIT_CALL_OUTPUT_BYTES", str(2 * 9216))
+    monkeypatch.setenv("RELIT_WRITE_BACKLOG_BYTES", "9216")  # one queued write at a time
     m, _ = planned(images_dir, refs_dir, out, iterations=5, shards=1,
                    relighter="plugins_for_tests:CountingRelighter")
     CountingRelighter.calls.clear()

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import ConfigError
+from ..errors import EXIT_CONFIG, EXIT_TEMPORARY, ConfigError
 from ..manifest import Manifest
 
 CONTAINER = "worker"
@@ -36,8 +36,6 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
 #: The common toleration of GPU node taints, added when GPUs are requested and none is given.
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-#: Worker exit codes the podFailurePolicy acts on (see errors.py).
-EXIT_TEMPORARY, EXIT_CONFIG = 75, 78
 #: Non-root user the image runs as (see the Dockerfile).
 UID = 10001
 
@@ -107,6 +105,37 @@ class JobSettings(BaseModel):
         if v not in ("Always", "IfNotPresent", "Never"):
             raise ValueError("image pull policy must be Always, IfNotPresent or Never")
         return v
+
+
+    @classmethod
+    def from_flags(cls, node_selector: list[str] | None = None,
+                   toleration: list[str] | None = None, **fields: Any) -> JobSettings:
+        """Settings from ``submit``'s flags: ``KEY=VALUE`` node selectors, ``key[=value][:effect]``
+        tolerations, and the pods' S3 endpoint and region defaulting to the submitter's
+        ``AWS_ENDPOINT_URL`` and ``AWS_REGION``. Invalid values are a :class:`ConfigError` that
+        names the flag."""
+        import os
+
+        from pydantic import ValidationError
+
+        selectors = {}
+        for pair in node_selector or []:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--node-selector {pair!r}: expected KEY=VALUE")
+            selectors[key] = value
+        fields["s3_endpoint"] = fields.get("s3_endpoint") or os.environ.get(
+            "AWS_ENDPOINT_URL") or None
+        fields["s3_region"] = fields.get("s3_region") or os.environ.get("AWS_REGION") or None
+        if "s3_secret" in fields:
+            fields["s3_secret"] = fields["s3_secret"] or None  # '': pod identity
+        try:
+            return cls(node_selector=selectors, tolerations=tuple(
+                parse_toleration(t) for t in toleration) if toleration else None, **fields)
+        except ValidationError as e:
+            raise ConfigError("; ".join(
+                f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
+                for x in e.errors())) from e
 
 
 def parse_toleration(text: str) -> dict[str, Any]:

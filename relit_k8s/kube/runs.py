@@ -1,23 +1,27 @@
 """Runs on a cluster: submit, the Job's state, logs, cancel; the submission record.
 
 ``submit`` writes the manifest, creates the Job, and records the submission (namespace,
-context, job settings) at ``<output>/_relit/<run>/job.json``, so that ``status``, ``logs``,
-``cancel`` and ``resume`` find the Job from the output alone.
+context, job settings) at ``<output>/_relit/<run>/job.json`` (``RunPaths.job``), so that
+``status``, ``logs``, ``cancel`` and ``resume`` find the Job from the output alone. The rules a
+library caller needs as much as the CLI live here: pods read only ``s3://`` data
+(:func:`check_pod_uris`), and the logs of several pods are merged line by line
+(:func:`stream_logs`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import NotFoundError
+from ..errors import ConfigError, NotFoundError, RelitError
 from ..manifest import Manifest, now
-from ..storage import join_key, open_storage
+from ..run import Run
+from ..status import JobCondition, JobSummary
 from .job import INDEX_LABEL, JobSettings, build_job, job_name
-
-SUBMISSION_FILE = "job.json"
 
 
 class Submission(BaseModel):
@@ -34,17 +38,28 @@ class Submission(BaseModel):
     submitted_at: datetime
 
 
-def manifest_uri_of(manifest: Manifest) -> str:
-    return open_storage(manifest.output).uri_of(manifest.manifest_key)
-
-
-def read_submission(manifest: Manifest) -> Submission | None:
-    out = open_storage(manifest.output)
+def read_submission(run: Run) -> Submission | None:
+    """The submission record of ``run``; None for a run that was never submitted."""
     try:
-        data = out.read(join_key(manifest.meta_prefix, SUBMISSION_FILE))
+        data = run.output.read(run.paths.job)
     except NotFoundError:
         return None
     return Submission.model_validate_json(data)
+
+
+def check_pod_uris(manifest: Manifest) -> None:
+    """Pods cannot read this machine's folders: every URI of the plan must be ``s3://``."""
+    local = [u for u in (manifest.input, manifest.refs, manifest.output, manifest.normals)
+             if u and not u.startswith("s3://")]
+    if local:
+        raise ConfigError(f"pods cannot read local paths ({', '.join(local)}): put the data in "
+                          "S3 or MinIO and pass s3:// URIs (relit-k8s run works on local paths)")
+
+
+def plan_job(manifest: Manifest, settings: JobSettings) -> dict[str, Any]:
+    """The Job that ``submit`` would create for ``manifest`` (nothing is written)."""
+    check_pod_uris(manifest)
+    return build_job(manifest, Run.of(manifest).manifest_uri, settings)
 
 
 def submit(manifest: Manifest, settings: JobSettings, context: str | None = None,
@@ -53,16 +68,17 @@ def submit(manifest: Manifest, settings: JobSettings, context: str | None = None
     from ..planner import write_manifest
     from .cluster import Cluster
 
+    check_pod_uris(manifest)
     cluster = cluster or Cluster(context, settings.namespace)  # fails fast without kubeconfig
     settings = settings.model_copy(update={"namespace": cluster.namespace})
     manifest, uri = write_manifest(manifest)
+    run = Run.of(manifest)
     job = build_job(manifest, uri, settings)
     created = cluster.create_job(job)
     record = Submission(run_id=manifest.run_id, job=job_name(manifest),
                         namespace=cluster.namespace, context=context, manifest=uri,
                         settings=settings, submitted_at=now())
-    open_storage(manifest.output).write(join_key(manifest.meta_prefix, SUBMISSION_FILE),
-                                        record.model_dump_json(indent=1).encode())
+    run.output.write(run.paths.job, record.model_dump_json(indent=1).encode())
     return created, record
 
 
@@ -73,7 +89,7 @@ def cluster_for(record: Submission | None, context: str | None, namespace: str |
                    namespace or (record.namespace if record else None))
 
 
-def job_summary(job: dict[str, Any] | None) -> dict[str, Any] | None:
+def job_summary(job: dict[str, Any] | None) -> JobSummary | None:
     """The parts of a Job's status that tell how it goes."""
     if job is None:
         return None
@@ -91,23 +107,38 @@ def job_summary(job: dict[str, Any] | None) -> dict[str, Any] | None:
         state = "suspended"
     else:
         state = "running"
-    return {
-        "name": job["metadata"]["name"],
-        "namespace": job["metadata"].get("namespace"),
-        "state": state,
-        "conditions": [{"type": c["type"], "reason": c.get("reason"),
-                        "message": c.get("message")} for c in conditions],
-        "completions": spec.get("completions"),
-        "parallelism": spec.get("parallelism"),
-        "active": status.get("active", 0),
-        "ready": status.get("ready", 0),
-        "succeeded": status.get("succeeded", 0),
-        "failed": status.get("failed", 0),
-        "completed_indexes": status.get("completedIndexes", ""),
-        "failed_indexes": status.get("failedIndexes", ""),
-        "start_time": status.get("startTime"),
-        "completion_time": status.get("completionTime"),
-    }
+    return JobSummary(
+        name=job["metadata"]["name"],
+        namespace=job["metadata"].get("namespace"),
+        state=state,
+        conditions=[JobCondition(type=c["type"], reason=c.get("reason"),
+                                 message=c.get("message")) for c in conditions],
+        completions=spec.get("completions"),
+        parallelism=spec.get("parallelism"),
+        active=status.get("active", 0),
+        ready=status.get("ready", 0),
+        succeeded=status.get("succeeded", 0),
+        failed=status.get("failed", 0),
+        completed_indexes=status.get("completedIndexes", ""),
+        failed_indexes=status.get("failedIndexes", ""),
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"),
+    )
+
+
+def job_state(run: Run, namespace: str | None = None,
+              context: str | None = None) -> JobSummary | None:
+    """The Job of a submitted run; None for a local run (unless a namespace is named); the
+    error when the cluster cannot be asked; state ``gone`` once the Job no longer exists."""
+    record = read_submission(run)
+    if record is None and not namespace:
+        return None
+    try:
+        summary = job_summary(cluster_for(record, context, namespace).get_job(run.run_id))
+    except RelitError as e:
+        return JobSummary(error=str(e))
+    return summary or JobSummary(state="gone", name=run.run_id,
+                                 note="the Job no longer exists (deleted or expired by its TTL)")
 
 
 def newest_pods(pods: list[dict[str, Any]], all_attempts: bool = False) -> list[dict[str, Any]]:
@@ -129,3 +160,31 @@ def newest_pods(pods: list[dict[str, Any]], all_attempts: bool = False) -> list[
 def pod_index(pod: dict[str, Any]) -> str:
     labels = pod["metadata"].get("labels") or {}
     return labels.get(INDEX_LABEL, "?")
+
+
+def stream_logs(cluster, run_id: str, emit: Callable[[str], None], index: int | None = None,
+                follow: bool = False, tail: int | None = None,
+                all_attempts: bool = False) -> None:
+    """Hand every log line of the run's pods to ``emit``, prefixed ``[<index>] `` when more
+    than one index may show; with ``follow``, one thread per pod until they all end."""
+    pods = newest_pods(cluster.list_pods(run_id, index), all_attempts)
+    if not pods:
+        raise ConfigError(f"no pods of run {run_id} in namespace {cluster.namespace}"
+                          + (f" for index {index}" if index is not None else ""))
+    lock = threading.Lock()
+    prefix = len(pods) > 1 or index is None
+
+    def show(pod: dict[str, Any]) -> None:
+        for line in cluster.pod_logs(pod["metadata"]["name"], follow=follow, tail=tail):
+            with lock:
+                emit(f"[{pod_index(pod)}] {line}" if prefix else line)
+
+    if not follow:
+        for pod in pods:
+            show(pod)
+        return
+    threads = [threading.Thread(target=show, args=(p,), daemon=True) for p in pods]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..errors import RelighterError, TransientError
+from ..settings import WorkerSettings
 from .base import Relighter, RelighterOptions
 
 EMBEDDINGS = "text_embeddings.safetensors"
@@ -274,8 +275,7 @@ class DiffusionRelighter(Relighter):
         decode = peak(lambda: self._decode(latents(DECODE_CHUNK)))
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(dev)
-        return batch_for_memory(small, large, decode, free,
-                                int(os.environ.get("RELIT_GPU_SHARE", "1") or 1))
+        return batch_for_memory(small, large, decode, free, WorkerSettings.from_env().gpu_share)
 
     def _hint(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Input ++ tone-mapped reference, 6 x res x res in [0, 1]: once per pair."""

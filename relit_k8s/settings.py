@@ -1,0 +1,70 @@
+"""The worker's tuning settings: every ``RELIT_*`` variable, read once, checked, documented.
+
+:meth:`WorkerSettings.from_env` is the one place a worker reads its environment (the S3
+variables are :class:`~relit_k8s.storage.S3Settings`'s). A value that is not a number, or is out
+of range, is a :class:`~relit_k8s.errors.ConfigError` (exit 78) that names the variable: a typo
+in a Job's env must not look like a crash (exit 1) that Kubernetes retries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+GiB = 1024**3
+
+
+class WorkerSettings(BaseModel):
+    """Settings of one worker process; each field's variable is ``RELIT_<FIELD NAME>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    report_interval: float = Field(
+        5.0, gt=0, description="seconds between two writes of the shard report while a shard "
+        "runs: its heartbeat, which `status` reads to flag stalled shards")
+    progress_seconds: float = Field(
+        30.0, ge=0, description="seconds between two progress lines (rate, ETA) in the log")
+    ref_cache_bytes: int = Field(
+        2 * GiB, ge=0, description="bytes of decoded references kept in memory: a shard cycles "
+        "through its references for every image, so all of them should fit (the sh "
+        "relighter's 64x128 references: about 20,000 in the default)")
+    call_output_bytes: int = Field(
+        4 * GiB, ge=1, description="most bytes of output (float32, at the input's size) one "
+        "relighter call may return: a very large image gets fewer seeds per call, which bounds "
+        "GPU memory whatever the batch size")
+    write_backlog_bytes: int = Field(
+        4 * GiB, ge=1, description="most bytes of relit pixels waiting for the encode-and-write "
+        "threads (one item always passes)")
+    stop_grace: float = Field(
+        30.0, ge=0, description="seconds a worker may take after SIGTERM to finish its batch; "
+        "past them it abandons the batch (nothing half-written), saves its report and exits "
+        "143. The Job sets it below the pod's terminationGracePeriodSeconds")
+    gpu_share: int = Field(
+        1, ge=1, description="workers sharing this process's GPU (set by `relit-k8s run` when "
+        "--workers exceeds the GPUs): relighters that size their batch from free GPU memory "
+        "divide it by this")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        """The settings from ``RELIT_*`` variables (unset or empty: the default)."""
+        env = os.environ if env is None else env
+        given = {name: env[var] for name in cls.model_fields
+                 if (var := cls.variable(name)) in env and env[var].strip()}
+        try:
+            return cls(**given)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{cls.variable(str(x['loc'][0]))}={given.get(str(x['loc'][0]))!r}: {x['msg']}"
+                for x in e.errors())
+            raise ConfigError(f"invalid worker setting: {problems}") from None
+
+    @staticmethod
+    def variable(field: str) -> str:
+        return f"RELIT_{field.upper()}"
+
+
+__all__ = ["WorkerSettings"]
