@@ -259,11 +259,11 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
     """Write the manifest, run its shards in local worker processes, print the outcome."""
     from . import console
     from .local import run_local
-    from .planner import write_manifest
-    from .run import Run
+    from .planner import write_run
     from .status import collect
 
-    manifest, uri = write_manifest(manifest)
+    run = write_run(manifest)
+    manifest, uri = run.manifest, run.manifest_uri
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
         sorted({s.visible_gpu or "0" for s in slots}))
     out.print(f"run [bold]{manifest.run_id}[/]: {manifest.items} outputs "
@@ -276,7 +276,6 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
                                on_log=on_log)
     else:
         result = run_local(uri, manifest.shards, slots, on_log=console.warn_log)
-    run = Run.of(manifest)
     status = collect(run)
     console.run_outcome(status, run.uri_of(run.paths.shards) + "/")
     console.problems(result.messages)

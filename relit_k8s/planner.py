@@ -164,8 +164,9 @@ def plan(
 _VOLATILE = {"created_at", "checksum"}
 
 
-def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
-    """Store the manifest under ``<output>/_relit/<run>/``; returns (manifest, its URI).
+def write_run(manifest: Manifest) -> Run:
+    """Store the manifest under ``<output>/_relit/<run>/``; returns the run (its output store
+    opened once, for the caller to go on with).
 
     When the run exists with the same plan, the stored manifest is kept (a rerun of the same
     command resumes the same run); a different plan under the same run id is an error.
@@ -176,15 +177,20 @@ def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
         existing = Manifest.from_json(run.output.read(key), run.uri_of(key))
     except NotFoundError:
         existing = None
-    if existing is not None:
-        if existing.model_dump(exclude=_VOLATILE) != manifest.model_dump(exclude=_VOLATILE):
-            raise ConfigError(
-                f"run {manifest.run_id} already exists in {run.output.uri} with a different "
-                "plan: choose another --run-id"
-            )
-        run = Run(existing, run.output)
-    else:
+    if existing is None:
         run.output.write(key, manifest.to_json())
+        return run
+    if existing.model_dump(exclude=_VOLATILE) != manifest.model_dump(exclude=_VOLATILE):
+        raise ConfigError(
+            f"run {manifest.run_id} already exists in {run.output.uri} with a different "
+            "plan: choose another --run-id"
+        )
+    return Run(existing, run.output)
+
+
+def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
+    """:func:`write_run`, as (the stored manifest, its URI)."""
+    run = write_run(manifest)
     return run.manifest, run.manifest_uri
 
 

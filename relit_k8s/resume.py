@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from .errors import ConfigError
-from .manifest import Manifest, now, pair_seeds
+from .manifest import Manifest, now
 from .planner import default_shards
 from .run import Run, list_runs
 
@@ -26,21 +26,15 @@ def remaining_units(run: Run, trust_reports: bool = False) -> list[int]:
     """
     manifest = run.manifest
     reports = run.read_reports() if trust_reports else {}
-    missing: list[int] = []
-    pair, existing = None, set()
-    for index in range(manifest.shards):
+
+    def trusted(index: int) -> bool:
         report = reports.get(index)
-        if report and report.state == "done" and report.items_failed == 0:
-            continue
-        for unit in manifest.shard_units(index):
-            if (unit.image, unit.ref) != pair:
-                pair = (unit.image, unit.ref)
-                existing = run.existing_seeds(unit.image, unit.ref)
-            seeds = pair_seeds(manifest.base_seed, unit.image, unit.ref, manifest.iterations)
-            if any(seeds[i] not in existing for i in range(unit.start, unit.stop)):
-                missing.append(unit.pair * manifest.units_per_pair
-                               + unit.start // manifest.unit_size)
-    return missing
+        return bool(report and report.state == "done" and report.items_failed == 0)
+
+    units = (u for index in range(manifest.shards) if not trusted(index)
+             for u in manifest.shard_units(index))
+    return [unit.pair * manifest.units_per_pair + unit.start // manifest.unit_size
+            for unit, todo in run.missing(units) if todo]
 
 
 def _ranges(units: list[int]) -> tuple[tuple[int, int], ...]:

@@ -10,10 +10,11 @@ worker, ``resume``, ``status``, the gallery and the Kubernetes code all go throu
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import ConfigError, NotFoundError
-from .manifest import Manifest, ShardReport
+from .manifest import Manifest, ShardReport, Unit, pair_seeds
 from .storage import META_DIR, Storage, join_key, open_storage
 
 
@@ -121,6 +122,21 @@ class Run:
         suffix = "_" + self.manifest.output_name(image)
         seeds = (n[:-len(suffix)] for n in names if n.endswith(suffix))
         return {int(s) for s in seeds if s.isdigit() and str(int(s)) == s}
+
+    def missing(self, units: Iterable[Unit]) -> Iterator[tuple[Unit, list[tuple[int, int]]]]:
+        """Each unit with its (iteration, seed) items whose outputs are not written yet.
+
+        The units of a pair are consecutive in a shard, so each pair folder is listed once.
+        """
+        m = self.manifest
+        pair, existing = None, set()
+        for unit in units:
+            if (unit.image, unit.ref) != pair:
+                pair = (unit.image, unit.ref)
+                existing = self.existing_seeds(unit.image, unit.ref)
+            seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
+            yield unit, [(it, seeds[it]) for it in range(unit.start, unit.stop)
+                         if seeds[it] not in existing]
 
 
 def list_runs(output: str | Storage) -> list[Run]:

@@ -40,7 +40,7 @@ from .errors import (
     exit_code_for,
 )
 from .inputs import InputLoader
-from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now, pair_seeds
+from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now
 from .relighters import Relighter, create
 from .run import Run
 from .settings import WorkerSettings
@@ -299,21 +299,12 @@ class ShardRunner:
     # --- planning the shard ------------------------------------------------------------------
     def _pairs(self, units: list[Unit], report: _Reporter) -> Iterator[_PairWork]:
         """Group the shard's units by pair and drop the items already written."""
-        m = self.manifest
-        pair, existing = None, set()
-        for unit in units:
-            if (unit.image, unit.ref) != pair:  # units of a pair are consecutive: one listing
-                pair = (unit.image, unit.ref)
-                existing = self.relit_run.existing_seeds(unit.image, unit.ref)
-            seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
-            work = _PairWork(unit.image, unit.ref)
-            work.todo = [(it, seeds[it]) for it in range(unit.start, unit.stop)
-                         if seeds[it] not in existing]
-            skipped = unit.items - len(work.todo)
+        for unit, todo in self.relit_run.missing(units):
+            skipped = unit.items - len(todo)
             if skipped:
                 report.add(skipped=skipped)
-            if work.todo:
-                yield work
+            if todo:
+                yield _PairWork(unit.image, unit.ref, todo)
 
     # --- running -----------------------------------------------------------------------------
     def run(self, index: int) -> ShardReport:

@@ -65,14 +65,14 @@ def plan_job(manifest: Manifest, settings: JobSettings) -> dict[str, Any]:
 def submit(manifest: Manifest, settings: JobSettings, context: str | None = None,
            cluster=None) -> tuple[dict[str, Any], Submission]:
     """Write the manifest, create the Job, record the submission. Returns (Job, record)."""
-    from ..planner import write_manifest
+    from ..planner import write_run
     from .cluster import Cluster
 
     check_pod_uris(manifest)
     cluster = cluster or Cluster(context, settings.namespace)  # fails fast without kubeconfig
     settings = settings.model_copy(update={"namespace": cluster.namespace})
-    manifest, uri = write_manifest(manifest)
-    run = Run.of(manifest)
+    run = write_run(manifest)
+    manifest, uri = run.manifest, run.manifest_uri
     job = build_job(manifest, uri, settings)
     created = cluster.create_job(job)
     record = Submission(run_id=manifest.run_id, job=job_name(manifest),
