@@ -18,7 +18,7 @@ from .errors import ConfigError, NotFoundError
 from .manifest import Manifest, RelighterSpec, Selection, check_run_id, now
 from .relighters import parse_options, resolve
 from .run import Run
-from .storage import open_storage
+from .storage import canonical_uri, open_storage
 
 #: Seed-parity defaults (the seed's ``--img-formats`` / ``--ref-formats``).
 DEFAULT_IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "exr", "hdr")
@@ -67,15 +67,15 @@ class PlanSettings(BaseModel):
 
 def _excluded_prefix(root: str, output: str) -> str | None:
     """The output's key prefix when the output lies inside ``root`` (so outputs are not inputs)."""
-    r, o = open_storage(root).uri.rstrip("/"), open_storage(output).uri.rstrip("/")
+    r, o = canonical_uri(root).rstrip("/"), canonical_uri(output).rstrip("/")
     return o[len(r) + 1:] + "/" if o.startswith(r + "/") else None
 
 
 def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
     """The image keys and reference keys the settings select (sorted)."""
-    output = open_storage(settings.output).uri.rstrip("/")
+    output = canonical_uri(settings.output).rstrip("/")
     for flag, uri in (("--input", settings.input), ("--refs", settings.refs)):
-        if open_storage(uri).uri.rstrip("/") == output:
+        if canonical_uri(uri).rstrip("/") == output:
             raise ConfigError(f"--output is the same folder as {flag} ({uri}): outputs would "
                               "become inputs; write them to another folder")
     found = []
@@ -136,10 +136,10 @@ def plan(
     manifest = Manifest(
         run_id=check_run_id(settings.run_id) if settings.run_id else "pending",
         created_at=created_at or now(),
-        input=open_storage(settings.input).uri,
-        refs=open_storage(settings.refs).uri,
-        output=open_storage(settings.output).uri,
-        normals=open_storage(settings.normals).uri if settings.normals else None,
+        input=canonical_uri(settings.input),
+        refs=canonical_uri(settings.refs),
+        output=canonical_uri(settings.output),
+        normals=canonical_uri(settings.normals) if settings.normals else None,
         selection=Selection(
             img_pattern=settings.img_pattern,
             ref_pattern=settings.ref_pattern,

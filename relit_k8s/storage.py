@@ -12,6 +12,7 @@ nothing here stores or prints a credential.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import posixpath
@@ -220,7 +221,7 @@ class S3Storage(Storage):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._client = client or make_s3_client()
+        self._client = client or shared_s3_client()
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
@@ -312,6 +313,18 @@ class S3Settings(BaseModel):
             )
         except ValueError as e:
             raise ConfigError(f"invalid RELIT_S3_* setting: {e}") from None
+
+
+def shared_s3_client():
+    """The process's S3 client for the current AWS settings: every store opened with the same
+    settings shares it (boto3 clients are thread-safe), so opening a store builds no client
+    and opens no connection pool of its own."""
+    return _client_for(S3Settings.from_env())
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(settings: S3Settings):
+    return make_s3_client(settings)
 
 
 def make_s3_client(settings: S3Settings | None = None):
@@ -408,18 +421,37 @@ class _s3_errors:
         return False
 
 
-def open_storage(uri: str) -> Storage:
-    """The storage rooted at ``uri``: a local path, ``file://...`` or ``s3://bucket/prefix``."""
+def _parse(uri: str) -> tuple[str, str, str]:
+    """(scheme, bucket or '', path) of a storage URI: ``s3``, or ``file`` for local paths."""
     if not uri:
         raise ConfigError("empty storage URI")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        return S3Storage(parsed.netloc, unquote(parsed.path))
+        if not parsed.netloc:
+            raise ConfigError("an s3:// URI needs a bucket: s3://bucket/prefix")
+        return "s3", parsed.netloc, unquote(parsed.path).strip("/")
     if parsed.scheme == "file":
-        return LocalStorage(unquote(parsed.path))
+        return "file", "", unquote(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, a local path
         raise ConfigError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
-    return LocalStorage(uri)
+    return "file", "", uri
+
+
+def canonical_uri(uri: str) -> str:
+    """The URI a storage opened at ``uri`` has (``s3://bucket/prefix``, or an absolute local
+    path), without opening it: no client is made, nothing is read."""
+    scheme, bucket, path = _parse(uri)
+    if scheme == "s3":
+        return f"s3://{bucket}/{path}" if path else f"s3://{bucket}"
+    return str(Path(path).expanduser().absolute())
+
+
+def open_storage(uri: str) -> Storage:
+    """The storage rooted at ``uri``: a local path, ``file://...`` or ``s3://bucket/prefix``."""
+    scheme, bucket, path = _parse(uri)
+    if scheme == "s3":
+        return S3Storage(bucket, path)
+    return LocalStorage(path)
 
 
 def split_uri(uri: str) -> tuple[Storage, str]:

@@ -277,34 +277,9 @@ class ShardRunner:
         #: Reads and decodes the plan's files into what the relighter is handed.
         self.loader = InputLoader(manifest, self.relighter.reference_resolution,
                                   pin_memory=torch.device(self.device).type == "cuda")
-        self._unexpected = 0
+        #: Unexpected relighter errors in a row, across shards (UNEXPECTED_LIMIT ends one).
+        self.unexpected_in_a_row = 0
         self._reporter: _Reporter | None = None
-
-    # --- decoding (runs in threads) ----------------------------------------------------------
-    def _timed(self, what: str):
-        return _Timer(self._reporter, what)
-
-    def _load_image(self, key: str) -> torch.Tensor:
-        with self._timed("decode"):
-            return self.loader.image(key)
-
-    def _load_ref(self, key: str) -> torch.Tensor:
-        with self._timed("decode"):
-            return self.loader.reference(key)
-
-    def _load_normals(self, key: str) -> torch.Tensor | None:
-        with self._timed("decode"):
-            return self.loader.normal_map(key)
-
-    # --- planning the shard ------------------------------------------------------------------
-    def _pairs(self, units: list[Unit], report: _Reporter) -> Iterator[_PairWork]:
-        """Group the shard's units by pair and drop the items already written."""
-        for unit, todo in self.relit_run.missing(units):
-            skipped = unit.items - len(todo)
-            if skipped:
-                report.add(skipped=skipped)
-            if todo:
-                yield _PairWork(unit.image, unit.ref, todo)
 
     # --- running -----------------------------------------------------------------------------
     def run(self, index: int) -> ShardReport:
@@ -340,7 +315,7 @@ class ShardRunner:
                      "model_load_phases": getattr(self.relighter, "load_timings", None),
                  }})
         try:
-            self._run_units(units, report)
+            _ShardPass(self, report).run(units)
         except Stopped:
             report.finish("failed", "stopped by a signal before the shard was finished; "
                           "run the index again to finish it", Stopped.exit_code)
@@ -365,66 +340,98 @@ class ShardRunner:
             return 0
         return old.attempt if old else 0
 
-    def _run_units(self, units: list[Unit], report: _Reporter) -> None:
+
+class _ShardPass:
+    """One pass over a shard's units: decode ahead in threads (bounded caches), relight each
+    pair's missing seeds in batches, encode and write in threads (a bounded backlog), and
+    record every item in the report as written, skipped or failed."""
+
+    def __init__(self, runner: ShardRunner, report: _Reporter):
+        self.runner, self.report = runner, report
+        self.manifest, self.relighter = runner.manifest, runner.relighter
+        self.loader, self.output, self.stop = runner.loader, runner.output, runner.stop
+        self.errors: list[BaseException] = []  # from the write threads: they end the pass
+        self.backlog = _Backlog(runner.settings.write_backlog_bytes)
+
+    def _timed(self, what: str) -> _Timer:
+        return _Timer(self.report, what)
+
+    def _load_image(self, key: str) -> torch.Tensor:
+        with self._timed("decode"):
+            return self.loader.image(key)
+
+    def _load_ref(self, key: str) -> torch.Tensor:
+        with self._timed("decode"):
+            return self.loader.reference(key)
+
+    def _load_normals(self, key: str) -> torch.Tensor | None:
+        with self._timed("decode"):
+            return self.loader.normal_map(key)
+
+    def _pairs(self, units: list[Unit]) -> Iterator[_PairWork]:
+        """Group the shard's units by pair and drop the items already written."""
+        for unit, todo in self.runner.relit_run.missing(units):
+            skipped = unit.items - len(todo)
+            if skipped:
+                self.report.add(skipped=skipped)
+            if todo:
+                yield _PairWork(unit.image, unit.ref, todo)
+
+    def run(self, units: list[Unit]) -> None:
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
                 ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="relit-write") as write:
-            img_cache = _Cache(decode, self._load_image, size=IMAGE_CACHE)
-            ref_cache = _Cache(decode, self._load_ref, max_bytes=self.settings.ref_cache_bytes)
-            nrm_cache = (_Cache(decode, self._load_normals, size=IMAGE_CACHE)
-                         if self.loader.normals else None)
-            in_flight = _Backlog(self.settings.write_backlog_bytes)
-            errors: list[BaseException] = []
-
-            def prefetch(w: _PairWork) -> None:
-                img_cache.get(w.image)
-                ref_cache.get(w.ref)
-                if nrm_cache:
-                    nrm_cache.get(w.image)
-
+            self.write_pool = write
+            self.images = _Cache(decode, self._load_image, size=IMAGE_CACHE)
+            self.refs = _Cache(decode, self._load_ref,
+                               max_bytes=self.runner.settings.ref_cache_bytes)
+            self.normals = (_Cache(decode, self._load_normals, size=IMAGE_CACHE)
+                            if self.loader.normals else None)
             window: list[_PairWork] = []
-            pairs = self._pairs(units, report)
-            for w in pairs:
+            for w in self._pairs(units):
                 window.append(w)
-                prefetch(w)
-                if len(window) <= LOOKAHEAD:
-                    continue
-                self._relight_pair(window.pop(0), img_cache, ref_cache, nrm_cache, write,
-                                   in_flight, errors, report)
+                self.images.get(w.image)  # prefetch
+                self.refs.get(w.ref)
+                if self.normals:
+                    self.normals.get(w.image)
+                if len(window) > LOOKAHEAD:
+                    self._relight_pair(window.pop(0))
             for w in window:
-                self._relight_pair(w, img_cache, ref_cache, nrm_cache, write, in_flight,
-                                   errors, report)
+                self._relight_pair(w)
             write.shutdown(wait=True)
-            if errors:
-                raise errors[0]
+            self._raise_write_error()
 
-    def _relight_pair(self, w, img_cache, ref_cache, nrm_cache, write, in_flight, errors,
-                      report: _Reporter) -> None:
-        if errors:
-            raise errors[0]
+    def _raise_if_stopped(self) -> None:
         if self.stop.is_set():
             raise Stopped("stopped before the shard was finished")
+
+    def _raise_write_error(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def _relight_pair(self, w: _PairWork) -> None:
+        self._raise_write_error()
+        self._raise_if_stopped()
         try:
-            image = img_cache.get(w.image).result()
-            ref = ref_cache.get(w.ref).result()
-            normals = nrm_cache.get(w.image).result() if nrm_cache else None
+            image = self.images.get(w.image).result()
+            ref = self.refs.get(w.ref).result()
+            normals = self.normals.get(w.image).result() if self.normals else None
             if normals is not None and normals.shape != image.shape:
                 raise ItemError(f"its normal map is {normals.shape[2]}x{normals.shape[1]}, the "
                                 f"image {image.shape[2]}x{image.shape[1]}: they must have the "
                                 "same size", key=w.image)
         except ItemError as e:
-            self._fail(w, w.todo, e, report)
+            self._fail(w, w.todo, e)
             return
         dev = self.relighter.device
         image_d = image.to(dev, non_blocking=True)
         ref_d = ref.to(dev, non_blocking=True)
         normals_d = normals.to(dev, non_blocking=True) if normals is not None else None
         seed_bytes = 3 * image.shape[1] * image.shape[2] * 4  # one float32 output
-        bs = max(1, min(self.batch_size, self.settings.call_output_bytes // seed_bytes))
+        bs = max(1, min(self.runner.batch_size,
+                        self.runner.settings.call_output_bytes // seed_bytes))
         for start in range(0, len(w.todo), bs):
-            if self.stop.is_set():
-                raise Stopped("stopped before the shard was finished")
-            if errors:
-                raise errors[0]
+            self._raise_if_stopped()
+            self._raise_write_error()
             batch = w.todo[start:start + bs]
             try:
                 with self._timed("relight"):
@@ -436,26 +443,24 @@ class ShardRunner:
                     raise ItemError(f"the relighter returned shape {tuple(out.shape)} for "
                                     f"{len(batch)} seeds of a {tuple(image.shape)} image")
             except ItemError as e:
-                self._fail(w, batch, e, report)
+                self._fail(w, batch, e)
                 continue
             except (Stopped, MemoryError, torch.OutOfMemoryError):
                 raise
             except Exception as e:  # noqa: BLE001 - one odd input must not end the shard ...
-                self._unexpected += 1
-                if self._unexpected >= UNEXPECTED_LIMIT:  # ... but a broken relighter must
+                self.runner.unexpected_in_a_row += 1
+                if self.runner.unexpected_in_a_row >= UNEXPECTED_LIMIT:  # ... a broken one must
                     raise
                 log.exception("relighter failed on %s x %s", w.image, w.ref)
-                self._fail(w, batch, e, report)
+                self._fail(w, batch, e)
                 continue
-            self._unexpected = 0
+            self.runner.unexpected_in_a_row = 0
             for (it, seed), px in zip(batch, pixels, strict=True):
-                in_flight.take(px.nbytes)
+                self.backlog.take(px.nbytes)
                 key = self.manifest.output_key(w.image, w.ref, seed)
-                fut = write.submit(self._write_one, key, px)
+                fut = self.write_pool.submit(self._write_one, key, px)
                 fut.add_done_callback(
-                    lambda f, it=it, seed=seed, n=px.nbytes: self._written(
-                        f, w, it, seed, in_flight, n, errors, report)
-                )
+                    lambda f, it=it, seed=seed, n=px.nbytes: self._written(f, w, it, seed, n))
 
     def _write_one(self, key: str, pixels: np.ndarray) -> None:
         with self._timed("encode"):
@@ -463,25 +468,23 @@ class ShardRunner:
         with self._timed("write"):
             self.output.write(key, data)
 
-    def _written(self, fut: Future, w: _PairWork, it: int, seed: int,
-                 in_flight: _Backlog, nbytes: int, errors: list, report: _Reporter) -> None:
-        in_flight.give(nbytes)
+    def _written(self, fut: Future, w: _PairWork, it: int, seed: int, nbytes: int) -> None:
+        self.backlog.give(nbytes)
         exc = fut.exception()
         if exc is None:
-            report.add(done=1)
+            self.report.add(done=1)
         elif isinstance(exc, ItemError):
-            self._fail(w, [(it, seed)], exc, report)
+            self._fail(w, [(it, seed)], exc)
         else:
-            errors.append(exc)
+            self.errors.append(exc)
 
-    @staticmethod
-    def _fail(w: _PairWork, items: list[tuple[int, int]], exc: Exception,
-              report: _Reporter) -> None:
+    def _fail(self, w: _PairWork, items: list[tuple[int, int]], exc: Exception) -> None:
         log.warning("failed %s x %s (%d items): %s", w.image, w.ref, len(items), exc,
                     extra={"event": "item_failed", "fields": {
                         "image": w.image, "ref": w.ref, "iterations": [i for i, _ in items],
                         "error": str(exc), "kind": type(exc).__name__}})
-        report.add(failures=[Failure.of(w.image, w.ref, it, seed, exc) for it, seed in items])
+        self.report.add(failures=[Failure.of(w.image, w.ref, it, seed, exc)
+                                  for it, seed in items])
 
 
 def abandon(runner: ShardRunner | None) -> None:

@@ -22,6 +22,19 @@ def make(tmp_path, n_images=3, n_refs=2, **kw) -> Manifest:
     return plan(settings(tmp_path, **kw), imgs, refs)
 
 
+def test_plan_is_pure_it_opens_no_storage(monkeypatch):
+    from relit_k8s import planner
+
+    def no_storage(uri):
+        raise AssertionError(f"plan opened {uri}")
+
+    monkeypatch.setattr(planner, "open_storage", no_storage)
+    s = PlanSettings(input="s3://bucket/in/", refs="s3://bucket/refs", output="s3://bucket/out")
+    m = plan(s, ["a.jpg"], ["r.hdr"])
+    assert (m.input, m.refs, m.output) == ("s3://bucket/in", "s3://bucket/refs",
+                                           "s3://bucket/out")
+
+
 def test_seeds_are_deterministic_distinct_and_depend_on_every_input():
     a = pair_seeds(0, "x.jpg", "r.hdr", 50)
     assert a == pair_seeds(0, "x.jpg", "r.hdr", 50)

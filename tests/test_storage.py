@@ -13,7 +13,14 @@ from relit_k8s.errors import (
     StorageConfigError,
     StorageUnavailable,
 )
-from relit_k8s.storage import LocalStorage, S3Storage, check_key, open_storage, split_uri
+from relit_k8s.storage import (
+    LocalStorage,
+    S3Storage,
+    canonical_uri,
+    check_key,
+    open_storage,
+    split_uri,
+)
 
 
 def make_tree(storage):
@@ -104,6 +111,28 @@ def test_uris(tmp_path):
         open_storage("gs://bucket/x")
     store, name = split_uri(f"{tmp_path}/runs/manifest.json")
     assert name == "manifest.json" and store.uri == str(tmp_path / "runs")
+
+
+def test_canonical_uri_is_the_opened_storage_uri_without_opening_it(tmp_path, monkeypatch):
+    from relit_k8s import storage as storage_module
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("canonical_uri built an S3 client")
+
+    monkeypatch.setattr(storage_module, "make_s3_client", no_client)
+    storage_module._client_for.cache_clear()
+    assert canonical_uri("s3://bucket/a/b/") == "s3://bucket/a/b"
+    assert canonical_uri("s3://bucket") == "s3://bucket"
+    assert canonical_uri(f"file://{tmp_path}/x") == str(tmp_path / "x")
+    with pytest.raises(ConfigError, match="needs a bucket"):
+        canonical_uri("s3:///prefix")
+    with pytest.raises(ConfigError, match="unsupported"):
+        canonical_uri("gs://bucket/x")
+
+
+def test_s3_stores_with_the_same_settings_share_one_client(s3_env):
+    a, b = open_storage("s3://one/x"), open_storage("s3://two")
+    assert a._client is b._client
 
 
 def test_s3_missing_bucket_is_a_config_error(s3_env):
