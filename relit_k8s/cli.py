@@ -314,7 +314,7 @@ def worker_cmd(
 @handles_errors
 def status_cmd(
     run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
-    output: OutputOpt = ...,
+    output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
     fmt: Annotated[str, typer.Option("-o", "--format", metavar="table|json")] = "table",
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Also read the Job "
@@ -515,7 +515,7 @@ def cancel_cmd(
 @handles_errors
 def resume_cmd(
     run: Annotated[str, typer.Argument(help="Run id to finish.")],
-    output: OutputOpt = ...,
+    output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
     local: Annotated[bool, typer.Option("--local", help="Run the rest here, not as a Job.")]
     = False,
     image: Annotated[str | None, typer.Option("--image", help="[default: the run's]")] = None,
@@ -563,7 +563,7 @@ def resume_cmd(
 @handles_errors
 def gallery_cmd(
     run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
-    output: OutputOpt = ...,
+    output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples per pair.")] = 3,
     max_images: Annotated[int, typer.Option("--max-images", min=1)] = 12,
     max_refs: Annotated[int, typer.Option("--max-refs", min=1)] = 8,
@@ -599,8 +599,8 @@ def make_model_cmd(
 
     if size not in SIZES:
         raise ConfigError(f"--size {size!r}: use one of {', '.join(SIZES)}")
-    written = make_model(path, size, distinct_uncond=distinct_uncond, new_decoder=new_decoder,
-                         device=device)
+    written = make_model(path, size,  # type: ignore[arg-type]  # one of SIZES, checked above
+                         distinct_uncond=distinct_uncond, new_decoder=new_decoder, device=device)
     out.print(f"model: {written} (random weights, {size}); use it with "
               f"--relighter diffusion -O model={written}")
 

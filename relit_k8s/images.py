@@ -98,7 +98,7 @@ def _decode_ldr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             _guard(name, im.width, im.height, max_pixels)
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -170,16 +170,16 @@ def _decode_exr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             arr = channels[key].pixels[:, :, :3]
             break
     else:
-        key = "Y" if "Y" in channels else next(iter(channels), None)
-        if key is None or channels[key].pixels.ndim != 2:
+        mono = "Y" if "Y" in channels else next(iter(channels), None)
+        if mono is None or channels[mono].pixels.ndim != 2:
             raise DecodeError("OpenEXR file has no RGB or Y channels", key=name)
-        arr = np.repeat(channels[key].pixels[:, :, None], 3, axis=2)
+        arr = np.repeat(channels[mono].pixels[:, :, None], 3, axis=2)
     return _sanitise(arr)
 
 
 def _sanitise(arr: np.ndarray) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
-    arr = np.nan_to_num(arr, nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=float(np.finfo(np.float32).max), neginf=0.0)
     return np.ascontiguousarray(np.maximum(arr, 0.0))
 
 

@@ -24,10 +24,10 @@ from .images import is_hdr_name
 from .storage import is_safe_key
 
 #: Version 2: ``batch_size`` may be null (each worker asks its relighter).
-MANIFEST_VERSION = 2
+MANIFEST_VERSION: Literal[2] = 2
 #: Versions this relit-k8s reads: version 1 manifests are valid version 2 ones.
 READABLE_MANIFEST_VERSIONS = (1, 2)
-REPORT_VERSION = 1
+REPORT_VERSION: Literal[1] = 1
 
 #: Run ids are DNS-1123 labels of at most 40 characters, so Jobs and pods can be named after them.
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
@@ -217,7 +217,8 @@ class Manifest(BaseModel):
         r = self.shard_range(index)
         if self.only_units is None:
             return [self.full_unit(u) for u in r]
-        units, offset = [], 0
+        units: list[Unit] = []
+        offset = 0
         for a, b in self.only_units:  # one pass over the ranges
             lo, hi = max(r.start, offset), min(r.stop, offset + b - a)
             units.extend(self.full_unit(a + u - offset) for u in range(lo, hi))

@@ -454,6 +454,42 @@ def open_storage(uri: str) -> Storage:
     return LocalStorage(path)
 
 
+def cached_copy(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
+    """A local folder holding what is under ``uri``: the folder itself for a local URI, else a
+    one-time download of the ``s3://`` prefix into ``cache_dir``, reused by every later process
+    on the node (model weights, for example).
+
+    The download goes to a staging folder renamed into place, so processes racing on one node
+    never see half a copy; a ``.complete`` marker tells that the copy is whole.
+    :class:`NotFoundError` when a local URI is not a folder.
+    """
+    scheme, _, path = _parse(uri)
+    if scheme == "file":
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise NotFoundError(f"no folder at {uri}")
+        return local
+    import hashlib
+    import shutil
+
+    target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if done.exists():
+        return target
+    store = open_storage(uri)
+    staging = target.with_name(target.name + f".partial-{os.getpid()}")
+    for key in store.walk():
+        dest = staging / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(store.read(key))
+    try:
+        staging.rename(target)  # atomic: another process may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    done.touch()
+    return target
+
+
 def split_uri(uri: str) -> tuple[Storage, str]:
     """Split the URI of one object into (storage of its folder, file name)."""
     base, _, name = uri.rstrip("/").rpartition("/")

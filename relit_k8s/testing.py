@@ -11,13 +11,17 @@ relit-k8s's own suite runs it over every relighter found by name (built-ins and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from .errors import RelighterError
 from .relighters import Relighter, parse_options
 
 
-def sample_pair(height: int = 37, width: int = 53, device: str = "cpu"):
+def sample_pair(height: int = 37, width: int = 53,
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A deterministic odd-sized image (sRGB in [0, 1]), an HDR reference and unit normals."""
     g = torch.Generator().manual_seed(7)
     image = torch.rand(3, height, width, generator=g)
@@ -50,7 +54,7 @@ CONTRACT_ATOL = {"cpu": 1e-5, "cuda": 1e-3}
 
 def check_relighter(
     cls: type[Relighter], device: str = "cpu", atol: float | None = None,
-    seeds=(11, 2**31 + 5, 3), options: dict | None = None,
+    seeds: Sequence[int] = (11, 2**31 + 5, 3), options: dict[str, Any] | None = None,
 ) -> None:
     """Run every contract check on ``cls`` on ``device``; raises AssertionError on a breach.
 

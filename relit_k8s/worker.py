@@ -15,6 +15,7 @@ The same code runs in a Kubernetes pod (``relit-k8s worker``, index from
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -459,8 +460,8 @@ class _ShardPass:
                 self.backlog.take(px.nbytes)
                 key = self.manifest.output_key(w.image, w.ref, seed)
                 fut = self.write_pool.submit(self._write_one, key, px)
-                fut.add_done_callback(
-                    lambda f, it=it, seed=seed, n=px.nbytes: self._written(f, w, it, seed, n))
+                fut.add_done_callback(functools.partial(self._written, w=w, it=it, seed=seed,
+                                                        nbytes=px.nbytes))
 
     def _write_one(self, key: str, pixels: np.ndarray) -> None:
         with self._timed("encode"):
@@ -468,7 +469,8 @@ class _ShardPass:
         with self._timed("write"):
             self.output.write(key, data)
 
-    def _written(self, fut: Future, w: _PairWork, it: int, seed: int, nbytes: int) -> None:
+    def _written(self, fut: Future[None], *, w: _PairWork, it: int, seed: int,
+                 nbytes: int) -> None:
         self.backlog.give(nbytes)
         exc = fut.exception()
         if exc is None:

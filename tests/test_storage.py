@@ -16,6 +16,7 @@ from relit_k8s.errors import (
 from relit_k8s.storage import (
     LocalStorage,
     S3Storage,
+    cached_copy,
     canonical_uri,
     check_key,
     open_storage,
@@ -128,6 +129,22 @@ def test_canonical_uri_is_the_opened_storage_uri_without_opening_it(tmp_path, mo
         canonical_uri("s3:///prefix")
     with pytest.raises(ConfigError, match="unsupported"):
         canonical_uri("gs://bucket/x")
+
+
+def test_cached_copy_downloads_an_s3_prefix_once_and_keeps_local_folders(bucket, tmp_path):
+    store = open_storage(f"s3://{bucket}/weights")
+    store.write("unet/a.bin", b"A")
+    store.write("b.json", b"{}")
+    cache = tmp_path / "cache"
+    local = cached_copy(f"s3://{bucket}/weights", cache)
+    assert (local / "unet" / "a.bin").read_bytes() == b"A" and (local / ".complete").exists()
+    store.write("unet/a.bin", b"changed")
+    assert cached_copy(f"s3://{bucket}/weights", cache) == local  # not read again
+    assert (local / "unet" / "a.bin").read_bytes() == b"A"
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name]
+    assert cached_copy(str(tmp_path), cache) == tmp_path
+    with pytest.raises(NotFoundError):
+        cached_copy(str(tmp_path / "missing"), cache)
 
 
 def test_s3_stores_with_the_same_settings_share_one_client(s3_env):

@@ -91,7 +91,8 @@ class Cluster:
         from .job import CONTAINER
 
         with _api_errors(f"reading logs of pod {pod}", self.namespace):
-            resp = self.core.read_namespaced_pod_log(
+            # with _preload_content=False the client returns the urllib3 response, unread
+            resp: Any = self.core.read_namespaced_pod_log(
                 pod, self.namespace, container=CONTAINER, follow=follow, tail_lines=tail,
                 _preload_content=False,
                 _request_timeout=None if follow else REQUEST_TIMEOUT)

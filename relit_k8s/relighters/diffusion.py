@@ -30,7 +30,6 @@ What it does differently from the seed's loop:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -41,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..errors import RelighterError, TransientError
+from ..errors import NotFoundError, RelighterError, TransientError
 from ..settings import WorkerSettings
+from ..storage import cached_copy
 from .base import Relighter, RelighterOptions
 
 EMBEDDINGS = "text_embeddings.safetensors"
@@ -122,37 +122,39 @@ def batch_for_memory(step4: float, step8: float, decode: float, free: float,
 
 def fetch_model(uri: str, cache_dir: str | None = None) -> Path:
     """A local directory holding the model at ``uri``: itself, or a one-time download of an
-    ``s3://`` prefix into the node-local cache, reused by every later worker on the node."""
-    if not uri.startswith("s3://"):
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.is_dir():
-            raise RelighterError(f"diffusion: no model directory at {uri}")
-        return path
-    from ..storage import open_storage
-
-    root = Path(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "/tmp"),
-                                          "relit-k8s", "models"))
-    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".complete"
-    if done.exists():
-        return target
-    store = open_storage(uri)
-    keys = store.walk()
-    staging = target.with_name(target.name + f".partial-{os.getpid()}")
-    for key in keys:
-        dest = staging / key
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(store.read(key))
+    ``s3://`` prefix into the node-local cache (:func:`~relit_k8s.storage.cached_copy`)."""
+    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "/tmp"), "relit-k8s",
+                                     "models")
     try:
-        staging.rename(target)  # atomic: another worker may have won the race
-    except OSError:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-    if not (target / "unet").is_dir():
+        path = cached_copy(uri, root)
+    except NotFoundError as e:
+        raise RelighterError(f"diffusion: no model directory at {uri}") from e
+    if uri.startswith("s3://") and not (path / "unet").is_dir():
         raise RelighterError(f"diffusion: {uri} holds no model (no unet/)")
-    done.touch()
-    return target
+    return path
+
+
+def _import_diffusers():
+    """diffusers' model classes and safetensors' loader, as one namespace; a
+    :class:`RelighterError` naming the extra when they are not installed."""
+    from types import SimpleNamespace
+
+    try:
+        from diffusers import (
+            AutoencoderKL,
+            ControlNetModel,
+            DDIMScheduler,
+            UNet2DConditionModel,
+        )
+        from diffusers.utils import logging as diffusers_logging
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise RelighterError("the diffusion relighter needs diffusers: "
+                             "pip install 'relit-k8s[diffusion]'") from e
+    diffusers_logging.set_verbosity_error()  # not the "install accelerate" advice per load
+    return SimpleNamespace(AutoencoderKL=AutoencoderKL, ControlNetModel=ControlNetModel,
+                           DDIMScheduler=DDIMScheduler,
+                           UNet2DConditionModel=UNet2DConditionModel, load_file=load_file)
 
 
 class DiffusionRelighter(Relighter):
@@ -160,8 +162,12 @@ class DiffusionRelighter(Relighter):
 
     name = "diffusion"
     Options = DiffusionOptions
+    options: DiffusionOptions
 
     def __init__(self, options=None, device="cpu"):
+        """Load the model once: fetch it, read the weights, place them on the device, measure
+        the batch size and (``compile=true``) compile; each phase is timed in
+        :attr:`load_timings`."""
         super().__init__(options, device)
         o = self.options
         if not o.model:
@@ -169,7 +175,7 @@ class DiffusionRelighter(Relighter):
                                  "(relit-k8s make-model DIR writes a random-weight one)")
         #: Seconds of each loading phase (the worker logs them with its start event).
         self.load_timings: dict[str, float] = {}
-        clock = time.monotonic()
+        started = clock = time.monotonic()
 
         def lap(phase: str) -> None:
             nonlocal clock
@@ -177,19 +183,7 @@ class DiffusionRelighter(Relighter):
             self.load_timings[phase] = round(now - clock, 3)
             clock = now
 
-        started = clock
-        try:
-            from diffusers import (
-                AutoencoderKL,
-                ControlNetModel,
-                DDIMScheduler,
-                UNet2DConditionModel,
-            )
-            from diffusers.utils import logging as diffusers_logging
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise RelighterError("the diffusion relighter needs diffusers: "
-                                 "pip install 'relit-k8s[diffusion]'") from e
+        diffusers = _import_diffusers()
         lap("imports")
         path = fetch_model(o.model, o.cache_dir)
         lap("fetch")
@@ -197,23 +191,44 @@ class DiffusionRelighter(Relighter):
             torch.zeros(1, device=self.device)  # start CUDA here, so it is timed on its own
             lap("cuda_init")
         self.dtype = _dtype(o.dtype, self.device)
+        self._read_weights(diffusers, path)
+        lap("read_weights")
+        self._place()
+        lap("to_device")
+        #: Pad batches to a multiple of 8 seeds and decode chunks to DECODE_CHUNK (compiled
+        #: code is specialised to shapes: this keeps their number small).
+        self.static_shapes = o.compile
+        self.batch_size = o.batch_size or (self._measure_batch_size()
+                                           if self.device.type == "cuda" else 8)
+        lap("batch_probe")
+        if o.compile:
+            self._compile()
+        self.load_seconds = time.monotonic() - started  # compiling happens at the first call
+
+    def _read_weights(self, diffusers, path: Path) -> None:
+        """The UNet, ControlNet, VAE (or its new decoder), scheduler and text embeddings of the
+        model directory, in :attr:`dtype`, on the CPU."""
+        o = self.options
         vae_dir = path / ("vae_new_decoder" if o.new_decoder else "vae")
         if o.new_decoder and not vae_dir.is_dir():
             raise RelighterError(f"diffusion: new_decoder=true, but {path} has no "
                                  "vae_new_decoder/ (only the standard vae/)")
         load = {"torch_dtype": self.dtype}
-        diffusers_logging.set_verbosity_error()  # not the "install accelerate" advice per load
-        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", **load)
-        self.controlnet = ControlNetModel.from_pretrained(path / "controlnet", **load)
-        self.vae = AutoencoderKL.from_pretrained(vae_dir, **load)
-        self.scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+        self.unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet", **load)
+        self.controlnet = diffusers.ControlNetModel.from_pretrained(path / "controlnet", **load)
+        self.vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, **load)
+        self.scheduler = diffusers.DDIMScheduler.from_pretrained(path / "scheduler")
         if self.scheduler.config.prediction_type != "v_prediction":
             raise RelighterError(f"diffusion: {path}/scheduler predicts "
                                  f"{self.scheduler.config.prediction_type}, not v_prediction")
-        emb = load_file(str(path / EMBEDDINGS))
+        emb = diffusers.load_file(str(path / EMBEDDINGS))
         self.cond = emb["cond"].to(self.device, self.dtype)
         self.uncond = emb["uncond"].to(self.device, self.dtype) if "uncond" in emb else None
-        lap("read_weights")
+
+    def _place(self) -> None:
+        """Move the modules to the device in eval mode (channels-last on a GPU), fuse q/k/v,
+        and derive what the sampler needs from their configs."""
+        o = self.options
         if self.device.type == "cuda":
             use_backend(o.attention)
         for module in (self.unet, self.controlnet, self.vae):
@@ -223,27 +238,21 @@ class DiffusionRelighter(Relighter):
         # one matmul for q, k and v (k and v in cross-attention) instead of three: same result
         self.unet.fuse_qkv_projections()
         self.controlnet.fuse_qkv_projections()
-        lap("to_device")
         self.latent_channels = self.unet.config.in_channels
         self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # True when guidance cannot change the result: one UNet pass per step is exact
         self.one_pass = (o.guidance_scale == 1.0 or self.uncond is None
                          or torch.equal(self.uncond, self.cond))
         self._decoder = self.vae.decoder
-        #: Pad batches to a multiple of 8 seeds and decode chunks to DECODE_CHUNK (compiled
-        #: code is specialised to shapes: this keeps their number small).
-        self.static_shapes = o.compile
-        self.batch_size = o.batch_size or (self._measure_batch_size()
-                                           if self.device.type == "cuda" else 8)
-        lap("batch_probe")
-        if o.compile:
-            import torch._inductor.config as inductor
 
-            inductor.conv_1x1_as_mm = True  # PyTorch's advice for diffusion UNets
-            self.unet = torch.compile(self.unet, dynamic=False)
-            self.controlnet = torch.compile(self.controlnet, dynamic=False)
-            self._decoder = torch.compile(self.vae.decoder, dynamic=False)
-        self.load_seconds = time.monotonic() - started  # compiling happens at the first call
+    def _compile(self) -> None:
+        """torch.compile the UNet, ControlNet and VAE decoder with static shapes."""
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True  # PyTorch's advice for diffusion UNets
+        self.unet = torch.compile(self.unet, dynamic=False)
+        self.controlnet = torch.compile(self.controlnet, dynamic=False)
+        self._decoder = torch.compile(self.vae.decoder, dynamic=False)
 
     def _measure_batch_size(self) -> int:
         """Seeds per batch on this GPU (:func:`batch_for_memory`), from the step's peak memory
@@ -252,7 +261,11 @@ class DiffusionRelighter(Relighter):
         res, dev = self.options.resolution, self.device
         side = res // self.scale
         branches = 1 if self.one_pass else 2
-        text = self.cond if self.one_pass else torch.cat([self.uncond, self.cond])
+        if self.one_pass:
+            text = self.cond
+        else:
+            assert self.uncond is not None  # two passes only with an unconditional branch
+            text = torch.cat([self.uncond, self.cond])
 
         def peak(fn) -> int:
             torch.cuda.synchronize(dev)
@@ -350,6 +363,7 @@ class DiffusionRelighter(Relighter):
         one = self.one_pass
         cond = self.cond.expand(b, -1, -1)
         if not one:
+            assert self.uncond is not None  # two passes only with an unconditional branch
             both_text = torch.cat([self.uncond.expand(b, -1, -1), cond])
             both_hint = torch.cat([hints, hints])
         # eta > 0 adds noise at each step: from each seed's own generator, so it stays per seed

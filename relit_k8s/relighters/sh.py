@@ -170,6 +170,7 @@ class SHRelighter(Relighter):
 
     name = "sh"
     Options = SHOptions
+    options: SHOptions
     #: Order-2 SH need little resolution: references are averaged down to this once.
     reference_resolution = (64, 128)
 
