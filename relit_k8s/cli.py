@@ -119,7 +119,8 @@ GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="0,1",
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes "
                                                 "[default: one per GPU, or 1 on the CPU].")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", metavar="cpu|cuda",
-                                               help="[default: cuda if available]")]
+                                               help="Where the workers relight [default: cuda "
+                                               "if available].")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 if any item failed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress",
                                            help="Show the progress bar.")]
@@ -176,8 +177,9 @@ def _plan_settings(
     try:
         return PlanSettings(**data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(problems) from e
+        raise ConfigError("; ".join(
+            f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: "
+            f"{x['msg'].removeprefix('Value error, ')}" for x in e.errors())) from e
 
 
 def _make_plan(settings):
@@ -297,7 +299,8 @@ def worker_cmd(
     index: Annotated[int | None, typer.Option("--index", min=0, help="Shard index "
                                               "[env: JOB_COMPLETION_INDEX].")] = None,
     device: Annotated[str | None, typer.Option("--device", metavar="cpu|cuda|cuda:N",
-                                               help="[default: cuda if available]")] = None,
+                                               help="Where the worker relights [default: cuda "
+                                               "if available].")] = None,
     log_format: Annotated[str | None, typer.Option(
         "--log-format", metavar="text|json", help="text, or one JSON object per line "
         "[env: RELIT_LOG_FORMAT; default text; the Job sets json].")] = None,
@@ -315,7 +318,9 @@ def worker_cmd(
 def status_cmd(
     run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
     output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
-    fmt: Annotated[str, typer.Option("-o", "--format", metavar="table|json")] = "table",
+    fmt: Annotated[str, typer.Option("-o", "--format", metavar="table|json",
+                                      help="A table, or one JSON object (the documented "
+                                      "keys).")] = "table",
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Also read the Job "
                                           "of a submitted run.")] = True,
@@ -399,8 +404,13 @@ def submit_cmd(
     toleration: Annotated[list[str] | None, typer.Option(
         "--toleration", metavar="KEY[=VALUE][:EFFECT]", help="Toleration (repeatable) "
         "[default with GPUs: nvidia.com/gpu:NoSchedule].")] = None,
-    priority_class: Annotated[str | None, typer.Option("--priority-class")] = None,
-    service_account: Annotated[str | None, typer.Option("--service-account")] = None,
+    priority_class: Annotated[str | None, typer.Option(
+        "--priority-class", metavar="NAME", help="PriorityClass of the pods (preemption order "
+        "on a shared cluster).")] = None,
+    service_account: Annotated[str | None, typer.Option(
+        "--service-account", metavar="NAME", help="ServiceAccount of the pods (for S3 access "
+        "through a pod identity; the workers need no Kubernetes API access) [default: the "
+        "namespace's default].")] = None,
     queue: Annotated[str | None, typer.Option("--queue", help="Kueue LocalQueue name.")] = None,
     backoff_limit_per_index: Annotated[int, typer.Option("--backoff-limit-per-index", min=0,
                                                          help="Retries of each index.")] = 3,
@@ -411,8 +421,12 @@ def submit_cmd(
                                             "is kept [default: a week].")] = 7 * 24 * 3600,
     grace_period: Annotated[int, typer.Option("--grace-period", min=1, help="Pod termination "
                                               "grace period, seconds.")] = 120,
-    image_pull_policy: Annotated[str, typer.Option("--image-pull-policy")] = "IfNotPresent",
-    image_pull_secret: Annotated[str | None, typer.Option("--image-pull-secret")] = None,
+    image_pull_policy: Annotated[str, typer.Option(
+        "--image-pull-policy", metavar="Always|IfNotPresent|Never",
+        help="When the nodes pull --image.")] = "IfNotPresent",
+    image_pull_secret: Annotated[str | None, typer.Option(
+        "--image-pull-secret", metavar="NAME", help="Secret with the credentials of a private "
+        "registry.")] = None,
     cache_host_path: Annotated[str | None, typer.Option(
         "--cache-host-path", help="Opt-in: a node directory as the shared model cache.")] = None,
     fmt: Annotated[str | None, typer.Option("-o", "--format", metavar="yaml|json",
@@ -518,19 +532,28 @@ def resume_cmd(
     output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
     local: Annotated[bool, typer.Option("--local", help="Run the rest here, not as a Job.")]
     = False,
-    image: Annotated[str | None, typer.Option("--image", help="[default: the run's]")] = None,
-    parallelism: Annotated[int | None, typer.Option("--parallelism", min=1, help="[default: "
-                                                    "the run's]")] = None,
+    image: Annotated[str | None, typer.Option(
+        "--image", help="Container image of the new Job (cluster runs) [default: the run's].")]
+    = None,
+    parallelism: Annotated[int | None, typer.Option(
+        "--parallelism", min=1, help="Pods of the new Job running at once (cluster runs) "
+        "[default: the run's].")] = None,
     shards: ShardsOpt = None, dry_run: DryRunOpt = False,
     trust_reports: Annotated[bool, typer.Option(
         "--trust-reports", help="Skip shards reported done without listing their outputs "
         "(faster on huge runs; misses outputs deleted since).")] = False,
-    fmt: Annotated[str | None, typer.Option("-o", "--format", metavar="yaml|json")] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "-o", "--format", metavar="yaml|json", help="Print the new Job as YAML or JSON "
+        "(cluster runs).")] = None,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
     strict: StrictOpt = False, progress: ProgressOpt = True,
 ):
-    """A new run over only the units not yet written (or failed), as a Job or here."""
+    """A new run over only the units not yet written (or failed).
+
+    It runs as a new Job when the run was submitted to Kubernetes, and here (like relit-k8s run)
+    when the run was local or --local is given.
+    """
     from . import console
     from .resume import plan_resume, resume_on_cluster
     from .run import Run
@@ -565,8 +588,10 @@ def gallery_cmd(
     run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
     output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples per pair.")] = 3,
-    max_images: Annotated[int, typer.Option("--max-images", min=1)] = 12,
-    max_refs: Annotated[int, typer.Option("--max-refs", min=1)] = 8,
+    max_images: Annotated[int, typer.Option("--max-images", min=1,
+                                            help="Input images shown (rows).")] = 12,
+    max_refs: Annotated[int, typer.Option("--max-refs", min=1,
+                                          help="References shown (columns).")] = 8,
 ):
     """Write an HTML contact sheet and a PNG grid of a run's results (thumbnails)."""
     from .gallery import build
@@ -635,8 +660,44 @@ def root(
     """relit-k8s: relighting inference at scale."""
 
 
+def _readable(command: Any) -> Any:
+    """Help as users read it: square brackets in help texts stay as written (rich would take
+    them for markup), and options show a short metavar instead of a type tag. (Typer carries
+    its own click, so parameters are recognised by what they are, not by class.)"""
+    from rich.markup import escape
+
+    if command.help:
+        command.help = escape(command.help)
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+        if param.param_type_name == "argument":
+            if hasattr(param, "display_type_rich"):  # typer >= 0.16 tags arguments too
+                param.display_type_rich = lambda ctx: None
+        elif param.metavar is None:
+            # typer >= 0.16 names the annotation (bare_type); older ones are click options
+            kind = param.bare_type() if hasattr(param, "bare_type") else param.type.name
+            param.metavar = ("" if param.is_flag else "N" if kind.startswith(("int", "integer"))
+                             else "NUMBER" if kind.startswith("float") else "TEXT")
+    help_option = command.get_help_option  # made when help is asked for: no tag either
+
+    def get_help_option(ctx: Any) -> Any:
+        option = help_option(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        _readable(sub)
+    return command
+
+
 def main() -> None:
-    app()
+    from typer import rich_utils
+
+    rich_utils.RANGE_STRING = ""  # limits are in the help texts and checked on use
+    _readable(typer.main.get_command(app))()
 
 
 __all__ = ["app", "main"]

@@ -247,3 +247,37 @@ def test_status_flags_stalled_shards_and_groups_failures_by_reason(tmp_path):
     dry = cli("run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
               str(tmp_path / "o2"), "--dry-run", check=True).stdout
     assert "estimated size" in dry
+
+
+COMMANDS = ["plan", "run", "worker", "status", "submit", "logs", "cancel", "resume", "gallery",
+            "make-model", "relighters"]
+
+
+def test_help_reads_well_every_option_explained_no_type_tags_brackets_kept():
+    import typer.main
+
+    from relit_k8s.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help, f"relit-k8s {name} {param.opts[0]} has no help text"
+    pages = {name: cli(*([name] if name else []), "--help", env={"COLUMNS": "250"},
+                       check=True).stdout
+             for name in ["", *COMMANDS]}
+    for name, page in pages.items():
+        for tag in ("<bool>", "<str>", "<int", "<float", "<list", "[x>="):
+            assert tag not in page, f"relit-k8s {name} --help shows {tag!r}"
+    # square brackets written in help texts survive (rich markup would eat them)
+    assert "[default: jpg jpeg png bmp exr hdr]" in pages["run"]
+    assert "Number of shards [default: 4 per worker]." in pages["plan"]
+    assert "[default: the run's]" in pages["resume"]
+    assert "as a new Job when the run was submitted" in pages["resume"]
+
+
+def test_error_messages_keep_their_square_brackets(tmp_path):
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(tmp_path / "o"), "--img-formats", "xyz",
+                 env={"COLUMNS": "250"})
+    assert result.returncode == 78
+    assert "--img-formats: unsupported formats ['xyz']; supported: ['bmp'," in result.stderr
