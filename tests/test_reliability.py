@@ -42,8 +42,18 @@ def expected(m: Manifest, skip_images=()) -> set[str]:
 
 
 def local_outputs(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
-            if p.is_file() and "_relit" not in p.parts}
+    """The outputs at their final names. Unfinished writes (hidden ``.name.tmp-*`` files,
+    which a SIGKILL can leave behind and which no listing shows) are not outputs; a file that
+    a running worker renames while this lists it is seen on the next call."""
+    found = {}
+    for p in out.rglob("*"):
+        if "_relit" in p.parts or p.name.startswith(".") or not p.is_file():
+            continue
+        try:
+            found[p.relative_to(out).as_posix()] = p.read_bytes()
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def s3_count(client, bucket: str, prefix: str = "out/") -> int:
