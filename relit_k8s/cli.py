@@ -199,8 +199,10 @@ def plan_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Workers the default shard "
-                                         "count is made for.")] = 1,
+    workers: Annotated[int, typer.Option(
+        "--parallelism", "--workers", min=1, help="Workers (pods) the default shard count is "
+        "made for: the same as submit's --parallelism, so that plan and submit --dry-run with "
+        "the same flags make the same run.")] = 8,
 ):
     """List inputs and references and write the run's manifest (no relighting)."""
     from . import console
@@ -260,10 +262,11 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
               "command again") -> None:
     """Write the manifest, run its shards in local worker processes, print the outcome."""
     from . import console
-    from .local import run_local
+    from .local import preflight, run_local
     from .planner import write_run
     from .status import collect
 
+    preflight(manifest)
     run = write_run(manifest)
     manifest, uri = run.manifest, run.manifest_uri
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
@@ -490,23 +493,15 @@ def logs_cmd(
     namespace: NamespaceOpt = None, context: ContextOpt = None,
 ):
     """Print the logs of a run's pods: the newest attempt of each index, prefixed by index."""
-    from .kube.runs import cluster_for, stream_logs
+    from .kube.runs import cluster_for, find_submission, stream_logs
 
     def emit(line: str) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    stream_logs(cluster_for(_record(run, output), context, namespace), run, emit, index,
-                follow, tail, all_attempts)
-
-
-def _record(run: str, output: str | None):
-    if not output:
-        return None
-    from .kube.runs import read_submission
-    from .run import Run
-
-    return read_submission(Run.load(output, run))
+    record = find_submission(output, run, namespace)
+    stream_logs(cluster_for(record, context, namespace), run, emit, index, follow, tail,
+                all_attempts)
 
 
 @app.command("cancel")
@@ -517,9 +512,9 @@ def cancel_cmd(
     namespace: NamespaceOpt = None, context: ContextOpt = None,
 ):
     """Delete a run's Job and its pods; workers save their reports as they stop."""
-    from .kube.runs import cluster_for
+    from .kube.runs import cluster_for, find_submission
 
-    cluster = cluster_for(_record(run, output), context, namespace)
+    cluster = cluster_for(find_submission(output, run, namespace), context, namespace)
     cluster.delete_job(run)
     out.print(f"Job {run} deleted in namespace {cluster.namespace} (pods stop in the "
               "background); outputs and reports stay. relit-k8s resume continues it.")
@@ -528,7 +523,8 @@ def cancel_cmd(
 @app.command("resume")
 @handles_errors
 def resume_cmd(
-    run: Annotated[str, typer.Argument(help="Run id to finish.")],
+    run: Annotated[str | None, typer.Argument(help="Run id to finish [default: the newest "
+                                              "run].")] = None,
     output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
     local: Annotated[bool, typer.Option("--local", help="Run the rest here, not as a Job.")]
     = False,
@@ -559,6 +555,7 @@ def resume_cmd(
     from .run import Run
 
     the_run = Run.load(output, run)
+    run = the_run.run_id
     record = resume_on_cluster(the_run, local)
     if record is not None:
         job_settings = record.settings.model_copy(update={

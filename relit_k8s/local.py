@@ -28,6 +28,7 @@ from .errors import (
     Stopped,
     exit_code_for,
 )
+from .manifest import Manifest
 
 #: Attempts per shard on a temporary failure (exit 75), like the Job's per-index backoff limit.
 LOCAL_ATTEMPTS = 3
@@ -46,6 +47,16 @@ class Slot:
     visible_gpu: str | None = None
     threads: int = 0
     gpu_share: int = 1
+
+
+def preflight(manifest: Manifest) -> None:
+    """What would stop the workers on this machine from starting (a missing extra, a model
+    directory that does not exist), found before the manifest is written: a run that cannot
+    start leaves nothing behind."""
+    from .relighters import parse_options, resolve
+
+    cls = resolve(manifest.relighter.name)
+    cls.preflight(parse_options(cls, manifest.relighter.options), here=True)
 
 
 def parse_gpus(text: str | None) -> list[int] | None:

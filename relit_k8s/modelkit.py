@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from .errors import ConfigError
 from .relighters.diffusion import EMBEDDINGS
 
 SIZES = ("tiny", "sd21")
@@ -58,8 +59,16 @@ def make_model(path: str | Path, size: Literal["tiny", "sd21"] = "tiny", seed: i
                distinct_uncond: bool = False, new_decoder: bool = False,
                device: str = "cpu") -> Path:
     """Write the model directory; returns its path."""
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-    from safetensors.torch import save_file
+    try:
+        from diffusers import (
+            AutoencoderKL,
+            ControlNetModel,
+            DDIMScheduler,
+            UNet2DConditionModel,
+        )
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ConfigError("make-model needs diffusers: pip install 'relit-k8s[diffusion]'") from e
 
     path = Path(path)
     unet_cfg, vae_cfg, cn_extra, text_len, text_dim = _configs(size)

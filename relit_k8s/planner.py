@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -71,6 +72,19 @@ def _excluded_prefix(root: str, output: str) -> str | None:
     return o[len(r) + 1:] + "/" if o.startswith(r + "/") else None
 
 
+def _check_local_folder(flag: str, uri: str | None) -> None:
+    """A local input must be an existing folder (an S3 prefix cannot be told apart from an
+    empty one, so it is only found empty when listed)."""
+    if uri is None or uri.startswith("s3://"):
+        return
+    path = Path(canonical_uri(uri))
+    if not path.exists():
+        raise ConfigError(f"{flag} {uri} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {uri} is a file: give the folder that holds it (and "
+                          "--img-pattern or --ref-pattern to pick files)")
+
+
 def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
     """The image keys and reference keys the settings select (sorted)."""
     output = canonical_uri(settings.output).rstrip("/")
@@ -78,6 +92,9 @@ def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
         if canonical_uri(uri).rstrip("/") == output:
             raise ConfigError(f"--output is the same folder as {flag} ({uri}): outputs would "
                               "become inputs; write them to another folder")
+    for flag, folder in (("--input", settings.input), ("--refs", settings.refs),
+                         ("--normals", settings.normals)):
+        _check_local_folder(flag, folder)
     found = []
     for uri, pattern, formats, what in (
         (settings.input, settings.img_pattern, settings.img_formats, "input images"),
@@ -130,6 +147,7 @@ def plan(
         raise ConfigError("a plan needs at least one image and one reference")
     cls = resolve(settings.relighter)
     options = parse_options(cls, settings.options)
+    cls.preflight(options, here=False)
     pairs = len(image_keys) * len(ref_keys)
     target = settings.shards or default_shards(settings.workers)
     unit_size, shards = layout(pairs, settings.iterations, target)

@@ -11,6 +11,8 @@ nothing here stores or prints a credential.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import functools
 import logging
@@ -141,6 +143,10 @@ class Storage(ABC):
         """The object's size in bytes; :class:`NotFoundError` if there is none."""
 
 
+#: errnos of a local write that every other write would meet too: configuration, not chance.
+_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+
+
 class LocalStorage(Storage):
     """A folder on a local (or mounted) file system."""
 
@@ -169,7 +175,7 @@ class LocalStorage(Storage):
         try:
             with os.scandir(path) as it:
                 return {e.name for e in it if e.is_file() and not e.name.startswith(".")}
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return set()
         except OSError as e:
             raise StorageError(f"cannot list {path}: {e}") from e
@@ -178,7 +184,7 @@ class LocalStorage(Storage):
         path = self._path(key)
         try:
             return path.read_bytes()
-        except FileNotFoundError as e:
+        except (FileNotFoundError, NotADirectoryError) as e:  # (a parent is a file)
             raise NotFoundError(f"no file {path}") from e
         except IsADirectoryError as e:
             raise NotFoundError(f"{path} is a folder, not a file") from e
@@ -198,9 +204,13 @@ class LocalStorage(Storage):
         except PermissionError as e:
             raise StorageConfigError(f"permission denied writing {path}") from e
         except OSError as e:
+            if e.errno in _UNWRITABLE:  # the same for every write: fix the --output
+                raise StorageConfigError(f"cannot write {path}: {e.strerror} (choose a "
+                                         "writable --output)") from e
             raise StorageError(f"cannot write {path}: {e}") from e
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                tmp.unlink()  # left only when the write failed
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

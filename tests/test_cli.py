@@ -281,3 +281,63 @@ def test_error_messages_keep_their_square_brackets(tmp_path):
                  env={"COLUMNS": "250"})
     assert result.returncode == 78
     assert "--img-formats: unsupported formats ['xyz']; supported: ['bmp'," in result.stderr
+
+
+def test_a_run_that_cannot_start_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    cases = {
+        "no model": ["--relighter", "diffusion"],
+        "no model directory": ["--relighter", "diffusion", "-O", f"model={tmp_path / 'nope'}"],
+    }
+    for what, extra in cases.items():
+        result = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "1", *extra)
+        assert result.returncode == 78, (what, result.stderr)
+        assert not out.exists(), f"{what}: something was written"
+    assert "diffusion needs a model" in cli("run", *EXAMPLE_ARGS, "--output", str(out),
+                                            "--relighter", "diffusion").stderr
+    # without the diffusion extra (a stand-in package that fails to import, as a missing one)
+    fake = tmp_path / "site"
+    (fake / "diffusers").mkdir(parents=True)
+    (fake / "diffusers" / "__init__.py").write_text(
+        "raise ImportError(\"No module named 'diffusers'\")\n")
+    env = {"PYTHONPATH": str(fake), "COLUMNS": "250"}
+    model = tmp_path / "model"
+    model.mkdir()
+    result = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--relighter", "diffusion",
+                 "-O", f"model={model}", env=env)
+    assert result.returncode == 78 and "pip install 'relit-k8s[diffusion]'" in result.stderr
+    assert not out.exists()
+    made = cli("make-model", str(tmp_path / "m"), env=env)
+    assert made.returncode == 78 and "Traceback" not in made.stderr
+    assert made.stderr.strip().splitlines() == [
+        "error: make-model needs diffusers: pip install 'relit-k8s[diffusion]'"]
+
+
+def test_missing_inputs_and_unwritable_outputs_are_configuration_errors(tmp_path):
+    missing = cli("run", "--input", str(tmp_path / "nope"), "--refs", str(EXAMPLES / "refs"),
+                  "--output", str(tmp_path / "o"), env={"COLUMNS": "250"})
+    assert missing.returncode == 78 and "does not exist" in missing.stderr
+    a_file = cli("run", "--input", str(EXAMPLES / "images" / "rocket.jpg"), "--refs",
+                 str(EXAMPLES / "refs"), "--output", str(tmp_path / "o"), env={"COLUMNS": "250"})
+    assert a_file.returncode == 78 and "is a file" in a_file.stderr
+    (tmp_path / "taken").write_text("a file where the output folder should be")
+    blocked = cli("run", *EXAMPLE_ARGS, "--output", str(tmp_path / "taken" / "out"),
+                  "--iterations", "1", env={"COLUMNS": "250"})
+    assert blocked.returncode == 78, blocked.stderr
+    assert "choose a writable --output" in blocked.stderr
+
+
+def test_cluster_commands_on_a_local_run_say_it_was_local_and_resume_takes_the_newest(
+        tmp_path):
+    out = tmp_path / "out"
+    cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "1", "--device", "cpu",
+        "--no-progress", check=True)
+    run_id = json.loads(cli("status", "--output", str(out), "-o", "json",
+                            check=True).stdout)["run_id"]
+    for command in ("logs", "cancel"):
+        result = cli(command, run_id, "--output", str(out), env={"COLUMNS": "250"})
+        assert result.returncode == 78, result.stderr
+        assert f"run {run_id} ran on this machine (relit-k8s run)" in result.stderr
+        assert "Kubernetes configuration" not in result.stderr
+    resumed = cli("resume", "--output", str(out), check=True)
+    assert f"run {run_id}: every output is written; nothing to resume" in resumed.stdout

@@ -372,3 +372,21 @@ def test_shellcheck_passes_on_the_scripts():
     result = subprocess.run([_need("shellcheck"), "-x", *scripts], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout
+
+
+def test_plan_then_submit_dry_run_with_the_same_flags_is_the_same_run(s3_data, fake_api):
+    # the documented path: relit-k8s plan <flags>; relit-k8s submit <flags> --dry-run -o yaml
+    # | kubectl apply -f -. Without --shards the two must still agree on the run.
+    flags = submit_args(s3_data)[1:]  # the selection flags and --image, without "submit"
+    selection = [f for f in flags if f not in ("--image", "relit-k8s:test")]
+    planned = cli("plan", *selection, check=True)
+    manifest_uri = next(line.split(": ", 1)[1] for line in planned.stdout.splitlines()
+                        if line.startswith("manifest: "))
+    [job] = list(yaml.safe_load_all(cli("submit", *flags, "--dry-run", "-o", "yaml",
+                                        check=True).stdout))
+    assert job["metadata"]["annotations"]["relit-k8s/manifest"] == manifest_uri
+    run_id = manifest_uri.split("/")[-2]
+    assert job["metadata"]["name"] == run_id
+    # and submitting it for real continues the planned run (same manifest, no conflict)
+    cli("submit", *flags, check=True)
+    assert ("relit", run_id) in fake_api.jobs

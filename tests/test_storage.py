@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -242,3 +243,17 @@ def test_a_local_file_without_read_permission_is_unreadable_not_a_config_error(
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(ObjectUnreadable, match="permission denied"):
         store.read("x.png")
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_read_only_output_is_a_configuration_error(tmp_path, monkeypatch, code):
+    # root ignores permission bits, so the file system's answer is injected at os.replace
+    def refuse(src, dst):
+        raise OSError(code, os.strerror(code))
+
+    store = LocalStorage(tmp_path)
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(StorageConfigError, match="permission denied|choose a writable --output"):
+        store.write("a/b.png", b"x")
+    monkeypatch.undo()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a temporary file was left"

@@ -47,6 +47,23 @@ def read_submission(run: Run) -> Submission | None:
     return Submission.model_validate_json(data)
 
 
+def find_submission(output: str | None, run_id: str,
+                    namespace: str | None = None) -> Submission | None:
+    """Where the Job of ``run_id`` lives, for ``logs`` and ``cancel``: its submission record
+    when ``output`` is given (None without it: the Job is then looked up by name in the
+    namespace). A run of ``output`` that was never submitted ran locally and has no Job: a
+    :class:`ConfigError` says so, unless a namespace is named explicitly."""
+    if not output:
+        return None
+    run = Run.load(output, run_id)
+    record = read_submission(run)
+    if record is None and not namespace:
+        raise ConfigError(f"run {run_id} ran on this machine (relit-k8s run), not on "
+                          f"Kubernetes: it has no Job or pods. Its progress and failures: "
+                          f"relit-k8s status {run_id} --output {output}")
+    return record
+
+
 def check_pod_uris(manifest: Manifest) -> None:
     """Pods cannot read this machine's folders: every URI of the plan must be ``s3://``."""
     local = [u for u in (manifest.input, manifest.refs, manifest.output, manifest.normals)

@@ -61,6 +61,18 @@ class Relighter(ABC):
             )
         self.device = torch.device(device)
 
+    @classmethod
+    def preflight(cls, options: RelighterOptions, here: bool) -> None:
+        """Find what would stop the relighter from starting, before anything is written.
+
+        Called when a run is planned, with the validated ``options``; ``here`` is True when
+        the workers will run on this machine (``relit-k8s run``), so installed packages and
+        local files can be checked too (a pod's image and files may differ). Raise
+        :class:`~relit_k8s.errors.RelighterError` saying what to do. The default checks
+        nothing.
+        """
+        return None
+
     @abstractmethod
     def relight(
         self,

@@ -134,6 +134,10 @@ def fetch_model(uri: str, cache_dir: str | None = None) -> Path:
     return path
 
 
+NO_MODEL = ("diffusion needs a model: -O model=DIR or s3://bucket/model "
+            "(relit-k8s make-model DIR writes a random-weight one)")
+
+
 def _import_diffusers():
     """diffusers' model classes and safetensors' loader, as one namespace; a
     :class:`RelighterError` naming the extra when they are not installed."""
@@ -164,6 +168,21 @@ class DiffusionRelighter(Relighter):
     Options = DiffusionOptions
     options: DiffusionOptions
 
+    @classmethod
+    def preflight(cls, options: RelighterOptions, here: bool) -> None:
+        """A model is named; for a run on this machine, diffusers is installed and a local
+        model directory exists (an ``s3://`` model is fetched by the workers)."""
+        assert isinstance(options, DiffusionOptions)
+        if not options.model:
+            raise RelighterError(NO_MODEL)
+        if here:
+            _import_diffusers()
+            if not options.model.startswith("s3://"):
+                path = Path(options.model.removeprefix("file://")).expanduser()
+                if not path.is_dir():
+                    raise RelighterError(f"diffusion: no model directory at {options.model} "
+                                         "(relit-k8s make-model DIR writes a random-weight one)")
+
     def __init__(self, options=None, device="cpu"):
         """Load the model once: fetch it, read the weights, place them on the device, measure
         the batch size and (``compile=true``) compile; each phase is timed in
@@ -171,8 +190,7 @@ class DiffusionRelighter(Relighter):
         super().__init__(options, device)
         o = self.options
         if not o.model:
-            raise RelighterError("diffusion needs a model: -O model=DIR or s3://bucket/model "
-                                 "(relit-k8s make-model DIR writes a random-weight one)")
+            raise RelighterError(NO_MODEL)
         #: Seconds of each loading phase (the worker logs them with its start event).
         self.load_timings: dict[str, float] = {}
         started = clock = time.monotonic()
