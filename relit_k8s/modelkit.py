@@ -13,8 +13,7 @@ from typing import Literal
 
 import torch
 
-from .errors import ConfigError
-from .relighters.diffusion import EMBEDDINGS
+from .relighters.diffusion import EMBEDDINGS, import_diffusers
 
 SIZES = ("tiny", "sd21")
 
@@ -59,16 +58,10 @@ def make_model(path: str | Path, size: Literal["tiny", "sd21"] = "tiny", seed: i
                distinct_uncond: bool = False, new_decoder: bool = False,
                device: str = "cpu") -> Path:
     """Write the model directory; returns its path."""
-    try:
-        from diffusers import (
-            AutoencoderKL,
-            ControlNetModel,
-            DDIMScheduler,
-            UNet2DConditionModel,
-        )
-        from safetensors.torch import save_file
-    except ImportError as e:
-        raise ConfigError("make-model needs diffusers: pip install 'relit-k8s[diffusion]'") from e
+    lib = import_diffusers(needed_by="make-model")
+    AutoencoderKL, ControlNetModel = lib.AutoencoderKL, lib.ControlNetModel
+    DDIMScheduler, UNet2DConditionModel = lib.DDIMScheduler, lib.UNet2DConditionModel
+    save_file = lib.save_file
 
     path = Path(path)
     unet_cfg, vae_cfg, cn_extra, text_len, text_dim = _configs(size)

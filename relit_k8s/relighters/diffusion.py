@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +138,9 @@ NO_MODEL = ("diffusion needs a model: -O model=DIR or s3://bucket/model "
             "(relit-k8s make-model DIR writes a random-weight one)")
 
 
-def _import_diffusers():
-    """diffusers' model classes and safetensors' loader, as one namespace; a
-    :class:`RelighterError` naming the extra when they are not installed."""
+def import_diffusers(needed_by: str = "the diffusion relighter") -> Any:
+    """diffusers' model classes and safetensors' loaders, as one namespace; a
+    :class:`RelighterError` (exit 78) naming the extra when they are not installed."""
     from types import SimpleNamespace
 
     try:
@@ -151,14 +151,15 @@ def _import_diffusers():
             UNet2DConditionModel,
         )
         from diffusers.utils import logging as diffusers_logging
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, save_file
     except ImportError as e:
-        raise RelighterError("the diffusion relighter needs diffusers: "
+        raise RelighterError(f"{needed_by} needs diffusers: "
                              "pip install 'relit-k8s[diffusion]'") from e
     diffusers_logging.set_verbosity_error()  # not the "install accelerate" advice per load
     return SimpleNamespace(AutoencoderKL=AutoencoderKL, ControlNetModel=ControlNetModel,
                            DDIMScheduler=DDIMScheduler,
-                           UNet2DConditionModel=UNet2DConditionModel, load_file=load_file)
+                           UNet2DConditionModel=UNet2DConditionModel, load_file=load_file,
+                           save_file=save_file)
 
 
 class DiffusionRelighter(Relighter):
@@ -176,7 +177,7 @@ class DiffusionRelighter(Relighter):
         if not options.model:
             raise RelighterError(NO_MODEL)
         if here:
-            _import_diffusers()
+            import_diffusers()
             if not options.model.startswith("s3://"):
                 path = Path(options.model.removeprefix("file://")).expanduser()
                 if not path.is_dir():
@@ -201,7 +202,7 @@ class DiffusionRelighter(Relighter):
             self.load_timings[phase] = round(now - clock, 3)
             clock = now
 
-        diffusers = _import_diffusers()
+        diffusers = import_diffusers()
         lap("imports")
         path = fetch_model(o.model, o.cache_dir)
         lap("fetch")
