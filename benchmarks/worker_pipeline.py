@@ -64,7 +64,7 @@ def plan_run(images: str, refs: str, output: str, iterations: int, options: dict
 
     s = PlanSettings(input=images, refs=refs, output=output, iterations=iterations, shards=1,
                      relighter="diffusion", options=options)
-    return write_manifest(plan(s, *list_sources(s)))
+    return write_manifest(plan(s, *list_sources(s)[:2]))
 
 
 def decoded_pairs(r, manifest, device) -> list:

@@ -88,8 +88,9 @@ ImgPatternOpt = Annotated[str, typer.Option("--img-pattern", help="Glob on the i
 RefPatternOpt = Annotated[str, typer.Option("--ref-pattern", help="Glob on the reference file "
                                             "name (or key, if it has a '/').")]
 ImgFormatsOpt = Annotated[list[str] | None, typer.Option(
-    "--img-formats", help="Image extensions (repeat, or comma-separated). "
-    "[default: jpg jpeg png bmp exr hdr]")]
+    "--img-formats", help="Image extensions (repeat, or comma-separated); files with other "
+    "extensions are counted and reported as left out. "
+    "[default: jpg jpeg png bmp webp tif tiff exr hdr: every format relit-k8s reads]")]
 RefFormatsOpt = Annotated[list[str] | None, typer.Option(
     "--ref-formats", help="Reference extensions (repeat, or comma-separated). "
     "[default: png exr hdr]")]
@@ -183,10 +184,12 @@ def _plan_settings(
 
 
 def _make_plan(settings):
+    from . import console
     from .planner import list_sources, plan
 
-    images, refs = list_sources(settings)
-    return plan(settings, images, refs)
+    sources = list_sources(settings)
+    console.left_out(sources.left_out)
+    return plan(settings, sources.images, sources.references)
 
 
 @app.command("plan")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console, Group
@@ -41,6 +43,16 @@ def plan_summary(manifest: Manifest, title: str) -> None:
     for key, value in rows.items():
         table.add_row(key.replace("_", " "), escape(str(value)))
     out.print(table)
+
+
+def left_out(counts: Mapping[str, Counter[str]]) -> None:
+    """One line per listing that left files out (on stderr: ``-o yaml`` output stays clean)."""
+    from .planner import describe_left_out
+
+    for what, exts in counts.items():
+        flag = "--img-formats" if what == "input images" else "--ref-formats"
+        err.print(f"{what}: left out {escape(describe_left_out(exts))} (choose with {flag})",
+                  highlight=False)
 
 
 def run_outcome(status: RunStatus, reports_uri: str) -> None:

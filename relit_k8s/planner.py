@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -21,8 +22,10 @@ from .relighters import parse_options, resolve
 from .run import Run
 from .storage import canonical_uri, open_storage
 
-#: Seed-parity defaults (the seed's ``--img-formats`` / ``--ref-formats``).
-DEFAULT_IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "exr", "hdr")
+#: Every image format relit-k8s reads: the seed's ``--img-formats`` plus webp and tif/tiff
+#: (a contract change: the seed left those out, and users have them).
+DEFAULT_IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "exr", "hdr")
+#: The seed's ``--ref-formats``.
 DEFAULT_REF_FORMATS = ("png", "exr", "hdr")
 #: Default shards per worker: several, so that fast workers take more shards (dynamic balance).
 SHARDS_PER_WORKER = 4
@@ -85,8 +88,26 @@ def _check_local_folder(flag: str, uri: str | None) -> None:
                           "--img-pattern or --ref-pattern to pick files)")
 
 
-def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
-    """The image keys and reference keys the settings select (sorted)."""
+class Sources(NamedTuple):
+    """What a plan's selection found."""
+
+    images: list[str]
+    references: list[str]
+    #: per what ("input images", "references"): how many files were left out by extension
+    #: (``""`` for none), among those the pattern matched.
+    left_out: dict[str, Counter[str]]
+
+
+def describe_left_out(counts: Counter[str]) -> str:
+    """``"3 files with other extensions: .tif x2, .txt"``."""
+    n = sum(counts.values())
+    exts = ", ".join(f"{'.' + e if e else '(no extension)'}{f' x{c}' if c > 1 else ''}"
+                     for e, c in counts.most_common())
+    return f"{n} file{'s' if n != 1 else ''} with other extensions: {exts}"
+
+
+def list_sources(settings: PlanSettings) -> Sources:
+    """The image keys and reference keys the settings select (sorted), and what was left out."""
     output = canonical_uri(settings.output).rstrip("/")
     for flag, uri in (("--input", settings.input), ("--refs", settings.refs)):
         if canonical_uri(uri).rstrip("/") == output:
@@ -95,22 +116,29 @@ def list_sources(settings: PlanSettings) -> tuple[list[str], list[str]]:
     for flag, folder in (("--input", settings.input), ("--refs", settings.refs),
                          ("--normals", settings.normals)):
         _check_local_folder(flag, folder)
-    found = []
+    found: list[list[str]] = []
+    left_out: dict[str, Counter[str]] = {}
     for uri, pattern, formats, what in (
         (settings.input, settings.img_pattern, settings.img_formats, "input images"),
         (settings.refs, settings.ref_pattern, settings.ref_formats, "references"),
     ):
-        keys = open_storage(uri).list(pattern, formats)
+        matched = open_storage(uri).list(pattern)  # one listing; extensions sorted out here
         skip = _excluded_prefix(uri, settings.output)
         if skip:
-            keys = [k for k in keys if not k.startswith(skip)]
+            matched = [k for k in matched if not k.startswith(skip)]
+        keys = [k for k in matched if images.extension(k) in formats]
+        others = Counter(images.extension(k) for k in matched
+                         if images.extension(k) not in formats)
+        if others:
+            left_out[what] = others
         if not keys:
             raise ConfigError(
                 f"no {what} in {uri} match pattern {pattern!r} and formats "
                 f"{' '.join(formats)}"
+                + (f" (left out {describe_left_out(others)})" if others else "")
             )
         found.append(keys)
-    return found[0], found[1]
+    return Sources(found[0], found[1], left_out)
 
 
 def default_shards(workers: int = 1) -> int:

@@ -80,11 +80,32 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                  check=True)
     text = result.stdout
     for expected in ("images", "references", "pairs", "outputs", "36", "relighter", "shards",
-                     "jpg jpeg png bmp exr hdr"):
+                     "jpg jpeg png bmp webp tif tiff exr hdr"):
         assert expected in text, expected
+    assert "left out" not in result.stderr  # the examples hold images only
     assert not out.exists()
     assert cli("plan", *EXAMPLE_ARGS, "--output", str(out), "--dry-run", check=True)
     assert not out.exists()
+
+
+def test_plans_report_the_files_they_leave_out(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(png_bytes(photo()))
+    (images / "ok.webp").write_bytes(png_bytes(photo()))  # read by default since 0.2
+    for name in ("notes.txt", "more.txt", "layers.psd"):
+        (images / name).write_text("x")
+    args = ["--input", str(images), "--refs", str(EXAMPLES / "refs"),
+            "--output", str(tmp_path / "out"), "--dry-run"]
+    line = ("input images: left out 3 files with other extensions: .txt x2, .psd "
+            "(choose with --img-formats)")
+    for command in ("plan", "run"):  # on stderr, so that submit -o yaml prints plain YAML
+        result = cli(command, *args, check=True)
+        assert line in " ".join(result.stderr.split()), command
+        assert "images" in result.stdout and "left out" not in result.stdout
+    plan = cli("plan", *args, "--img-formats", "png", check=True)
+    assert "left out 4 files" in plan.stderr and ".webp" in plan.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_option_errors_name_the_options(tmp_path):

@@ -7,7 +7,14 @@ import pytest
 
 from relit_k8s.errors import ConfigError, ManifestError, RelighterError
 from relit_k8s.manifest import Manifest, pair_seeds
-from relit_k8s.planner import PlanSettings, layout, list_sources, plan, write_manifest
+from relit_k8s.planner import (
+    PlanSettings,
+    describe_left_out,
+    layout,
+    list_sources,
+    plan,
+    write_manifest,
+)
 
 
 def settings(tmp_path, **kw) -> PlanSettings:
@@ -146,13 +153,32 @@ def test_list_sources_applies_patterns_and_formats(tmp_path):
     for name in ("in/a.JPG", "in/b.png", "in/sub/c.jpeg", "in/skip.txt", "refs/r.hdr",
                  "refs/s.exr", "refs/t.png", "refs/u.jpg"):
         (tmp_path / name).write_bytes(b"x")
-    imgs, refs = list_sources(settings(tmp_path))
+    imgs, refs, _ = list_sources(settings(tmp_path))
     assert imgs == ["a.JPG", "b.png", "sub/c.jpeg"]
     assert refs == ["r.hdr", "s.exr", "t.png"]
-    imgs, refs = list_sources(settings(tmp_path, img_pattern="[ab]*", ref_formats=("EXR",)))
+    imgs, refs, _ = list_sources(settings(tmp_path, img_pattern="[ab]*", ref_formats=("EXR",)))
     assert imgs == ["a.JPG", "b.png"] and refs == ["s.exr"]
     with pytest.raises(ConfigError, match="no input images"):
         list_sources(settings(tmp_path, img_pattern="zzz*"))
+
+
+def test_files_left_out_by_extension_are_counted_by_extension(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    for name in ("in/a.jpg", "in/b.WEBP", "in/c.tif", "in/d.tiff", "in/notes.txt", "in/e.txt",
+                 "in/README", "in/x.psd", "refs/r.hdr", "refs/s.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    src = list_sources(settings(tmp_path))
+    assert src.images == ["a.jpg", "b.WEBP", "c.tif", "d.tiff"]  # webp and tif by default
+    assert src.left_out["input images"] == {"txt": 2, "": 1, "psd": 1}
+    assert src.left_out["references"] == {"jpg": 1}
+    assert describe_left_out(src.left_out["input images"]) == (
+        "4 files with other extensions: .txt x2, (no extension), .psd")
+    src = list_sources(settings(tmp_path, img_formats=("jpg",), img_pattern="[a-c]*"))
+    assert src.images == ["a.jpg"] and src.left_out["input images"] == {"webp": 1, "tif": 1}
+    with pytest.raises(ConfigError, match=r"no input images .* \(left out 2 files with other "
+                       r"extensions: \.txt x2\)"):
+        list_sources(settings(tmp_path, img_pattern="*.txt"))
 
 
 def test_outputs_inside_the_input_folder_are_not_inputs(tmp_path):
@@ -161,7 +187,8 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tmp_path):
     (tmp_path / "in" / "a.jpg").write_bytes(b"x")
     (tmp_path / "refs").mkdir()
     (tmp_path / "refs" / "r.hdr").write_bytes(b"x")
-    imgs, _ = list_sources(settings(tmp_path, output=str(tmp_path / "in" / "out")))
+    imgs, _, left_out = list_sources(settings(tmp_path, output=str(tmp_path / "in" / "out")))
+    assert left_out == {}  # the outputs inside are neither inputs nor left-out files
     assert imgs == ["a.jpg"]
 
 

@@ -147,3 +147,30 @@ def test_source_fit_divides_out_the_inputs_own_shading():
     before = image.mean(0)
     spread = lambda img: img[inside & (x < -0.3)].mean() - img[inside & (x > 0.3)].mean()  # noqa: E731
     assert spread(out) < 0.6 * spread(before)
+
+
+@pytest.mark.parametrize("shape,k", [((1, 1, 37, 53), 9), ((2, 3, 8, 5), 3), ((1, 1, 4, 4), 7)])
+def test_box_blur_is_the_mean_over_the_square_window_with_replicated_edges(shape, k):
+    """The separable running-sum blur equals the plain k x k window average it replaced."""
+    import torch.nn.functional as F
+
+    from relit_k8s.relighters.sh import box_blur
+
+    torch.manual_seed(1)
+    x = torch.rand(shape) * 100
+    square = F.avg_pool2d(F.pad(x.double(), (k // 2,) * 4, mode="replicate"), k, stride=1)
+    got = box_blur(x, k)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert torch.allclose(got.double(), square, rtol=1e-6, atol=1e-5)
+
+
+def test_estimated_normals_are_unit_length_and_face_the_camera_at_the_centre():
+    from relit_k8s.relighters.sh import estimate_normals
+
+    torch.manual_seed(2)
+    n = estimate_normals(torch.rand(3, 129, 257), dome=0.6, detail=0.08)
+    assert n.shape == (3, 129, 257)
+    assert torch.allclose(n.norm(dim=0), torch.ones(129, 257), atol=1e-6)
+    flat = estimate_normals(torch.full((3, 129, 257), 0.5), dome=0.6, detail=0.08)
+    assert torch.allclose(flat[:, 64, 128], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+    assert flat[0, 64, -1] > 0.2 and flat[0, 64, 0] < -0.2  # the dome leans outwards
