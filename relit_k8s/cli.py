@@ -88,9 +88,8 @@ ImgPatternOpt = Annotated[str, typer.Option("--img-pattern", help="Glob on the i
 RefPatternOpt = Annotated[str, typer.Option("--ref-pattern", help="Glob on the reference file "
                                             "name (or key, if it has a '/').")]
 ImgFormatsOpt = Annotated[list[str] | None, typer.Option(
-    "--img-formats", help="Image extensions (repeat, or comma-separated); files with other "
-    "extensions are counted and reported as left out. "
-    "[default: jpg jpeg png bmp webp tif tiff exr hdr: every format relit-k8s reads]")]
+    "--img-formats", help="Image extensions (repeat, or comma-separated); other files are "
+    "reported as left out. [default: all it reads, jpg jpeg png bmp webp tif tiff exr hdr]")]
 RefFormatsOpt = Annotated[list[str] | None, typer.Option(
     "--ref-formats", help="Reference extensions (repeat, or comma-separated). "
     "[default: png exr hdr]")]
@@ -113,6 +112,10 @@ BatchOpt = Annotated[int | None, typer.Option(
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images larger "
                                            "than this many pixels (checked before decoding).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
+MixedOpt = Annotated[bool, typer.Option(
+    "--allow-mixed-output", help="Add to an output folder whose outputs were made by another "
+    "relighter, other options or another model (refused otherwise: outputs are named by seed "
+    "only, so outputs already there are kept, not remade).")]
 
 # --- local execution flags (run, resume --local) ----------------------------------------------
 GpusOpt = Annotated[str | None, typer.Option("--gpus", metavar="0,1",
@@ -202,6 +205,7 @@ def plan_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    allow_mixed: MixedOpt = False,
     workers: Annotated[int, typer.Option(
         "--parallelism", "--workers", min=1, help="Workers (pods) the default shard count is "
         "made for: the same as submit's --parallelism, so that plan and submit --dry-run with "
@@ -218,12 +222,13 @@ def plan_cmd(
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
         max_pixels=max_pixels, workers=workers))
     if dry_run:
+        _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
         return
-    manifest, uri = write_manifest(manifest)
+    manifest, uri = write_manifest(manifest, allow_mixed)
     console.plan_summary(manifest, "Plan")
-    out.print(f"manifest: {uri}", highlight=False)
-    out.print(f"run a shard with: relit-k8s worker --manifest {uri} --index 0", highlight=False)
+    console.where("manifest", uri)
+    console.command("run a shard with:", f"relit-k8s worker --manifest {uri} --index 0")
 
 
 @app.command("run")
@@ -236,6 +241,7 @@ def run_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    allow_mixed: MixedOpt = False,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
     strict: StrictOpt = False, progress: ProgressOpt = True,
 ):
@@ -250,9 +256,10 @@ def run_cmd(
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
         max_pixels=max_pixels, workers=len(slots)))
     if dry_run:
+        _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
         return
-    _run_here(manifest, slots, progress, strict)
+    _run_here(manifest, slots, progress, strict, allow_mixed=allow_mixed)
 
 
 def _slots(device: str | None, gpus: str | None, workers: int | None):
@@ -261,8 +268,18 @@ def _slots(device: str | None, gpus: str | None, workers: int | None):
     return plan_slots(device, parse_gpus(gpus), workers)
 
 
+def _check_maker(manifest, allow_mixed: bool) -> None:
+    """A dry run's check that the output folder's outputs were made the same way."""
+    if allow_mixed:
+        return
+    from .maker import check_maker
+    from .storage import open_storage
+
+    check_maker(manifest, open_storage(manifest.output), allow_mixed)
+
+
 def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run the same "
-              "command again") -> None:
+              "command again", allow_mixed: bool = False) -> None:
     """Write the manifest, run its shards in local worker processes, print the outcome."""
     from . import console
     from .local import preflight, run_local
@@ -270,7 +287,7 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
     from .status import collect
 
     preflight(manifest)
-    run = write_run(manifest)
+    run = write_run(manifest, allow_mixed)
     manifest, uri = run.manifest, run.manifest_uri
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
         sorted({s.visible_gpu or "0" for s in slots}))
@@ -387,6 +404,7 @@ def submit_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    allow_mixed: MixedOpt = False,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, max=100_000,
                                              help="Pods running at once.")] = 8,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
@@ -456,17 +474,18 @@ def submit_cmd(
         priority_class=priority_class, service_account=service_account, queue=queue,
         image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
         cache_host_path=cache_host_path)
-    _submit(manifest, job_settings, context, dry_run, fmt)
+    _submit(manifest, job_settings, context, dry_run, fmt, allow_mixed=allow_mixed)
 
 
 def _submit(manifest, job_settings, context: str | None, dry_run: bool, fmt: str | None,
-            title: str = "Submit") -> None:
+            title: str = "Submit", allow_mixed: bool = False) -> None:
     from . import console
     from .kube.runs import plan_job, submit
 
     if fmt not in (None, "yaml", "json"):
         raise ConfigError(f"-o {fmt!r}: use yaml or json")
     if dry_run:
+        _check_maker(manifest, allow_mixed)
         job = plan_job(manifest, job_settings)
         if fmt:
             console.print_objects([job], fmt)
@@ -474,7 +493,7 @@ def _submit(manifest, job_settings, context: str | None, dry_run: bool, fmt: str
         console.plan_summary(manifest, f"{title} (dry run: nothing written or created)")
         console.job_summary(job)
         return
-    created, record = submit(manifest, job_settings, context)
+    created, record = submit(manifest, job_settings, context, allow_mixed=allow_mixed)
     if fmt:
         console.print_objects([created], fmt)
         return
@@ -575,11 +594,13 @@ def resume_cmd(
     out.print(f"run {run}: {resumed.items} outputs in {resumed.units} units are missing; "
               f"new run {resumed.run_id}", highlight=False)
     if record is not None:
-        _submit(resumed, job_settings, context or record.context, dry_run, fmt, "Resume")
+        _submit(resumed, job_settings, context or record.context, dry_run, fmt, "Resume",
+                allow_mixed=True)  # it continues a run the folder already took
     elif dry_run:
         console.plan_summary(resumed, "Resume (dry run: nothing written)")
     else:
-        _run_here(resumed, slots, progress, strict, again=f"relit-k8s resume {run} --local")
+        _run_here(resumed, slots, progress, strict, again=f"relit-k8s resume {run} --local",
+                  allow_mixed=True)  # it continues a run the folder already took
 
 
 @app.command("gallery")
@@ -592,16 +613,26 @@ def gallery_cmd(
                                             help="Input images shown (rows).")] = 12,
     max_refs: Annotated[int, typer.Option("--max-refs", min=1,
                                           help="References shown (columns).")] = 8,
+    to: Annotated[str | None, typer.Option(
+        "--to", metavar="DIR", help="Write the gallery to this folder instead, with copies of "
+        "the samples it links to, so that it opens in a browser without the bucket [default: "
+        "next to the run, <output>/_relit/<run>/gallery/].")] = None,
 ):
     """Write an HTML contact sheet and a PNG grid of a run's results (thumbnails)."""
+    from . import console
     from .gallery import build
 
-    result = build(output, run, samples, max_images, max_refs)
-    out.print(f"gallery: {result['html']}")
-    out.print(f"grid:    {result['png']}")
+    result = build(output, run, samples, max_images, max_refs, to=to)
+    console.where("gallery", result["html"])
+    console.where("grid", result["png"])
     out.print(f"{result['images']} images x {result['references']} references, "
               f"{result['thumbnails']} thumbnails, {result['failed_pairs']} failed pairs marked",
               highlight=False)
+    if result["html"].startswith("s3://"):
+        console.command("a page in a bucket does not open in a browser as it is; for a copy "
+                        "here, with the samples it links to:",
+                        f"relit-k8s gallery {run or ''} --output {output} --to gallery/"
+                        .replace("  ", " "))
 
 
 @app.command("make-model")
@@ -620,14 +651,28 @@ def make_model_cmd(
                                         "(cuda is much faster for sd21).")] = "cpu",
 ):
     """Write a random-weight model directory for the diffusion relighter (tests, benchmarks)."""
-    from .modelkit import SIZES, make_model
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from . import console
+    from .modelkit import SIZES, make_model, native_resolution
 
     if size not in SIZES:
         raise ConfigError(f"--size {size!r}: use one of {', '.join(SIZES)}")
     written = make_model(path, size,  # type: ignore[arg-type]  # one of SIZES, checked above
                          distinct_uncond=distinct_uncond, new_decoder=new_decoder, device=device)
-    out.print(f"model: {written} (random weights, {size}); use it with "
-              f"--relighter diffusion -O model={written}")
+    side = native_resolution(written)
+    out.print(f"model: {escape(str(written))} (random weights, {size}; its native resolution, "
+              f"{side} x {side} pixels, is in unet/config.json and is what the relighter uses "
+              "unless -O resolution=N)", highlight=False)
+    examples = Path("examples")
+    images, refs = ((str(examples / "images"), str(examples / "refs"))
+                    if (examples / "images").is_dir() and (examples / "refs").is_dir()
+                    else ("IMAGES", "REFS"))
+    console.command("try it:", f"relit-k8s run --input {images} --refs {refs} --output "
+                    f"out-{Path(written).name} --relighter diffusion -O model={written} "
+                    "--iterations 1")
 
 
 @app.command("relighters")

@@ -59,11 +59,22 @@ def run_outcome(status: RunStatus, reports_uri: str) -> None:
     """The last lines of ``relit-k8s run``: counts, where outputs and reports are."""
     out.print(f"written {status.items_done}, skipped {status.items_skipped} (already there), "
               f"failed {status.items_failed}, of {status.items_total}", highlight=False)
-    out.print(f"outputs: {escape(status.output)}", highlight=False)
-    out.print(f"reports: {escape(reports_uri)}", highlight=False)
+    where("outputs", status.output)
+    where("reports", reports_uri)
     if status.items_failed:
-        out.print(f"failures are listed in the reports: relit-k8s status {status.run_id} "
-                  f"--output {escape(status.output)}", highlight=False)
+        command("failures are listed in the reports:",
+                f"relit-k8s status {status.run_id} --output {status.output}")
+
+
+def where(label: str, path: str) -> None:
+    """``label: path``, never wrapped (paths are copied) nor read as markup."""
+    out.print(Text(f"{label}: {path}"), highlight=False, soft_wrap=True)
+
+
+def command(intro: str, line: str) -> None:
+    """A command to copy, on its own line and never wrapped by us (the terminal may fold it)."""
+    out.print(intro, highlight=False)
+    out.print(Text("  " + line), highlight=False, soft_wrap=True)
 
 
 def problems(messages: list[str]) -> None:
@@ -127,54 +138,109 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
 
 
-def status_view(status: RunStatus) -> Group:
-    """``relit-k8s status``: the run's line, its Job, the shard table, timings, failures."""
-    parts: list[Any] = []
-    rate, eta = status.items_per_second, status.eta_seconds
-    speed = f", {rate:.2f} items/s" if rate else ""
-    speed += f", eta {_age(eta)}" if eta else ""
-    parts.append(Text.assemble(
-        "run ", (status.run_id, "bold"),
-        f" ({status.relighter}), {status.state}: {status.items_finished}/{status.items_total} "
-        f"items ({status.items_done} written, {status.items_skipped} skipped, "
-        f"{status.items_failed} failed){speed}"))
-    job = status.job
-    if job and job.error:
-        parts.append(Text(f"Job state unavailable: {job.error}", style="yellow"))
-    elif job:
-        parts.append(Text(
-            f"job {job.name}: {job.state}; active {job.active}, succeeded {job.succeeded}, "
-            f"failed {job.failed}; completed indexes {job.completed_indexes or '-'}; "
-            f"failed indexes {job.failed_indexes or '-'}"))
-        for c in job.conditions:
-            parts.append(Text(f"  {c.type}: {c.reason or ''} {c.message or ''}"))
-    if status.stalled_shards:
-        parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
-                          style="bold red"))
-    table = Table("shard", "state", "done", "skipped", "failed", "total", "items/s",
-                  "heartbeat", "attempt", "host / device")
-    colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
-    for sh in status.shards:
-        state = Text(sh.state, style=colour[sh.state])
-        if sh.stalled:
-            state.append(" stalled", style="bold red")
-        table.add_row(
-            str(sh.index), state, str(sh.items_done), str(sh.items_skipped),
-            str(sh.items_failed), str(sh.items_total),
-            f"{sh.items_per_second:.2f}" if sh.items_per_second else "",
-            _age(sh.heartbeat_age_seconds), str(sh.attempt or ""),
-            Text(" / ".join(x for x in (sh.host, sh.device) if x)))
-    parts.append(table)
-    if status.timings:
-        parts.append(Text("time spent (s, summed over shards and threads): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in status.timings.items())))
-    if status.failure_reasons:
-        ft = Table("count", "kind", "reason", "e.g.", title="failures by reason",
-                   title_justify="left")
-        for g in status.failure_reasons:
-            ft.add_row(str(g.count), g.kind, Text(g.reason), Text(", ".join(g.examples)))
-        parts.append(ft)
-    return Group(*parts)
+#: The shard table's column sets, widest first: the first that fits the terminal is drawn
+#: (the host column is cut to fit, but to no fewer than ``_MIN_HOST`` characters).
+_COLUMN_SETS = (
+    ("shard", "state", "written", "skipped", "failed", "total", "items/s", "heartbeat",
+     "attempt", "host / device"),
+    ("shard", "state", "items", "failed", "items/s", "beat", "host / device"),
+    ("shard", "state", "items", "failed", "items/s"),
+    ("shard", "state", "items"),
+)
+_MIN_HOST = 12
+
+
+class StatusView:
+    """``relit-k8s status``: the run's line, its Job, the shard table, timings, failures.
+
+    Laid out for the width it is drawn at (also when a live view's terminal is resized): the
+    shard table keeps one line per shard, dropping or merging its least useful columns first.
+    """
+
+    def __init__(self, status: RunStatus):
+        self.status = status
+
+    def __rich_console__(self, console, options):
+        yield Group(*self.parts(options.max_width))
+
+    def parts(self, width: int) -> list[Any]:
+        status = self.status
+        parts: list[Any] = []
+        rate, eta = status.items_per_second, status.eta_seconds
+        speed = f", {rate:.2f} items/s" if rate else ""
+        speed += f", eta {_age(eta)}" if eta else ""
+        parts.append(Text.assemble(
+            "run ", (status.run_id, "bold"),
+            f" ({status.relighter}), {status.state}: {status.items_finished}/"
+            f"{status.items_total} items ({status.items_done} written, {status.items_skipped} "
+            f"skipped, {status.items_failed} failed){speed}"))
+        job = status.job
+        if job and job.error:
+            parts.append(Text(f"Job state unavailable: {job.error}", style="yellow"))
+        elif job:
+            parts.append(Text(
+                f"job {job.name}: {job.state}; active {job.active}, succeeded {job.succeeded}, "
+                f"failed {job.failed}; completed indexes {job.completed_indexes or '-'}; "
+                f"failed indexes {job.failed_indexes or '-'}"))
+            for c in job.conditions:
+                parts.append(Text(f"  {c.type}: {c.reason or ''} {c.message or ''}"))
+        if status.stalled_shards:
+            parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
+                              style="bold red"))
+        parts.append(self.shard_table(width))
+        if status.timings:
+            parts.append(Text("time spent (s, summed over shards and threads): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in status.timings.items())))
+        if status.failure_reasons:
+            ft = Table("count", "kind", "reason", "e.g.", title="failures by reason",
+                       title_justify="left")
+            for g in status.failure_reasons:
+                ft.add_row(str(g.count), g.kind, Text(g.reason), Text(", ".join(g.examples)))
+            parts.append(ft)
+        return parts
+
+    def shard_table(self, width: int) -> Table:
+        """One line per shard: the widest column set that fits ``width``."""
+        cells = [self._cells(sh) for sh in self.status.shards]
+        for heads in _COLUMN_SETS:
+            widths = {h: max([len(h)] + [len(c[h].plain if isinstance(c[h], Text) else c[h])
+                                         for c in cells]) for h in heads}
+            borders = 3 * len(heads) + 1  # "│ " before each cell, " │" at the end
+            spare = width - borders - sum(w for h, w in widths.items() if h != "host / device")
+            if "host / device" in heads:
+                if spare >= _MIN_HOST:
+                    widths["host / device"] = min(widths["host / device"], spare)
+                    break
+            elif spare >= 0:
+                break
+        table = Table()
+        for head in heads:
+            table.add_column(head, no_wrap=True, overflow="ellipsis", width=widths[head],
+                             justify="left" if head in ("state", "host / device") else "right")
+        for c in cells:
+            table.add_row(*(c[h] for h in heads))
+        return table
+
+    @staticmethod
+    def _cells(sh) -> dict[str, Any]:
+        colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+        state = (Text("stalled", style="bold red") if sh.stalled
+                 else Text(sh.state, style=colour[sh.state]))
+        age = _age(sh.heartbeat_age_seconds)
+        return {
+            "shard": str(sh.index), "state": state, "written": str(sh.items_done),
+            "skipped": str(sh.items_skipped), "failed": str(sh.items_failed),
+            "total": str(sh.items_total),
+            "items": f"{sh.items_done + sh.items_skipped + sh.items_failed}/{sh.items_total}",
+            "items/s": f"{sh.items_per_second:.2f}" if sh.items_per_second else "",
+            "heartbeat": age, "beat": age, "attempt": str(sh.attempt or ""),
+            "host / device": Text(" / ".join(x for x in (sh.host, sh.device) if x)),
+        }
+
+
+def status_view(status: RunStatus) -> StatusView:
+    """The renderable of ``relit-k8s status`` (see :class:`StatusView`)."""
+    return StatusView(status)
 
 
 def print_objects(objects: list[dict[str, Any]], fmt: str) -> None:
@@ -221,7 +287,7 @@ def submitted(record, manifest: Manifest, created: dict[str, Any]) -> None:
     out.print(f"run [bold]{record.run_id}[/]: Job {record.job} created in namespace {ns} "
               f"({manifest.shards} indexes, {created['spec']['parallelism']} at a time)",
               highlight=False)
-    out.print(f"manifest: {escape(record.manifest)}", highlight=False)
+    where("manifest", record.manifest)
     out.print("follow it with:")
     for line in (f"relit-k8s status {record.run_id} --output {manifest.output}",
                  f"relit-k8s logs {record.run_id} --output {manifest.output} --follow",

@@ -2,7 +2,10 @@
 
 Written to ``<output>/_relit/<run>/gallery/``: ``index.html`` (thumbnails linking to the full
 files, references shown tone-mapped, failed pairs marked with their reason), ``grid.png`` (one
-sample per pair) and ``thumbs/``. Thumbnails are generated; full images are never embedded.
+sample per pair; its first row and column are the references and inputs, labelled with their
+file names) and ``thumbs/``. Thumbnails are generated; full images are never embedded.
+``relit-k8s gallery --to DIR`` writes it, with copies of the samples it links to, to a folder of
+its own: the way to look at the gallery of outputs that are in a bucket.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from . import images
 from .errors import ItemError, NotFoundError
 from .manifest import Manifest, pair_seeds
 from .run import Run
-from .storage import Storage, open_storage
+from .storage import Storage, join_key, open_storage
 
 THUMB = 160  # pixels, the longer side of a thumbnail
 
@@ -40,8 +43,14 @@ def _decode(storage: Storage, key: str, max_pixels: int) -> images.Decoded | Non
 
 
 def build(output: str, run_id: str | None = None, samples: int = 3, max_images: int = 12,
-          max_refs: int = 8) -> dict[str, Any]:
-    """Write the gallery of a run; returns its URIs and what it shows."""
+          max_refs: int = 8, to: str | None = None) -> dict[str, Any]:
+    """Write the gallery of a run; returns its URIs and what it shows.
+
+    By default it goes next to the run (``<output>/_relit/<run>/gallery/``) and links to the
+    outputs where they are. With ``to`` (a folder, typically local when the outputs are in a
+    bucket) it is written there instead, whole: the samples it links to are copied into
+    ``<to>/full/``, so that it opens in a browser without access to the bucket.
+    """
     run = Run.load(output, run_id)
     m, out = run.manifest, run.output
     inputs, refs = open_storage(m.input), open_storage(m.refs)
@@ -49,12 +58,23 @@ def build(output: str, run_id: str | None = None, samples: int = 3, max_images: 
     for report in run.read_reports().values():
         for f in report.failures:
             failed.setdefault((f.image, f.ref), f.error)
-    prefix = run.paths.gallery
+    if to is None:
+        dest, prefix = out, run.paths.gallery
+    else:
+        dest, prefix = open_storage(to), ""
+
+    def link(key: str, data: bytes) -> str:
+        """The href of a full output from the gallery page (copied when the gallery is not
+        next to the outputs)."""
+        if to is None:
+            return "../../../" + quote(key)
+        dest.write(join_key(prefix, "full", key), data)
+        return "full/" + quote(key)
     shown_images, shown_refs = list(m.images[:max_images]), list(m.references[:max_refs])
     thumbs: dict[str, str] = {}  # source key -> thumbnail file name in the gallery
 
     def put_thumb(name: str, pixels: np.ndarray) -> str:
-        out.write(f"{prefix}/thumbs/{name}", _thumb(pixels))
+        dest.write(join_key(prefix, "thumbs", name), _thumb(pixels))
         return f"thumbs/{name}"
 
     grid_tiles: dict[tuple[int, int], np.ndarray] = {}
@@ -81,24 +101,25 @@ def build(output: str, run_id: str | None = None, samples: int = 3, max_images: 
             cells[(img, ref)] = []
             for k, seed in enumerate(chosen):
                 key = m.output_key(img, ref, seed)
-                dec = _decode(out, key, m.max_pixels)
-                if dec is None:
+                try:
+                    data = out.read(key)
+                    dec = images.decode(data, key, m.max_pixels)
+                except (ItemError, NotFoundError):
                     continue
                 thumb = put_thumb(f"out-{i}-{j}-{k}.jpg", dec.pixels)
-                href = "../../../" + quote(key)
-                cells[(img, ref)].append((thumb, href))
+                cells[(img, ref)].append((thumb, link(key, data)))
                 if k == 0:
                     grid_tiles[(i + 1, j + 1)] = dec.pixels
 
     page = _html(m, shown_images, shown_refs, thumbs, cells, failed)
-    out.write(f"{prefix}/index.html", page.encode())
-    out.write(f"{prefix}/grid.png", _grid(grid_tiles, len(shown_images), len(shown_refs),
-                                          {(shown_images.index(a) + 1, shown_refs.index(b) + 1)
-                                           for a, b in failed
-                                           if a in shown_images and b in shown_refs}))
+    dest.write(join_key(prefix, "index.html"), page.encode())
+    labels = ([_short(k) for k in shown_images], [_short(k) for k in shown_refs])
+    dest.write(join_key(prefix, "grid.png"), _grid(
+        grid_tiles, labels, {(shown_images.index(a) + 1, shown_refs.index(b) + 1)
+                             for a, b in failed if a in shown_images and b in shown_refs}))
     return {
-        "html": out.uri_of(f"{prefix}/index.html"),
-        "png": out.uri_of(f"{prefix}/grid.png"),
+        "html": dest.uri_of(join_key(prefix, "index.html")),
+        "png": dest.uri_of(join_key(prefix, "grid.png")),
         "images": len(shown_images),
         "references": len(shown_refs),
         "thumbnails": sum(len(v) for v in cells.values()) + len(thumbs),
@@ -160,14 +181,38 @@ cells: samples, each linking to the full file.</p>
 """
 
 
-def _grid(tiles: dict[tuple[int, int], np.ndarray], n_images: int, n_refs: int,
+def _short(key: str, most: int = 20) -> str:
+    """A file name cut to fit under a grid tile (``long_na...me.jpg``; the default font has
+    ASCII only)."""
+    name = key.rsplit("/", 1)[-1]
+    return name if len(name) <= most else name[: most - 10] + "..." + name[-7:]
+
+
+def _grid(tiles: dict[tuple[int, int], np.ndarray], labels: tuple[list[str], list[str]],
           failed: set[tuple[int, int]], size: int = 128) -> bytes:
-    sheet = Image.new("RGB", ((n_refs + 1) * size, (n_images + 1) * size), (250, 250, 250))
+    """One tile per pair; the first row holds the references and the first column the
+    inputs, each with its file name under it; the corner says which is which."""
+    row_names, col_names = labels
+    band = 14  # pixels of label under each header tile
+    sheet = Image.new("RGB", ((len(col_names) + 1) * size, (len(row_names) + 1) * size),
+                      (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=11)
     for (r, c), pixels in tiles.items():
+        room = size - 4 - (0 if r and c else band)  # header tiles leave room for the label
         im = Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8))
-        im.thumbnail((size - 4, size - 4), Image.Resampling.LANCZOS)
-        sheet.paste(im, (c * size + (size - im.width) // 2, r * size + (size - im.height) // 2))
+        im.thumbnail((size - 4, room), Image.Resampling.LANCZOS)
+        sheet.paste(im, (c * size + (size - im.width) // 2,
+                         r * size + 2 + (room - im.height) // 2))
+    headers = [((0, j + 1), name) for j, name in enumerate(col_names)]
+    headers += [((i + 1, 0), name) for i, name in enumerate(row_names)]
+    for (r, c), name in headers:
+        draw.text((c * size + size // 2, (r + 1) * size - 3), name, fill=(20, 20, 20),
+                  font=font, anchor="md")
+    draw.text((size // 2, size // 2 - 8), "columns: references", fill=(20, 20, 20), font=font,
+              anchor="mm")
+    draw.text((size // 2, size // 2 + 8), "rows: inputs", fill=(20, 20, 20), font=font,
+              anchor="mm")
     for r, c in failed:
         draw.rectangle([c * size + 2, r * size + 2, (c + 1) * size - 3, (r + 1) * size - 3],
                        outline=(200, 0, 0), width=4)

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from .relighters.diffusion import EMBEDDINGS, import_diffusers
+from .relighters.diffusion import native_resolution as model_resolution
 
 SIZES = ("tiny", "sd21")
 
@@ -85,6 +86,16 @@ def make_model(path: str | Path, size: Literal["tiny", "sd21"] = "tiny", seed: i
         emb["uncond"] = torch.randn(1, text_len, text_dim, generator=g) * 0.5
     save_file(emb, str(path / EMBEDDINGS))
     return path
+
+
+def native_resolution(path: str | Path) -> int:
+    """Pixels a side the model directory was made for (what the ``diffusion`` relighter uses
+    unless ``-O resolution=N``)."""
+    import json
+
+    path = Path(path)
+    return model_resolution(json.loads((path / "unet" / "config.json").read_text()),
+                            json.loads((path / "vae" / "config.json").read_text()))
 
 
 def parameter_counts(path: str | Path) -> dict[str, int]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import images
 from .errors import ConfigError, NotFoundError
+from .maker import check_maker, record_maker
 from .manifest import Manifest, RelighterSpec, Selection, check_run_id, now
 from .relighters import parse_options, resolve
 from .run import Run
@@ -210,12 +211,14 @@ def plan(
 _VOLATILE = {"created_at", "checksum"}
 
 
-def write_run(manifest: Manifest) -> Run:
+def write_run(manifest: Manifest, allow_mixed: bool = False) -> Run:
     """Store the manifest under ``<output>/_relit/<run>/``; returns the run (its output store
     opened once, for the caller to go on with).
 
     When the run exists with the same plan, the stored manifest is kept (a rerun of the same
-    command resumes the same run); a different plan under the same run id is an error.
+    command resumes the same run); a different plan under the same run id is an error. A new
+    run whose relighter, options or model differ from what made the folder's outputs is
+    refused unless ``allow_mixed`` (:mod:`relit_k8s.maker`).
     """
     run = Run.of(manifest)
     key = run.paths.manifest
@@ -224,7 +227,10 @@ def write_run(manifest: Manifest) -> Run:
     except NotFoundError:
         existing = None
     if existing is None:
+        to_record = check_maker(manifest, run.output, allow_mixed)
         run.output.write(key, manifest.to_json())
+        if to_record is not None:
+            record_maker(run.output, to_record)
         return run
     if existing.model_dump(exclude=_VOLATILE) != manifest.model_dump(exclude=_VOLATILE):
         raise ConfigError(
@@ -234,9 +240,9 @@ def write_run(manifest: Manifest) -> Run:
     return Run(existing, run.output)
 
 
-def write_manifest(manifest: Manifest) -> tuple[Manifest, str]:
+def write_manifest(manifest: Manifest, allow_mixed: bool = False) -> tuple[Manifest, str]:
     """:func:`write_run`, as (the stored manifest, its URI)."""
-    run = write_run(manifest)
+    run = write_run(manifest, allow_mixed)
     return run.manifest, run.manifest_uri
 
 

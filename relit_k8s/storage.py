@@ -464,6 +464,26 @@ def open_storage(uri: str) -> Storage:
     return LocalStorage(path)
 
 
+def folder_fingerprint(uri: str) -> str | None:
+    """sha256 over every file's key and size under ``uri``, and the bytes of its ``.json``
+    files (model configurations): tells one model folder from another without reading
+    weights. None when the folder cannot be read from here, or holds nothing."""
+    import hashlib
+
+    try:
+        store = open_storage(uri)
+        keys = sorted(store.walk())
+        digest = hashlib.sha256()
+        for key in keys:
+            digest.update(f"{key}\0{store.size(key)}\0".encode())
+            if key.endswith(".json"):
+                digest.update(store.read(key))
+    except (StorageError, ConfigError, OSError) as e:
+        log.debug("no fingerprint of %s: %s", uri, e)
+        return None
+    return digest.hexdigest() if keys else None
+
+
 def cached_copy(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
     """A local folder holding what is under ``uri``: the folder itself for a local URI, else a
     one-time download of the ``s3://`` prefix into ``cache_dir``, reused by every later process

@@ -108,14 +108,15 @@ def small_dataset(tmp_path):
     return images, refs, tmp_path / "out"
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 240, check: bool = False):
+def cli(*args: str, env: dict | None = None, timeout: float = 240, check: bool = False,
+        cwd: str | Path | None = None):
     """Run the installed console script in a subprocess, as a user does."""
     import subprocess
 
     exe = Path(sys.executable).parent / "relit-k8s"
     full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
     result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
-                            timeout=timeout)
+                            timeout=timeout, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"relit-k8s {' '.join(args)} -> {result.returncode}\n"
                              f"{result.stdout}\n{result.stderr}")

@@ -70,6 +70,9 @@ def test_failed_items_are_counted_and_strict_turns_them_into_exit_1(tmp_path):
     assert "written 3, skipped 0 (already there), failed 3, of 6" in result.stdout
     assert "relit-k8s status" in result.stdout
     assert cli(*args, "--strict").returncode == 1
+    narrow = cli(*args, env={"COLUMNS": "40"})  # the command to copy is never wrapped
+    assert re.search(r"^  relit-k8s status relit-\w+ --output " + re.escape(str(tmp_path / "out"))
+                     + "$", narrow.stdout, re.M), narrow.stdout
     status = cli("status", "--output", str(tmp_path / "out"), check=True).stdout
     assert "zero.jpg" in status and "empty file" in status
 
@@ -291,7 +294,10 @@ def test_help_reads_well_every_option_explained_no_type_tags_brackets_kept():
         for tag in ("<bool>", "<str>", "<int", "<float", "<list", "[x>="):
             assert tag not in page, f"relit-k8s {name} --help shows {tag!r}"
     # square brackets written in help texts survive (rich markup would eat them)
-    assert "[default: jpg jpeg png bmp exr hdr]" in pages["run"]
+    from relit_k8s.planner import DEFAULT_IMG_FORMATS
+
+    assert f"[default: all it reads, {' '.join(DEFAULT_IMG_FORMATS)}]" in pages["run"]
+    assert "[default: next to the run, <output>/_relit/<run>/gallery/]" in pages["gallery"]
     assert "Number of shards [default: 4 per worker]." in pages["plan"]
     assert "[default: the run's]" in pages["resume"]
     assert "as a new Job when the run was submitted" in pages["resume"]
@@ -362,3 +368,17 @@ def test_cluster_commands_on_a_local_run_say_it_was_local_and_resume_takes_the_n
         assert "Kubernetes configuration" not in result.stderr
     resumed = cli("resume", "--output", str(out), check=True)
     assert f"run {run_id}: every output is written; nothing to resume" in resumed.stdout
+
+
+def test_an_output_made_differently_is_refused_with_what_differs(tmp_path):
+    out = ["--output", str(tmp_path / "out")]
+    cli("plan", *EXAMPLE_ARGS, *out, check=True)
+    for command in (["run", "--dry-run"], ["plan"], ["run", "--device", "cpu"]):
+        refused = cli(*command, *EXAMPLE_ARGS, *out, "-O", "rotation=none")
+        assert refused.returncode == 78, refused.stderr
+        text = " ".join(refused.stderr.split())
+        assert 'made differently' in text and 'rotation "seed" -> "none"' in text
+        assert "--allow-mixed-output" in text
+    assert len(list((tmp_path / "out" / "_relit").glob("relit-*"))) == 1  # nothing written
+    cli("plan", *EXAMPLE_ARGS, *out, "-O", "rotation=none", "--allow-mixed-output", check=True)
+    assert len(list((tmp_path / "out" / "_relit").glob("relit-*"))) == 2

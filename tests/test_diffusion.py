@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -177,6 +178,24 @@ def test_run_with_the_diffusion_relighter_and_seed_parity_flags(model, tmp_path)
     manifest = next((tmp_path / "out" / "_relit").glob("*/manifest.json"))
     options = json.loads(manifest.read_text())["relighter"]["options"]
     assert options["ddim_steps"] == 2 and options["new_decoder"] is True
+
+
+def test_make_model_prints_a_command_that_runs_at_the_models_own_resolution(tmp_path):
+    for what in ("images", "refs"):  # an examples folder of one image and one reference
+        (tmp_path / "examples" / what).mkdir(parents=True)
+    (tmp_path / "examples/images/rocket.jpg").symlink_to(EXAMPLES / "images/rocket.jpg")
+    (tmp_path / "examples/refs/sunset.hdr").symlink_to(EXAMPLES / "refs/sunset.hdr")
+    made = cli("make-model", "m", "--size", "tiny", cwd=tmp_path, check=True)
+    assert "native resolution, 32 x 32 pixels" in " ".join(made.stdout.split())
+    command = made.stdout.splitlines()[-1].strip()  # printed whole, on its own line
+    assert command == ("relit-k8s run --input examples/images --refs examples/refs --output "
+                       "out-m --relighter diffusion -O model=m --iterations 1")
+    ran = cli(*shlex.split(command)[1:], "--no-progress", cwd=tmp_path, check=True)
+    assert "written 1, skipped 0" in ran.stdout
+    assert len(list((tmp_path / "out-m").glob("rocket.jpg_sunset.hdr/*_rocket.jpg"))) == 1
+    assert create("diffusion", {"model": str(tmp_path / "m")}, "cpu").resolution == 32
+    assert create("diffusion", {"model": str(tmp_path / "m"), "resolution": 48},
+                  "cpu").resolution == 48
 
 
 def test_make_model_command_and_the_tiny_benchmark(tmp_path):

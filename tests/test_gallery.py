@@ -64,3 +64,50 @@ def test_gallery_renders_the_expected_thumbnails_in_a_browser(tmp_path):
     shot = tmp_path / "shot.png"
     render(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,900")
     assert Image.open(shot).size == (1200, 900)
+
+
+def test_the_gallery_of_a_bucket_is_copied_here_whole_and_opens(bucket, s3_client, tmp_path):
+    from conftest import upload_folder
+
+    upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
+    out = f"s3://{bucket}/out"
+    cli("run", "--input", f"s3://{bucket}/in", "--refs", str(EXAMPLES / "refs"), "--output",
+        out, "--iterations", "2", "--img-pattern", "c*", "--device", "cpu", "--no-progress",
+        check=True)
+    in_bucket = cli("gallery", "--output", out, check=True).stdout
+    assert f"gallery: {out}/_relit/" in in_bucket
+    assert f"relit-k8s gallery --output {out} --to gallery/" in in_bucket  # how to view it
+
+    here = tmp_path / "gallery"
+    result = cli("gallery", "--output", out, "--to", str(here), "--samples", "2", check=True)
+    assert f"gallery: {here / 'index.html'}" in result.stdout and "s3://" not in result.stdout
+    dom = render(here / "index.html", tmp_path, "--dump-dom")
+    loaded = re.findall(r'<img class="(\w+)"[^>]*data-loaded="1"', dom)
+    assert loaded.count("input") == 2 and loaded.count("ref") == 3
+    assert loaded.count("sample") == 2 * 3 * 2 and 'data-failed="1"' not in dom
+    hrefs = re.findall(r'<a href="([^"]+)">', dom)
+    assert len(hrefs) == 12 and all(h.startswith("full/") for h in hrefs)
+    for href in hrefs:  # the full samples, copied byte for byte
+        key = href.removeprefix("full/")
+        body = s3_client.get_object(Bucket=bucket, Key=f"out/{key}")["Body"].read()
+        assert (here / "full" / key).read_bytes() == body
+
+
+def test_the_grid_labels_its_rows_and_columns(tmp_path):
+    out = tmp_path / "out"
+    cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
+        "--output", str(out), "--iterations", "1", "--img-pattern", "[ar]*", "--device", "cpu",
+        "--no-progress", check=True)
+    cli("gallery", "--output", str(out), check=True)
+    [grid] = list(out.glob("_relit/*/gallery/grid.png"))
+    im = Image.open(grid).convert("L")
+    assert im.size == (4 * 128, 3 * 128)  # a header column + 3 references, a header row + 2
+
+    def dark(box) -> int:
+        return sum(im.crop(box).histogram()[:100])  # pixels darker than 100 of 255
+
+    assert dark((0, 0, 128, 128)) > 30  # "columns: references", "rows: inputs"
+    for c in range(1, 4):  # each reference's name in the band under its tile
+        assert dark((c * 128, 114, (c + 1) * 128, 128)) > 15, c
+    for r in range(1, 3):  # each input's name under its tile
+        assert dark((0, (r + 1) * 128 - 14, 128, (r + 1) * 128)) > 15, r

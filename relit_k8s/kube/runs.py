@@ -80,7 +80,7 @@ def plan_job(manifest: Manifest, settings: JobSettings) -> dict[str, Any]:
 
 
 def submit(manifest: Manifest, settings: JobSettings, context: str | None = None,
-           cluster=None) -> tuple[dict[str, Any], Submission]:
+           cluster=None, allow_mixed: bool = False) -> tuple[dict[str, Any], Submission]:
     """Write the manifest, create the Job, record the submission. Returns (Job, record)."""
     from ..planner import write_run
     from .cluster import Cluster
@@ -88,7 +88,7 @@ def submit(manifest: Manifest, settings: JobSettings, context: str | None = None
     check_pod_uris(manifest)
     cluster = cluster or Cluster(context, settings.namespace)  # fails fast without kubeconfig
     settings = settings.model_copy(update={"namespace": cluster.namespace})
-    run = write_run(manifest)
+    run = write_run(manifest, allow_mixed)
     manifest, uri = run.manifest, run.manifest_uri
     job = build_job(manifest, uri, settings)
     created = cluster.create_job(job)

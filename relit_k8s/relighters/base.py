@@ -39,6 +39,13 @@ class RelighterOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: Options that change how the relighter runs (speed, memory, caches), never what it
+    #: makes: left out of the output folder's maker record (:mod:`relit_k8s.maker`).
+    RUNTIME: ClassVar[frozenset[str]] = frozenset()
+    #: Options that say where the model's files are: where :meth:`Relighter.fingerprint`
+    #: reads them, they are compared by those files rather than by their paths.
+    LOCATIONS: ClassVar[frozenset[str]] = frozenset()
+
 
 class Relighter(ABC):
     """Base class of relighters; see the module docstring for the contract."""
@@ -71,6 +78,13 @@ class Relighter(ABC):
         :class:`~relit_k8s.errors.RelighterError` saying what to do. The default checks
         nothing.
         """
+        return None
+
+    @classmethod
+    def fingerprint(cls, options: RelighterOptions) -> str | None:
+        """A checksum of the model the options name (its files, not only its path), recorded
+        with the outputs it makes so that another model is not mistaken for it; None for
+        relighters without a model (the default), or when it cannot be read from here."""
         return None
 
     @abstractmethod

@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from pydantic import Field
 
 from ..errors import NotFoundError, RelighterError, TransientError
 from ..settings import WorkerSettings
-from ..storage import cached_copy
+from ..storage import cached_copy, folder_fingerprint
 from .base import Relighter, RelighterOptions
 
 EMBEDDINGS = "text_embeddings.safetensors"
@@ -60,7 +60,10 @@ class DiffusionOptions(RelighterOptions):
     ddim_steps: int = Field(50, ge=1, le=1000, description="DDIM steps (the seed's default)")
     guidance_scale: float = Field(9.0, ge=0.0, description="classifier-free guidance scale")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
-    resolution: int = Field(512, ge=16, le=2048, description="model resolution, pixels")
+    resolution: int | None = Field(
+        None, ge=16, le=2048, description="model resolution, pixels [default: the model's own, "
+        "from its unet/config.json: sample_size x the VAE's scale, as diffusers; 512 for SD "
+        "2.1, 32 for make-model --size tiny]")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on the CPU")
     new_decoder: bool = Field(False, description="use the directory's vae_new_decoder/")
@@ -76,6 +79,10 @@ class DiffusionOptions(RelighterOptions):
         "or one to use (relighter_throughput --sweep times each)")
     cache_dir: str | None = Field(None, description="where s3:// models are downloaded "
                                   "[default: $XDG_CACHE_HOME/relit-k8s/models]")
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "compile", "attention", "cache_dir"})
+    LOCATIONS: ClassVar[frozenset[str]] = frozenset({"model"})
 
 
 def _dtype(option: str, device: torch.device) -> torch.dtype:
@@ -118,6 +125,12 @@ def batch_for_memory(step4: float, step8: float, decode: float, free: float,
             f"{need / 2**30:.1f} GiB needed): free the GPU, run fewer workers on it, or lower "
             "the resolution")
     return min(AUTO_BATCH_CAP, fits if fits < 8 else fits // 8 * 8)
+
+
+def native_resolution(unet_config: Any, vae_config: Any) -> int:
+    """Pixels a side a model was made for, from its UNet's and VAE's configurations: the
+    UNet's ``sample_size`` (latent pixels) times the VAE's scale, as diffusers' pipelines."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def fetch_model(uri: str, cache_dir: str | None = None) -> Path:
@@ -183,6 +196,15 @@ class DiffusionRelighter(Relighter):
                 if not path.is_dir():
                     raise RelighterError(f"diffusion: no model directory at {options.model} "
                                          "(relit-k8s make-model DIR writes a random-weight one)")
+
+    @classmethod
+    def fingerprint(cls, options: RelighterOptions) -> str | None:
+        """sha256 over the model folder's file names and sizes and its JSON configurations
+        (cheap: no weights are read); None when the folder cannot be listed from here."""
+        assert isinstance(options, DiffusionOptions)
+        if not options.model:
+            return None
+        return folder_fingerprint(options.model)
 
     def __init__(self, options=None, device="cpu"):
         """Load the model once: fetch it, read the weights, place them on the device, measure
@@ -259,6 +281,8 @@ class DiffusionRelighter(Relighter):
         self.controlnet.fuse_qkv_projections()
         self.latent_channels = self.unet.config.in_channels
         self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        #: Pixels a side: the option, else the model's native size (as diffusers' pipelines).
+        self.resolution = o.resolution or native_resolution(self.unet.config, self.vae.config)
         # True when guidance cannot change the result: one UNet pass per step is exact
         self.one_pass = (o.guidance_scale == 1.0 or self.uncond is None
                          or torch.equal(self.uncond, self.cond))
@@ -277,7 +301,7 @@ class DiffusionRelighter(Relighter):
         """Seeds per batch on this GPU (:func:`batch_for_memory`), from the step's peak memory
         measured at 4 and 8 seeds and the decode's at DECODE_CHUNK. ``RELIT_GPU_SHARE`` (set by
         ``relit-k8s run`` when workers share a GPU) divides the free memory between them."""
-        res, dev = self.options.resolution, self.device
+        res, dev = self.resolution, self.device
         side = res // self.scale
         branches = 1 if self.one_pass else 2
         if self.one_pass:
@@ -311,7 +335,7 @@ class DiffusionRelighter(Relighter):
 
     def _hint(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Input ++ tone-mapped reference, 6 x res x res in [0, 1]: once per pair."""
-        res = self.options.resolution
+        res = self.resolution
         ref = reference.float()
         flat = ref.flatten()
         sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))
@@ -323,7 +347,7 @@ class DiffusionRelighter(Relighter):
         return torch.cat([img, ref_r], dim=1).clamp(0, 1)[0]
 
     def _noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        side = self.options.resolution // self.scale
+        side = self.resolution // self.scale
         return torch.stack([
             torch.randn(self.latent_channels, side, side,
                         generator=torch.Generator().manual_seed(int(s)))
