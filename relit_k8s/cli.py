@@ -284,11 +284,12 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
     from . import console
     from .local import preflight, run_local
     from .planner import write_run
-    from .status import collect
+    from .status import collect, record_launch
 
     preflight(manifest)
     run = write_run(manifest, allow_mixed)
     manifest, uri = run.manifest, run.manifest_uri
+    record_launch(run, len(slots))
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
         sorted({s.visible_gpu or "0" for s in slots}))
     out.print(f"run [bold]{manifest.run_id}[/]: {manifest.items} outputs "
@@ -347,8 +348,9 @@ def status_cmd(
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Also read the Job "
                                           "of a submitted run.")] = True,
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until the run ends "
-                                        "(Ctrl+C to leave).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until the run ends: no "
+                                        "shard runs or is starting, and its Job (if any) has "
+                                        "ended (Ctrl+C to leave).")] = False,
     interval: Annotated[float, typer.Option("--interval", min=0.5, help="Seconds between "
                                             "refreshes with --watch.")] = 5.0,
     stall_after: Annotated[float, typer.Option("--stall-after", min=1, help="Flag running "
@@ -382,7 +384,7 @@ def status_cmd(
 
     try:
         with Live(console.status_view(status), console=out, auto_refresh=False) as live:
-            while status.state in ("running", "pending"):
+            while status.going:
                 time.sleep(interval)
                 status = snapshot()
                 live.update(console.status_view(status), refresh=True)

@@ -223,7 +223,8 @@ class StatusView:
 
     @staticmethod
     def _cells(sh) -> dict[str, Any]:
-        colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+        colour = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim",
+                  "stopped": "magenta"}
         state = (Text("stalled", style="bold red") if sh.stalled
                  else Text(sh.state, style=colour[sh.state]))
         age = _age(sh.heartbeat_age_seconds)

@@ -30,6 +30,8 @@ from .errors import (
 )
 from .manifest import Manifest
 
+log = logging.getLogger("relit_k8s.local")
+
 #: Attempts per shard on a temporary failure (exit 75), like the Job's per-index backoff limit.
 LOCAL_ATTEMPTS = 3
 #: Seconds before the first retry of a shard; doubles with each attempt.
@@ -126,7 +128,8 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
     root.propagate = False
     try:
         runner = worker.start(manifest_uri, slot.device,
-                              progress=lambda d, s, f: events.put(("progress", d, s, f)))
+                              progress=lambda d, s, f: events.put(("progress", d, s, f)),
+                              announce_stop=False)  # the parent says it once
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
         events.put(("fatal", wid, exit_code_for(e), f"{type(e).__name__}: {e}"))
         return
@@ -138,6 +141,7 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
             continue
         if index is None:
             break
+        events.put(("begin", index, wid))
         for attempt in range(1, LOCAL_ATTEMPTS + 1):
             try:
                 runner.run(index)
@@ -156,6 +160,43 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
                 if code == EXIT_CONFIG:
                     return
                 break
+
+
+def _settle_reports(manifest_uri: str, begun: dict[int, int], procs, stopped: bool) -> None:
+    """Reports that still say ``running`` after their worker ended (it was killed, or died,
+    before saving them) get their true final state, so that ``status`` never shows a dead
+    run as running."""
+    from .errors import RelitError
+    from .manifest import now
+    from .run import Run
+    from .worker import load_manifest
+
+    try:
+        run = Run.of(load_manifest(manifest_uri))
+    except RelitError as e:
+        log.warning("could not settle the reports of killed workers: %s", e)
+        return
+    for index, wid in begun.items():
+        try:
+            report = run.read_report(index)
+        except RelitError:
+            continue
+        if report is None or report.state != "running":
+            continue
+        code = procs[wid].exitcode
+        if stopped:
+            update = {"state": "stopped", "exit_code": EXIT_SIGTERM,
+                      "error": "stopped: its worker process was ended before it saved this "
+                               "report; run the same command again to finish it"}
+        else:
+            update = {"state": "failed", "exit_code": EXIT_FAILED,
+                      "error": f"its worker process died (exit code {code}) before it saved "
+                               "this report"}
+        settled = report.model_copy(update={**update, "finished_at": now(), "updated_at": now()})
+        try:
+            run.output.write(run.paths.report(index), settled.model_dump_json(indent=1).encode())
+        except RelitError as e:
+            log.warning("could not settle the report of shard %d: %s", index, e)
 
 
 @dataclass
@@ -201,6 +242,7 @@ def run_local(
     interrupted = False
     interrupt_code = EXIT_INTERRUPTED
     deadline = None
+    begun: dict[int, int] = {}  # shard index -> worker, while a worker runs it
 
     class _Terminated(Exception):
         pass
@@ -216,10 +258,13 @@ def run_local(
             on_progress(*event[1:])
         elif kind == "log" and on_log:
             on_log(event[1], event[2])
+        elif kind == "begin":
+            begun[event[1]] = event[2]
         elif kind == "shard":
             _, index, code, msg = event
+            begun.pop(index, None)
             codes[index] = code
-            if msg and code != EXIT_OK:
+            if msg and code not in (EXIT_OK, EXIT_SIGTERM):  # a stop is said once, above
                 messages.append(f"shard {index}: {msg}")
         elif kind == "fatal":
             _, wid, code, msg = event
@@ -241,9 +286,18 @@ def run_local(
         except (KeyboardInterrupt, _Terminated) as e:
             # Ctrl+C reaches the workers too (one process group); SIGTERM to the parent alone
             # does not: either way each worker gets SIGTERM, saves its report and stops.
-            interrupted = True
             if isinstance(e, _Terminated):
                 interrupt_code = EXIT_SIGTERM
+            if interrupted:  # a second Ctrl+C: stop now (the reports are fixed below)
+                if on_log:
+                    on_log(logging.WARNING, "stopping now")
+                for p in procs:
+                    p.kill()
+                continue
+            interrupted = True
+            if on_log:
+                on_log(logging.WARNING, "stopping: each worker ends its current step and "
+                       "saves its report (Ctrl+C again to stop at once)")
             for p in procs:
                 if p.is_alive() and p.pid:
                     p.terminate()
@@ -257,11 +311,16 @@ def run_local(
             handle(events.get_nowait())
         except queue.Empty:
             break
+    # a worker that stopped on a signal of its own (not through this process) exits 143
+    stopped_alone = {EXIT_SIGTERM, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}
     for p in procs:
-        if p.exitcode not in (0, None) and not interrupted:
+        if p.exitcode not in (0, None) and not interrupted and p.exitcode not in stopped_alone:
             messages.append(f"{p.name} died with exit code {p.exitcode}")
             codes.setdefault(-100 - procs.index(p), EXIT_FAILED)
-    stopped = interrupted or EXIT_SIGTERM in codes.values()
+    stopped = (interrupted or EXIT_SIGTERM in codes.values()
+               or any(p.exitcode in stopped_alone for p in procs))
+    if begun:  # killed before they saved their report: say so in it
+        _settle_reports(manifest_uri, begun, procs, stopped)
     for index in range(shards):
         if index not in codes:  # never started, or its worker died or stopped first
             codes[index] = EXIT_SIGTERM if stopped else EXIT_FAILED

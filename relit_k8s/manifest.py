@@ -307,7 +307,9 @@ class Failure(BaseModel):
                    reason=getattr(exc, "reason", None) or str(exc))
 
 
-ShardState = Literal["running", "done", "failed"]
+#: ``stopped``: the attempt was asked to stop (SIGTERM, Ctrl+C) and saved what it had done;
+#: rerunning the index finishes it.
+ShardState = Literal["running", "done", "failed", "stopped"]
 
 
 class ShardReport(BaseModel):

@@ -47,6 +47,12 @@ class RunPaths:
         return join_key(self.prefix, "job.json")
 
     @property
+    def launch(self) -> str:
+        """When ``relit-k8s run`` last started workers on the run (:class:`Launch`): tells
+        ``status`` that a new attempt is starting before its workers write their reports."""
+        return join_key(self.prefix, "launch.json")
+
+    @property
     def gallery(self) -> str:
         """The folder of the run's gallery (``index.html``, ``grid.png``, ``thumbs/``)."""
         return join_key(self.prefix, "gallery")

@@ -7,11 +7,13 @@ shards at the top, each shard's report under ``shards``, the Job under ``job`` w
 
 from __future__ import annotations
 
+import socket
 from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import NotFoundError
 from .manifest import Failure, ShardReport, now
 from .run import Run
 from .storage import Storage
@@ -20,7 +22,19 @@ from .storage import Storage
 #: (its heartbeat is every 5 s; a pod that died without a word stops it).
 STALL_AFTER = 120.0
 
-RunState = Literal["done", "running", "failed", "pending", "incomplete"]
+RunState = Literal["done", "running", "starting", "failed", "stopped", "pending", "incomplete"]
+#: States after which nothing more happens unless someone starts the run again.
+ENDED: frozenset[str] = frozenset({"done", "failed", "stopped", "incomplete"})
+#: Job states (``JobSummary.state``) of a Job that has ended.
+JOB_ENDED: frozenset[str] = frozenset({"complete", "failed", "gone"})
+
+
+class Launch(BaseModel):
+    """``<output>/_relit/<run>/launch.json``: ``relit-k8s run`` started workers on the run."""
+
+    started_at: datetime
+    host: str
+    workers: int
 
 
 class ShardStatus(ShardReport):
@@ -29,7 +43,7 @@ class ShardStatus(ShardReport):
 
     model_config = ConfigDict(extra="forbid")
 
-    state: Literal["pending", "running", "done", "failed"]  # type: ignore[assignment]
+    state: Literal["pending", "running", "done", "failed", "stopped"]  # type: ignore[assignment]
     started_at: datetime | None = None  # type: ignore[assignment]
     updated_at: datetime | None = None  # type: ignore[assignment]
     host: str | None = None  # type: ignore[assignment]
@@ -103,6 +117,17 @@ class RunStatus(BaseModel):
     shards_total: int
     shards: list[ShardStatus]
     job: JobSummary | None = None
+    #: When ``relit-k8s run`` last started workers on the run (None: never recorded).
+    launched_at: datetime | None = None
+
+    @property
+    def going(self) -> bool:
+        """Whether more will happen without anyone acting: a shard runs or is about to, a new
+        attempt is starting, or the run's Job has not ended (``status --watch`` waits)."""
+        if self.job is not None and self.job.state and self.job.state not in JOB_ENDED \
+                and not self.job.error:
+            return True
+        return self.state not in ENDED
 
     @property
     def items_finished(self) -> int:
@@ -110,14 +135,17 @@ class RunStatus(BaseModel):
 
 
 def overall_state(states: list[str]) -> RunState:
-    """done: every shard done; running: a shard runs; failed: a shard failed; pending: none
-    started; incomplete: some done, the others not started (a stopped or partial run)."""
+    """done: every shard done; running: a shard runs; failed: a shard failed; stopped: a
+    shard was stopped (Ctrl+C, SIGTERM) and none failed; pending: none started; incomplete:
+    some done, the others not started (a partial run)."""
     if states and all(s == "done" for s in states):
         return "done"
     if "running" in states:
         return "running"
     if "failed" in states:
         return "failed"
+    if "stopped" in states:
+        return "stopped"
     return "pending" if all(s == "pending" for s in states) else "incomplete"
 
 
@@ -181,6 +209,12 @@ def collect(output: str | Storage | Run, run_id: str | None = None,
     done, skipped, failed = (sum(getattr(s, k) for s in shards)
                              for k in ("items_done", "items_skipped", "items_failed"))
     state = overall_state([s.state for s in shards])
+    launched_at = _launched_at(run)
+    if state in ENDED - {"done"} and launched_at is not None:
+        newest = max((r.updated_at for r in reports.values()), default=None)
+        if (newest is None or launched_at > newest) and \
+                (current - launched_at).total_seconds() < stall_after:
+            state = "starting"  # a rerun's workers are loading; their reports come next
     rate, eta = throughput(list(reports.values()), manifest.items - done - skipped - failed,
                            state)
     return RunStatus(
@@ -191,7 +225,23 @@ def collect(output: str | Storage | Run, run_id: str | None = None,
         stalled_shards=[sh.index for sh in shards if sh.stalled],
         failure_reasons=failure_reasons([f for sh in shards for f in sh.failures]),
         timings=_merge_timings(shards), shards_total=manifest.shards, shards=shards,
+        launched_at=launched_at,
     )
+
+
+def _launched_at(run: Run) -> datetime | None:
+    try:
+        return Launch.model_validate_json(run.output.read(run.paths.launch)).started_at
+    except (NotFoundError, ValueError):
+        return None
+
+
+def record_launch(run: Run, workers: int) -> None:
+    """Say that ``relit-k8s run`` is starting ``workers`` workers on the run (before they load
+    their model and write reports): ``status`` then shows ``starting``, not the last
+    attempt's end."""
+    launch = Launch(started_at=now(), host=socket.gethostname(), workers=workers)
+    run.output.write(run.paths.launch, launch.model_dump_json(indent=1).encode())
 
 
 __all__ = ["FailureGroup", "JobSummary", "RunStatus", "ShardStatus", "collect"]

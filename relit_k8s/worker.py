@@ -273,6 +273,8 @@ class ShardRunner:
             manifest.relighter.name, _options_with_batch(manifest), self.device
         )
         self.model_load_seconds = round(time.monotonic() - started, 4)
+        # long relighter calls check it between their steps (Relighter.raise_if_stopped)
+        self.relighter.stop_event = self.stop
         #: Seeds per relighter call: the plan's, else the relighter's choice for its device.
         self.batch_size = manifest.batch_size or self.relighter.batch_size
         #: Reads and decodes the plan's files into what the relighter is handed.
@@ -318,7 +320,7 @@ class ShardRunner:
         try:
             _ShardPass(self, report).run(units)
         except Stopped:
-            report.finish("failed", "stopped by a signal before the shard was finished; "
+            report.finish("stopped", "stopped by a signal before the shard was finished; "
                           "run the index again to finish it", Stopped.exit_code)
             raise
         except BaseException as e:
@@ -497,7 +499,7 @@ def abandon(runner: ShardRunner | None) -> None:
     reporter = runner._reporter if runner is not None else None
     if reporter is not None and reporter.report.state == "running":
         try:
-            reporter.finish("failed", "stopped by SIGTERM; the grace period ran out, so the "
+            reporter.finish("stopped", "stopped by a signal; the grace period ran out, so the "
                             "current batch was abandoned (nothing half-written): run the "
                             "index again to finish it", Stopped.exit_code)
         except BaseException:  # noqa: BLE001 - exiting regardless
@@ -508,18 +510,23 @@ def abandon(runner: ShardRunner | None) -> None:
 
 
 def install_stop_handlers(stop: threading.Event, overdue: Callable[[], None] | None = None,
-                          grace: float = 30.0) -> None:
-    """SIGTERM and SIGINT set ``stop``: the worker finishes its batch, saves, and exits 143.
+                          grace: float = 30.0, announce: bool = True) -> None:
+    """SIGTERM and SIGINT set ``stop``: the worker ends its current step (relighters that
+    check :meth:`Relighter.raise_if_stopped`) or batch, saves its report as ``stopped``, and
+    exits 143.
 
     If it is still running ``grace`` seconds later (``RELIT_STOP_GRACE``), ``overdue`` is called
     (from a timer thread): it abandons the batch, saves the report and ends the process.
+    ``announce=False`` logs the signal at info level (``relit-k8s run`` says it once for all
+    its workers).
     """
 
     def handler(signum, _frame):
         if stop.is_set():
             return
-        log.warning("received %s: stopping after the current batch (at most %.0fs)",
-                    signal.Signals(signum).name, grace)
+        log.log(logging.WARNING if announce else logging.INFO,
+                "received %s: stopping after the current step (at most %.0fs)",
+                signal.Signals(signum).name, grace)
         stop.set()
         if overdue is not None:
             timer = threading.Timer(grace, overdue)
@@ -550,7 +557,7 @@ def main(manifest: str | None, index: int | None, device: str | None = None) -> 
 
 
 def start(manifest_uri: str, device: str | None = None, index: int | None = None,
-          progress: ProgressFn | None = None) -> ShardRunner:
+          progress: ProgressFn | None = None, announce_stop: bool = True) -> ShardRunner:
     """The start of every worker process, a pod's or one of ``relit-k8s run``'s: SIGTERM and
     SIGINT stop it cleanly (its ``stop`` event; past the grace period the report is saved and
     the process exits 143), the manifest is read and checked (``index`` against its shards,
@@ -559,7 +566,7 @@ def start(manifest_uri: str, device: str | None = None, index: int | None = None
     stop = threading.Event()
     runners: list[ShardRunner] = []
     install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None),
-                          settings.stop_grace)
+                          settings.stop_grace, announce_stop)
     m = load_manifest(manifest_uri)
     if index is not None:
         m.shard_range(index)

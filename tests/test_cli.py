@@ -178,12 +178,16 @@ def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_pat
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "run the same command again" in stderr
+    assert stderr.count("stopping") == 1, stderr  # one Ctrl+C, one message
+    assert "died" not in stderr and "did not finish" not in stderr
     done = len(outputs(out))
     assert 10 <= done < 240
     assert not list(out.rglob(".*")), "a temporary file was left behind"
     status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
+    assert status["state"] == "stopped"  # not failed: nothing went wrong
     stopped = [s for s in status["shards"] if s.get("exit_code") == 143]
-    assert stopped and all(s["state"] == "failed" for s in stopped)
+    assert stopped and all(s["state"] == "stopped" for s in stopped)
+    assert not [s for s in status["shards"] if s["state"] in ("running", "failed")]
     assert status["items_done"] == done
     result = cli(*args, "--no-progress", check=True)
     assert f"skipped {done}" in result.stdout and len(outputs(out)) == 240
@@ -241,7 +245,7 @@ def test_sigterm_to_run_stops_its_workers_and_exits_143(tmp_path):
     time.sleep(3)
     assert len(outputs(out)) == settled, "a worker outlived the run"
     status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
-    assert status["state"] in ("failed", "incomplete") and status["items_done"] == settled
+    assert status["state"] == "stopped" and status["items_done"] == settled
 
 
 def test_status_flags_stalled_shards_and_groups_failures_by_reason(tmp_path):

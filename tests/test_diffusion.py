@@ -242,3 +242,32 @@ def test_attention_kernel_choice_and_auto_restores_pytorchs_own():
         use_backend("auto")
     assert (cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(),
             cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == before
+
+
+def test_a_stop_ends_relighting_between_two_denoising_steps(model):
+    """The worker's stop event is checked at every step: a stop does not wait for the batch."""
+    import threading
+
+    from relit_k8s.errors import Stopped
+
+    r = create("diffusion", {"model": str(model), "ddim_steps": 900, "resolution": 32}, "cpu")
+    r.stop_event = threading.Event()
+    steps = []
+    real_eps = r._eps
+
+    def counting_eps(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            r.stop_event.set()  # as SIGTERM's handler does, from the middle of the batch
+        return real_eps(*args)
+
+    r._eps = counting_eps
+    with pytest.raises(Stopped):
+        r.relight(*pair(), [1, 2])
+    assert len(steps) == 3  # the step under way finished; no further step began
+    with pytest.raises(RelighterError, match="ddim_steps=1000, but the model's scheduler has "
+                       "1000 timesteps"):
+        create("diffusion", {"model": str(model), "ddim_steps": 1000}, "cpu")
+    r2 = create("diffusion", {"model": str(model), **OPTS}, "cpu")
+    r2.stop_event = threading.Event()
+    assert r2.relight(*pair(), [1]).shape == (1, 3, 30, 44)  # an unset event changes nothing

@@ -166,7 +166,7 @@ def test_sigterm_abandons_a_batch_that_outlasts_the_grace_period(tmp_path):
     assert proc.returncode == EXIT_SIGTERM, err
     assert waited < 30  # the slow batch alone would take 600 s
     report = ShardReport.from_json(report_path.read_bytes())
-    assert report.state == "failed" and report.exit_code == EXIT_SIGTERM
+    assert report.state == "stopped" and report.exit_code == EXIT_SIGTERM
     assert "grace period" in report.error
     assert local_outputs(out) == {} and not list(out.rglob(".*.tmp-*"))
 
@@ -385,3 +385,34 @@ def test_soak_short(s3_endpoint, tmp_path):
     assert result["failed_items"] == result["bad_items"] > 0
     assert result["outputs"] == result["planned"] - result["bad_items"]
     assert result["kills"] >= 1 and result["attempts"] >= 1
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_reports_say_stopped(tmp_path):
+    """A batch that ignores the stop (ten minutes, grace far away): the second Ctrl+C kills the
+    workers, and the runner itself records their shards as stopped, never running."""
+    in_dir, refs_dir = one_image_dataset(tmp_path, size=(24, 32))
+    out = tmp_path / "out"
+    exe = str(Path(sys.executable).parent / "relit-k8s")
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "RELIT_STOP_GRACE": "1000"}
+    proc = subprocess.Popen(
+        [exe, "run", "--input", str(in_dir), "--refs", str(refs_dir), "--output", str(out),
+         "--iterations", "4", "--shards", "2", "--workers", "2", "--device", "cpu",
+         "--relighter", "plugins_for_tests:SlowRelighter", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    reports = out / "_relit"
+    wait_for(lambda: len(list(reports.glob("*/shards/*.json"))) == 2)
+    time.sleep(1.0)  # inside the slow batches
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.count("stopping:") == 1 and "stopping now" in err
+    for path in reports.glob("*/shards/*.json"):
+        report = ShardReport.from_json(path.read_bytes())
+        assert report.state == "stopped" and report.exit_code == EXIT_SIGTERM
+        assert "ended before it saved" in report.error and report.finished_at is not None
+    status = json.loads(subprocess.run([exe, "status", "--output", str(out), "-o", "json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert status["state"] == "stopped"

@@ -252,7 +252,7 @@ def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_SIGTERM, stderr
     report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
-    assert report.state == "failed" and report.exit_code == EXIT_SIGTERM
+    assert report.state == "stopped" and report.exit_code == EXIT_SIGTERM
     assert "stopped" in report.error
     done = written(out)
     assert 8 <= len(done) < m.items and report.items_done == len(done)

@@ -15,6 +15,7 @@ group ``relit_k8s.relighters`` of installed packages, and ``module:attribute`` p
 from __future__ import annotations
 
 import importlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import RelighterError
+from ..errors import RelighterError, Stopped
 
 ENTRY_POINT_GROUP = "relit_k8s.relighters"
 
@@ -58,6 +59,10 @@ class Relighter(ABC):
     #: Seeds per ``relight`` call the worker uses when the plan sets no ``--batch-size``. A
     #: relighter may set it per instance, from its device (``diffusion`` measures free memory).
     batch_size: int = 8
+    #: Set by the worker: the event that asks it to stop (SIGTERM, Ctrl+C). A relighter whose
+    #: calls take long checks it with :meth:`raise_if_stopped` between steps, so that a stop
+    #: need not wait for the whole call (the unfinished batch is redone by the next attempt).
+    stop_event: threading.Event | None = None
 
     def __init__(self, options: RelighterOptions | None = None, device: str | torch.device = "cpu"):
         self.options = options if options is not None else self.Options()
@@ -86,6 +91,12 @@ class Relighter(ABC):
         with the outputs it makes so that another model is not mistaken for it; None for
         relighters without a model (the default), or when it cannot be read from here."""
         return None
+
+    def raise_if_stopped(self) -> None:
+        """Raise :class:`~relit_k8s.errors.Stopped` if the worker was asked to stop; call it
+        between the steps of a long ``relight`` (``diffusion``: each denoising step)."""
+        if self.stop_event is not None and self.stop_event.is_set():
+            raise Stopped("stopped between two steps of the relighter")
 
     @abstractmethod
     def relight(

@@ -259,6 +259,10 @@ class DiffusionRelighter(Relighter):
         self.controlnet = diffusers.ControlNetModel.from_pretrained(path / "controlnet", **load)
         self.vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, **load)
         self.scheduler = diffusers.DDIMScheduler.from_pretrained(path / "scheduler")
+        trained = self.scheduler.config.num_train_timesteps
+        if o.ddim_steps >= trained:  # with steps_offset, the last step would be out of range
+            raise RelighterError(f"diffusion: ddim_steps={o.ddim_steps}, but the model's "
+                                 f"scheduler has {trained} timesteps: use fewer than {trained}")
         if self.scheduler.config.prediction_type != "v_prediction":
             raise RelighterError(f"diffusion: {path}/scheduler predicts "
                                  f"{self.scheduler.config.prediction_type}, not v_prediction")
@@ -413,6 +417,7 @@ class DiffusionRelighter(Relighter):
         gens = ([torch.Generator().manual_seed(int(s) + 1) for s in seeds]
                 if o.eta > 0 else None)
         for t in self.scheduler.timesteps:
+            self.raise_if_stopped()  # a stop waits for one step, not for the whole batch
             x = self.scheduler.scale_model_input(latents, t)
             if one:
                 pred = self._eps(x, t, hints, cond)

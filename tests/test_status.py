@@ -1,0 +1,82 @@
+"""What ``status`` says about a run between attempts: stopped, starting again, still going."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from relit_k8s.manifest import ShardReport, now
+from relit_k8s.planner import PlanSettings, plan, write_run
+from relit_k8s.status import JobSummary, collect, record_launch
+
+
+def a_run(tmp_path, states: list[str], age_seconds: float = 30.0):
+    settings = PlanSettings(input=str(tmp_path / "in"), refs=str(tmp_path / "refs"),
+                            output=str(tmp_path / "out"), iterations=2, shards=len(states))
+    run = write_run(plan(settings, ["a.jpg", "b.jpg"], ["r.hdr"]))
+    then = now() - timedelta(seconds=age_seconds)
+    for index, state in enumerate(states):
+        report = ShardReport(run_id=run.run_id, index=index, state=state,
+                             items_total=run.manifest.shard_items(index), started_at=then,
+                             updated_at=then, host="h", device="cpu", relighter="sh",
+                             exit_code=143 if state == "stopped" else None)
+        run.output.write(run.paths.report(index), report.model_dump_json().encode())
+    return run
+
+
+def test_a_stopped_run_is_stopped_not_failed_and_has_ended(tmp_path):
+    status = collect(a_run(tmp_path, ["done", "stopped"]))
+    assert status.state == "stopped" and not status.going
+    assert collect(a_run(tmp_path / "2", ["stopped", "failed"])).state == "failed"
+    assert collect(a_run(tmp_path / "3", ["done", "done"])).state == "done"
+
+
+def test_a_rerun_shows_as_starting_until_its_workers_report(tmp_path):
+    run = a_run(tmp_path, ["done", "stopped"])
+    record_launch(run, workers=2)  # relit-k8s run, again: its workers are loading
+    status = collect(run)
+    assert status.state == "starting" and status.going  # status --watch waits for them
+    assert status.launched_at is not None
+    # a launch whose workers never wrote a report is over after --stall-after seconds
+    assert collect(run, stall_after=0.0).state == "stopped"
+    # once a report is newer than the launch, the reports tell the state again
+    fresh = a_run(tmp_path / "fresh", ["done", "stopped"], age_seconds=30)
+    record_launch(fresh, workers=1)
+    report = fresh.read_report(1).model_copy(update={"state": "running", "updated_at": now()})
+    fresh.output.write(fresh.paths.report(1), report.model_dump_json().encode())
+    assert collect(fresh).state == "running"
+
+
+def test_a_done_run_is_never_starting_and_a_live_job_keeps_watch_going(tmp_path):
+    run = a_run(tmp_path, ["done", "done"])
+    record_launch(run, workers=1)  # a rerun of a finished run has nothing to do
+    status = collect(run)
+    assert status.state == "done" and not status.going
+    status.job = JobSummary(name="relit-x", state="running", active=1)
+    assert status.going  # pods still exiting: the Job has not ended
+    status.job = JobSummary(name="relit-x", state="complete")
+    assert not status.going
+
+
+def test_watch_waits_for_a_starting_attempt_and_leaves_an_ended_run(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "relit-k8s")
+    run = a_run(tmp_path, ["done", "stopped"])
+    out = str(tmp_path / "out")
+    ended = subprocess.run([exe, "status", "--output", out, "--watch", "--no-cluster"],
+                           capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 0 and "stopped" in ended.stdout
+    record_launch(run, workers=1)
+    watch = subprocess.Popen([exe, "status", "--output", out, "--watch", "--no-cluster",
+                              "--interval", "0.5", "--stall-after", "6"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    assert watch.poll() is None  # waiting for the new attempt's workers
+    report = run.read_report(1).model_copy(update={"state": "done", "updated_at": now(),
+                                                   "exit_code": 0})
+    run.output.write(run.paths.report(1), report.model_dump_json().encode())
+    stdout, _ = watch.communicate(timeout=60)  # they reported: the run is done, watch ends
+    assert watch.returncode == 0 and "done" in stdout
