@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -29,9 +30,12 @@ class InputLoader:
     """Loads the files of one plan for one relighter; pins host memory when bound for CUDA."""
 
     def __init__(self, manifest: Manifest, reference_resolution: tuple[int, int] | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False,
+                 reference_pixels: Callable[[images.Decoded], np.ndarray] = images.as_radiance):
         self.max_pixels = manifest.max_pixels
         self.reference_resolution = reference_resolution
+        #: how a decoded reference becomes what the relighter gets (its ``reference_pixels``)
+        self.reference_pixels = reference_pixels
         self.pin_memory = pin_memory
         self.inputs = open_storage(manifest.input)
         self.refs = open_storage(manifest.refs)
@@ -53,10 +57,11 @@ class InputLoader:
         return self._tensor(images.as_display(self.decode(self.inputs, key)))
 
     def reference(self, key: str) -> torch.Tensor:
-        """The reference ``key`` as linear radiance, area-averaged down to the relighter's
+        """The reference ``key`` as the relighter wants it (linear radiance unless its
+        ``reference_pixels`` says otherwise), area-averaged down to the relighter's
         ``reference_resolution`` when it is larger."""
         t = torch.from_numpy(np.ascontiguousarray(
-            images.as_radiance(self.decode(self.refs, key)))).permute(2, 0, 1).contiguous()
+            self.reference_pixels(self.decode(self.refs, key)))).permute(2, 0, 1).contiguous()
         size = self.reference_resolution
         if size and (t.shape[1] > size[0] or t.shape[2] > size[1]):
             t = F.adaptive_avg_pool2d(t[None], size)[0].contiguous()

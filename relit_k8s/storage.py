@@ -520,6 +520,48 @@ def cached_copy(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
     return target
 
 
+def file_size(uri: str) -> int | None:
+    """The size of the file at ``uri``; None when it cannot be read from here."""
+    try:
+        store, name = split_uri(uri)
+        return store.size(name)
+    except (StorageError, ConfigError, OSError):
+        return None
+
+
+def cached_file(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
+    """A local path of the file at ``uri``: the file itself for a local URI, else a one-time
+    download of the ``s3://`` object into ``cache_dir`` (streamed to disk, never held in
+    memory: checkpoints are gigabytes), reused by every later process on the node. The
+    download goes to a temporary name renamed into place, so processes racing on one node
+    never see half a file. :class:`NotFoundError` when there is no such file."""
+    scheme, _, path = _parse(uri)
+    if scheme == "file":
+        local = Path(path).expanduser()
+        if not local.is_file():
+            raise NotFoundError(f"no file at {uri}")
+        return local
+    import hashlib
+
+    store, name = split_uri(uri)
+    assert isinstance(store, S3Storage)
+    target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{name}.partial-{os.getpid()}")
+    try:
+        store._client.download_file(store.bucket, store._key(name), str(partial))
+    except Exception as e:  # noqa: BLE001 - mapped to the storage errors
+        partial.unlink(missing_ok=True)
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise NotFoundError(f"no file at {uri}") from None
+        raise StorageUnavailable(f"could not download {uri}: {e}") from e
+    partial.replace(target)  # atomic; a racing process writes the same bytes
+    return target
+
+
 def split_uri(uri: str) -> tuple[Storage, str]:
     """Split the URI of one object into (storage of its folder, file name)."""
     base, _, name = uri.rstrip("/").rpartition("/")

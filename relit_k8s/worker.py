@@ -279,7 +279,8 @@ class ShardRunner:
         self.batch_size = manifest.batch_size or self.relighter.batch_size
         #: Reads and decodes the plan's files into what the relighter is handed.
         self.loader = InputLoader(manifest, self.relighter.reference_resolution,
-                                  pin_memory=torch.device(self.device).type == "cuda")
+                                  pin_memory=torch.device(self.device).type == "cuda",
+                                  reference_pixels=self.relighter.reference_pixels)
         #: Unexpected relighter errors in a row, across shards (UNEXPECTED_LIMIT ends one).
         self.unexpected_in_a_row = 0
         self._reporter: _Reporter | None = None

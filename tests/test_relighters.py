@@ -25,6 +25,12 @@ def contract_options(name: str, request) -> dict:
         # fp32: the contract's tolerances are for fp32 (bf16 is checked by the benchmark)
         return {"model": request.getfixturevalue("tiny_model"), "ddim_steps": 3,
                 "resolution": 32, "dtype": "fp32"}
+    if name == "luminet":  # the golden fixture's tiny checkpoint (tests/test_luminet.py)
+        from test_luminet import FIXTURE, tiny_options
+
+        if not FIXTURE.is_dir():
+            pytest.skip(f"no LumiNet golden fixture at {FIXTURE}")
+        return tiny_options(request.getfixturevalue("tmp_path"), ddim_steps=2, dtype="fp32")
     return {}
 
 

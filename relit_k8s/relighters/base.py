@@ -21,9 +21,11 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .. import images
 from ..errors import RelighterError, Stopped
 
 ENTRY_POINT_GROUP = "relit_k8s.relighters"
@@ -32,6 +34,7 @@ ENTRY_POINT_GROUP = "relit_k8s.relighters"
 BUILTINS: dict[str, str] = {
     "sh": "relit_k8s.relighters.sh:SHRelighter",
     "diffusion": "relit_k8s.relighters.diffusion:DiffusionRelighter",
+    "luminet": "relit_k8s.relighters.luminet:LuminetRelighter",
 }
 
 
@@ -91,6 +94,13 @@ class Relighter(ABC):
         with the outputs it makes so that another model is not mistaken for it; None for
         relighters without a model (the default), or when it cannot be read from here."""
         return None
+
+    def reference_pixels(self, decoded: images.Decoded) -> np.ndarray:
+        """What ``relight`` gets for a reference file (``H x W x 3`` float32), made once per
+        reference by the worker: linear radiance by default (LDR files sRGB-decoded). A
+        relighter that wants them otherwise (``luminet``: tone-mapped as the original does)
+        overrides it."""
+        return images.as_radiance(decoded)
 
     def raise_if_stopped(self) -> None:
         """Raise :class:`~relit_k8s.errors.Stopped` if the worker was asked to stop; call it

@@ -1,0 +1,319 @@
+"""The ``luminet`` relighter: the official LumiNet checkpoint, run as the original code runs it.
+
+Per pair (as the original multi-GPU script): the photo and the reference (an HDR one mapped to
+[0, 1] by its 95th percentile and a 1/2.2 power, once per reference; an LDR one as its sRGB
+values), are resized to the model's 512 x 512 with
+OpenCV's bilinear filter and stacked into the 6-channel hint; the lighting prior and the
+extended context are computed once per pair. Per seed: the starting latent from the seed's own
+CPU generator, DDIM (50 steps, eta 0, guidance 9), the first stage's decode (or the bypass
+"new decoder" with the photo's encoder features), then the original's post-processing: to
+8 bits by truncation and back to the photo's size with OpenCV's Lanczos-4 filter (here in the
+other order, so that outputs stay continuous: within one level of the original's).
+
+Guidance: the original gives both branches the same empty-prompt context and the same hint, so
+in evaluation mode they are equal and guidance changes nothing; one model pass per step is then
+exact (the original scripts also forget ``.eval()``, leaving dropout on in the lighting
+prior; this relighter runs in evaluation mode, as the original demo does).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import cv2
+import numpy as np
+import torch
+from pydantic import Field
+
+from ... import images
+from ...errors import NotFoundError, RelighterError
+from ...storage import cached_file, file_size
+from ..base import Relighter, RelighterOptions
+from .checkpoint import load, load_safetensors, read_state_dict
+from .model import LumiNet, LumiNetConfig
+from .sampler import ddim_sample
+from .text import empty_prompt_context
+from .vae import BypassAutoencoderKL
+
+#: Seeds decoded at once (decode memory does not grow with the batch).
+DECODE_CHUNK = 8
+NO_CHECKPOINT = ("luminet needs the official checkpoint: -O checkpoint=PATH/LumiNet.ckpt or "
+                 "s3://bucket/LumiNet.ckpt (Hugging Face xyxingx/LumiNet, gated: accept its "
+                 "conditions, then download it)")
+#: Contexts computed from checkpoints, by checkpoint path: one per process.
+_CONTEXTS: dict[str, torch.Tensor] = {}
+_CONTEXT_LOCK = threading.Lock()
+
+
+class LuminetOptions(RelighterOptions):
+    checkpoint: str | None = Field(None, description="LumiNet.ckpt (or .safetensors): a file "
+                                   "or s3:// URI; required")
+    new_decoder: str | None = Field(None, description="new_decoder.ckpt: decode with the "
+                                    "bypass decoder (keeps the photo's details) [default: off]")
+    config: str | None = Field(None, description="the model's YAML in the original format "
+                               "[default: the full-size LumiNet]")
+    context: str | None = Field(None, description="a safetensors file whose 'context' (or "
+                                "'context_cond') tensor, 1 x 77 x width, is the cross-attention "
+                                "context [default: the empty prompt, computed from the "
+                                "checkpoint's text encoder]")
+    ddim_steps: int = Field(50, ge=1, le=999, description="DDIM steps (the original's 50)")
+    guidance_scale: float = Field(9.0, ge=0.0, description="classifier-free guidance (no "
+                                  "effect with the default context: both branches are equal)")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
+    resolution: int = Field(512, description="the model's image size (LumiNet runs at 512 only;"
+                            " a smaller test model at its own)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on the CPU")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="seeds per batch "
+                                   "[default: 8]")
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNet")
+    cache_dir: str | None = Field(None, description="where s3:// files are downloaded "
+                                  "[default: $XDG_CACHE_HOME/relit-k8s/models]")
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"batch_size", "compile", "cache_dir"})
+    LOCATIONS: ClassVar[frozenset[str]] = frozenset()
+
+
+def _dtype(option: str, device: torch.device) -> torch.dtype:
+    if option == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[option]
+
+
+def _cache_root(cache_dir: str | None) -> str:
+    import os
+
+    return cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "/tmp"), "relit-k8s",
+                                     "models")
+
+
+def _local(uri: str, cache_dir: str | None, what: str) -> Path:
+    try:
+        return cached_file(uri, _cache_root(cache_dir))
+    except NotFoundError:
+        raise RelighterError(f"luminet: no {what} at {uri}") from None
+
+
+def tonemap_reference(radiance: np.ndarray) -> np.ndarray:
+    """The original loader's HDR mapping: divide by the 95th percentile (over all pixels and
+    channels), clip to [0, 1], raise to 1/2.2."""
+    p95 = float(np.percentile(radiance, 95))
+    return np.clip(radiance / max(p95, 1e-8), 0.0, 1.0) ** (1 / 2.2)
+
+
+class LuminetRelighter(Relighter):
+    """LumiNet (a ControlNet on Stable Diffusion 2.1 with lighting tokens); see the module
+    docstring."""
+
+    name = "luminet"
+    Options = LuminetOptions
+    options: LuminetOptions
+    batch_size = 8
+
+    @classmethod
+    def preflight(cls, options: RelighterOptions, here: bool) -> None:
+        assert isinstance(options, LuminetOptions)
+        if not options.checkpoint:
+            raise RelighterError(NO_CHECKPOINT)
+        if here:
+            for what, uri in (("checkpoint", options.checkpoint),
+                              ("new decoder", options.new_decoder),
+                              ("config", options.config), ("context", options.context)):
+                if uri and not uri.startswith("s3://") and not Path(
+                        uri.removeprefix("file://")).expanduser().is_file():
+                    raise RelighterError(f"luminet: no {what} file at {uri}")
+
+    @classmethod
+    def fingerprint(cls, options: RelighterOptions) -> str | None:
+        assert isinstance(options, LuminetOptions)
+        """sha256 over the name and size of each file the options name (checkpoint, new
+        decoder, config, context); None when one cannot be read from here."""
+        import hashlib
+
+        parts = []
+        for uri in (options.checkpoint, options.new_decoder, options.config, options.context):
+            if uri is None:
+                parts.append("-")
+                continue
+            size = file_size(uri)
+            if size is None:
+                return None
+            parts.append(f"{uri.rstrip('/').rpartition('/')[2]}:{size}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def __init__(self, options=None, device="cpu"):
+        super().__init__(options, device)
+        o = self.options
+        if not o.checkpoint:
+            raise RelighterError(NO_CHECKPOINT)
+        self.load_timings: dict[str, float] = {}
+        clock = time.monotonic()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            self.load_timings[phase] = round(now - clock, 3)
+            clock = now
+
+        cfg = LumiNetConfig()
+        if o.config:
+            import yaml
+
+            cfg = LumiNetConfig.from_yaml(yaml.safe_load(
+                _local(o.config, o.cache_dir, "config").read_text()))
+        if o.resolution != cfg.image_size:
+            raise RelighterError(f"luminet: resolution={o.resolution}, but this model runs at "
+                                 f"{cfg.image_size} x {cfg.image_size} only (its light code is "
+                                 f"broadcast to a fixed {cfg.prior.hint_spatial} x "
+                                 f"{cfg.prior.hint_spatial} latent)")
+        checkpoint = _local(o.checkpoint, o.cache_dir, "checkpoint")
+        new_decoder = _local(o.new_decoder, o.cache_dir, "new decoder") if o.new_decoder else None
+        lap("fetch")
+        self.cfg = cfg
+        with torch.device("meta"):
+            model = LumiNet(cfg)
+        text = load(model, checkpoint, assign=True)
+        self.bypass: BypassAutoencoderKL | None = None
+        if new_decoder is not None:
+            with torch.device("meta"):
+                bypass = BypassAutoencoderKL(cfg.bypass_vae)
+            _load_bypass(bypass, new_decoder)
+            self.bypass = bypass
+        lap("read_weights")
+        self.context = self._context(o, checkpoint, text)
+        lap("context")
+        self.dtype = _dtype(o.dtype, self.device)
+        #: the schedule, in float32 whatever the weights' type
+        self.alphas_cumprod = model.alphas_cumprod.float().clone()
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.bypass is not None:
+            self.bypass = self.bypass.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.batch_size = o.batch_size or 8
+        if o.compile:
+            m = self.model
+            m.model.diffusion_model = torch.compile(m.model.diffusion_model)  # type: ignore[assignment]
+            m.control_model = torch.compile(m.control_model)  # type: ignore[assignment]
+        lap("to_device")
+
+    def _context(self, o: LuminetOptions, checkpoint: Path,
+                 text: dict[str, torch.Tensor]) -> torch.Tensor:
+        if o.context:
+            data = load_safetensors(_local(o.context, o.cache_dir, "context"))
+            name = next((k for k in ("context", "context_cond") if k in data), None)
+            if name is None:
+                raise RelighterError(f"luminet: {o.context} has no 'context' tensor "
+                                     f"(it has {sorted(data)})")
+            context = data[name]
+        else:
+            with _CONTEXT_LOCK:
+                key = str(checkpoint)
+                if key not in _CONTEXTS:
+                    _CONTEXTS[key] = empty_prompt_context(text)
+                context = _CONTEXTS[key]
+        want = self.cfg.unet.context_dim
+        if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != want:
+            raise RelighterError(f"luminet: the context has shape {tuple(context.shape)}, "
+                                 f"expected (1, tokens, {want})")
+        return context.float()
+
+    def reference_pixels(self, decoded: images.Decoded) -> np.ndarray:
+        """The reference as the original's loader makes it: HDR tone-mapped (95th
+        percentile, clip, 1/2.2), LDR as its plain sRGB values / 255."""
+        if decoded.hdr:
+            return tonemap_reference(decoded.pixels).astype(np.float32)
+        return decoded.pixels
+
+    # --- one pair ----------------------------------------------------------------------------
+    def hint(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """``1 x 6 x res x res``: the photo and the reference lighting image (as
+        :meth:`reference_pixels` made it), as the original prepares them (OpenCV bilinear
+        resize; float64 photo, float32 reference)."""
+        res = self.cfg.image_size
+        photo = image.detach().cpu().double().permute(1, 2, 0).numpy()
+        ref = reference.detach().cpu().float().permute(1, 2, 0).numpy()
+        photo_r = cv2.resize(photo, (res, res), interpolation=cv2.INTER_LINEAR)
+        ref_r = cv2.resize(ref.astype(np.float32), (res, res), interpolation=cv2.INTER_LINEAR)
+        both = np.concatenate([photo_r, ref_r], axis=2).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(both.transpose(2, 0, 1)))[None]
+
+    @torch.inference_mode()
+    def relight(self, image, reference, seeds, normals=None):
+        h, w = image.shape[1:]
+        seeds = [int(s) for s in seeds]
+        out = torch.empty(len(seeds), 3, h, w)
+        if not seeds:
+            return out
+        hint = self.hint(image, reference).to(self.device, self.dtype)
+        context = self.context.to(self.device, self.dtype)
+        prepared = self.model.lighting(hint, context)
+        features = None
+        if self.bypass is not None:
+            features = self.bypass.photo_features(hint[:, :3] * 2 - 1)
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = seeds[start:start + self.batch_size]
+            latents = self.sample(chunk, prepared)
+            for i in range(0, len(chunk), DECODE_CHUNK):
+                part = latents[i:i + DECODE_CHUNK]
+                decoded = self.decode(part, features)
+                for j, pixels in enumerate(decoded):
+                    out[start + i + j] = self.finish(pixels, h, w)
+        return out
+
+    def sample(self, seeds: Sequence[int], prepared: tuple[torch.Tensor, torch.Tensor]
+               ) -> torch.Tensor:
+        """The final latents of ``seeds`` for one pair (its prepared hint and context)."""
+        o, cfg = self.options, self.cfg
+        side = cfg.prior.hint_spatial
+        b = len(seeds)
+        x = torch.stack([torch.randn(cfg.unet.in_channels, side, side,
+                                     generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device, self.dtype)
+        feature_map, full_context = prepared
+        batch = (feature_map.expand(b, -1, -1, -1), full_context.expand(b, -1, -1))
+        # both branches of guidance are the same (same context, same hint): one pass is exact
+        gens = [torch.Generator().manual_seed(s + 1) for s in seeds] if o.eta > 0 else None
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.apply_model(x, t, None, None, prepared=batch)
+
+        return ddim_sample(denoise, x, self.alphas_cumprod, o.ddim_steps, eta=o.eta,
+                           noise=gens, before_step=self.raise_if_stopped)
+
+    def decode(self, latents: torch.Tensor, features: list[torch.Tensor] | None
+               ) -> torch.Tensor:
+        """Latents to images in [-1, 1] (the bypass decoder when ``new_decoder`` is set)."""
+        z = latents / self.cfg.scale_factor
+        if self.bypass is not None:
+            assert features is not None
+            n = len(z)
+            return self.bypass.decode_with(z, [f.expand(n, -1, -1, -1) for f in features])
+        return self.model.first_stage_model.decode(z)
+
+    @staticmethod
+    def finish(pixels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The original's output, kept continuous: (x + 1) / 2 clipped, back to the photo's
+        size with Lanczos-4, less half an 8-bit level, so that the worker's rounding to 8 bits
+        truncates as the original does (which truncates before resizing: within one level).
+        Continuous values keep a batch equal to its seeds one by one."""
+        rgb = ((pixels.float().cpu().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+        back = cv2.resize((rgb * 255).astype(np.float32), (w, h),
+                          interpolation=cv2.INTER_LANCZOS4)
+        return torch.from_numpy(((back - 0.5) / 255).clip(0, 1)).permute(2, 0, 1)
+
+
+def _load_bypass(bypass: BypassAutoencoderKL, path: Path) -> None:
+    state = read_state_dict(path, "new decoder")
+    expected = bypass.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & state.keys()
+                    if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise RelighterError(
+            f"luminet: the new decoder {path} does not fit (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, of another shape {shapes[:3]})")
+    bypass.load_state_dict(state, strict=True, assign=True)
