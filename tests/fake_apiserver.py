@@ -30,6 +30,8 @@ class FakeApiServer:
     def __init__(self, namespaces=("relit", "default")):
         self.namespaces = set(namespaces)
         self.jobs: dict[tuple[str, str], dict] = {}
+        #: refuse the next real (not dry-run) Job creation, as a quota reached meanwhile would
+        self.refuse_next_create = False
         self.pods: list[dict] = []
         self.logs: dict[str, str] = {}
         self.requests: list[dict] = []
@@ -94,6 +96,7 @@ class FakeApiServer:
                 body = json.loads(self.rfile.read(length)) if length else None
                 fake.requests.append({"method": method, "path": url.path, "query": query,
                                       "body": body})
+                self._query = query
                 parts = url.path.strip("/").split("/")
                 if fake.forbidden:
                     return self._send(403, _status(
@@ -127,6 +130,13 @@ class FakeApiServer:
                                            creationTimestamp=datetime.now(UTC).strftime(
                                                "%Y-%m-%dT%H:%M:%SZ"))
                     job["status"] = {}
+                    if self._query.get("dryRun") == "All":  # a dry run stores nothing
+                        return self._send(201, job)
+                    if fake.refuse_next_create:  # e.g. a quota reached since the dry run
+                        fake.refuse_next_create = False
+                        return self._send(403, _status(
+                            403, "Forbidden", f'jobs.batch "{name}" is forbidden: exceeded '
+                            'quota: relit-quota'))
                     fake.jobs[(ns, name)] = job
                     return self._send(201, job)
                 job = fake.jobs.get((ns, name))

@@ -16,6 +16,7 @@ import yaml
 from conftest import EXAMPLES, ROOT, _free_port, cli, upload_folder
 from fake_apiserver import FakeApiServer
 
+from relit_k8s.errors import ConfigError
 from relit_k8s.kube.job import JobSettings, build_job, parse_toleration
 from relit_k8s.manifest import Manifest
 from relit_k8s.planner import PlanSettings, plan
@@ -121,10 +122,12 @@ def test_pods_are_hardened_and_use_no_host_paths_unless_asked():
 
 
 def test_the_official_client_keeps_every_field_of_the_job():
-    from kubernetes.client import ApiClient, V1Job
+    """The Job goes to the client as a plain dict (V1Job.from_dict exists only from client 37
+    on), which every supported client version sends as it is."""
+    from kubernetes.client import ApiClient
 
     job = build_job(manifest(), "s3://b/out/m.json", GPU)
-    assert ApiClient().sanitize_for_serialization(V1Job.from_dict(job)) == job
+    assert ApiClient().sanitize_for_serialization(job) == job
 
 
 def test_tolerations_and_settings_are_checked():
@@ -155,10 +158,28 @@ def s3_data(bucket, s3_client):
     return bucket
 
 
+#: The S3 endpoint as the pods would see it (this machine's moto server is 127.0.0.1 to us).
+POD_ENDPOINT = "http://minio.relit.svc:9000"
+
+
 def submit_args(bucket: str, *extra: str) -> list[str]:
     return ["submit", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
             "--output", f"s3://{bucket}/out", "--iterations", "2", "--image",
-            "relit-k8s:test", *extra]
+            "relit-k8s:test", "--s3-endpoint", POD_ENDPOINT, *extra]
+
+
+def test_a_loopback_s3_endpoint_is_refused_unless_given_for_the_pods(monkeypatch):
+    from relit_k8s.kube.job import JobSettings
+
+    for url in ("http://127.0.0.1:9000", "http://localhost:9000", "https://[::1]:9000",
+                "http://0.0.0.0:9000", "http://minio.localhost"):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        with pytest.raises(ConfigError, match="loopback address that pods cannot reach.*"
+                           "--s3-endpoint"):
+            JobSettings.from_flags(image="i")
+        assert JobSettings.from_flags(image="i", s3_endpoint=url).s3_endpoint == url
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.relit.svc:9000")
+    assert JobSettings.from_flags(image="i").s3_endpoint == "http://minio.relit.svc:9000"
 
 
 def test_submit_dry_run_prints_valid_objects_and_touches_nothing(s3_data, s3_client,
@@ -194,8 +215,10 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
     assert ns == "relit"  # the kubeconfig context's namespace
     assert f"run {name}: Job {name} created in namespace relit" in result.stdout
     assert f"kubectl -n relit get pods -l relit-k8s/run-id={name}" in result.stdout
-    [post] = [r for r in fake_api.requests if r["method"] == "POST"]
-    assert post["path"] == "/apis/batch/v1/namespaces/relit/jobs"
+    dry, post = [r for r in fake_api.requests if r["method"] == "POST"]
+    assert dry["query"].get("dryRun") == "All" and "dryRun" not in post["query"]
+    assert post["path"] == dry["path"] == "/apis/batch/v1/namespaces/relit/jobs"
+    assert dry["body"]["spec"] == post["body"]["spec"]  # the Job checked is the Job created
     sent = post["body"]
     validate_strict(sent)
     manifest_key = f"out/_relit/{name}/manifest.json"
@@ -252,7 +275,11 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
     assert gone["job"]["state"] == "gone"
 
 
-def test_cluster_errors_are_clear(s3_data, fake_api, tmp_path, monkeypatch):
+def test_cluster_errors_are_clear(s3_data, s3_client, fake_api, tmp_path, monkeypatch):
+    def written() -> list[str]:
+        listing = s3_client.list_objects_v2(Bucket=s3_data, Prefix="out/_relit/")
+        return [o["Key"] for o in listing.get("Contents", [])]
+
     missing_ns = cli(*submit_args(s3_data, "--namespace", "nope"))
     assert missing_ns.returncode == 78 and "namespace 'nope' does not exist" in missing_ns.stderr
     fake_api.forbidden = True
@@ -260,6 +287,14 @@ def test_cluster_errors_are_clear(s3_data, fake_api, tmp_path, monkeypatch):
     assert denied.returncode == 78 and "forbidden" in denied.stderr
     assert "manifests/base" in denied.stderr
     fake_api.forbidden = False
+    assert written() == []  # refused by the API server's dry run: nothing half-done
+    fake_api.refuse_next_create = True  # passes the dry run, refused when created for real
+    late = cli(*submit_args(s3_data))
+    text = " ".join(late.stderr.split())
+    assert late.returncode == 78 and "exceeded quota" in text
+    assert "the manifest is written at s3://" in text and "the same command submits it" in text
+    assert cli(*submit_args(s3_data)).returncode == 0  # ... and it does
+    assert len(fake_api.jobs) == 1
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     no_config = cli(*submit_args(s3_data))
     assert no_config.returncode == 78 and "Kubernetes configuration" in no_config.stderr
@@ -335,13 +370,22 @@ def _need(tool: str) -> str:
 @pytest.mark.parametrize("folder", ["base", "dev"])
 def test_kustomize_builds_and_every_object_validates(folder):
     kubectl = _need("kubectl")
-    built = subprocess.run([kubectl, "kustomize", str(ROOT / "manifests" / folder)],
-                           capture_output=True, text=True, check=True).stdout
-    objects = [o for o in yaml.safe_load_all(built) if o]
+    result = subprocess.run([kubectl, "kustomize", str(ROOT / "manifests" / folder)],
+                            capture_output=True, text=True, check=True)
+    assert "warning" not in result.stderr.lower(), result.stderr  # current fields only
+    objects = [o for o in yaml.safe_load_all(result.stdout) if o]
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret"} <= kinds
-    if folder == "dev":
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding"} <= kinds
+    secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+    if folder == "base":
+        # re-applying the base never overwrites the user's credentials with placeholders
+        assert secrets == []
+    else:
         assert {"Deployment", "Service", "PersistentVolumeClaim", "Job"} <= kinds
+        assert "relit-s3" in secrets
+    for obj in objects:
+        assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == \
+            "relit-k8s" or obj["kind"] != "Role", obj["metadata"]
     for obj in objects:
         validate_strict(obj)
     role = next(o for o in objects if o["kind"] == "Role")
@@ -351,6 +395,14 @@ def test_kustomize_builds_and_every_object_validates(folder):
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     ]
+
+
+def test_the_example_secret_is_a_valid_secret_outside_the_base():
+    secret = yaml.safe_load((ROOT / "manifests/examples/s3-secret.yaml").read_text())
+    validate_strict(secret)
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "relit-s3"
+    base = yaml.safe_load((ROOT / "manifests/base/kustomization.yaml").read_text())
+    assert not [r for r in base["resources"] if "secret" in r]
 
 
 def test_the_kind_cluster_config_parses():
@@ -378,7 +430,8 @@ def test_plan_then_submit_dry_run_with_the_same_flags_is_the_same_run(s3_data, f
     # the documented path: relit-k8s plan <flags>; relit-k8s submit <flags> --dry-run -o yaml
     # | kubectl apply -f -. Without --shards the two must still agree on the run.
     flags = submit_args(s3_data)[1:]  # the selection flags and --image, without "submit"
-    selection = [f for f in flags if f not in ("--image", "relit-k8s:test")]
+    selection = [f for f in flags if f not in ("--image", "relit-k8s:test", "--s3-endpoint",
+                                               POD_ENDPOINT)]
     planned = cli("plan", *selection, check=True)
     manifest_uri = next(line.split(": ", 1)[1] for line in planned.stdout.splitlines()
                         if line.startswith("manifest: "))

@@ -119,6 +119,18 @@ def test_ci_runs_both_quick_start_commands_verbatim():
     assert ci.index(run) < ci.index(test), "the main job runs first, in its own environment"
 
 
+def test_ci_also_runs_the_kubernetes_tests_on_the_lowest_client_allowed():
+    ci = (ROOT / ".ci" / "run").read_text()
+    step = ci.split("== Kubernetes tests with the lowest kubernetes client", 1)[1]
+    floor_cmd = re.search(r"floor=\$\((python -c '.*?')\)", step).group(1)
+    floor = subprocess.run(["bash", "-c", floor_cmd.replace("python", sys.executable, 1)],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"kubernetes>={floor}" in deps
+    assert 'pip install -q "kubernetes==${floor}.*"' in step and "tests/test_kube.py" in step
+    assert ci.index("== Kubernetes tests with the lowest") > ci.index("python -m pytest -n 2")
+
+
 def test_the_import_layers_hold():
     # [tool.importlinter] in pyproject.toml: the CLI on top, errors at the bottom, no cycles
     lint = Path(sys.executable).parent / "lint-imports"

@@ -352,13 +352,15 @@ def test_a_planted_secret_appears_in_no_manifest_job_report_or_log(bucket, s3_cl
     for args in (["run", *flags, "--device", "cpu"],
                  ["run", *flags, "--device", "cpu", "--ref-pattern", "nope*"],
                  ["status", "--output", f"s3://{bucket}/out", "-o", "json"],
-                 ["submit", *flags, "--image", "x", "--dry-run", "-o", "yaml"]):
+                 ["submit", *flags, "--image", "x", "--s3-endpoint", "http://minio:9000",
+                  "--dry-run", "-o", "yaml"]):
         result = cli(*args)
         texts += [result.stdout, result.stderr]
     server = FakeApiServer().start()
     try:
         monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kc")))
-        result = cli("submit", *flags, "--image", "x", "--shards", "2", check=True)
+        result = cli("submit", *flags, "--image", "x", "--s3-endpoint", "http://minio:9000",
+                     "--shards", "2", check=True)
         texts += [result.stdout, result.stderr, json.dumps(list(server.jobs.values()))]
     finally:
         server.stop()

@@ -50,16 +50,18 @@ class Cluster:
         self.core = client.CoreV1Api()
 
     # --- calls -------------------------------------------------------------------------------
-    def create_job(self, job: dict[str, Any]) -> dict[str, Any]:
-        from kubernetes.client import V1Job
-
+    def create_job(self, job: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """Create the Job (a plain dict: every supported client version sends it as it is).
+        ``dry_run``: the API server validates and admits it (schema, RBAC, namespace,
+        admission) without storing anything."""
         name = job["metadata"]["name"]
         with _api_errors(f"creating Job {name} in namespace {self.namespace}", self.namespace,
                          exists=f"a Job named {name} already exists in namespace "
                          f"{self.namespace}: follow it with relit-k8s status {name}, or "
                          f"delete it with relit-k8s cancel {name}"):
+            extra = {"dry_run": "All"} if dry_run else {}
             created = self.batch.create_namespaced_job(
-                self.namespace, V1Job.from_dict(job), _request_timeout=REQUEST_TIMEOUT)
+                self.namespace, job, _request_timeout=REQUEST_TIMEOUT, **extra)
         return _plain(created)
 
     def get_job(self, name: str) -> dict[str, Any] | None:

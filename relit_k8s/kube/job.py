@@ -124,8 +124,14 @@ class JobSettings(BaseModel):
             if not sep or not key:
                 raise ConfigError(f"--node-selector {pair!r}: expected KEY=VALUE")
             selectors[key] = value
-        fields["s3_endpoint"] = fields.get("s3_endpoint") or os.environ.get(
-            "AWS_ENDPOINT_URL") or None
+        if not fields.get("s3_endpoint"):
+            fields["s3_endpoint"] = os.environ.get("AWS_ENDPOINT_URL") or None
+            if fields["s3_endpoint"] and _loopback(fields["s3_endpoint"]):
+                raise ConfigError(
+                    f"AWS_ENDPOINT_URL is {fields['s3_endpoint']}, a loopback address that "
+                    "pods cannot reach (every index would spend its retries on exit 75): pass "
+                    "--s3-endpoint with the address the pods see (MinIO of manifests/dev: "
+                    "http://minio.relit.svc:9000)")
         fields["s3_region"] = fields.get("s3_region") or os.environ.get("AWS_REGION") or None
         if "s3_secret" in fields:
             fields["s3_secret"] = fields["s3_secret"] or None  # '': pod identity
@@ -136,6 +142,21 @@ class JobSettings(BaseModel):
             raise ConfigError("; ".join(
                 f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
                 for x in e.errors())) from e
+
+
+def _loopback(url: str) -> bool:
+    """Whether an endpoint URL names this machine (localhost, 127.0.0.0/8, ::1, 0.0.0.0)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = (urlparse(url if "//" in url else f"//{url}").hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
 
 
 def parse_toleration(text: str) -> dict[str, Any]:

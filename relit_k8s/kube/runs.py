@@ -81,17 +81,30 @@ def plan_job(manifest: Manifest, settings: JobSettings) -> dict[str, Any]:
 
 def submit(manifest: Manifest, settings: JobSettings, context: str | None = None,
            cluster=None, allow_mixed: bool = False) -> tuple[dict[str, Any], Submission]:
-    """Write the manifest, create the Job, record the submission. Returns (Job, record)."""
+    """Write the manifest, create the Job, record the submission. Returns (Job, record).
+
+    The Job is first sent as a server-side dry run: what the API server would refuse (a
+    missing namespace, no permission, an invalid field, an admission policy) is found before
+    anything is written. Should the real creation still fail, the error says that the
+    manifest is written and that the same command submits it again.
+    """
     from ..planner import write_run
     from .cluster import Cluster
 
     check_pod_uris(manifest)
     cluster = cluster or Cluster(context, settings.namespace)  # fails fast without kubeconfig
     settings = settings.model_copy(update={"namespace": cluster.namespace})
+    cluster.create_job(build_job(manifest, Run.of(manifest).manifest_uri, settings),
+                       dry_run=True)
     run = write_run(manifest, allow_mixed)
     manifest, uri = run.manifest, run.manifest_uri
     job = build_job(manifest, uri, settings)
-    created = cluster.create_job(job)
+    try:
+        created = cluster.create_job(job)
+    except RelitError as e:
+        e.args = (f"{e} (the manifest is written at {uri}; the same command submits it "
+                  "again)", *e.args[1:])
+        raise
     record = Submission(run_id=manifest.run_id, job=job_name(manifest),
                         namespace=cluster.namespace, context=context, manifest=uri,
                         settings=settings, submitted_at=now())
