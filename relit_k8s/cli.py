@@ -441,8 +441,9 @@ def submit_cmd(
     backoff_limit_per_index: Annotated[int, typer.Option("--backoff-limit-per-index", min=0,
                                                          help="Retries of each index.")] = 3,
     max_failed_indexes: Annotated[int | None, typer.Option(
-        "--max-failed-indexes", min=0, help="Fail the Job past this many failed indexes "
-        "[default: a tenth of the shards].")] = None,
+        "--max-failed-indexes", min=0, help="Stop the Job early past this many failed "
+        "indexes (one index that fails for good already makes it end Failed, reason "
+        "FailedIndexes, once the others are done) [default: a tenth of the shards].")] = None,
     ttl: Annotated[int | None, typer.Option("--ttl", min=0, help="Seconds the finished Job "
                                             "is kept [default: a week].")] = 7 * 24 * 3600,
     grace_period: Annotated[int, typer.Option("--grace-period", min=1, help="Pod termination "

@@ -180,7 +180,9 @@ class StatusView:
         elif job:
             parts.append(Text(
                 f"job {job.name}: {job.state}; active {job.active}, succeeded {job.succeeded}, "
-                f"failed {job.failed}; completed indexes {job.completed_indexes or '-'}; "
+                f"failed {job.failed}"
+                + (f", terminating {job.terminating}" if job.terminating else "")
+                + f"; completed indexes {job.completed_indexes or '-'}; "
                 f"failed indexes {job.failed_indexes or '-'}"))
             for c in job.conditions:
                 parts.append(Text(f"  {c.type}: {c.reason or ''} {c.message or ''}"))
@@ -271,8 +273,10 @@ def job_summary(job: dict[str, Any]) -> None:
         "indexes": f"{spec['completions']} ({spec['parallelism']} at a time)",
         "resources": ", ".join(f"{k}={v}" for k, v in container["resources"]["requests"]
                                .items()),
-        "retries": f"{spec['backoffLimitPerIndex']} per index; the Job fails past "
-                   f"{spec['maxFailedIndexes']} failed indexes or on a configuration error",
+        "retries": f"{spec['backoffLimitPerIndex']} per index; an index that fails for good "
+                   "makes the Job fail in the end (the other indexes still run); past "
+                   f"{spec['maxFailedIndexes']} failed indexes, or on a configuration error, "
+                   "it stops at once",
         "s3 secret": next((e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
                            if "valueFrom" in e), "(none: pod identity)"),
         "print it": "add -o yaml (pipe to kubectl apply -f - after relit-k8s plan)",

@@ -85,6 +85,8 @@ class JobSummary(BaseModel):
     parallelism: int | None = None
     active: int = 0
     ready: int = 0
+    #: pods being terminated (a Job that completes or fails waits for them)
+    terminating: int = 0
     succeeded: int = 0
     failed: int = 0
     completed_indexes: str = ""

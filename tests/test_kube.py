@@ -20,6 +20,7 @@ from relit_k8s.errors import ConfigError
 from relit_k8s.kube.job import JobSettings, build_job, parse_toleration
 from relit_k8s.manifest import Manifest
 from relit_k8s.planner import PlanSettings, plan
+from relit_k8s.status import JOB_ENDED
 
 #: Oldest and newest Kubernetes versions relit-k8s supports (README, "Kubernetes").
 K8S_VERSIONS = ["1.31.0", "1.37.0"]
@@ -166,6 +167,30 @@ def submit_args(bucket: str, *extra: str) -> list[str]:
     return ["submit", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
             "--output", f"s3://{bucket}/out", "--iterations", "2", "--image",
             "relit-k8s:test", "--s3-endpoint", POD_ENDPOINT, *extra]
+
+
+def test_job_states_since_1_29_show_the_windows_before_complete_and_failed():
+    """The controller sets SuccessCriteriaMet / FailureTarget first and Complete / Failed only
+    once the pods are gone: status shows completing / failing, with the terminating pods."""
+    from relit_k8s.kube.runs import job_summary
+
+    def job(*conditions: str, **status) -> dict:
+        return {"metadata": {"name": "relit-x", "namespace": "relit"}, "spec": {},
+                "status": {"conditions": [{"type": c, "status": "True"} for c in conditions],
+                           **status}}
+
+    assert job_summary(job()).state == "running"
+    completing = job_summary(job("SuccessCriteriaMet", terminating=2, succeeded=6))
+    assert completing.state == "completing" and completing.terminating == 2
+    assert job_summary(job("SuccessCriteriaMet", "Complete")).state == "complete"
+    failing = job_summary(job("FailureTarget", terminating=1))
+    assert failing.state == "failing" and failing.terminating == 1
+    assert job_summary(job("FailureTarget", "Failed")).state == "failed"
+    assert job_summary(job()).terminating == 0  # the field is absent before 1.28
+    # status --watch keeps waiting through those windows: the Job has not ended
+    for state, going in (("completing", True), ("failing", True), ("complete", False),
+                         ("failed", False)):
+        assert (state not in JOB_ENDED) is going
 
 
 def test_a_loopback_s3_endpoint_is_refused_unless_given_for_the_pods(monkeypatch):

@@ -127,12 +127,16 @@ def job_summary(job: dict[str, Any] | None) -> JobSummary | None:
     spec = job.get("spec") or {}
     conditions = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
     types = {c["type"] for c in conditions}
+    # Since 1.29 the controller sets SuccessCriteriaMet / FailureTarget first and Complete /
+    # Failed only once the Job's pods are gone: the windows in between are completing/failing.
     if "Complete" in types:
         state = "complete"
     elif "Failed" in types:
         state = "failed"
     elif "FailureTarget" in types:
         state = "failing"
+    elif "SuccessCriteriaMet" in types:
+        state = "completing"
     elif spec.get("suspend"):
         state = "suspended"
     else:
@@ -147,6 +151,7 @@ def job_summary(job: dict[str, Any] | None) -> JobSummary | None:
         parallelism=spec.get("parallelism"),
         active=status.get("active", 0),
         ready=status.get("ready", 0),
+        terminating=status.get("terminating") or 0,
         succeeded=status.get("succeeded", 0),
         failed=status.get("failed", 0),
         completed_indexes=status.get("completedIndexes", ""),
