@@ -30,7 +30,6 @@ What it does differently from the seed's loop:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from ..errors import NotFoundError, RelighterError, TransientError
 from ..settings import WorkerSettings
 from ..storage import cached_copy, folder_fingerprint
 from .base import Relighter, RelighterOptions
+from .loading import PhaseTimer, model_cache_dir, weights_dtype
 
 EMBEDDINGS = "text_embeddings.safetensors"
 #: The largest batch the automatic choice takes (seeds of one pair per GPU call).
@@ -83,12 +83,6 @@ class DiffusionOptions(RelighterOptions):
     RUNTIME: ClassVar[frozenset[str]] = frozenset(
         {"batch_size", "compile", "attention", "cache_dir"})
     LOCATIONS: ClassVar[frozenset[str]] = frozenset({"model"})
-
-
-def _dtype(option: str, device: torch.device) -> torch.dtype:
-    if option == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[option]
 
 
 #: PyTorch's SDPA kernel switches as the process started: ``attention=auto`` restores them.
@@ -136,8 +130,7 @@ def native_resolution(unet_config: Any, vae_config: Any) -> int:
 def fetch_model(uri: str, cache_dir: str | None = None) -> Path:
     """A local directory holding the model at ``uri``: itself, or a one-time download of an
     ``s3://`` prefix into the node-local cache (:func:`~relit_k8s.storage.cached_copy`)."""
-    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "/tmp"), "relit-k8s",
-                                     "models")
+    root = model_cache_dir(cache_dir)
     try:
         path = cached_copy(uri, root)
     except NotFoundError as e:
@@ -214,16 +207,10 @@ class DiffusionRelighter(Relighter):
         o = self.options
         if not o.model:
             raise RelighterError(NO_MODEL)
+        timer = PhaseTimer()
         #: Seconds of each loading phase (the worker logs them with its start event).
-        self.load_timings: dict[str, float] = {}
-        started = clock = time.monotonic()
-
-        def lap(phase: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            self.load_timings[phase] = round(now - clock, 3)
-            clock = now
-
+        self.load_timings = timer.timings
+        lap = timer.lap
         diffusers = import_diffusers()
         lap("imports")
         path = fetch_model(o.model, o.cache_dir)
@@ -231,7 +218,7 @@ class DiffusionRelighter(Relighter):
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # start CUDA here, so it is timed on its own
             lap("cuda_init")
-        self.dtype = _dtype(o.dtype, self.device)
+        self.dtype = weights_dtype(o.dtype, self.device)
         self._read_weights(diffusers, path)
         lap("read_weights")
         self._place()
@@ -244,7 +231,7 @@ class DiffusionRelighter(Relighter):
         lap("batch_probe")
         if o.compile:
             self._compile()
-        self.load_seconds = time.monotonic() - started  # compiling happens at the first call
+        self.load_seconds = time.monotonic() - timer.started  # compiling happens at the first call
 
     def _read_weights(self, diffusers, path: Path) -> None:
         """The UNet, ControlNet, VAE (or its new decoder), scheduler and text embeddings of the

@@ -19,7 +19,6 @@ prior; this relighter runs in evaluation mode, as the original demo does).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -33,6 +32,7 @@ from ... import images
 from ...errors import NotFoundError, RelighterError
 from ...storage import cached_file, file_size
 from ..base import Relighter, RelighterOptions
+from ..loading import PhaseTimer, model_cache_dir, weights_dtype
 from .checkpoint import load, load_safetensors, read_state_dict
 from .model import LumiNet, LumiNetConfig
 from .sampler import ddim_sample
@@ -78,22 +78,9 @@ class LuminetOptions(RelighterOptions):
     LOCATIONS: ClassVar[frozenset[str]] = frozenset()
 
 
-def _dtype(option: str, device: torch.device) -> torch.dtype:
-    if option == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[option]
-
-
-def _cache_root(cache_dir: str | None) -> str:
-    import os
-
-    return cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "/tmp"), "relit-k8s",
-                                     "models")
-
-
 def _local(uri: str, cache_dir: str | None, what: str) -> Path:
     try:
-        return cached_file(uri, _cache_root(cache_dir))
+        return cached_file(uri, model_cache_dir(cache_dir))
     except NotFoundError:
         raise RelighterError(f"luminet: no {what} at {uri}") from None
 
@@ -150,15 +137,10 @@ class LuminetRelighter(Relighter):
         o = self.options
         if not o.checkpoint:
             raise RelighterError(NO_CHECKPOINT)
-        self.load_timings: dict[str, float] = {}
-        clock = time.monotonic()
-
-        def lap(phase: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            self.load_timings[phase] = round(now - clock, 3)
-            clock = now
-
+        timer = PhaseTimer()
+        #: Seconds of each loading phase (the worker logs them with its start event).
+        self.load_timings = timer.timings
+        lap = timer.lap
         cfg = LumiNetConfig()
         if o.config:
             import yaml
@@ -186,7 +168,7 @@ class LuminetRelighter(Relighter):
         lap("read_weights")
         self.context = self._context(o, checkpoint, text)
         lap("context")
-        self.dtype = _dtype(o.dtype, self.device)
+        self.dtype = weights_dtype(o.dtype, self.device)
         #: the schedule, in float32 whatever the weights' type
         self.alphas_cumprod = model.alphas_cumprod.float().clone()
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
