@@ -455,12 +455,20 @@ def submit_cmd(
         "--image-pull-secret", metavar="NAME", help="Secret with the credentials of a private "
         "registry.")] = None,
     cache_host_path: Annotated[str | None, typer.Option(
-        "--cache-host-path", help="Opt-in: a node directory as the shared model cache.")] = None,
+        "--cache-host-path", metavar="DIR", help="Opt-in: a node directory as the model cache "
+        "shared by the pods of a node (a hostPath volume: the baseline and restricted Pod "
+        "Security Standards forbid it, and manifests/base enforces restricted, so use a "
+        "namespace that allows it; submit refuses it where it can read the namespace's "
+        "labels).")] = None,
+    active_deadline: Annotated[str | None, typer.Option(
+        "--active-deadline", metavar="DURATION", help="A hard stop: the Job fails (reason "
+        "DeadlineExceeded) and its pods are stopped this long after it starts, e.g. 6h, 90m, "
+        "1h30m [default: none].")] = None,
     fmt: Annotated[str | None, typer.Option("-o", "--format", metavar="yaml|json",
                                             help="Print the Job as YAML or JSON.")] = None,
 ):
     """Run on Kubernetes: write the manifest and create one Indexed Job (one pod per shard)."""
-    from .kube.job import JobSettings
+    from .kube.job import JobSettings, parse_duration
 
     manifest = _make_plan(_plan_settings(
         input=input, refs=refs, output=output, normals=normals, iterations=iterations,
@@ -476,7 +484,8 @@ def submit_cmd(
         ttl_seconds_after_finished=ttl, termination_grace_seconds=grace_period,
         priority_class=priority_class, service_account=service_account, queue=queue,
         image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
-        cache_host_path=cache_host_path)
+        cache_host_path=cache_host_path, active_deadline_seconds=parse_duration(
+            active_deadline, "--active-deadline") if active_deadline else None)
     _submit(manifest, job_settings, context, dry_run, fmt, allow_mixed=allow_mixed)
 
 
@@ -496,7 +505,8 @@ def _submit(manifest, job_settings, context: str | None, dry_run: bool, fmt: str
         console.plan_summary(manifest, f"{title} (dry run: nothing written or created)")
         console.job_summary(job)
         return
-    created, record = submit(manifest, job_settings, context, allow_mixed=allow_mixed)
+    created, record = submit(manifest, job_settings, context, allow_mixed=allow_mixed,
+                             warn=console.warning)
     if fmt:
         console.print_objects([created], fmt)
         return
@@ -517,16 +527,24 @@ def logs_cmd(
     = None,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
 ):
-    """Print the logs of a run's pods: the newest attempt of each index, prefixed by index."""
-    from .kube.runs import cluster_for, find_submission, stream_logs
+    """Print the logs of a run's pods: the newest attempt of each index, prefixed by index.
+
+    A pod that has not started yet (pulling its image, no node, a missing Secret) shows its
+    waiting reason on stderr instead; with --follow the command waits for it. A pod whose log
+    cannot be read does not stop the others; the command then exits with that error's code."""
+    from . import console
+    from .kube.pods import stream_logs
+    from .kube.runs import cluster_for, find_submission
 
     def emit(line: str) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
     record = find_submission(output, run, namespace)
-    stream_logs(cluster_for(record, context, namespace), run, emit, index, follow, tail,
-                all_attempts)
+    errors = stream_logs(cluster_for(record, context, namespace), run, emit, index, follow,
+                         tail, all_attempts, note=console.note)
+    if errors:
+        raise typer.Exit(errors[0].exit_code)
 
 
 @app.command("cancel")

@@ -77,6 +77,15 @@ def command(intro: str, line: str) -> None:
     out.print(Text("  " + line), highlight=False, soft_wrap=True)
 
 
+def warning(message: str) -> None:
+    err.print(Text.assemble(("warning: ", "bold yellow"), message), highlight=False)
+
+
+def note(line: str) -> None:
+    """A line about the output rather than of it (a pod still waiting), on stderr."""
+    err.print(Text(line, style="yellow"), highlight=False, soft_wrap=True)
+
+
 def problems(messages: list[str]) -> None:
     for msg in messages:
         err.print(Text(msg, style="red"), highlight=False)
@@ -138,6 +147,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
 
 
+def _indexes(indexes: list[str], shown: int = 8) -> str:
+    return ", ".join(indexes[:shown]) + (f" and {len(indexes) - shown} more"
+                                         if len(indexes) > shown else "")
+
+
 #: The shard table's column sets, widest first: the first that fits the terminal is drawn
 #: (the host column is cut to fit, but to no fewer than ``_MIN_HOST`` characters).
 _COLUMN_SETS = (
@@ -186,6 +200,19 @@ class StatusView:
                 f"failed indexes {job.failed_indexes or '-'}"))
             for c in job.conditions:
                 parts.append(Text(f"  {c.type}: {c.reason or ''} {c.message or ''}"))
+            for w in job.waiting:
+                parts.append(Text(
+                    f"  not started: {len(w.indexes)} pod(s) (index {_indexes(w.indexes)}, e.g. "
+                    f"{w.example_pod}): {w.reason}" + (f": {w.message}" if w.message else ""),
+                    style="bold red" if w.hint and w.reason != "Unschedulable" else "yellow"))
+                if w.hint:
+                    parts.append(Text(f"    {w.hint}"))
+            for e in job.events:
+                parts.append(Text(f"  event {e.reason}" + (f" (x{e.count})" if e.count and
+                                                            e.count > 1 else "")
+                                  + f": {e.message or ''}", style="red"))
+            if job.details_error:
+                parts.append(Text(f"  {job.details_error}", style="yellow"))
         if status.stalled_shards:
             parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
                               style="bold red"))
@@ -294,12 +321,19 @@ def submitted(record, manifest: Manifest, created: dict[str, Any]) -> None:
               highlight=False)
     where("manifest", record.manifest)
     out.print("follow it with:")
-    for line in (f"relit-k8s status {record.run_id} --output {manifest.output}",
-                 f"relit-k8s logs {record.run_id} --output {manifest.output} --follow",
-                 f"kubectl -n {ns} get job {record.job}",
-                 f"kubectl -n {ns} get pods -l relit-k8s/run-id={record.run_id}",
-                 f"kubectl -n {ns} logs -l relit-k8s/run-id={record.run_id} --prefix"):
+    for line in kubectl_commands(record.run_id, manifest.output, ns):
         out.print(Text("  " + line), highlight=False, soft_wrap=True)
+
+
+def kubectl_commands(run_id: str, output: str, namespace: str) -> list[str]:
+    """The relit-k8s commands that follow a run, and their plain kubectl equivalents."""
+    from .kube.job import INDEX_LABEL, RUN_LABEL
+
+    sel = f"-l {RUN_LABEL}={run_id}"
+    return [f"relit-k8s status {run_id} --output {output}",
+            f"relit-k8s logs {run_id} --output {output} --follow",
+            f"kubectl -n {namespace} get jobs,pods {sel} -L {INDEX_LABEL}",
+            f"kubectl -n {namespace} logs {sel} --prefix --tail=-1"]
 
 
 def relighters_table(rows: list[tuple[str, str, str, bool]]) -> None:

@@ -73,6 +73,27 @@ class JobCondition(BaseModel):
     message: str | None = None
 
 
+class PodsWaiting(BaseModel):
+    """The newest pods of some indexes whose container has not started, for one reason
+    (``ImagePullBackOff``, ``CreateContainerConfigError``, ``Unschedulable`` ...)."""
+
+    reason: str
+    message: str = ""
+    #: what to do about it, for the reasons that do not go away by themselves
+    hint: str | None = None
+    indexes: list[str]
+    example_pod: str
+
+
+class JobEvent(BaseModel):
+    """A warning event about the Job (``FailedCreate``: the pods were refused)."""
+
+    reason: str | None = None
+    message: str | None = None
+    count: int | None = None
+    last_seen: str | None = None
+
+
 class JobSummary(BaseModel):
     """The parts of a submitted run's Job that tell how it goes; ``state`` is ``gone`` once
     the Job was deleted, and ``error`` says why it could not be read."""
@@ -93,6 +114,12 @@ class JobSummary(BaseModel):
     failed_indexes: str = ""
     start_time: str | None = None
     completion_time: str | None = None
+    #: pods that have not started, by reason (not read once the Job has ended)
+    waiting: list[PodsWaiting] = Field(default_factory=list)
+    #: the Job's warning events, newest last (``FailedCreate`` ...)
+    events: list[JobEvent] = Field(default_factory=list)
+    #: why the pods or events could not be read (e.g. no permission to list events)
+    details_error: str | None = None
     note: str | None = None
     error: str | None = None
 
@@ -246,4 +273,5 @@ def record_launch(run: Run, workers: int) -> None:
     run.output.write(run.paths.launch, launch.model_dump_json(indent=1).encode())
 
 
-__all__ = ["FailureGroup", "JobSummary", "RunStatus", "ShardStatus", "collect"]
+__all__ = ["FailureGroup", "JobEvent", "JobSummary", "PodsWaiting", "RunStatus",
+           "ShardStatus", "collect"]

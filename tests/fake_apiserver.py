@@ -2,9 +2,11 @@
 
 No Kubernetes cluster can run on the machines this suite runs on (no container engine), so the
 client layer is tested against this stand-in for the API server: a real HTTP server on
-127.0.0.1 that answers the few endpoints relit-k8s calls (create/read/delete Jobs, list pods by
-label selector, pod logs) with responses shaped like the real API server's (objects, and
-``Status`` bodies with the real messages for 404/409/403). The official ``kubernetes`` client
+127.0.0.1 that answers the few endpoints relit-k8s calls (create/read/delete Jobs, list and
+read pods, pod logs, list events, read a namespace) with responses shaped like the real API
+server's (objects, and ``Status`` bodies with the real messages for 400/404/409/403). Pod logs
+behave as the kubelet's do: 400 ``is waiting to start`` while the container waits on a node, an
+empty answer while the pod has no node. The official ``kubernetes`` client
 talks to it over HTTP through an ordinary kubeconfig, so request building, label selectors,
 serialisation and error mapping are exercised for real. It records every request.
 """
@@ -36,6 +38,10 @@ class FakeApiServer:
         self.logs: dict[str, str] = {}
         self.requests: list[dict] = []
         self.forbidden = False
+        #: resources answered with 403 (e.g. {"events", "namespaces"}: a Role without them)
+        self.forbidden_resources: set[str] = set()
+        self.events: list[dict] = []
+        self.namespace_labels: dict[str, dict[str, str]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -62,7 +68,10 @@ class FakeApiServer:
         return path
 
     def add_pod(self, run_id: str, index: int, name: str, created: str, log: str,
-                namespace: str = "relit") -> None:
+                namespace: str = "relit", waiting: str | None = None,
+                message: str = "") -> None:
+        """A pod whose container runs (its log is ``log``), or with ``waiting`` a pod whose
+        container has not started for that reason (``Unschedulable``: the pod has no node)."""
         self.pods.append({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created,
@@ -72,6 +81,46 @@ class FakeApiServer:
             "status": {"phase": "Running"},
         })
         self.logs[name] = log
+        if waiting:
+            self.set_waiting(name, waiting, message)
+        else:
+            self.start_pod(name)
+
+    def pod(self, name: str) -> dict:
+        return next(p for p in self.pods if p["metadata"]["name"] == name)
+
+    def set_waiting(self, name: str, reason: str, message: str = "") -> None:
+        pod = self.pod(name)
+        if reason == "Unschedulable":  # no node: no container status at all
+            pod["spec"].pop("nodeName", None)
+            pod["status"] = {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": message}]}
+            return
+        pod["spec"]["nodeName"] = "node-1"
+        pod["status"] = {"phase": "Pending", "containerStatuses": [{
+            "name": "worker", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"waiting": {"reason": reason, "message": message}}}]}
+
+    def start_pod(self, name: str) -> None:
+        pod = self.pod(name)
+        pod["spec"]["nodeName"] = "node-1"
+        pod["status"] = {"phase": "Running", "containerStatuses": [{
+            "name": "worker", "image": "x", "imageID": "", "ready": True, "restartCount": 0,
+            "state": {"running": {"startedAt": "2026-11-27T10:00:00Z"}}}]}
+
+    def add_job_event(self, job: str, reason: str, message: str, namespace: str = "relit",
+                      type: str = "Warning", count: int = 1) -> None:
+        uid = self.jobs[(namespace, job)]["metadata"]["uid"] if (namespace, job) in self.jobs \
+            else None
+        self.events.append({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{job}.{len(self.events)}", "namespace": namespace},
+            "involvedObject": {"kind": "Job", "name": job, "namespace": namespace,
+                               "uid": uid, "apiVersion": "batch/v1"},
+            "reason": reason, "message": message, "type": type, "count": count,
+            "lastTimestamp": f"2026-11-27T10:{len(self.events):02d}:00Z",
+            "source": {"component": "job-controller"}})
 
     # --- HTTP -------------------------------------------------------------------------------
     def _handler(self):
@@ -103,14 +152,29 @@ class FakeApiServer:
                         403, "Forbidden", f'jobs.batch is forbidden: User "alice" cannot '
                         f'{method.lower()} resource "jobs" in API group "batch" in the '
                         f'namespace "{parts[4] if len(parts) > 4 else ""}"'))
+                core = parts[:3] == ["api", "v1", "namespaces"]
+                resource = (parts[4] if len(parts) > 4 else "namespaces") if core else "jobs"
+                if resource in fake.forbidden_resources:
+                    return self._send(403, _status(
+                        403, "Forbidden", f'{resource} is forbidden: User "alice" cannot '
+                        f'{"list" if len(parts) == 5 else "get"} resource "{resource}" in '
+                        'API group ""' + (f' in the namespace "{parts[3]}"'
+                                          if resource != "namespaces" else " at the cluster "
+                                          "scope")))
                 if parts[:3] == ["apis", "batch", "v1"] and parts[3] == "namespaces":
                     return self._jobs(method, parts[4], parts[6] if len(parts) > 6 else None,
                                       body)
-                if parts[:2] == ["api", "v1"] and parts[2] == "namespaces" and parts[4] == "pods":
+                if core and len(parts) == 4:
+                    return self._namespace(parts[3])
+                if core and parts[4] == "pods":
                     if len(parts) == 5:
                         return self._list_pods(parts[3], query.get("labelSelector", ""))
+                    if len(parts) == 6:
+                        return self._read_pod(parts[5])
                     if len(parts) == 7 and parts[6] == "log":
                         return self._log(parts[5], query)
+                if core and parts[4] == "events":
+                    return self._list_events(parts[3], query.get("fieldSelector", ""))
                 return self._send(404, _status(404, "NotFound", "the server could not find "
                                                "the requested resource"))
 
@@ -160,9 +224,42 @@ class FakeApiServer:
                 return self._send(200, {"kind": "PodList", "apiVersion": "v1",
                                         "metadata": {}, "items": items})
 
+            def _namespace(self, ns):
+                if ns not in fake.namespaces:
+                    return self._send(404, _status(404, "NotFound",
+                                                   f'namespaces "{ns}" not found',
+                                                   {"name": ns, "kind": "namespaces"}))
+                return self._send(200, {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                    "name": ns, "labels": {"kubernetes.io/metadata.name": ns,
+                                           **fake.namespace_labels.get(ns, {})}}})
+
+            def _read_pod(self, name):
+                pod = next((p for p in fake.pods if p["metadata"]["name"] == name), None)
+                if pod is None:
+                    return self._send(404, _status(404, "NotFound", f'pods "{name}" not found',
+                                                   {"name": name, "kind": "pods"}))
+                return self._send(200, pod)
+
+            def _list_events(self, ns, selector):
+                wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
+                fields = {"involvedObject.kind": lambda e: e["involvedObject"]["kind"],
+                          "involvedObject.name": lambda e: e["involvedObject"]["name"]}
+                items = [e for e in fake.events if e["metadata"]["namespace"] == ns and all(
+                    fields[k](e) == v for k, v in wanted.items())]
+                return self._send(200, {"kind": "EventList", "apiVersion": "v1",
+                                        "metadata": {}, "items": items})
+
             def _log(self, pod, query):
                 if pod not in fake.logs:
                     return self._send(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+                waiting = fake.pod(pod)["status"].get("containerStatuses", [{}])[0].get(
+                    "state", {}).get("waiting")
+                if not fake.pod(pod)["spec"].get("nodeName"):
+                    return self._send(200, "", "text/plain")  # no node yet: an empty stream
+                if waiting:  # what the kubelet answers, passed on by the API server
+                    return self._send(400, _status(
+                        400, "BadRequest", f'container "worker" in pod "{pod}" is waiting to '
+                        f'start: {waiting["reason"]}'))
                 lines = fake.logs[pod].splitlines(keepends=True)
                 if "tailLines" in query:
                     lines = lines[-int(query["tailLines"]):]

@@ -239,7 +239,7 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
     [(ns, name)] = list(fake_api.jobs)
     assert ns == "relit"  # the kubeconfig context's namespace
     assert f"run {name}: Job {name} created in namespace relit" in result.stdout
-    assert f"kubectl -n relit get pods -l relit-k8s/run-id={name}" in result.stdout
+    assert f"kubectl -n relit get jobs,pods -l relit-k8s/run-id={name}" in result.stdout
     dry, post = [r for r in fake_api.requests if r["method"] == "POST"]
     assert dry["query"].get("dryRun") == "All" and "dryRun" not in post["query"]
     assert post["path"] == dry["path"] == "/apis/batch/v1/namespaces/relit/jobs"
@@ -419,6 +419,7 @@ def test_kustomize_builds_and_every_object_validates(folder):
          "verbs": ["create", "get", "list", "watch", "delete"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},  # FailedCreate
     ]
 
 
@@ -468,3 +469,198 @@ def test_plan_then_submit_dry_run_with_the_same_flags_is_the_same_run(s3_data, f
     # and submitting it for real continues the planned run (same manifest, no conflict)
     cli("submit", *flags, check=True)
     assert ("relit", run_id) in fake_api.jobs
+
+
+# --- pods that do not start, logs, kubectl (issue 13, items 2, 4, 7, 9) ---------------------------
+def running_job(fake_api, name: str = "relit-logs") -> str:
+    fake_api.jobs[("relit", name)] = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": "relit", "uid": f"uid-{name}"},
+        "spec": {"completions": 4, "parallelism": 4, "completionMode": "Indexed",
+                 "template": {"spec": {"restartPolicy": "Never", "containers": [
+                     {"name": "worker", "image": "relit-k8s:test"}]}}},
+        "status": {"active": 4}}
+    return name
+
+
+def test_logs_show_why_a_pod_has_not_started_and_one_pod_never_ends_the_command(fake_api):
+    name = running_job(fake_api)
+    fake_api.add_pod(name, 0, f"{name}-0-a", "2026-11-27T10:00:00Z", "started 0\n")
+    fake_api.add_pod(name, 1, f"{name}-1-a", "2026-11-27T10:00:00Z", "", waiting="ImagePullBackOff",
+                     message='Back-off pulling image "relit-k8s:tpyo"')
+    fake_api.add_pod(name, 2, f"{name}-2-a", "2026-11-27T10:00:00Z", "",
+                     waiting="CreateContainerConfigError", message='secret "relit-s3" not found')
+    fake_api.add_pod(name, 3, f"{name}-3-a", "2026-11-27T10:00:00Z", "", waiting="Unschedulable",
+                     message="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    result = cli("logs", name, "--namespace", "relit", check=True)
+    assert result.stdout.splitlines() == ["[0] started 0"]  # stdout holds log lines only
+    err = " ".join(result.stderr.split())
+    assert f"[1] pod {name}-1-a has not started: ImagePullBackOff: Back-off pulling image" in err
+    assert "--image-pull-secret" in err
+    assert "[2]" in err and 'secret "relit-s3" not found' in err and "--s3-secret" in err
+    assert "[3]" in err and "Unschedulable" in err and "Insufficient nvidia.com/gpu" in err
+
+    # a pod that is running for the API server but whose log cannot be read (here: the kubelet
+    # no longer has it) is reported, the others still show, and the exit code says so
+    fake_api.add_pod(name, 4, f"{name}-4-a", "2026-11-27T10:00:00Z", "")
+    del fake_api.logs[f"{name}-4-a"]
+    broken = cli("logs", name, "--namespace", "relit")
+    assert broken.returncode != 0 and broken.stdout.splitlines() == ["[0] started 0"]
+    assert f"cannot read the log of pod {name}-4-a" in " ".join(broken.stderr.split())
+
+
+def test_logs_follow_waits_for_pods_to_start_and_for_new_pods_until_the_job_ends(fake_api):
+    import threading
+    import time
+
+    from relit_k8s.kube.cluster import Cluster
+    from relit_k8s.kube.pods import stream_logs
+
+    name = running_job(fake_api)
+    fake_api.add_pod(name, 0, f"{name}-0-a", "2026-11-27T10:00:00Z", "zero\n")
+    fake_api.add_pod(name, 1, f"{name}-1-a", "2026-11-27T10:00:00Z", "one\n",
+                     waiting="ContainerCreating")
+    lines: list[str] = []
+    notes: list[str] = []
+    errors: list = []
+    follow = threading.Thread(target=lambda: errors.extend(stream_logs(
+        Cluster(namespace="relit"), name, lines.append, follow=True, note=notes.append,
+        poll=0.05)))
+    follow.start()
+    deadline = time.monotonic() + 20
+    while not notes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # several polls while the pod waits: announced once
+    assert follow.is_alive() and "[0] zero" in lines and "[1] one" not in lines
+    fake_api.start_pod(f"{name}-1-a")
+    # index 2 gets its pod later (parallelism below completions), and it starts at once
+    fake_api.add_pod(name, 2, f"{name}-2-a", "2026-11-27T10:01:00Z", "two\n")
+    while len(lines) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert follow.is_alive()  # the Job runs: more pods may come
+    fake_api.jobs[("relit", name)]["status"]["conditions"] = [
+        {"type": "Complete", "status": "True"}]
+    follow.join(20)
+    assert not follow.is_alive(), "logs --follow did not end with the Job"
+    assert sorted(lines) == ["[0] zero", "[1] one", "[2] two"] and errors == []
+    assert notes == [f"[1] pod {name}-1-a has not started: ContainerCreating; waiting for it"]
+
+
+def test_status_shows_pods_that_never_start_and_the_jobs_failedcreate_events(fake_api):
+    name = running_job(fake_api)
+    for i in range(3):
+        fake_api.add_pod(name, i, f"{name}-{i}-a", "2026-11-27T10:00:00Z", "",
+                         waiting="ImagePullBackOff",
+                         message='Back-off pulling image "relit-k8s:tpyo"')
+    fake_api.add_job_event(name, "SuccessfulCreate", f"Created pod: {name}-0-a",
+                           type="Normal")
+    fake_api.add_job_event(name, "FailedCreate", f'Error creating: pods "{name}-3-b" is '
+                           'forbidden: violates PodSecurity "restricted:latest": hostPath '
+                           'volumes (volume "model-cache")', count=7)
+    fake_api.add_job_event("another-job", "FailedCreate", "not ours")
+    from relit_k8s.kube.cluster import Cluster
+    from relit_k8s.kube.runs import add_job_details, job_summary
+
+    job = fake_api.jobs[("relit", name)]
+    summary = job_summary(job)
+    add_job_details(Cluster(namespace="relit"), job, summary)
+    [waiting] = summary.waiting
+    assert waiting.reason == "ImagePullBackOff" and waiting.indexes == ["0", "1", "2"]
+    assert "image-pull-secret" in waiting.hint
+    [event] = summary.events  # warnings of this Job only
+    assert event.reason == "FailedCreate" and event.count == 7 and "PodSecurity" in event.message
+    assert summary.details_error is None
+
+    # the same through the CLI, for a submitted run
+    from relit_k8s.console import StatusView
+    from relit_k8s.status import JobSummary, RunStatus
+
+    view = StatusView(RunStatus(
+        run_id=name, created_at="2026-11-27T10:00:00Z", output="s3://b/out", manifest="m",
+        relighter="sh", state="pending", items_total=0, items_done=0, items_skipped=0,
+        items_failed=0, items_per_second=None, eta_seconds=None, resumed_from=None,
+        stalled_shards=[], failure_reasons=[], timings={}, shards_total=0, shards=[],
+        job=summary))
+    text = "\n".join(p.plain for p in view.parts(200) if hasattr(p, "plain"))
+    assert "not started: 3 pod(s) (index 0, 1, 2" in text and "ImagePullBackOff" in text
+    assert "event FailedCreate (x7)" in text
+
+    # a submitter without list on events: said, and the rest still shows
+    fake_api.forbidden_resources = {"events"}
+    summary = job_summary(job)
+    add_job_details(Cluster(namespace="relit"), job, summary)
+    assert summary.waiting and summary.events == []
+    assert "grant the submitter list on events" in summary.details_error
+    assert JobSummary.model_validate_json(summary.model_dump_json()) == summary
+
+
+def test_submit_active_deadline_sets_a_hard_stop(s3_data):
+    from relit_k8s.kube.job import parse_duration
+
+    assert [parse_duration(t, "--x") for t in ("90", "45s", "30m", "6h", "2d", "1h30m")] == \
+        [90, 45, 1800, 21600, 172800, 5400]
+    for bad in ("", "6 hours", "h", "1.5h", "-3m"):
+        with pytest.raises(ConfigError, match="--x .*90s, 30m, 6h"):
+            parse_duration(bad, "--x")
+    job = json.loads(cli(*submit_args(s3_data, "--active-deadline", "1h30m", "--dry-run", "-o",
+                                      "json"), check=True).stdout)
+    assert job["spec"]["activeDeadlineSeconds"] == 5400
+    validate_strict(job)
+    plain = json.loads(cli(*submit_args(s3_data, "--dry-run", "-o", "json"), check=True).stdout)
+    assert "activeDeadlineSeconds" not in plain["spec"]  # no deadline unless asked
+    bad = cli(*submit_args(s3_data, "--active-deadline", "soon", "--dry-run"))
+    assert bad.returncode == 78 and "--active-deadline" in bad.stderr
+
+
+def test_cache_host_path_is_refused_where_pod_security_forbids_it(s3_data, s3_client, fake_api):
+    host = ["--cache-host-path", "/var/cache/relit"]
+    fake_api.namespace_labels["relit"] = {"pod-security.kubernetes.io/enforce": "restricted"}
+    refused = cli(*submit_args(s3_data, *host))
+    err = " ".join(refused.stderr.split())
+    assert refused.returncode == 78 and "pod-security.kubernetes.io/enforce=restricted" in err
+    assert "Leave out --cache-host-path" in err
+    assert not fake_api.jobs and not [r for r in fake_api.requests if r["method"] == "POST"]
+    assert s3_client.list_objects_v2(Bucket=s3_data, Prefix="out/").get("KeyCount", 0) == 0
+    fake_api.namespace_labels["relit"] = {"pod-security.kubernetes.io/enforce": "baseline"}
+    assert cli(*submit_args(s3_data, *host)).returncode == 78  # baseline forbids hostPath too
+    # labels not readable (namespaces are cluster-scoped; the Role cannot grant them): a warning
+    fake_api.forbidden_resources = {"namespaces"}
+    warned = cli(*submit_args(s3_data, *host), check=True)
+    assert "warning: --cache-host-path: cannot read the labels" in " ".join(
+        warned.stderr.split())
+    [(_, name)] = list(fake_api.jobs)
+    volumes = fake_api.jobs[("relit", name)]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "model-cache", "hostPath": {"path": "/var/cache/relit",
+                                                "type": "DirectoryOrCreate"}} in volumes
+    # a privileged namespace: no word about it; without the flag the labels are not even read
+    fake_api.forbidden_resources = set()
+    fake_api.namespace_labels["relit"] = {"pod-security.kubernetes.io/enforce": "privileged"}
+    quiet = cli(*submit_args(s3_data, *host, "--run-id", "relit-hostpath-2"), check=True)
+    assert "warning" not in quiet.stderr
+    fake_api.requests.clear()
+    cli(*submit_args(s3_data, "--run-id", "relit-no-hostpath"), check=True)
+    assert not [r for r in fake_api.requests if r["path"] == "/api/v1/namespaces/relit"]
+    helptext = " ".join(cli("submit", "--help", check=True).stdout.split())
+    assert "restricted" in helptext and "hostPath" in helptext
+
+
+def test_kubectl_finds_the_jobs_pods_and_logs_of_a_run():
+    """kubectl get jobs,pods -l relit-k8s/run-id=RUN and kubectl logs -l ... --prefix: the
+    Job and its pods carry the run label, the container is named after what it runs, and the
+    README shows those commands next to the relit-k8s ones."""
+    m = manifest()
+    job = build_job(m, "s3://b/out/_relit/x/manifest.json", GPU)
+    run_id = m.run_id
+    assert job["metadata"]["labels"]["relit-k8s/run-id"] == run_id
+    template = job["spec"]["template"]
+    assert template["metadata"]["labels"]["relit-k8s/run-id"] == run_id  # on every pod
+    [container] = template["spec"]["containers"]
+    assert container["name"] == "worker" and container["args"] == ["worker"]
+    # the index label (batch.kubernetes.io/job-completion-index) is the controller's, set on
+    # every pod since 1.28: the oldest supported version has it
+    assert K8S_VERSIONS[0] >= "1.28"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for command in ("kubectl -n relit get jobs,pods -l relit-k8s/run-id=RUN -L "
+                    "batch.kubernetes.io/job-completion-index",
+                    "kubectl -n relit logs -l relit-k8s/run-id=RUN --prefix --tail=-1"):
+        assert command in readme

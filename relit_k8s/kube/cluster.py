@@ -24,6 +24,11 @@ class ClusterError(RelitError):
     """An API call failed for a reason that is neither configuration nor temporary."""
 
 
+class PodNotStarted(RelitError):
+    """The pod's container has no log yet: the API server answers 400 while it is waiting
+    (``ContainerCreating``, ``ImagePullBackOff`` ...) or before the pod has a node."""
+
+
 class Cluster:
     """One kube context and namespace."""
 
@@ -35,8 +40,10 @@ class Cluster:
                 config.load_incluster_config()
                 default_ns = _incluster_namespace()
             else:
-                config.load_kube_config(context=context)
-                _, active = config.list_kube_config_contexts()
+                # $KUBECONFIG read now (the client reads it once, when it is imported)
+                kubeconfig = os.environ.get("KUBECONFIG") or None
+                config.load_kube_config(config_file=kubeconfig, context=context)
+                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
                 default_ns = (active or {}).get("context", {}).get("namespace")
         except config.ConfigException as e:
             raise ConfigError(
@@ -88,16 +95,55 @@ class Cluster:
                                                  _request_timeout=REQUEST_TIMEOUT)
         return [_plain(p) for p in pods.items]
 
+    def read_pod(self, name: str) -> dict[str, Any]:
+        with _api_errors(f"reading pod {name}", self.namespace):
+            pod = self.core.read_namespaced_pod(name, self.namespace,
+                                                _request_timeout=REQUEST_TIMEOUT)
+        return _plain(pod)
+
+    def job_events(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events about this Job (``FailedCreate`` when its pods are refused ...), oldest
+        first; events of an earlier Job of the same name are left out (by uid)."""
+        name, uid = job["metadata"]["name"], job["metadata"].get("uid")
+        with _api_errors(f"listing the events of Job {name}", self.namespace,
+                         forbidden=f"the events of Job {name} are not readable: grant the "
+                         "submitter list on events (the Role in manifests/base does)"):
+            events = self.core.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.kind=Job,"
+                f"involvedObject.name={name}", _request_timeout=REQUEST_TIMEOUT)
+        items = [_plain(e) for e in events.items]
+        items = [e for e in items if not uid or (e.get("involvedObject") or {}).get("uid")
+                 in (None, uid)]
+        return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+    def namespace_labels(self) -> dict[str, str] | None:
+        """The labels of the namespace; None when they cannot be read (reading a namespace is
+        a cluster-wide permission that submitters often lack)."""
+        try:
+            with _api_errors(f"reading namespace {self.namespace}", self.namespace):
+                ns = self.core.read_namespace(self.namespace, _request_timeout=REQUEST_TIMEOUT)
+        except ConfigError:
+            return None
+        return dict(_plain(ns)["metadata"].get("labels") or {})
+
     def pod_logs(self, pod: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
-        """Lines of the worker container's log; with ``follow``, until the container ends."""
+        """Lines of the worker container's log; with ``follow``, until the container ends.
+        :class:`PodNotStarted` while the container has not started."""
+        from kubernetes.client.exceptions import ApiException
+
         from .job import CONTAINER
 
         with _api_errors(f"reading logs of pod {pod}", self.namespace):
-            # with _preload_content=False the client returns the urllib3 response, unread
-            resp: Any = self.core.read_namespaced_pod_log(
-                pod, self.namespace, container=CONTAINER, follow=follow, tail_lines=tail,
-                _preload_content=False,
-                _request_timeout=None if follow else REQUEST_TIMEOUT)
+            try:
+                # with _preload_content=False the client returns the urllib3 response, unread
+                resp: Any = self.core.read_namespaced_pod_log(
+                    pod, self.namespace, container=CONTAINER, follow=follow, tail_lines=tail,
+                    _preload_content=False,
+                    _request_timeout=None if follow else REQUEST_TIMEOUT)
+            except ApiException as e:
+                if e.status == 400:  # "container ... is waiting to start: ContainerCreating"
+                    raise PodNotStarted(_reason(e)) from e
+                raise
         try:
             buf = b""
             for chunk in resp.stream(4096):
@@ -129,8 +175,10 @@ def _plain(obj) -> dict[str, Any]:
 class _api_errors:
     """Convert ApiException and connection errors into the project's errors."""
 
-    def __init__(self, what: str, namespace: str, exists: str | None = None):
+    def __init__(self, what: str, namespace: str, exists: str | None = None,
+                 forbidden: str | None = None):
         self.what, self.namespace, self.exists = what, namespace, exists
+        self.forbidden = forbidden
 
     def __enter__(self):
         return self
@@ -153,11 +201,13 @@ class _api_errors:
                         "(kubectl apply -k manifests/base) or pass --namespace"
                     ) from exc
                 raise NotFoundError(f"{self.what}: not found ({reason})") from exc
+            if status in (401, 403) and self.forbidden:
+                raise ConfigError(f"{self.forbidden} ({reason})") from exc
             if status in (401, 403):
                 raise ConfigError(
                     f"forbidden {self.what}: {reason}. The submitter needs the Role in "
                     "manifests/base (jobs create/get/list/watch/delete, pods get/list/watch, "
-                    "pods/log get)"
+                    "pods/log get, events list)"
                 ) from exc
             if status == 422 or status == 400:
                 raise ConfigError(f"the API server refused {self.what}: {reason}") from exc

@@ -65,6 +65,9 @@ class JobSettings(BaseModel):
     max_failed_indexes: int | None = Field(
         None, ge=0, description="fail the Job when more indexes failed for good "
         "(default: a tenth of the shards, at least 1, at most 10,000)")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="a hard stop: the Job fails (reason DeadlineExceeded) and its "
+        "pods are stopped this long after it started (none by default)")
     ttl_seconds_after_finished: int | None = Field(
         7 * 24 * 3600, ge=0, description="delete the finished Job after this long (default "
         "a week; reports stay in storage)")
@@ -142,6 +145,22 @@ class JobSettings(BaseModel):
             raise ConfigError("; ".join(
                 f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
                 for x in e.errors())) from e
+
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, flag: str) -> int:
+    """Seconds in ``90``, ``45s``, ``30m``, ``6h``, ``2d`` or ``1h30m``."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ConfigError(f"{flag} {text!r}: expected a duration such as 90s, 30m, 6h, 2d or "
+                          "1h30m (a plain number is seconds)")
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
 def _loopback(url: str) -> bool:
@@ -320,6 +339,8 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
             "spec": pod_spec,
         },
     }
+    if s.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = s.active_deadline_seconds
     if s.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = s.ttl_seconds_after_finished
     if s.queue:

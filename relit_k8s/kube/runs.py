@@ -4,13 +4,12 @@
 context, job settings) at ``<output>/_relit/<run>/job.json`` (``RunPaths.job``), so that
 ``status``, ``logs``, ``cancel`` and ``resume`` find the Job from the output alone. The rules a
 library caller needs as much as the CLI live here: pods read only ``s3://`` data
-(:func:`check_pod_uris`), and the logs of several pods are merged line by line
-(:func:`stream_logs`).
+(:func:`check_pod_uris`), and what the Job shows (:func:`job_state`: its state, the pods that
+have not started and its warning events).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -20,8 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import ConfigError, NotFoundError, RelitError
 from ..manifest import Manifest, now
 from ..run import Run
-from ..status import JobCondition, JobSummary
-from .job import INDEX_LABEL, JobSettings, build_job, job_name
+from ..status import JOB_ENDED, JobCondition, JobEvent, JobSummary
+from .job import JobSettings, build_job, job_name
 
 
 class Submission(BaseModel):
@@ -80,13 +79,15 @@ def plan_job(manifest: Manifest, settings: JobSettings) -> dict[str, Any]:
 
 
 def submit(manifest: Manifest, settings: JobSettings, context: str | None = None,
-           cluster=None, allow_mixed: bool = False) -> tuple[dict[str, Any], Submission]:
+           cluster=None, allow_mixed: bool = False,
+           warn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Submission]:
     """Write the manifest, create the Job, record the submission. Returns (Job, record).
 
     The Job is first sent as a server-side dry run: what the API server would refuse (a
     missing namespace, no permission, an invalid field, an admission policy) is found before
     anything is written. Should the real creation still fail, the error says that the
-    manifest is written and that the same command submits it again.
+    manifest is written and that the same command submits it again. ``warn`` gets what may go
+    wrong but cannot be checked (a namespace whose labels cannot be read).
     """
     from ..planner import write_run
     from .cluster import Cluster
@@ -94,6 +95,8 @@ def submit(manifest: Manifest, settings: JobSettings, context: str | None = None
     check_pod_uris(manifest)
     cluster = cluster or Cluster(context, settings.namespace)  # fails fast without kubeconfig
     settings = settings.model_copy(update={"namespace": cluster.namespace})
+    if settings.cache_host_path:
+        check_host_path_allowed(cluster, warn)
     cluster.create_job(build_job(manifest, Run.of(manifest).manifest_uri, settings),
                        dry_run=True)
     run = write_run(manifest, allow_mixed)
@@ -110,6 +113,33 @@ def submit(manifest: Manifest, settings: JobSettings, context: str | None = None
                         settings=settings, submitted_at=now())
     run.output.write(run.paths.job, record.model_dump_json(indent=1).encode())
     return created, record
+
+
+#: Pod Security Standards levels that forbid hostPath volumes.
+NO_HOST_PATH_LEVELS = ("baseline", "restricted")
+PSS_ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
+
+
+def check_host_path_allowed(cluster, warn: Callable[[str], None] | None) -> None:
+    """``--cache-host-path`` makes a hostPath volume, which the baseline and restricted Pod
+    Security Standards forbid. Pod Security admission checks pods, not Jobs: the Job would be
+    created and every pod refused (``FailedCreate`` events). Refuse it up front when the
+    namespace's labels say so; warn when they cannot be read."""
+    labels = cluster.namespace_labels()
+    if labels is None:
+        if warn:
+            warn(f"--cache-host-path: cannot read the labels of namespace {cluster.namespace} "
+                 "to check that its Pod Security level allows hostPath volumes (baseline and "
+                 "restricted forbid them): if it does not, every pod is refused and relit-k8s "
+                 "status shows FailedCreate events")
+        return
+    level = labels.get(PSS_ENFORCE_LABEL)
+    if level in NO_HOST_PATH_LEVELS:
+        raise ConfigError(
+            f"--cache-host-path makes a hostPath volume, which namespace {cluster.namespace} "
+            f"forbids ({PSS_ENFORCE_LABEL}={level}): every pod would be refused. Leave out "
+            "--cache-host-path (each pod then caches the model in its own emptyDir), or submit "
+            "to a namespace whose level is privileged (manifests/base enforces restricted)")
 
 
 def cluster_for(record: Submission | None, context: str | None, namespace: str | None):
@@ -169,57 +199,37 @@ def job_state(run: Run, namespace: str | None = None,
     if record is None and not namespace:
         return None
     try:
-        summary = job_summary(cluster_for(record, context, namespace).get_job(run.run_id))
+        cluster = cluster_for(record, context, namespace)
+        job = cluster.get_job(run.run_id)
     except RelitError as e:
         return JobSummary(error=str(e))
-    return summary or JobSummary(state="gone", name=run.run_id,
-                                 note="the Job no longer exists (deleted or expired by its TTL)")
+    summary = job_summary(job)
+    if job is None or summary is None:
+        return JobSummary(state="gone", name=run.run_id,
+                          note="the Job no longer exists (deleted or expired by its TTL)")
+    add_job_details(cluster, job, summary)
+    return summary
 
 
-def newest_pods(pods: list[dict[str, Any]], all_attempts: bool = False) -> list[dict[str, Any]]:
-    """Pods ordered by index; only the newest attempt of each index unless ``all_attempts``."""
-    def index(p) -> int:
-        labels = p["metadata"].get("labels") or {}
-        annotations = p["metadata"].get("annotations") or {}
-        return int(labels.get(INDEX_LABEL, annotations.get(INDEX_LABEL, -1)))
+def add_job_details(cluster, job: dict[str, Any], summary: JobSummary) -> None:
+    """Why a Job may not progress: its pods that have not started (while it runs) and its
+    warning events (``FailedCreate`` when its pods are refused: a missing ServiceAccount,
+    an admission policy, a quota). What cannot be read is said in ``details_error``."""
+    from .pods import waiting_groups
 
-    pods = sorted(pods, key=lambda p: (index(p), p["metadata"].get("creationTimestamp") or ""))
-    if all_attempts:
-        return pods
-    newest: dict[int, dict[str, Any]] = {}
-    for p in pods:
-        newest[index(p)] = p  # sorted by time within an index: the last one wins
-    return [newest[i] for i in sorted(newest)]
-
-
-def pod_index(pod: dict[str, Any]) -> str:
-    labels = pod["metadata"].get("labels") or {}
-    return labels.get(INDEX_LABEL, "?")
-
-
-def stream_logs(cluster, run_id: str, emit: Callable[[str], None], index: int | None = None,
-                follow: bool = False, tail: int | None = None,
-                all_attempts: bool = False) -> None:
-    """Hand every log line of the run's pods to ``emit``, prefixed ``[<index>] `` when more
-    than one index may show; with ``follow``, one thread per pod until they all end."""
-    pods = newest_pods(cluster.list_pods(run_id, index), all_attempts)
-    if not pods:
-        raise ConfigError(f"no pods of run {run_id} in namespace {cluster.namespace}"
-                          + (f" for index {index}" if index is not None else ""))
-    lock = threading.Lock()
-    prefix = len(pods) > 1 or index is None
-
-    def show(pod: dict[str, Any]) -> None:
-        for line in cluster.pod_logs(pod["metadata"]["name"], follow=follow, tail=tail):
-            with lock:
-                emit(f"[{pod_index(pod)}] {line}" if prefix else line)
-
-    if not follow:
-        for pod in pods:
-            show(pod)
-        return
-    threads = [threading.Thread(target=show, args=(p,), daemon=True) for p in pods]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    problems = []
+    if summary.state not in JOB_ENDED:
+        try:
+            summary.waiting = waiting_groups(cluster.list_pods(summary.name))
+        except RelitError as e:
+            problems.append(str(e))
+    try:
+        events = cluster.job_events(job)
+    except RelitError as e:
+        problems.append(str(e))
+    else:
+        summary.events = [JobEvent(reason=e.get("reason"), message=e.get("message"),
+                                   count=e.get("count"),
+                                   last_seen=e.get("lastTimestamp") or e.get("eventTime"))
+                          for e in events if e.get("type") == "Warning"][-5:]
+    summary.details_error = "; ".join(problems) or None
