@@ -4,7 +4,8 @@
 #   upload the examples -> relit-k8s submit (--gpus-per-pod 0 --parallelism 2) ->
 #   wait for the Job -> check the outputs with relit-k8s status -> delete the cluster.
 #
-# Needs: docker, kind, kubectl, and relit-k8s installed here (pip install -e .).
+# Needs: docker, kind (v0.33, whose node images are pinned below by digest), kubectl, and
+# relit-k8s installed here (pip install -e .).
 # Usage: scripts/kind-e2e.sh            (KEEP_CLUSTER=1 keeps the cluster for poking around)
 set -euo pipefail
 
@@ -14,6 +15,9 @@ IMAGE=${IMAGE:-relit-k8s:dev-cpu}
 NS=relit
 PORT=${PORT:-19000}
 ITERATIONS=${ITERATIONS:-2}
+# The node image by digest, from the release notes of kind v0.33.0 (a tag alone may name a
+# build made for another kind release). Kubernetes 1.37, the newest that relit-k8s supports.
+NODE_IMAGE=${NODE_IMAGE:-kindest/node:v1.37.0@sha256:a1ed56cfb0e7b93589bdf97c8cd566405a265939e3620fc4f5de89adff580ae5}
 
 for tool in docker kind kubectl relit-k8s; do
   command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 2; }
@@ -29,12 +33,12 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== kind cluster $CLUSTER"
-kind create cluster --name "$CLUSTER" --config manifests/dev/kind.yaml --wait 120s
+kind create cluster --name "$CLUSTER" --config manifests/dev/kind.yaml --image "$NODE_IMAGE" \
+  --wait 120s
 kubectl config use-context "kind-$CLUSTER"
 
 echo "== CPU image $IMAGE"
-docker build --build-arg BASE_IMAGE=ubuntu:24.04 \
-  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t "$IMAGE" .
+scripts/build-image.sh --tag "$IMAGE"  # the same build as CI's (tests/test_image.py)
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 echo "== MinIO, namespace, RBAC, S3 secret"
@@ -71,7 +75,24 @@ run_id=$(echo "$submit_out" | sed -n 's/^run \([a-z0-9-]*\): Job .*/\1/p')
 [ -n "$run_id" ] || { echo "error: no run id in the submit output" >&2; exit 1; }
 
 echo "== wait for Job $run_id"
-if ! kubectl -n "$NS" wait --for=condition=complete "job/$run_id" --timeout=900s; then
+# complete or failed, whichever comes first: a failing run ends the script at once
+kubectl -n "$NS" wait --for=condition=complete "job/$run_id" --timeout=900s &
+complete_pid=$!
+kubectl -n "$NS" wait --for=condition=failed "job/$run_id" --timeout=900s &
+failed_pid=$!
+ended=""
+while [ -z "$ended" ]; do
+  if ! kill -0 "$complete_pid" 2>/dev/null; then
+    wait "$complete_pid" && ended=complete || ended=timeout
+  elif ! kill -0 "$failed_pid" 2>/dev/null; then
+    wait "$failed_pid" && ended=failed || ended=timeout
+  else
+    sleep 2
+  fi
+done
+kill "$complete_pid" "$failed_pid" 2>/dev/null || true
+echo "Job $run_id: $ended"
+if [ "$ended" != complete ]; then
   kubectl -n "$NS" describe "job/$run_id" || true
   relit-k8s logs "$run_id" --namespace "$NS" --tail 50 || true
   exit 1

@@ -108,6 +108,15 @@ def small_dataset(tmp_path):
     return images, refs, tmp_path / "out"
 
 
+def as_terminal_foreground() -> None:
+    """``preexec_fn`` of a child that stands for a command typed at a terminal, so that Ctrl+C's
+    SIGINT acts on it also when the suite itself runs in the background (a non-interactive
+    shell starts background commands with SIGINT ignored, and children inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args: str, env: dict | None = None, timeout: float = 240, check: bool = False,
         cwd: str | Path | None = None):
     """Run the installed console script in a subprocess, as a user does."""

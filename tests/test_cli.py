@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, cli, photo, png_bytes
+from conftest import EXAMPLES, as_terminal_foreground, cli, photo, png_bytes
 
 from relit_k8s.errors import ConfigError
 from relit_k8s.local import plan_slots
@@ -170,7 +170,7 @@ def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_pat
     exe = str(Path(sys.executable).parent / "relit-k8s")
     # A terminal sends Ctrl+C's SIGINT to the whole foreground process group.
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_terminal_foreground)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(outputs(out)) < 10:
         time.sleep(0.1)

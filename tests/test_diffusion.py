@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +92,18 @@ def test_the_automatic_batch_size_from_measured_memory():
     assert e.value.exit_code == EXIT_TEMPORARY  # the memory may be free on a retry
     with pytest.raises(TransientError):  # the decode does not fit, though a step would
         batch_for_memory(step4, step8, 20 * gib, 20 * gib)
+
+
+def test_compile_without_a_compiler_is_a_clear_error_before_loading(model, monkeypatch,
+                                                                    tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++ to be found
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(RelighterError, match="compile=true needs a C\\+\\+ compiler.*"
+                       "apt-get install g\\+\\+ python3-dev"):
+        create("diffusion", {"model": str(model), **OPTS, "compile": "true"}, "cpu")
+    monkeypatch.setenv("CXX", shutil.which("g++", path="/usr/bin:/usr/local/bin") or "g++")
+    assert create("diffusion", {"model": str(model), **OPTS, "compile": "true"},
+                  "cpu").static_shapes  # a compiler named by $CXX is found
 
 
 def test_static_shapes_pad_batches_to_multiples_of_8_without_changing_outputs(model):

@@ -97,6 +97,10 @@ def test_the_container_runs_the_worker_with_the_manifest_and_s3_settings():
     cpu_pod = build_job(manifest(), "u", CPU)["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
     assert "tolerations" not in cpu_pod
+    # a pod that requests no GPU sees none, even where the NVIDIA runtime is the default
+    cpu_env = {e["name"]: e.get("value") for e in cpu_pod["containers"][0]["env"]}
+    assert cpu_env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env  # GPU pods: the device plugin decides
     no_secret = build_job(manifest(), "u", CPU.model_copy(update={"s3_secret": None}))
     assert not any("valueFrom" in e for e in
                    no_secret["spec"]["template"]["spec"]["containers"][0]["env"])

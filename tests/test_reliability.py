@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import OpenEXR
 import pytest
-from conftest import EXAMPLES, cli, photo, png_bytes, s3_outputs, upload_folder
+from conftest import (
+    EXAMPLES,
+    as_terminal_foreground,
+    cli,
+    photo,
+    png_bytes,
+    s3_outputs,
+    upload_folder,
+)
 from fault_proxy import FaultProxy
 from PIL import Image
 from test_images import bomb_png
@@ -401,7 +409,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_reports_say_stopped(tmp_path):
          "--iterations", "4", "--shards", "2", "--workers", "2", "--device", "cpu",
          "--relighter", "plugins_for_tests:SlowRelighter", "--no-progress"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=as_terminal_foreground)
     reports = out / "_relit"
     wait_for(lambda: len(list(reports.glob("*/shards/*.json"))) == 2)
     time.sleep(1.0)  # inside the slow batches

@@ -240,6 +240,10 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/cache/torch/inductor"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
     ]
+    if not s.gpus_per_pod:
+        # Where the NVIDIA container runtime is the node's default, an image without this
+        # would see every GPU of the node; a pod that requests none gets none.
+        env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     if s.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s.s3_endpoint})
     if s.s3_region:

@@ -43,7 +43,7 @@ from ..errors import NotFoundError, RelighterError, TransientError
 from ..settings import WorkerSettings
 from ..storage import cached_copy, folder_fingerprint
 from .base import Relighter, RelighterOptions
-from .loading import PhaseTimer, model_cache_dir, weights_dtype
+from .loading import PhaseTimer, check_compiler, model_cache_dir, weights_dtype
 
 EMBEDDINGS = "text_embeddings.safetensors"
 #: The largest batch the automatic choice takes (seeds of one pair per GPU call).
@@ -207,6 +207,8 @@ class DiffusionRelighter(Relighter):
         o = self.options
         if not o.model:
             raise RelighterError(NO_MODEL)
+        if o.compile:
+            check_compiler(self.device, "diffusion")
         timer = PhaseTimer()
         #: Seconds of each loading phase (the worker logs them with its start event).
         self.load_timings = timer.timings

@@ -32,7 +32,7 @@ from ... import images
 from ...errors import NotFoundError, RelighterError
 from ...storage import cached_file, file_size
 from ..base import Relighter, RelighterOptions
-from ..loading import PhaseTimer, model_cache_dir, weights_dtype
+from ..loading import PhaseTimer, check_compiler, model_cache_dir, weights_dtype
 from .checkpoint import load, load_safetensors, read_state_dict
 from .model import LumiNet, LumiNetConfig
 from .sampler import ddim_sample
@@ -137,6 +137,8 @@ class LuminetRelighter(Relighter):
         o = self.options
         if not o.checkpoint:
             raise RelighterError(NO_CHECKPOINT)
+        if o.compile:
+            check_compiler(self.device, "luminet")
         timer = PhaseTimer()
         #: Seconds of each loading phase (the worker logs them with its start event).
         self.load_timings = timer.timings
