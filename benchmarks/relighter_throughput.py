@@ -14,6 +14,10 @@ and the time from worker start to the first finished sample with the weights on 
 
     python benchmarks/relighter_throughput.py --tiny            # CPU smoke test (CI)
     python benchmarks/relighter_throughput.py --out benchmarks/results/h200.json   # on a GPU
+
+``--relighter luminet`` measures the ``luminet`` relighter the same way, against LumiNet's
+original loop style, on a random model of the official checkpoint's sizes (see
+``luminet_loop.py``; ``--model`` is then a folder written by ``make-model --kind luminet``).
 """
 
 from __future__ import annotations
@@ -177,8 +181,23 @@ def main() -> None:
                     help="also time one denoising step at batch sizes 8 to 64 (GPU)")
     ap.add_argument("--skip-seed-loop", action="store_true")
     ap.add_argument("--skip-eager", action="store_true", help="with --compile: only compiled")
+    ap.add_argument("--relighter", choices=("diffusion", "luminet"), default="diffusion")
     args = ap.parse_args()
     device = device_for(args)
+    if args.relighter == "luminet":
+        from luminet_loop import run, tiny_settings
+
+        if args.tiny:
+            tiny_settings(args)
+        result = {**header("relighter_throughput", args, device), **run(
+            args, device, matmul_peak_tflops(device))}
+        result["command"] = " ".join(["python", "benchmarks/relighter_throughput.py",
+                                      *sys.argv[1:]])
+        print(json.dumps(result, indent=1))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return
     if args.tiny:
         args.steps, args.batch, args.batches, args.seed_samples = 4, 4, 2, 2
     res = 32 if args.tiny else 512

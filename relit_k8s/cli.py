@@ -660,37 +660,61 @@ def gallery_cmd(
 @handles_errors
 def make_model_cmd(
     path: Annotated[str, typer.Argument(help="Directory to write the model to.")],
-    size: Annotated[str, typer.Option("--size", metavar="tiny|sd21",
-                                      help="tiny (tests) or sd21 (the seed model's sizes)")]
-    = "tiny",
+    kind: Annotated[str, typer.Option("--kind", metavar="diffusion|luminet",
+                                      help="Which relighter the model is for.")] = "diffusion",
+    size: Annotated[str | None, typer.Option(
+        "--size", metavar="tiny|sd21|full", help="tiny (tests); sd21 (diffusion: the seed "
+        "model's sizes) or full (luminet: the official checkpoint's sizes) [default: tiny]")]
+    = None,
     distinct_uncond: Annotated[bool, typer.Option(
-        "--distinct-uncond", help="Give the unconditional branch its own embedding (then "
-        "guidance needs two passes per step).")] = False,
+        "--distinct-uncond", help="diffusion: give the unconditional branch its own "
+        "embedding (then guidance needs two passes per step).")] = False,
     new_decoder: Annotated[bool, typer.Option("--new-decoder",
-                                              help="Also write vae_new_decoder/.")] = False,
+                                              help="diffusion: also write vae_new_decoder/.")]
+    = False,
     device: Annotated[str, typer.Option("--device", help="Where to initialise the weights "
-                                        "(cuda is much faster for sd21).")] = "cpu",
+                                        "(cuda is much faster for sd21 and full).")] = "cpu",
 ):
-    """Write a random-weight model directory for the diffusion relighter (tests, benchmarks)."""
+    """Write a random-weight model for the diffusion or luminet relighter (tests, benchmarks):
+    nothing is downloaded, and its outputs are noise-like images."""
     from pathlib import Path
 
     from rich.markup import escape
 
     from . import console
+
+    examples = Path("examples")
+    images, refs = ((str(examples / "images"), str(examples / "refs"))
+                    if (examples / "images").is_dir() and (examples / "refs").is_dir()
+                    else ("IMAGES", "REFS"))
+    size = size or "tiny"
+    if kind == "luminet":
+        from .relighters.luminet.make import SIZES as LUMINET_SIZES
+        from .relighters.luminet.make import make_luminet, run_options
+
+        if size not in LUMINET_SIZES:
+            raise ConfigError(f"--size {size!r}: use one of {', '.join(LUMINET_SIZES)} with "
+                              "--kind luminet")
+        folder = make_luminet(path, size, device=device)  # type: ignore[arg-type]  # checked
+        out.print(f"model: {escape(str(folder))} (random weights, LumiNet {size}, in the "
+                  "official files' format)", highlight=False)
+        opts = " ".join(f"-O {k}={v}" for k, v in run_options(folder).items())
+        console.command("try it:", f"relit-k8s run --input {images} --refs {refs} --output "
+                        f"out-{Path(folder).name} --relighter luminet {opts} --iterations 1")
+        return
+    if kind != "diffusion":
+        raise ConfigError(f"--kind {kind!r}: use diffusion or luminet")
     from .modelkit import SIZES, make_model, native_resolution
 
     if size not in SIZES:
-        raise ConfigError(f"--size {size!r}: use one of {', '.join(SIZES)}")
+        raise ConfigError(f"--size {size!r}: use one of {', '.join(SIZES)} with --kind "
+                          "diffusion")
     written = make_model(path, size,  # type: ignore[arg-type]  # one of SIZES, checked above
                          distinct_uncond=distinct_uncond, new_decoder=new_decoder, device=device)
     side = native_resolution(written)
     out.print(f"model: {escape(str(written))} (random weights, {size}; its native resolution, "
               f"{side} x {side} pixels, is in unet/config.json and is what the relighter uses "
               "unless -O resolution=N)", highlight=False)
-    examples = Path("examples")
-    images, refs = ((str(examples / "images"), str(examples / "refs"))
-                    if (examples / "images").is_dir() and (examples / "refs").is_dir()
-                    else ("IMAGES", "REFS"))
     console.command("try it:", f"relit-k8s run --input {images} --refs {refs} --output "
                     f"out-{Path(written).name} --relighter diffusion -O model={written} "
                     "--iterations 1")

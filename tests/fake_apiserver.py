@@ -168,7 +168,8 @@ class FakeApiServer:
                     return self._namespace(parts[3])
                 if core and parts[4] == "pods":
                     if len(parts) == 5:
-                        return self._list_pods(parts[3], query.get("labelSelector", ""))
+                        return self._list_pods(parts[3], query.get("labelSelector", ""),
+                                               query.get("fieldSelector", ""))
                     if len(parts) == 6:
                         return self._read_pod(parts[5])
                     if len(parts) == 7 and parts[6] == "log":
@@ -217,10 +218,13 @@ class FakeApiServer:
                                             "details": {"name": name, "kind": "jobs"}})
                 return self._send(405, _status(405, "MethodNotAllowed", "no"))
 
-            def _list_pods(self, ns, selector):
+            def _list_pods(self, ns, selector, fields=""):
                 wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
+                phase = dict(term.split("=", 1) for term in fields.split(",") if term)
+                assert set(phase) <= {"status.phase"}, fields  # the one field selector used
                 items = [p for p in fake.pods if p["metadata"]["namespace"] == ns and all(
-                    p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+                    p["metadata"]["labels"].get(k) == v for k, v in wanted.items()) and
+                    p["status"]["phase"] == phase.get("status.phase", p["status"]["phase"])]
                 return self._send(200, {"kind": "PodList", "apiVersion": "v1",
                                         "metadata": {}, "items": items})
 

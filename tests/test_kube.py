@@ -531,20 +531,25 @@ def test_logs_follow_waits_for_pods_to_start_and_for_new_pods_until_the_job_ends
         Cluster(namespace="relit"), name, lines.append, follow=True, note=notes.append,
         poll=0.05)))
     follow.start()
-    deadline = time.monotonic() + 20
-    while not notes and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # several polls while the pod waits: announced once
-    assert follow.is_alive() and "[0] zero" in lines and "[1] one" not in lines
-    fake_api.start_pod(f"{name}-1-a")
-    # index 2 gets its pod later (parallelism below completions), and it starts at once
-    fake_api.add_pod(name, 2, f"{name}-2-a", "2026-11-27T10:01:00Z", "two\n")
-    while len(lines) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert follow.is_alive()  # the Job runs: more pods may come
-    fake_api.jobs[("relit", name)]["status"]["conditions"] = [
-        {"type": "Complete", "status": "True"}]
-    follow.join(20)
+
+    def wait_until(condition) -> None:
+        deadline = time.monotonic() + 120  # generous: a loaded CI machine is slow to start
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    try:
+        wait_until(lambda: notes and "[0] zero" in lines)
+        time.sleep(0.3)  # several polls while the pod waits: announced once
+        assert follow.is_alive() and "[0] zero" in lines and "[1] one" not in lines
+        fake_api.start_pod(f"{name}-1-a")
+        # index 2 gets its pod later (parallelism below completions), and it starts at once
+        fake_api.add_pod(name, 2, f"{name}-2-a", "2026-11-27T10:01:00Z", "two\n")
+        wait_until(lambda: len(lines) >= 3)
+        assert follow.is_alive()  # the Job runs: more pods may come
+    finally:  # the Job ends, and with it the follow (also when an assertion failed)
+        fake_api.jobs[("relit", name)]["status"]["conditions"] = [
+            {"type": "Complete", "status": "True"}]
+        follow.join(60)
     assert not follow.is_alive(), "logs --follow did not end with the Job"
     assert sorted(lines) == ["[0] zero", "[1] one", "[2] two"] and errors == []
     assert notes == [f"[1] pod {name}-1-a has not started: ContainerCreating; waiting for it"]
@@ -570,6 +575,8 @@ def test_status_shows_pods_that_never_start_and_the_jobs_failedcreate_events(fak
     add_job_details(Cluster(namespace="relit"), job, summary)
     [waiting] = summary.waiting
     assert waiting.reason == "ImagePullBackOff" and waiting.indexes == ["0", "1", "2"]
+    pod_lists = [r["query"] for r in fake_api.requests if r["path"].endswith("/pods")]
+    assert pod_lists[-1]["fieldSelector"] == "status.phase=Pending"  # running pods not listed
     assert "image-pull-secret" in waiting.hint
     [event] = summary.events  # warnings of this Job only
     assert event.reason == "FailedCreate" and event.count == 7 and "PodSecurity" in event.message

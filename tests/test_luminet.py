@@ -285,3 +285,68 @@ def test_luminet_runs_from_the_command_line(tmp_path):
     outputs = list((tmp_path / "out").glob("raw_input.png_raw_reference.hdr/*_raw_input.png"))
     assert len(outputs) == 2
     assert all(Image.open(p).size == (160, 120) for p in outputs)
+
+
+# --- random models in the official format (make-model --kind luminet) ----------------------------
+def test_the_configuration_round_trips_through_the_original_yaml_form():
+    from relit_k8s.relighters.luminet.model import TINY
+
+    for cfg in (LumiNetConfig(), TINY):
+        assert LumiNetConfig.from_yaml(yaml.safe_load(yaml.safe_dump(cfg.to_yaml()))) == cfg
+    # the tiny size of make-model is the golden fixture's configuration
+    assert LumiNetConfig.from_yaml(yaml.safe_load((FIXTURE / "tiny.yaml").read_text())) == TINY
+
+
+def test_the_random_text_tower_has_the_official_keys_and_gives_a_context():
+    """make-model --size full writes a random OpenCLIP text tower: every tensor the empty-prompt
+    context reads, under the official checkpoint's names and shapes (full_size_keys.json)."""
+    from relit_k8s.relighters.luminet.make import TEXT_TOWER, random_text_tower
+
+    spec = json.loads((FIXTURE / "full_size_keys.json").read_text())
+    official = {e["key"]: tuple(e["shape"]) for e in spec["entries"]}
+    with torch.device("meta"):
+        tower = random_text_tower(*TEXT_TOWER, generator=None)  # type: ignore[arg-type]
+    for key, value in tower.items():
+        assert official.get(key) == tuple(value.shape), key
+    small = random_text_tower(49408, 77, 128, 3, torch.Generator().manual_seed(0))
+    context = empty_prompt_context(small)
+    assert context.shape == (1, 77, 128) and torch.isfinite(context).all()
+
+
+def test_make_model_writes_a_random_luminet_that_runs(tmp_path):
+    from relit_k8s.relighters.luminet.model import TINY
+
+    made = cli("make-model", str(tmp_path / "model"), "--kind", "luminet", check=True)
+    assert "relit-k8s run" in made.stdout and "--relighter luminet" in made.stdout
+    folder = tmp_path / "model"
+    assert LumiNetConfig.from_yaml(yaml.safe_load((folder / "config.yaml").read_text())) == TINY
+    state = read_state_dict(folder / "LumiNet.ckpt")
+    split_state_dict(state, LumiNet(TINY))  # strict: every key and shape of the model
+    args = ["run", "--input", str(FIXTURE), "--refs", str(FIXTURE), "--img-pattern",
+            "raw_input.png", "--ref-pattern", "raw_reference.hdr", "--output",
+            str(tmp_path / "out"), "--relighter", "luminet", "--iterations", "1", "--device",
+            "cpu", "--no-progress", "-O", "ddim_steps=2"]
+    from relit_k8s.relighters.luminet.make import run_options
+
+    for key, value in run_options(folder).items():  # what make-model prints to run it
+        args += ["-O", f"{key}={value}"]
+        assert f"-O {key}={value}" in made.stdout
+    assert "written 1, skipped 0" in cli(*args, check=True).stdout
+    wrong = cli("make-model", str(tmp_path / "m2"), "--kind", "luminet", "--size", "sd21")
+    assert wrong.returncode == 78 and "tiny, full" in wrong.stderr
+
+
+def test_the_tiny_luminet_throughput_benchmark(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks/relighter_throughput.py"),
+                            "--relighter", "luminet", "--tiny", "--out", str(tmp_path / "r.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["relighter"] == "luminet" and data["steps"] == 2
+    assert data["seed_loop_samples_per_s"] > 0 and data["relit_samples_per_s"] > 0
+    assert data["tflop_per_sample"] > 0  # counted on the model, not estimated

@@ -122,13 +122,17 @@ def test_ci_runs_both_quick_start_commands_verbatim():
 def test_ci_also_runs_the_kubernetes_tests_on_the_lowest_client_allowed():
     ci = (ROOT / ".ci" / "run").read_text()
     step = ci.split("== Kubernetes tests with the lowest kubernetes client", 1)[1]
-    floor_cmd = re.search(r"floor=\$\((python -c '.*?')\)", step).group(1)
-    floor = subprocess.run(["bash", "-c", floor_cmd.replace("python", sys.executable, 1)],
+    floor_cmd = re.search(r"floor=\$\((python3 -c '.*?')\)", step).group(1)
+    floor = subprocess.run(["bash", "-c", floor_cmd.replace("python3", sys.executable, 1)],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"kubernetes>={floor}" in deps
-    assert 'pip install -q "kubernetes==${floor}.*"' in step and "tests/test_kube.py" in step
-    assert ci.index("== Kubernetes tests with the lowest") > ci.index("python -m pytest -n 2")
+    # a venv of its own, with the test extras and the floor client, running the Kubernetes tests
+    install = re.search(r"python3 -m venv (\S+) && \. \1/bin/activate && (pip install .*?) &&",
+                        step)
+    assert install and install.group(1) != ".venv", "the floor has a venv of its own"
+    assert "'.[test]'" in install.group(2) and '"kubernetes==${floor}.*"' in install.group(2)
+    assert "python -m pytest -n 2 -q -p no:cacheprovider tests/test_kube.py" in step
 
 
 def test_the_import_layers_hold():

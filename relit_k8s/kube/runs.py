@@ -220,7 +220,8 @@ def add_job_details(cluster, job: dict[str, Any], summary: JobSummary) -> None:
     problems = []
     if summary.state not in JOB_ENDED:
         try:
-            summary.waiting = waiting_groups(cluster.list_pods(summary.name))
+            summary.waiting = waiting_groups(cluster.list_pods(summary.name,
+                                                               pending_only=True))
         except RelitError as e:
             problems.append(str(e))
     try:

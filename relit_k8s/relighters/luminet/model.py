@@ -79,6 +79,61 @@ class LumiNetConfig:
                    scale_factor=float(params.get("scale_factor", 0.18215)), bypass_vae=bypass)
 
 
+    def to_yaml(self) -> dict[str, Any]:
+        """The original YAML's form (what :meth:`from_yaml` reads back to this configuration):
+        ``model.params`` and, for the sizes the original code hard-codes,
+        ``oracle_hardcoded_overrides``."""
+        def unet(c: UNetConfig, **extra: Any) -> dict[str, Any]:
+            return {"params": {
+                "image_size": self.image_size // 2 ** (len(self.vae.ch_mult) - 1),
+                "in_channels": c.in_channels, "model_channels": c.model_channels,
+                "attention_resolutions": list(c.attention_resolutions),
+                "num_res_blocks": c.num_res_blocks, "channel_mult": list(c.channel_mult),
+                "num_head_channels": c.num_head_channels, "use_spatial_transformer": True,
+                "use_linear_in_transformer": True, "transformer_depth": 1,
+                "context_dim": c.context_dim, "legacy": False, **extra}}
+
+        def ddconfig(v: VAEConfig) -> dict[str, Any]:
+            return {"double_z": True, "z_channels": v.z_channels, "resolution": 256,
+                    "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch,
+                    "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks,
+                    "attn_resolutions": [], "dropout": 0.0}
+
+        p = self.prior
+        return {
+            "model": {"target": "cldm.LumiNet.ControlLDM", "params": {
+                "linear_start": LINEAR_START, "linear_end": LINEAR_END,
+                "timesteps": TIMESTEPS, "scale_factor": self.scale_factor,
+                "conditioning_key": "crossattn",
+                "control_stage_config": {"target": "cldm.LumiNet.ControlNet",
+                                         **unet(self.control, hint_channels=6)},
+                "unet_config": {"target": "cldm.LumiNet.ControlledUnetModel",
+                                **unet(self.unet, out_channels=self.unet.out_channels)},
+                "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
+                                       "params": {"embed_dim": self.vae.embed_dim,
+                                                  "ddconfig": ddconfig(self.vae)}},
+            }},
+            "oracle_hardcoded_overrides": {
+                "li_img_resolution": p.img_resolution, "li_model_channels": p.model_channels,
+                "li_channel_mult": list(p.channel_mult), "li_num_blocks": list(p.num_blocks),
+                "li_light_hidden": p.light_hidden, "n_light_tokens": p.n_tokens,
+                "token_dim": p.token_dim, "hint_spatial": p.hint_spatial,
+                "hint_hidden": self.hint_hidden, "nd_ddconfig": ddconfig(self.bypass_vae)},
+        }
+
+
+#: The tiny configuration of the golden fixture (``../shared/fixtures/luminet/tiny.yaml``): the
+#: same architecture at 128 x 128 pixels, for CPU tests and ``make-model --kind luminet``.
+_TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_head_channels=16,
+                        context_dim=48)
+_TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+TINY = LumiNetConfig(
+    unet=replace(_TINY_UNET, attention_resolutions=(8, 4, 2, 1)), control=_TINY_UNET,
+    vae=_TINY_VAE, bypass_vae=_TINY_VAE, hint_hidden=32,
+    prior=IntrinsicsConfig(model_channels=4, channel_mult=(1, 2, 2, 2, 4, 4), light_hidden=64,
+                           token_dim=48, hint_spatial=16))
+
+
 def alphas_cumprod(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     betas = torch.linspace(LINEAR_START ** 0.5, LINEAR_END ** 0.5, TIMESTEPS,
                            dtype=torch.float64) ** 2

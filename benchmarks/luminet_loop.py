@@ -1,0 +1,152 @@
+"""The ``luminet`` half of relighter_throughput.py: LumiNet's original loop style against the
+``luminet`` relighter, on the same random-weight model (``make-model --kind luminet``).
+
+* seed loop style (the original scripts' way, driven by the seed's launcher): fp32, one sample
+  at a time, the model re-loaded for every pair, and at every DDIM step two denoiser passes
+  (the conditional and the unconditional branch of guidance, identical inputs here as in
+  LumiNet, whose prompt is empty for both), each recomputing the lighting prior from the hint;
+* relit-k8s: the ``luminet`` relighter (bf16 on a GPU, all seeds of a pair in one batch, one
+  pass per step, the lighting prior once per pair), loaded once.
+
+FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one denoiser pass and one
+decode of this very model, so the model FLOP utilisation needs no published figure.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from common import sync
+
+
+def _create(folder: str, device, **options):
+    from relit_k8s.relighters import create
+    from relit_k8s.relighters.luminet.make import run_options
+
+    return create("luminet", {**run_options(folder), **options}, device)
+
+
+def inputs(res: int):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, res, res, generator=g), torch.rand(3, res // 2, res, generator=g) * 4
+
+
+def _seed_style_sample(folder: str, steps: int, seed: int, image, ref, device) -> None:
+    """One sample as the original makes it: the model loaded for it, two passes per step."""
+    from relit_k8s.relighters.luminet.sampler import ddim_sample
+
+    r = _create(folder, device, dtype="fp32", ddim_steps=steps, batch_size=1)
+    with torch.inference_mode():
+        hint = r.hint(image, ref).to(r.device)
+        context = r.context.to(r.device)
+        scale = r.options.guidance_scale
+        side = r.cfg.prior.hint_spatial
+        x = torch.randn(1, r.cfg.unet.in_channels, side, side,
+                        generator=torch.Generator().manual_seed(seed)).to(r.device)
+
+        def guided(x, t):
+            cond = r.model.apply_model(x, t, hint, context)
+            uncond = r.model.apply_model(x, t, hint, context)
+            return uncond + scale * (cond - uncond)
+
+        latents = ddim_sample(guided, x, r.alphas_cumprod, steps)
+        r.model.first_stage_model.decode(latents / r.cfg.scale_factor)
+
+
+def seed_loop(folder: str, steps: int, samples: int, device) -> float:
+    """Samples/s of the original loop style (see the module docstring)."""
+    image, ref = inputs(256)
+    sync(device)
+    start = time.perf_counter()
+    for s in range(samples):
+        _seed_style_sample(folder, steps, s, image, ref, device)
+        sync(device)
+    return samples / (time.perf_counter() - start)
+
+
+def ours(folder: str, steps: int, batch: int, batches: int, device,
+         extra: dict | None = None) -> dict:
+    """The luminet relighter: load and first-batch seconds, steady samples/s."""
+    image, ref = inputs(256)
+    start = time.perf_counter()
+    r = _create(folder, device, ddim_steps=steps, batch_size=batch, **(extra or {}))
+    sync(device)
+    loaded = time.perf_counter() - start
+    r.relight(image, ref, list(range(batch)))
+    sync(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for k in range(batches):
+        r.relight(image, ref, list(range(batch * (k + 1), batch * (k + 2))))
+    sync(device)
+    return {"batch": batch, "load_seconds": loaded, "load_phases": r.load_timings,
+            "first": first, "rate": batch * batches / (time.perf_counter() - start),
+            "dtype": str(r.dtype).removeprefix("torch.")}
+
+
+def tflop_per_sample(folder: str, steps: int, device) -> float:
+    """TFLOP of one sample: ``steps`` denoiser passes (one per step, as relit-k8s runs them)
+    and one decode, counted by torch's FLOP counter on this model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    r = _create(folder, device, batch_size=1)
+    image, ref = inputs(256)
+    with torch.inference_mode():
+        hint = r.hint(image, ref).to(r.device, r.dtype)
+        prepared = r.model.lighting(hint, r.context.to(r.device, r.dtype))
+        side = r.cfg.prior.hint_spatial
+        x = torch.randn(1, r.cfg.unet.in_channels, side, side).to(r.device, r.dtype)
+        t = torch.tensor([500], device=r.device)
+        with FlopCounterMode(display=False) as step:
+            r.model.apply_model(x, t, None, None, prepared=prepared)
+        with FlopCounterMode(display=False) as decode:
+            r.model.first_stage_model.decode(x / r.cfg.scale_factor)
+    return (steps * step.get_total_flops() + decode.get_total_flops()) / 1e12
+
+
+def tiny_settings(args) -> None:
+    """``--tiny``: a CPU smoke test of a few seconds a sample."""
+    args.steps, args.batch, args.batches, args.seed_samples = 2, 2, 1, 1
+
+
+def run(args, device, peak: float | None) -> dict:
+    """The luminet measurements, as relighter_throughput.py reports them."""
+    import tempfile
+
+    from relit_k8s.relighters.luminet.make import make_luminet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, made = args.model, None
+        if folder is None:
+            t = time.perf_counter()
+            folder = str(make_luminet(Path(tmp) / "luminet", "tiny" if args.tiny else "full",
+                                      device=str(device)))
+            made = round(time.perf_counter() - t, 1)
+        seed_rate = None if args.skip_seed_loop else seed_loop(folder, args.steps,
+                                                                args.seed_samples, device)
+        if seed_rate:
+            print(f"seed loop style: {seed_rate:.4f} samples/s", flush=True)
+        extra = dict(o.split("=", 1) for o in args.option)
+        m = ours(folder, args.steps, args.batch or 8, args.batches, device, extra)
+        print(f"luminet: {m['rate']:.3f} samples/s at batch {m['batch']}", flush=True)
+        tflop = tflop_per_sample(folder, args.steps, device)
+    result = {
+        "relighter": "luminet",
+        "model": "random, " + ("tiny (the golden fixture's sizes)" if args.tiny
+                               else "full (the official checkpoint's sizes)"),
+        "model_made_seconds": made,
+        "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
+        "relit_samples_per_s": round(m["rate"], 4),
+        "relit_speedup": round(m["rate"] / seed_rate, 2) if seed_rate else None,
+        "relit_batch": m["batch"],
+        "relit_dtype": m["dtype"],
+        "relit_load_seconds": round(m["load_seconds"], 2),
+        "relit_load_phases": m["load_phases"],
+        "relit_first_sample_seconds": round(m["first"], 2),
+        "tflop_per_sample": round(tflop, 4),
+    }
+    if peak and not args.tiny:
+        result["relit_model_flop_utilisation"] = round(m["rate"] * tflop / peak, 3)
+    return result
