@@ -10,8 +10,10 @@
     ├── TransientError           exit 75  worth retrying later: the Job retries the index
     │   └── StorageUnavailable            endpoint unreachable / throttled after retries
     ├── StorageError             exit 1   base of the storage errors (the two above are too)
-    │   └── ObjectUnreadable              this one object cannot be read (archived, permission)
-    │       └── NotFoundError             no object at that key
+    │   ├── ObjectUnreadable              this one object cannot be read (archived, permission)
+    │   │   └── NotFoundError             no object at that key
+    │   └── WriteConflict                 a conditional write lost (the object exists, or
+    │                                     changed since it was read): another writer won
     ├── ItemError                --       one item cannot be relit (bad image): recorded
     │   ├── DecodeError                   with its ``key`` (the file) and ``reason``
     │   └── ImageTooLarge
@@ -69,6 +71,11 @@ class ObjectUnreadable(StorageError):
 
 class NotFoundError(ObjectUnreadable):
     """No object or file at the key asked for."""
+
+
+class WriteConflict(StorageError):
+    """A conditional write lost: a create-only write found an object, or a replace found the
+    object changed (or gone) since the version it names. Another writer won; not a failure."""
 
 
 class StorageConfigError(StorageError, ConfigError):

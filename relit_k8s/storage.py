@@ -33,6 +33,7 @@ from .errors import (
     StorageConfigError,
     StorageError,
     StorageUnavailable,
+    WriteConflict,
 )
 
 log = logging.getLogger("relit_k8s.storage")
@@ -138,6 +139,25 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         """Whether an object is stored at ``key``."""
 
+    # --- conditional writes (leases): each is atomic against every other writer -------------
+    @abstractmethod
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its version (what :meth:`replace` compares against)."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> str:
+        """Store ``data`` at ``key`` only if no object is there; returns its version.
+        :class:`WriteConflict` if one is (exactly one of racing creators wins)."""
+
+    @abstractmethod
+    def replace(self, key: str, data: bytes, version: str) -> str:
+        """Store ``data`` at ``key`` only if the object there is still at ``version``;
+        returns the new version. :class:`WriteConflict` if it changed or is gone."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` (nothing happens if there is none)."""
+
     @abstractmethod
     def size(self, key: str) -> int:
         """The object's size in bytes; :class:`NotFoundError` if there is none."""
@@ -221,6 +241,53 @@ class LocalStorage(Storage):
         except FileNotFoundError as e:
             raise NotFoundError(f"no file {self._path(key)}") from e
 
+    # A local object's version is the hash of its bytes (the writers of conditional objects
+    # put a token of their own in them, so two writes never look alike).
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.read(key)
+        return data, _digest(data)
+
+    def create(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.link(tmp, path)  # atomic, whole, and fails if the name exists
+        except FileExistsError as e:
+            raise WriteConflict(f"{path} exists") from e
+        except OSError as e:
+            raise StorageError(f"cannot create {path}: {e}") from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return _digest(data)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot delete {self._path(key)}: {e}") from e
+
+    def replace(self, key: str, data: bytes, version: str) -> str:
+        import fcntl
+
+        path = self._path(key)
+        lock_path = path.with_name(f".{path.name}.lock")
+        try:
+            with open(lock_path, "a+b") as lock:  # every replace of this key, one at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    current = path.read_bytes()
+                except FileNotFoundError as e:
+                    raise WriteConflict(f"{path} is gone") from e
+                if _digest(current) != version:
+                    raise WriteConflict(f"{path} changed")
+                self.write(key, data)
+        except OSError as e:
+            raise StorageError(f"cannot replace {path}: {e}") from e
+        return _digest(data)
+
 
 class S3Storage(Storage):
     """A prefix in an S3-compatible bucket (AWS S3, MinIO, ...), through boto3."""
@@ -287,6 +354,34 @@ class S3Storage(Storage):
         except NotFoundError:
             return False
         return True
+
+    # S3 conditional writes: PutObject with If-None-Match: * (create) or If-Match: ETag
+    # (replace); the loser gets 412 PreconditionFailed (or 409 when two race on one key).
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._key(key)
+        with _s3_errors(self.bucket, full):
+            obj = self._client.get_object(Bucket=self.bucket, Key=full)
+            return obj["Body"].read(), obj["ETag"]
+
+    def create(self, key: str, data: bytes) -> str:
+        full = self._key(key)
+        with _s3_errors(self.bucket, full):
+            return self._client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                           IfNoneMatch="*")["ETag"]
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        with _s3_errors(self.bucket, full):
+            self._client.delete_object(Bucket=self.bucket, Key=full)
+
+    def replace(self, key: str, data: bytes, version: str) -> str:
+        full = self._key(key)
+        try:
+            with _s3_errors(self.bucket, full):
+                return self._client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                               IfMatch=version)["ETag"]
+        except NotFoundError as e:
+            raise WriteConflict(f"s3://{self.bucket}/{full} is gone") from e
 
 
 class S3Settings(BaseModel):
@@ -395,6 +490,8 @@ class _s3_errors:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                raise WriteConflict(f"{self.where}: another writer won ({code})") from exc
             if code == "NoSuchBucket":
                 raise StorageConfigError(
                     f"bucket {self.bucket!r} does not exist (at {self.where}); create it first"
@@ -429,6 +526,12 @@ class _s3_errors:
         if isinstance(exc, bx.BotoCoreError):
             raise StorageError(f"S3 error for {self.where}: {exc}") from exc
         return False
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _parse(uri: str) -> tuple[str, str, str]:

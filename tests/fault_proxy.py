@@ -2,7 +2,8 @@
 
 It forwards every request to the real endpoint (moto's server) and, with the configured
 probabilities, instead resets the connection, answers ``500 InternalError`` or
-``503 SlowDown`` (the S3 XML error bodies), or stalls before forwarding. ``always`` makes every
+``503 SlowDown`` (the S3 XML error bodies), or stalls before forwarding; ``drop_headers``
+makes it a store that ignores conditional writes. ``always`` makes every
 request fail, to outlast any retry budget. Request loops are bounded by the client; the proxy
 stops with :meth:`stop`.
 """
@@ -30,6 +31,9 @@ class FaultProxy:
         self.rates = {"reset": reset, "500": error500, "503": slowdown, "stall": stall}
         self.stall_seconds = stall_seconds
         self.always: str | None = None  # "reset" | "500" | "503": every request fails
+        #: request headers dropped before forwarding: {"if-none-match", "if-match"} makes the
+        #: endpoint a store that ignores conditional writes (as some S3-compatible ones do)
+        self.drop_headers: set[str] = set()
         self.counts = {"requests": 0, "reset": 0, "500": 0, "503": 0, "stall": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -113,7 +117,8 @@ class FaultProxy:
                     time.sleep(proxy.stall_seconds)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection")}
+                           if k.lower() not in ("transfer-encoding", "connection",
+                                                *proxy.drop_headers)}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()

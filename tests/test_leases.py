@@ -1,0 +1,128 @@
+"""Leases in the output store (issue 15, the claiming): conditional writes on local folders and
+S3 (moto), claim races between processes, steals of stale leases, release, the probe for
+stores that ignore conditional writes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import uuid
+
+import pytest
+from fault_proxy import FaultProxy
+
+from relit_k8s.errors import WriteConflict
+from relit_k8s.leases import (
+    LeaseBook,
+    LeaseLost,
+    claim_order,
+    conditional_writes_work,
+)
+from relit_k8s.storage import S3Storage, make_s3_client, open_storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket = request.getfixturevalue("bucket")
+    return f"s3://{bucket}/out"
+
+
+def test_conditional_writes_have_exactly_one_winner(store_uri):
+    store = open_storage(store_uri)
+    v1 = store.create("_relit/x.json", b"one")
+    with pytest.raises(WriteConflict):
+        store.create("_relit/x.json", b"two")
+    assert store.read_versioned("_relit/x.json") == (b"one", v1)
+    v2 = store.replace("_relit/x.json", b"three", v1)
+    assert v2 != v1
+    with pytest.raises(WriteConflict):  # a replace from a stale version loses
+        store.replace("_relit/x.json", b"four", v1)
+    assert store.read("_relit/x.json") == b"three"
+    store.delete("_relit/x.json")
+    with pytest.raises(WriteConflict):  # ... and so does one of an object that is gone
+        store.replace("_relit/x.json", b"five", v2)
+    assert conditional_writes_work(store)
+    assert not store.exists("_relit/x.json")
+    assert not [k for k in store.walk("_relit") if "probe" in k]  # the probe cleans up
+
+
+def test_claim_races_between_processes_have_one_winner_per_shard(store_uri):
+    ctx = mp.get_context("spawn")
+    from lease_racers import race
+
+    workers, shards = 4, 24
+    for _ in range(3):  # a few rounds, each a new run
+        run_id = f"relit-{uuid.uuid4().hex[:10]}"
+        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=race, args=(store_uri, run_id, i, workers, shards,
+                                                ready, go, results)) for i in range(workers)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120)
+        go.set()  # all at once
+        won = dict(results.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(60)
+        claimed = [s for shards_won in won.values() for s in shards_won]
+        assert sorted(claimed) == list(range(shards)), won  # each shard once, none lost
+        book = LeaseBook(open_storage(store_uri), run_id)
+        owners = {book.read(s)[0].owner for s in range(shards)}
+        assert len(owners) <= workers
+
+
+def test_a_stale_lease_is_stolen_once_and_its_old_holder_learns_it(store_uri):
+    store = open_storage(store_uri)
+    a = LeaseBook(store, "relit-r", seconds=0.5)
+    b = LeaseBook(store, "relit-r", seconds=0.5)
+    c = LeaseBook(store, "relit-r", seconds=0.5)
+    held = a.try_claim(3)
+    assert held is not None and b.try_claim(3) is None  # held and fresh: nobody takes it
+    held = a.renew(held)
+    time.sleep(0.7)  # a stops beating (killed, partitioned)
+    stolen = b.try_claim(3)
+    assert stolen is not None and stolen.lease.steals == 1
+    assert stolen.lease.stolen_from == a.owner
+    assert c.try_claim(3) is None  # the new holder is fresh
+    with pytest.raises(LeaseLost):  # a comes back: its heartbeat fails, it must stop
+        a.renew(held)
+    with pytest.raises(LeaseLost):
+        a.release(held, done=True)
+    assert b.read(3)[0].owner == b.owner
+
+
+def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri):
+    store = open_storage(store_uri)
+    a, b = LeaseBook(store, "relit-q"), LeaseBook(store, "relit-q")
+    first = a.try_claim(0)
+    a.release(first, done=False)  # stopped by SIGTERM: another worker takes it now
+    again = b.try_claim(0)
+    assert again is not None and again.lease.steals == 0
+    b.release(again, done=True)
+    assert a.try_claim(0) is None and b.try_claim(0) is None
+    # worker 0 of 2 tries its own shards (0, 2) first, then the others (1): 0 is done
+    nxt = a.claim_next(claim_order(0, 2, 3))
+    assert nxt is not None and nxt.shard == 2
+
+
+def test_claim_order_takes_own_shards_first_then_the_rest():
+    assert list(claim_order(1, 3, 8)) == [1, 4, 7, 2, 3, 5, 6, 0]
+    assert sorted(claim_order(0, 4, 10)) == list(range(10))
+
+
+def test_a_store_that_ignores_conditional_writes_is_found_by_the_probe(s3_endpoint, bucket):
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        proxy.drop_headers = {"if-none-match", "if-match"}
+        from relit_k8s.storage import S3Settings
+
+        client = make_s3_client(S3Settings.from_env().model_copy(
+            update={"endpoint_url": proxy.url}))
+        ignoring = S3Storage(bucket, "out", client=client)
+        assert not conditional_writes_work(ignoring)
+        proxy.drop_headers = set()
+        assert conditional_writes_work(ignoring)
+    finally:
+        proxy.stop()
