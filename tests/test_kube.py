@@ -504,12 +504,25 @@ def test_logs_show_why_a_pod_has_not_started_and_one_pod_never_ends_the_command(
     assert "[2]" in err and 'secret "relit-s3" not found' in err and "--s3-secret" in err
     assert "[3]" in err and "Unschedulable" in err and "Insufficient nvidia.com/gpu" in err
 
+    # a pod that ended without ever running (evicted before its container started): said once,
+    # also by -f, which must not wait for it
+    fake_api.add_pod(name, 5, f"{name}-5-a", "2026-11-27T10:00:00Z", "",
+                     waiting="ContainerCreating")
+    fake_api.pod(f"{name}-5-a")["status"]["phase"] = "Failed"
+    fake_api.jobs[("relit", name)]["status"]["conditions"] = [
+        {"type": "Failed", "status": "True"}]
+    followed = cli("logs", name, "--namespace", "relit", "--follow", "--index", "5",
+                   timeout=60)
+    assert followed.returncode == 0 and "ended without a log" in followed.stderr
+    fake_api.jobs[("relit", name)]["status"].pop("conditions")
+
     # a pod that is running for the API server but whose log cannot be read (here: the kubelet
     # no longer has it) is reported, the others still show, and the exit code says so
     fake_api.add_pod(name, 4, f"{name}-4-a", "2026-11-27T10:00:00Z", "")
     del fake_api.logs[f"{name}-4-a"]
     broken = cli("logs", name, "--namespace", "relit")
     assert broken.returncode != 0 and broken.stdout.splitlines() == ["[0] started 0"]
+    assert "[5] pod" in broken.stderr  # the ended pod is said, not an error
     assert f"cannot read the log of pod {name}-4-a" in " ".join(broken.stderr.split())
 
 

@@ -59,8 +59,10 @@ def newest_pods(pods: list[dict[str, Any]], all_attempts: bool = False) -> list[
 
 def pod_waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
     """``(reason, message)`` while the pod's container has not started (not scheduled yet,
-    pulling its image, its Secret missing ...); None once it runs or has run."""
+    pulling its image, its Secret missing ...); None once it runs, has run, or the pod ended."""
     status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):  # ended: it will not start any more
+        return None
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if state.get("running") or state.get("terminated"):
@@ -132,8 +134,13 @@ class _LogStream:
                                                       tail=self.tail):
                         self.line(pod, text)
                     return
-                except PodNotStarted as e:  # it changed since we looked: look again
-                    waiting = ("Waiting", str(e))
+                except PodNotStarted as e:
+                    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                        # it ended without ever running (evicted, refused at start)
+                        self.line(pod, f"pod {pod['metadata']['name']} ended without a log: "
+                                  f"{e}", note=True)
+                        return
+                    waiting = ("Waiting", str(e))  # it changed since we looked: look again
                 except RelitError as e:
                     self.line(pod, f"cannot read the log of pod {pod['metadata']['name']}: "
                               f"{e}", note=True)
