@@ -156,10 +156,10 @@ def test_a_pod_stopped_mid_shard_exits_143_in_its_grace_period_and_its_retry_fin
         time.sleep(0.5)
     else:
         pytest.fail("the shard never got going")
-    started = time.monotonic()
-    pod.stop()  # SIGTERM, SIGKILL after the grace period
-    took = time.monotonic() - started
-    assert pod.wait() == 143 and took < pod.grace_seconds, (took, pod.logs()[-2000:])
+    pod.stop()  # SIGTERM, then SIGKILL once the grace period is over
+    # 143 is the worker's own exit after saving its report; a SIGKILL at the end of the grace
+    # period would have given 137
+    assert pod.wait() == 143, pod.logs()[-2000:]
     stopped = report(s3_client, bucket, job, 0)
     assert stopped["state"] == "stopped" and 0 < stopped["items_done"] < 600
     retry = pods(job, 0)  # the Job controller's next pod for the index
