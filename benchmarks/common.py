@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import time
 from datetime import UTC, datetime
 
 import torch
@@ -41,3 +42,17 @@ def header(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "model": "tiny (random)" if args.tiny else "SD2.1 sizes (random)",
         "steps": args.steps,
     }
+
+
+def relight_timings(r, image, ref, batch: int, batches: int, device,
+                    started: float) -> tuple[float, float]:
+    """(seconds from ``started`` to the end of a first batch, then samples/s over ``batches``
+    more batches of ``batch`` seeds each) of relighter ``r`` on one pair."""
+    r.relight(image, ref, list(range(batch)))
+    sync(device)
+    first = time.perf_counter() - started
+    start = time.perf_counter()
+    for k in range(batches):
+        r.relight(image, ref, list(range(batch * (k + 1), batch * (k + 2))))
+    sync(device)
+    return first, batch * batches / (time.perf_counter() - start)

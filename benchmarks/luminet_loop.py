@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import sync
+from common import relight_timings, sync
 
 
 def _create(folder: str, device, **options):
@@ -74,16 +74,9 @@ def ours(folder: str, steps: int, batch: int, batches: int, device,
     r = _create(folder, device, ddim_steps=steps, batch_size=batch, **(extra or {}))
     sync(device)
     loaded = time.perf_counter() - start
-    r.relight(image, ref, list(range(batch)))
-    sync(device)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for k in range(batches):
-        r.relight(image, ref, list(range(batch * (k + 1), batch * (k + 2))))
-    sync(device)
+    first, rate = relight_timings(r, image, ref, batch, batches, device, start)
     return {"batch": batch, "load_seconds": loaded, "load_phases": r.load_timings,
-            "first": first, "rate": batch * batches / (time.perf_counter() - start),
-            "dtype": str(r.dtype).removeprefix("torch.")}
+            "first": first, "rate": rate, "dtype": str(r.dtype).removeprefix("torch.")}
 
 
 def tflop_per_sample(folder: str, steps: int, device) -> float:

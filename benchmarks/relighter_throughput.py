@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_for, header, parser, sync
+from common import device_for, header, parser, relight_timings, sync
 
 #: FLOPs of the seed's model (SD2.1 sizes, 512 x 512) per sample, counted for its layers: 1.09 TFLOP
 #: per denoising step of UNet + ControlNet, 2.5 TFLOP per VAE decode.
@@ -101,14 +101,7 @@ def ours(model: str, res: int, steps: int, batch: int | None, batches: int, devi
     sync(device)
     loaded = time.perf_counter() - start
     b = r.batch_size
-    r.relight(image, ref, list(range(b)))
-    sync(device)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for k in range(batches):
-        r.relight(image, ref, list(range(b * (k + 1), b * (k + 2))))
-    sync(device)
-    rate = b * batches / (time.perf_counter() - start)
+    first, rate = relight_timings(r, image, ref, b, batches, device, start)
     side = res // r.scale
     latents = torch.randn(b, r.latent_channels, side, side, device=device, dtype=r.dtype)
     with torch.inference_mode():

@@ -587,6 +587,18 @@ def folder_fingerprint(uri: str) -> str | None:
     return digest.hexdigest() if keys else None
 
 
+def _local_path(uri: str, folder: bool) -> Path | None:
+    """The path of a local ``uri`` (None for ``s3://``); :class:`NotFoundError` when it is not
+    a folder (``folder``) or not a file."""
+    scheme, _, path = _parse(uri)
+    if scheme != "file":
+        return None
+    local = Path(path).expanduser()
+    if not (local.is_dir() if folder else local.is_file()):
+        raise NotFoundError(f"no {'folder' if folder else 'file'} at {uri}")
+    return local
+
+
 def cached_copy(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
     """A local folder holding what is under ``uri``: the folder itself for a local URI, else a
     one-time download of the ``s3://`` prefix into ``cache_dir``, reused by every later process
@@ -596,11 +608,8 @@ def cached_copy(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
     never see half a copy; a ``.complete`` marker tells that the copy is whole.
     :class:`NotFoundError` when a local URI is not a folder.
     """
-    scheme, _, path = _parse(uri)
-    if scheme == "file":
-        local = Path(path).expanduser()
-        if not local.is_dir():
-            raise NotFoundError(f"no folder at {uri}")
+    local = _local_path(uri, folder=True)
+    if local is not None:
         return local
     import hashlib
     import shutil
@@ -638,11 +647,8 @@ def cached_file(uri: str, cache_dir: str | os.PathLike[str]) -> Path:
     memory: checkpoints are gigabytes), reused by every later process on the node. The
     download goes to a temporary name renamed into place, so processes racing on one node
     never see half a file. :class:`NotFoundError` when there is no such file."""
-    scheme, _, path = _parse(uri)
-    if scheme == "file":
-        local = Path(path).expanduser()
-        if not local.is_file():
-            raise NotFoundError(f"no file at {uri}")
+    local = _local_path(uri, folder=False)
+    if local is not None:
         return local
     import hashlib
 

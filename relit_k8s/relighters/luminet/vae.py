@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -145,13 +146,18 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self._decode(z, lambda level, h: level.upsample(h))
+
+    def _decode(self, z: torch.Tensor,
+                upsample: Callable[[Level, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The levels from the lowest up, each level's upsampling done by ``upsample``."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             assert isinstance(level, Level)
             for block in level.block:
                 h = block(h)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
+                h = upsample(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -230,14 +236,8 @@ class BypassDecoder(Decoder):
 
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         skips = list(skips)  # [photo, the encoder's level features...]; used from the end
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            assert isinstance(level, Level)
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h, skips.pop())
-        return self.new_last_procee(self.conv_out(F.silu(self.norm_out(h))), skips.pop())
+        h = self._decode(z, lambda level, h: level.upsample(h, skips.pop()))
+        return self.new_last_procee(h, skips.pop())
 
 
 class BypassAutoencoderKL(AutoencoderKL):
