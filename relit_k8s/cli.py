@@ -101,8 +101,9 @@ DdimOpt = Annotated[int | None, typer.Option("--ddim-steps", min=1, help="Seed p
                                              "relighter option ddim_steps.")]
 NewDecoderOpt = Annotated[bool, typer.Option("--new-decoder", help="Seed parity: sets the "
                                              "relighter option new_decoder=true.")]
-ShardsOpt = Annotated[int | None, typer.Option("--shards", min=1, help="Number of shards "
-                                               "[default: 4 per worker].")]
+ShardsOpt = Annotated[int | None, typer.Option(
+    "--shards", min=1, help="Number of shards [default: 16 per worker with leases, 4 with "
+    "static balance].")]
 RunIdOpt = Annotated[str | None, typer.Option("--run-id", help="Run id (DNS label, <= 40 chars)"
                                               " [default: derived from the plan, so the same "
                                               "command continues the same run].")]
@@ -111,6 +112,12 @@ BatchOpt = Annotated[int | None, typer.Option(
     help="Seeds per relighter call.")]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images larger "
                                            "than this many pixels (checked before decoding).")]
+BalanceOpt = Annotated[str, typer.Option(
+    "--balance", metavar="auto|leases|static", help="How shards reach workers. leases: each "
+    "worker claims shards from the output store until none is left (no straggler tail; a "
+    "lost worker's shard is taken over; local runs and Jobs can share a run). static: shard i "
+    "is Job index i. auto: leases where the output store honours conditional writes (probed "
+    "once), else static with a warning.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
 MixedOpt = Annotated[bool, typer.Option(
     "--allow-mixed-output", help="Add to an output folder whose outputs were made by another "
@@ -163,7 +170,7 @@ def _plan_settings(
     img_pattern: str, ref_pattern: str, img_formats: list[str] | None,
     ref_formats: list[str] | None, relighter: str, option: list[str] | None,
     ddim_steps: int | None, new_decoder: bool, shards: int | None, run_id: str | None,
-    batch_size: int | None, max_pixels: int, workers: int,
+    batch_size: int | None, max_pixels: int, workers: int, balance: str = "auto",
 ):
     """PlanSettings from the shared selection flags of plan, run and submit."""
     from pydantic import ValidationError
@@ -174,7 +181,7 @@ def _plan_settings(
         input=input, refs=refs, output=output, normals=normals, iterations=iterations,
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, relighter=relighter,
         options=_options(option, ddim_steps, new_decoder), shards=shards, run_id=run_id,
-        batch_size=batch_size, max_pixels=max_pixels, workers=workers)
+        batch_size=batch_size, max_pixels=max_pixels, workers=workers, balance=balance)
     for name, values in (("img_formats", img_formats), ("ref_formats", ref_formats)):
         if parsed := _formats(values):
             data[name] = parsed
@@ -186,13 +193,21 @@ def _plan_settings(
             f"{x['msg'].removeprefix('Value error, ')}" for x in e.errors())) from e
 
 
-def _make_plan(settings):
+def _make_plan(settings, dry_run: bool = False):
+    """List the sources and plan; ``--balance auto`` probes the output store (not in a dry
+    run, which writes nothing: it assumes leases)."""
     from . import console
-    from .planner import list_sources, plan
+    from .planner import choose_balance, list_sources, plan
 
     sources = list_sources(settings)
     console.left_out(sources.left_out)
-    return plan(settings, sources.images, sources.references)
+    manifest = plan(settings, sources.images, sources.references)  # options checked first
+    balance, warning = choose_balance(settings, probe=not dry_run)
+    if warning:
+        console.warning(f"--balance auto: {warning}")
+    if balance == manifest.balance:
+        return manifest
+    return plan(settings, sources.images, sources.references, balance=balance)
 
 
 @app.command("plan")
@@ -204,7 +219,8 @@ def plan_cmd(
     ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, balance: BalanceOpt = "auto",
+    dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     workers: Annotated[int, typer.Option(
         "--parallelism", "--workers", min=1, help="Workers (pods) the default shard count is "
@@ -220,7 +236,7 @@ def plan_cmd(
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
         ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
-        max_pixels=max_pixels, workers=workers))
+        max_pixels=max_pixels, workers=workers, balance=balance), dry_run=dry_run)
     if dry_run:
         _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
@@ -240,7 +256,8 @@ def run_cmd(
     ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, balance: BalanceOpt = "auto",
+    dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
     strict: StrictOpt = False, progress: ProgressOpt = True,
@@ -254,7 +271,7 @@ def run_cmd(
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
         ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
-        max_pixels=max_pixels, workers=len(slots)))
+        max_pixels=max_pixels, workers=len(slots), balance=balance), dry_run=dry_run)
     if dry_run:
         _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
@@ -278,6 +295,16 @@ def _check_maker(manifest, allow_mixed: bool) -> None:
     check_maker(manifest, open_storage(manifest.output), allow_mixed)
 
 
+def _finished(run) -> bool:
+    """Whether every shard of a ``balance: leases`` run is marked finished (one listing)."""
+    if run.manifest.balance != "leases":
+        return False
+    from .leases import LeaseBook
+
+    done, _ = LeaseBook(run.output, run.run_id).listing()
+    return len(done) >= run.manifest.shards
+
+
 def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run the same "
               "command again", allow_mixed: bool = False) -> None:
     """Write the manifest, run its shards in local worker processes, print the outcome."""
@@ -289,6 +316,14 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
     preflight(manifest)
     run = write_run(manifest, allow_mixed)
     manifest, uri = run.manifest, run.manifest_uri
+    if _finished(run):  # balance leases: finished shards are not listed again
+        out.print(f"run [bold]{manifest.run_id}[/] is finished: all {manifest.shards} shards "
+                  "are done, nothing to relight", highlight=False)
+        status = collect(run)
+        console.run_outcome(status, run.uri_of(run.paths.shards) + "/")
+        console.command("to find and redo outputs deleted since:",
+                        f"relit-k8s resume {manifest.run_id} --output {manifest.output} --local")
+        raise typer.Exit(EXIT_FAILED if strict and status.items_failed else EXIT_OK)
     record_launch(run, len(slots))
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
         sorted({s.visible_gpu or "0" for s in slots}))
@@ -320,21 +355,57 @@ def worker_cmd(
                                                  metavar="URI",
                                                  help="Manifest URI [env: RELIT_MANIFEST].")]
     = None,
-    index: Annotated[int | None, typer.Option("--index", min=0, help="Shard index "
-                                              "[env: JOB_COMPLETION_INDEX].")] = None,
+    index: Annotated[int | None, typer.Option(
+        "--index", min=0, help="This worker's index, whose shards it claims first (leases), "
+        "or the shard it runs (static) [env: JOB_COMPLETION_INDEX].")] = None,
     device: Annotated[str | None, typer.Option("--device", metavar="cpu|cuda|cuda:N",
                                                help="Where the worker relights [default: cuda "
                                                "if available].")] = None,
     log_format: Annotated[str | None, typer.Option(
         "--log-format", metavar="text|json", help="text, or one JSON object per line "
         "[env: RELIT_LOG_FORMAT; default text; the Job sets json].")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, envvar="RELIT_POD_WORKERS", help="Worker processes here, each "
+        "claiming shards (leases) [env: RELIT_POD_WORKERS; default: one per visible GPU, "
+        "else 1].")] = None,
 ):
-    """Run one shard (the pod entrypoint). Exit 0 done, 75 retry, 78 config error, 143 stopped."""
+    """The pod entrypoint: claim shards until every shard of the run is finished (leases), or
+    run shard --index (static). Exit 0 done, 75 retry, 78 config error, 143 stopped."""
     from . import logs
     from .worker import main
 
     logs.setup(logs.log_format(log_format))
+    slots = _pod_slots(device, workers)
+    if len(slots) > 1:  # a GPU each, or CPU stand-ins: one process per slot, claiming
+        from .local import run_pod
+        from .worker import job_index
+
+        code = run_pod(_manifest_uri(manifest), job_index(index), slots)
+        if code is not None:
+            raise typer.Exit(code)
     raise typer.Exit(main(manifest, index, device))
+
+
+def _manifest_uri(manifest: str | None) -> str:
+    if not manifest:
+        raise ConfigError("no manifest: pass --manifest URI or set RELIT_MANIFEST")
+    return manifest
+
+
+def _pod_slots(device: str | None, workers: int | None):
+    """``worker``'s processes: ``--workers``, else one per visible GPU when the device is
+    ``cuda`` (or left out and GPUs are visible); a device such as ``cuda:1`` is one worker."""
+    if device is not None and device not in ("cpu", "cuda"):
+        return []
+    if workers is None and device == "cpu":
+        return []
+    import torch
+
+    if workers is None and not torch.cuda.is_available():
+        return []
+    from .local import plan_slots
+
+    return plan_slots(device, None, workers)
 
 
 @app.command("status")
@@ -405,7 +476,8 @@ def submit_cmd(
     ref_formats: RefFormatsOpt = None, relighter: RelighterOpt = "sh",
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, dry_run: DryRunOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, balance: BalanceOpt = "auto",
+    dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, max=100_000,
                                              help="Pods running at once.")] = 8,
@@ -475,7 +547,7 @@ def submit_cmd(
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
         ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
-        max_pixels=max_pixels, workers=parallelism))
+        max_pixels=max_pixels, workers=parallelism, balance=balance), dry_run=dry_run)
     job_settings = JobSettings.from_flags(
         node_selector=node_selector, toleration=toleration, image=image, namespace=namespace,
         parallelism=parallelism, gpus_per_pod=gpus_per_pod, cpu=cpu, cpu_limit=cpu_limit,
@@ -561,6 +633,32 @@ def cancel_cmd(
     cluster.delete_job(run)
     out.print(f"Job {run} deleted in namespace {cluster.namespace} (pods stop in the "
               "background); outputs and reports stay. relit-k8s resume continues it.")
+
+
+@app.command("scale")
+@handles_errors
+def scale_cmd(
+    run: Annotated[str, typer.Argument(help="Run id (the Job's name).")],
+    parallelism: Annotated[int, typer.Option(
+        "--parallelism", min=1, max=100_000, help="Pods working at once from now on.")],
+    output: OutputFindOpt = None,
+    namespace: NamespaceOpt = None, context: ContextOpt = None,
+):
+    """Add or remove pods of a running Job.
+
+    With leases (the default balance) the Job has one index per worker, and both its
+    parallelism and completions change (an elastic Indexed Job): new workers claim the shards
+    that are left; removed ones stop and release theirs at once. With static shards only the
+    number of pods at once changes.
+    """
+    from .kube.runs import cluster_for, find_submission, scale
+
+    cluster = cluster_for(find_submission(output, run, namespace), context, namespace)
+    before, after, elastic = scale(cluster, run, parallelism)
+    what = ("workers (parallelism and completions: each claims shards until none is left)"
+            if elastic else "pods at a time (parallelism; one shard per index)")
+    out.print(f"Job {run} in namespace {cluster.namespace}: {before} -> {after} {what}",
+              highlight=False)
 
 
 @app.command("resume")

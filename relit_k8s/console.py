@@ -213,6 +213,13 @@ class StatusView:
                                   + f": {e.message or ''}", style="red"))
             if job.details_error:
                 parts.append(Text(f"  {job.details_error}", style="yellow"))
+        if status.leases is not None:
+            le = status.leases
+            parts.append(Text(
+                f"leases: {le.done}/{status.shards_total} shards finished, {le.held} held"
+                + (f", {le.silent} silent for over {le.lease_seconds:.0f} s (taken over by the "
+                   "next worker that looks)" if le.silent else ""),
+                style="yellow" if le.silent else ""))
         if status.stalled_shards:
             parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
                               style="bold red"))
@@ -316,9 +323,12 @@ def job_summary(job: dict[str, Any]) -> None:
 def submitted(record, manifest: Manifest, created: dict[str, Any]) -> None:
     """What ``submit`` created, and the commands that follow it."""
     ns = record.namespace
+    spec = created["spec"]
+    how = (f"{spec['parallelism']} workers claiming {manifest.shards} shards"
+           if manifest.balance == "leases" else
+           f"{spec['completions']} indexes, {spec['parallelism']} at a time")
     out.print(f"run [bold]{record.run_id}[/]: Job {record.job} created in namespace {ns} "
-              f"({manifest.shards} indexes, {created['spec']['parallelism']} at a time)",
-              highlight=False)
+              f"({how})", highlight=False)
     where("manifest", record.manifest)
     out.print("follow it with:")
     for line in kubectl_commands(record.run_id, manifest.output, ns):

@@ -110,8 +110,50 @@ class _QueueLog(logging.Handler):
             pass
 
 
-def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) -> None:
-    """Body of one worker process (spawned; CUDA is not initialised before this point)."""
+def _claim_shards(runner, wid: int, position: tuple[int, int], events) -> None:
+    """``balance: leases``: this process claims shards until every shard of the run is
+    finished, here or by any other worker on the same output (pods of a Job included). A
+    temporary failure frees the shard and the process claims again after a delay (the same
+    shard or another); after ``LOCAL_ATTEMPTS`` of them in a row, or any other failure, the
+    process ends, as a pod would."""
+    from .leases import LeaseLost
+
+    stop = runner.stop
+    claimer = runner.claimer(*position)  # (its index, the workers) in the claim order
+    finished = 0
+    in_a_row = 0
+    for claim in claimer:
+        events.put(("begin", claim.shard, wid))
+        try:
+            runner.run(claim.shard, (claimer.book, claim))
+        except LeaseLost:
+            events.put(("left", claim.shard))  # taken over: another worker finishes it
+            continue
+        except Stopped as e:
+            events.put(("shard", claim.shard, EXIT_SIGTERM, str(e)))
+            return
+        except BaseException as e:  # noqa: BLE001
+            code = exit_code_for(e)
+            in_a_row += code == EXIT_TEMPORARY
+            if code == EXIT_TEMPORARY and in_a_row < LOCAL_ATTEMPTS and not stop.is_set():
+                events.put(("log", logging.WARNING, f"shard {claim.shard}: {e}; retrying"))
+                events.put(("left", claim.shard))
+                stop.wait(RETRY_DELAY * 2 ** (in_a_row - 1))
+                continue
+            events.put(("shard", claim.shard, code, f"{type(e).__name__}: {e}"))
+            return
+        in_a_row = 0
+        finished += 1
+        claimer.own_rate = runner.items_rate()
+        events.put(("shard", claim.shard, EXIT_OK, None))
+    if not stop.is_set():
+        runner.log_all_done(claimer, finished)
+
+
+def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: Slot, indexes,
+                    events) -> None:
+    """Body of one worker process (spawned; CUDA is not initialised before this point).
+    ``claim``: (its index, the workers) in the claim order of ``balance: leases``."""
     if slot.visible_gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
         # relighters that size batches from free GPU memory divide it by this (diffusion does)
@@ -123,7 +165,11 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
     if slot.threads:
         torch.set_num_threads(slot.threads)
     root = logging.getLogger("relit_k8s")
-    root.handlers[:] = [_QueueLog(events)]
+    handler = _QueueLog(events)
+    # which worker (GPU) each line comes from
+    who = f"gpu {slot.visible_gpu}" if slot.visible_gpu is not None else f"worker {wid}"
+    handler.setFormatter(logging.Formatter(f"[{who}] %(message)s"))
+    root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
     try:
@@ -132,6 +178,9 @@ def _worker_process(wid: int, manifest_uri: str, slot: Slot, indexes, events) ->
                               announce_stop=False)  # the parent says it once
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
         events.put(("fatal", wid, exit_code_for(e), f"{type(e).__name__}: {e}"))
+        return
+    if runner.manifest.balance == "leases":
+        _claim_shards(runner, wid, claim, events)
         return
     stop = runner.stop
     while not stop.is_set():
@@ -168,14 +217,12 @@ def _settle_reports(manifest_uri: str, begun: dict[int, int], procs, stopped: bo
     run as running."""
     from .errors import RelitError
     from .manifest import now
-    from .run import Run
-    from .worker import load_manifest
 
-    try:
-        run = Run.of(load_manifest(manifest_uri))
-    except RelitError as e:
-        log.warning("could not settle the reports of killed workers: %s", e)
+    run = _open_run(manifest_uri, "settle the reports of killed workers")
+    if run is None:
         return
+    if run.manifest.balance == "leases":
+        _release_dead(run, begun, procs)
     for index, wid in begun.items():
         try:
             report = run.read_report(index)
@@ -197,6 +244,61 @@ def _settle_reports(manifest_uri: str, begun: dict[int, int], procs, stopped: bo
             run.output.write(run.paths.report(index), settled.model_dump_json(indent=1).encode())
         except RelitError as e:
             log.warning("could not settle the report of shard %d: %s", index, e)
+
+
+def _finished_elsewhere(manifest_uri: str, codes: dict[int, int]) -> set[int]:
+    """``balance: leases``: the shards marked finished that no worker of this run reported
+    (another ``relit-k8s run`` or the pods of a Job on the same output finished them)."""
+    from .errors import RelitError
+    from .leases import LeaseBook
+
+    run = _open_run(manifest_uri, "read which shards are finished")
+    if run is None or run.manifest.balance != "leases":
+        return set()
+    try:
+        done, _ = LeaseBook(run.output, run.run_id).listing()
+    except RelitError as e:
+        log.warning("could not read which shards are finished: %s", e)
+        return set()
+    return {s for s in done if s not in codes}
+
+
+def _open_run(manifest_uri: str, why: str):
+    """The run of ``manifest_uri``, or None (with a warning saying ``why`` it was wanted)
+    when it cannot be read: what the parent does after its workers is best effort."""
+    from .errors import RelitError
+    from .run import Run
+    from .worker import load_manifest
+
+    try:
+        return Run.of(load_manifest(manifest_uri))
+    except RelitError as e:
+        log.warning("could not %s: %s", why, e)
+        return None
+
+
+def _release_dead_of(manifest_uri: str, begun: dict[int, int], procs) -> None:
+    run = _open_run(manifest_uri, "free the leases of dead workers")
+    if run is not None and run.manifest.balance == "leases":
+        _release_dead(run, begun, procs)
+
+
+def _release_dead(run, begun: dict[int, int], procs) -> None:
+    """The leases that workers killed mid-shard left behind are freed, so that the same
+    command, run again, or another machine takes their shards at once (not a lease time
+    later)."""
+    from .errors import RelitError
+    from .leases import Claim, LeaseBook
+
+    book = LeaseBook(run.output, run.run_id)
+    for shard, wid in begun.items():
+        try:
+            found = book.read(shard)
+            pid = procs[wid].pid
+            if found is not None and found[0].owner.split("/")[1:2] == [str(pid)]:
+                book.release(Claim(shard, found[1], found[0]))
+        except RelitError as e:
+            log.warning("could not free the lease of shard %d: %s", shard, e)
 
 
 @dataclass
@@ -222,8 +324,13 @@ def run_local(
     slots: list[Slot],
     on_progress: Callable[[int, int, int], None] | None = None,
     on_log: Callable[[int, str], None] | None = None,
+    first_index: int = 0,
+    workers: int | None = None,
 ) -> LocalResult:
-    """Run every shard of the manifest with one process per slot; returns per-shard exit codes."""
+    """Run every shard of the manifest with one process per slot; returns per-shard exit codes.
+
+    With leases, process ``w`` claims as worker ``first_index + w`` of ``workers`` (default:
+    these processes alone); a pod's processes are numbered after the pod's index."""
     ctx = mp.get_context("spawn")
     indexes, events = ctx.Queue(), ctx.Queue()
     for i in range(shards):
@@ -231,7 +338,9 @@ def run_local(
     for _ in slots:
         indexes.put(None)
     procs = [
-        ctx.Process(target=_worker_process, args=(w, manifest_uri, slot, indexes, events),
+        ctx.Process(target=_worker_process,
+                    args=(w, (first_index + w, workers or len(slots)), manifest_uri, slot,
+                          indexes, events),
                     name=f"relit-worker-{w}")
         for w, slot in enumerate(slots)
     ]
@@ -243,14 +352,16 @@ def run_local(
     interrupt_code = EXIT_INTERRUPTED
     deadline = None
     begun: dict[int, int] = {}  # shard index -> worker, while a worker runs it
+    reaped: set[int] = set()  # workers that died mid-shard, whose leases were freed
 
-    class _Terminated(Exception):
-        pass
+    # Signals only set a flag: an exception raised inside events.get() would leave half a
+    # message in the queue's pipe, and the next read would fail.
+    signals: list[int] = []
 
-    def on_sigterm(signum, frame):
-        raise _Terminated
+    def on_signal(signum, frame):
+        signals.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(event) -> None:
         kind = event[0]
@@ -260,6 +371,8 @@ def run_local(
             on_log(event[1], event[2])
         elif kind == "begin":
             begun[event[1]] = event[2]
+        elif kind == "left":
+            begun.pop(event[1], None)
         elif kind == "shard":
             _, index, code, msg = event
             begun.pop(index, None)
@@ -273,20 +386,16 @@ def run_local(
 
     while True:
         try:
-            try:
-                handle(events.get(timeout=0.2))
+            handle(events.get(timeout=0.2))
+            if not signals:
                 continue
-            except queue.Empty:
-                pass
-            if not any(p.is_alive() for p in procs):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-        except (KeyboardInterrupt, _Terminated) as e:
+        except queue.Empty:
+            pass
+        if signals:
             # Ctrl+C reaches the workers too (one process group); SIGTERM to the parent alone
             # does not: either way each worker gets SIGTERM, saves its report and stops.
-            if isinstance(e, _Terminated):
+            signum = signals.pop(0)
+            if signum == signal.SIGTERM:
                 interrupt_code = EXIT_SIGTERM
             if interrupted:  # a second Ctrl+C: stop now (the reports are fixed below)
                 if on_log:
@@ -302,7 +411,19 @@ def run_local(
                 if p.is_alive() and p.pid:
                     p.terminate()
             deadline = time.monotonic() + STOP_GRACE
-    signal.signal(signal.SIGTERM, previous)
+            continue
+        if not any(p.is_alive() for p in procs):
+            break
+        died = {index: wid for index, wid in begun.items()
+                if procs[wid].exitcode is not None and wid not in reaped}
+        if died and not interrupted:  # killed mid-shard: free its shard for the others now
+            reaped.update(died.values())
+            _release_dead_of(manifest_uri, died, procs)
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     for p in procs:
         p.join()
     # drain what arrived after the last check
@@ -321,9 +442,51 @@ def run_local(
                or any(p.exitcode in stopped_alone for p in procs))
     if begun:  # killed before they saved their report: say so in it
         _settle_reports(manifest_uri, begun, procs, stopped)
+    finished = _finished_elsewhere(manifest_uri, codes)
     for index in range(shards):
-        if index not in codes:  # never started, or its worker died or stopped first
+        if index in finished:  # balance leases: another worker on the same output did it
+            codes[index] = EXIT_OK
+        elif index not in codes:  # never started, or its worker died or stopped first
             codes[index] = EXIT_SIGTERM if stopped else EXIT_FAILED
             if not stopped:
                 messages.append(f"shard {index} did not finish")
     return LocalResult(codes, messages, interrupted, interrupt_code)
+
+
+#: A pod's exit code from its workers' (issue 15): the first of these present. A configuration
+#: error fails the Job, a temporary one is retried, a stop is a stop; only then a crash.
+POD_SEVERITY = (EXIT_CONFIG, EXIT_TEMPORARY, EXIT_SIGTERM, EXIT_FAILED)
+
+
+def pod_exit_code(result: LocalResult) -> int:
+    codes = set(result.shard_codes.values())
+    if result.interrupted:
+        codes.add(EXIT_SIGTERM)
+    return next((c for c in POD_SEVERITY if c in codes), EXIT_OK if codes else EXIT_FAILED)
+
+
+def run_pod(manifest_uri: str, index: int, slots: list[Slot]) -> int | None:
+    """``relit-k8s worker`` with several slots (a pod, or a machine, with several GPUs): one
+    worker process per slot, each claiming shards as a worker of its own (index ``index *
+    len(slots) + w`` of ``RELIT_WORKERS * len(slots)``); every log line says which GPU (or
+    worker) it comes from; the exit code is the most serious of theirs (:data:`POD_SEVERITY`).
+    None for a static run (one shard per index: the caller runs it in one process)."""
+    from .settings import WorkerSettings
+    from .worker import load_manifest
+
+    manifest = load_manifest(manifest_uri)
+    if manifest.balance != "leases":
+        log.warning("%d workers here, but run %s has static shards (one per index): one worker "
+                    "runs shard %d, on %s", len(slots), manifest.run_id, index, slots[0].device)
+        return None
+    n = len(slots)
+    width = WorkerSettings.from_env().workers * n
+    log.info("%d workers here (%s), indexes %d..%d of %d", n,
+             ", ".join(s.visible_gpu and f"GPU {s.visible_gpu}" or s.device for s in slots),
+             index * n, index * n + n - 1, width)
+    result = run_local(manifest_uri, manifest.shards, slots,
+                       on_log=lambda level, text: log.log(level, "%s", text),
+                       first_index=index * n, workers=width)
+    for message in result.messages:
+        log.error("%s", message)
+    return pod_exit_code(result)

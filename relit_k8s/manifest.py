@@ -23,10 +23,17 @@ from .errors import ManifestError
 from .images import is_hdr_name
 from .storage import is_safe_key
 
-#: Version 2: ``batch_size`` may be null (each worker asks its relighter).
+#: Version 2: ``batch_size`` may be null (each worker asks its relighter). Version 3: the
+#: workers claim shards through leases (``balance: leases``); a static plan stays version 2, so
+#: that the workers of older releases still read it.
 MANIFEST_VERSION: Literal[2] = 2
+LEASES_MANIFEST_VERSION: Literal[3] = 3
 #: Versions this relit-k8s reads: version 1 manifests are valid version 2 ones.
-READABLE_MANIFEST_VERSIONS = (1, 2)
+READABLE_MANIFEST_VERSIONS = (1, 2, 3)
+
+#: How shards reach workers: ``static``, shard ``i`` is Job index ``i`` (one pod per shard);
+#: ``leases``, each worker claims shards until none is left (:mod:`relit_k8s.leases`).
+Balance = Literal["static", "leases"]
 REPORT_VERSION: Literal[1] = 1
 
 #: Run ids are DNS-1123 labels of at most 40 characters, so Jobs and pods can be named after them.
@@ -111,7 +118,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1, 2] = MANIFEST_VERSION
+    version: Literal[1, 2, 3] = MANIFEST_VERSION
     run_id: str
     created_at: datetime
     input: str
@@ -132,6 +139,8 @@ class Manifest(BaseModel):
     resumed_from: str | None = Field(None, description="the run this one finishes")
     only_units: tuple[tuple[int, int], ...] | None = Field(
         None, description="a resumed run's units: ranges [start, stop) of the full numbering")
+    balance: Balance = Field("static", description="static: shard i is Job index i; leases: "
+                             "workers claim shards from the output store until none is left")
     checksum: str | None = None
 
     @field_validator("run_id")
@@ -151,6 +160,8 @@ class Manifest(BaseModel):
         for a, b in self.only_units or ():
             if not 0 <= a < b <= self.all_units:
                 raise ValueError(f"unit range [{a}, {b}) is outside 0..{self.all_units}")
+        if (self.balance == "leases") != (self.version == LEASES_MANIFEST_VERSION):
+            raise ValueError("balance: leases goes with manifest version 3, and only with it")
         if self.shards > self.units:
             raise ValueError(f"{self.shards} shards for {self.units} units: some would be empty")
         return self
@@ -250,14 +261,22 @@ class Manifest(BaseModel):
         return f"{self.pair_folder(image, ref)}/{seed}_{self.output_name(image)}"
 
     # --- serialisation -----------------------------------------------------------------------
+    def body(self, exclude: set[str] | None = None) -> dict[str, Any]:
+        """The manifest as JSON data without ``exclude``; ``balance`` only where it is not
+        ``static`` (so that a static plan's checksum and run id are what they were before the
+        field existed)."""
+        skip = set(exclude or ()) | ({"balance"} if self.balance == "static" else set())
+        return self.model_dump(mode="json", exclude=skip)
+
     def body_digest(self) -> str:
-        body = self.model_dump(mode="json", exclude={"checksum"})
+        body = self.body({"checksum"})
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
     def to_json(self) -> bytes:
         sealed = self.model_copy(update={"checksum": self.body_digest()})
-        return sealed.model_dump_json(indent=1).encode()
+        static = {"balance"} if self.balance == "static" else None  # readable by older workers
+        return sealed.model_dump_json(indent=1, exclude=static).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:

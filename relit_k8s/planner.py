@@ -11,27 +11,43 @@ import json
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import images
 from .errors import ConfigError, NotFoundError
 from .maker import check_maker, record_maker
-from .manifest import Manifest, RelighterSpec, Selection, check_run_id, now
+from .manifest import (
+    LEASES_MANIFEST_VERSION,
+    MANIFEST_VERSION,
+    Balance,
+    Manifest,
+    RelighterSpec,
+    Selection,
+    check_run_id,
+    now,
+)
 from .relighters import parse_options, resolve
 from .run import Run
-from .storage import canonical_uri, open_storage
+from .storage import S3Storage, canonical_uri, open_storage
 
 #: Every image format relit-k8s reads: the seed's ``--img-formats`` plus webp and tif/tiff
 #: (a contract change: the seed left those out, and users have them).
 DEFAULT_IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "exr", "hdr")
 #: The seed's ``--ref-formats``.
 DEFAULT_REF_FORMATS = ("png", "exr", "hdr")
-#: Default shards per worker: several, so that fast workers take more shards (dynamic balance).
+#: Default shards per worker with static balance: several, so that fast workers take more
+#: shards (the Job starts the next index on whichever pod slot frees first).
 SHARDS_PER_WORKER = 4
-#: Most shards a default plan makes: very large Jobs stress etcd; users may ask for more.
+#: Most shards a default static plan makes: each is a Job index, and very large Jobs stress
+#: etcd; users may ask for more.
 MAX_DEFAULT_SHARDS = 2000
+#: Default shards per worker with leases: the tail of a run is about one shard's time, so
+#: shards are small (benchmarks/fleet.py measures the choice); a shard is a lease object in
+#: the output store, not a Job index, so there can be many.
+LEASE_SHARDS_PER_WORKER = 16
+MAX_DEFAULT_LEASE_SHARDS = 20_000
 
 
 class PlanSettings(BaseModel):
@@ -53,6 +69,9 @@ class PlanSettings(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     shards: int | None = Field(None, ge=1)
     workers: int = Field(1, ge=1, description="workers the default shard count is made for")
+    balance: Literal["auto", "static", "leases"] = Field(
+        "auto", description="auto: leases where the output store honours conditional writes "
+        "(probed when the manifest is written), else static")
     run_id: str | None = None
     batch_size: int | None = Field(None, ge=1, description="none: the relighter's choice")
     max_pixels: int = Field(images.DEFAULT_MAX_PIXELS, ge=1)
@@ -142,10 +161,34 @@ def list_sources(settings: PlanSettings) -> Sources:
     return Sources(found[0], found[1], left_out)
 
 
-def default_shards(workers: int = 1) -> int:
+def default_shards(workers: int = 1, balance: Balance = "static") -> int:
     """The shard count when none is asked for: ``SHARDS_PER_WORKER`` per worker, at most
-    ``MAX_DEFAULT_SHARDS``. ``plan``, ``run``, ``submit`` and ``resume`` all use it."""
+    ``MAX_DEFAULT_SHARDS`` (with leases: ``LEASE_SHARDS_PER_WORKER``, at most
+    ``MAX_DEFAULT_LEASE_SHARDS``). ``plan``, ``run``, ``submit`` and ``resume`` all use it."""
+    if balance == "leases":
+        return min(MAX_DEFAULT_LEASE_SHARDS, LEASE_SHARDS_PER_WORKER * max(1, workers))
     return min(MAX_DEFAULT_SHARDS, SHARDS_PER_WORKER * max(1, workers))
+
+
+def choose_balance(settings: PlanSettings, probe: bool = True) -> tuple[Balance, str | None]:
+    """The balance of a plan, and a warning when ``auto`` falls back to static: ``auto`` is
+    leases where the output store honours conditional writes. A local folder does (exclusive
+    creates); an S3 store is probed with one object, created twice and deleted (``probe=False``,
+    for dry runs, assumes it does)."""
+    if settings.balance != "auto":
+        return settings.balance, None
+    output = open_storage(canonical_uri(settings.output))
+    if not probe or not isinstance(output, S3Storage):
+        return "leases", None
+    from .leases import conditional_writes_work
+
+    if conditional_writes_work(output):
+        return "leases", None
+    return "static", (
+        f"{settings.output} ignores conditional writes (S3 If-None-Match), which leases need: "
+        "shards are split statically (shard i is Job index i), so a slow or lost worker's "
+        "shards wait for it. Use a store that supports them (AWS S3, MinIO) or pass "
+        "--balance static to silence this")
 
 
 def layout(pairs: int, iterations: int, target_shards: int) -> tuple[int, int]:
@@ -160,7 +203,7 @@ def layout(pairs: int, iterations: int, target_shards: int) -> tuple[int, int]:
 def derive_run_id(manifest: Manifest) -> str:
     """``relit-<10 hex>`` from the plan itself (URIs resolved, listings, settings): the same
     command gives the same run, so running it again continues that run."""
-    body = manifest.model_dump(mode="json", exclude={"run_id", "created_at", "checksum"})
+    body = manifest.body({"run_id", "created_at", "checksum"})
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return "relit-" + digest[:10]
 
@@ -170,15 +213,19 @@ def plan(
     image_keys: list[str],
     ref_keys: list[str],
     created_at: datetime | None = None,
+    balance: Balance | None = None,
 ) -> Manifest:
-    """Make the manifest. Pure: no storage is touched; the relighter's options are validated."""
+    """Make the manifest. Pure: no storage is touched; the relighter's options are validated.
+    ``balance``: as :func:`choose_balance` chose (default: the settings', ``auto`` as leases)."""
     if not image_keys or not ref_keys:
         raise ConfigError("a plan needs at least one image and one reference")
     cls = resolve(settings.relighter)
     options = parse_options(cls, settings.options)
     cls.preflight(options, here=False)
     pairs = len(image_keys) * len(ref_keys)
-    target = settings.shards or default_shards(settings.workers)
+    if balance is None:
+        balance = "leases" if settings.balance == "auto" else settings.balance
+    target = settings.shards or default_shards(settings.workers, balance)
     unit_size, shards = layout(pairs, settings.iterations, target)
     manifest = Manifest(
         run_id=check_run_id(settings.run_id) if settings.run_id else "pending",
@@ -202,6 +249,8 @@ def plan(
         relighter=RelighterSpec(name=settings.relighter, options=options.model_dump(mode="json")),
         batch_size=settings.batch_size,
         max_pixels=settings.max_pixels,
+        balance=balance,
+        version=LEASES_MANIFEST_VERSION if balance == "leases" else MANIFEST_VERSION,
     )
     if settings.run_id:
         return manifest

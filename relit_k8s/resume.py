@@ -79,7 +79,7 @@ def plan_resume(run: Run, workers: int = 1, shards: int | None = None,
     todo = remaining_units(run, trust_reports)
     if not todo:
         return None
-    target = shards or default_shards(workers)
+    target = shards or default_shards(workers, run.manifest.balance)
     if target < 1:
         raise ConfigError("--shards must be at least 1")
     manifest = run.manifest

@@ -43,6 +43,17 @@ class WorkerSettings(BaseModel):
         30.0, ge=0, description="seconds a worker may take after SIGTERM to finish its batch; "
         "past them it abandons the batch (nothing half-written), saves its report and exits "
         "143. The Job sets it below the pod's terminationGracePeriodSeconds")
+    lease_seconds: float = Field(
+        60.0, gt=0, description="balance leases: seconds after its last heartbeat that a "
+        "shard's lease may be taken by another worker (its holder is presumed dead); the "
+        "heartbeat renews it every third of this")
+    lease_poll: float | None = Field(
+        None, gt=0, description="balance leases: seconds a worker waits before it looks again "
+        "when every unfinished shard is held by another (default: a sixth of lease_seconds, "
+        "at most 10)")
+    workers: int = Field(
+        1, ge=1, description="balance leases: the workers of the run, for the order in which "
+        "worker i claims shards (its own, i, i+workers, ..., first); the Job sets it")
     gpu_share: int = Field(
         1, ge=1, description="workers sharing this process's GPU (set by `relit-k8s run` when "
         "--workers exceeds the GPUs): relighters that size their batch from free GPU memory "

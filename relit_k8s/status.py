@@ -8,7 +8,7 @@ shards at the top, each shard's report under ``shards``, the Job under ``job`` w
 from __future__ import annotations
 
 import socket
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -124,6 +124,16 @@ class JobSummary(BaseModel):
     error: str | None = None
 
 
+class LeaseCounts(BaseModel):
+    """``balance: leases``: the lease folder, from one listing."""
+
+    held: int = Field(description="shards being worked on")
+    silent: int = Field(description="of them, leases not renewed for the lease time (their "
+                        "holder is presumed dead; the next worker that looks takes them over)")
+    done: int = Field(description="shards finished")
+    lease_seconds: float
+
+
 class RunStatus(BaseModel):
     """``relit-k8s status -o json``: sums over all shards, and every shard."""
 
@@ -148,6 +158,8 @@ class RunStatus(BaseModel):
     job: JobSummary | None = None
     #: When ``relit-k8s run`` last started workers on the run (None: never recorded).
     launched_at: datetime | None = None
+    balance: str = "static"
+    leases: LeaseCounts | None = None
 
     @property
     def going(self) -> bool:
@@ -254,8 +266,20 @@ def collect(output: str | Storage | Run, run_id: str | None = None,
         stalled_shards=[sh.index for sh in shards if sh.stalled],
         failure_reasons=failure_reasons([f for sh in shards for f in sh.failures]),
         timings=_merge_timings(shards), shards_total=manifest.shards, shards=shards,
-        launched_at=launched_at,
+        launched_at=launched_at, balance=manifest.balance, leases=_lease_counts(run),
     )
+
+
+def _lease_counts(run: Run) -> LeaseCounts | None:
+    if run.manifest.balance != "leases":
+        return None
+    from .leases import LeaseBook
+
+    book = LeaseBook(run.output, run.run_id)
+    done, held = book.listing()
+    old = now() - timedelta(seconds=book.seconds)
+    return LeaseCounts(held=len(held), silent=sum(1 for t in held.values() if t < old),
+                       done=len(done), lease_seconds=book.seconds)
 
 
 def _launched_at(run: Run) -> datetime | None:
@@ -273,5 +297,5 @@ def record_launch(run: Run, workers: int) -> None:
     run.output.write(run.paths.launch, launch.model_dump_json(indent=1).encode())
 
 
-__all__ = ["FailureGroup", "JobEvent", "JobSummary", "PodsWaiting", "RunStatus",
+__all__ = ["FailureGroup", "JobEvent", "JobSummary", "LeaseCounts", "PodsWaiting", "RunStatus",
            "ShardStatus", "collect"]

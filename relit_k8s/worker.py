@@ -38,9 +38,11 @@ from .errors import (
     NotFoundError,
     RelitError,
     Stopped,
+    WriteConflict,
     exit_code_for,
 )
 from .inputs import InputLoader
+from .leases import Claim, Claimer, LeaseBook, LeaseLost
 from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now
 from .relighters import Relighter, create
 from .run import Run
@@ -139,12 +141,27 @@ class _Timer:
 
 
 class _Reporter:
-    """Holds the shard report; a thread writes it every ``interval`` seconds (the heartbeat)."""
+    """Holds the shard report; a thread writes it every ``interval`` seconds (the heartbeat).
+
+    With a lease (``balance: leases``) the heartbeat renews the lease first, every third of the
+    lease time at least, and the report is written only if it is still the version this
+    worker last wrote (a conditional write): a worker whose lease was stolen while it was
+    paused learns it there, sets ``lost`` and writes nothing more for that shard.
+    """
 
     def __init__(self, storage: Storage, key: str, report: ShardReport, interval: float,
-                 progress: ProgressFn | None, log_every: float):
+                 progress: ProgressFn | None, log_every: float,
+                 lease: tuple[LeaseBook, Claim] | None = None):
         self.storage, self.key, self.report = storage, key, report
         self.interval, self.progress, self.log_every = interval, progress, log_every
+        self.book: LeaseBook | None = lease[0] if lease else None
+        self.claim: Claim | None = lease[1] if lease else None
+        if self.book is not None:
+            self.interval = min(interval, self.book.seconds / 3)
+        self._renewed = time.monotonic()  # the lease is renewed every third of the lease time
+        #: set when the lease was lost: the shard pass stops, nothing more is written
+        self.lost = threading.Event()
+        self._version: str | None = None  # of the report, for the next conditional write
         self.lock = threading.Lock()
         self._started = time.monotonic()
         self._last_log = self._started
@@ -158,7 +175,26 @@ class _Reporter:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                # renew every third of the lease time, and as soon as there is progress to
+                # tell (idle workers read it to find stragglers)
+                first = self.claim is not None and self.claim.lease.total is None \
+                    and self.report.items_finished > 0
+                if self.book is not None and self.claim is not None and (first or (
+                        time.monotonic() - self._renewed >= self.book.seconds / 3
+                        - self.interval)):
+                    with self.lock:
+                        r = self.report
+                        done, total = r.items_finished, r.items_total
+                        elapsed = time.monotonic() - self._started
+                    rate = round(done / elapsed, 4) if elapsed > 0 and done else None
+                    self.claim = self.book.renew(self.claim, done, total, rate)
+                    self._renewed = time.monotonic()
                 self.write()
+            except LeaseLost as e:
+                log.warning("shard %d: %s; leaving the shard to it", self.report.index, e,
+                            extra={"event": "lease_lost", "fields": {"shard": self.report.index}})
+                self.lost.set()
+                return
             except RelitError as e:  # a missed heartbeat is not fatal; the next one may pass
                 log.warning("could not write the shard report: %s", e)
             if time.monotonic() - self._last_log >= self.log_every:
@@ -185,7 +221,31 @@ class _Reporter:
             elapsed = time.monotonic() - self._started
             r.items_per_second = round(r.items_done / elapsed, 3) if elapsed > 0 else None
             data = r.model_dump_json(indent=1).encode()
-        self.storage.write(self.key, data)
+        if self.book is None:
+            self.storage.write(self.key, data)
+            return
+        if self.lost.is_set():
+            raise LeaseLost(f"shard {self.report.index}: the lease was lost")
+        try:
+            if self._version is not None:
+                self._version = self.storage.replace(self.key, data, self._version)
+                return
+            for _ in range(3):  # the first write of this attempt: over whatever is there
+                try:
+                    _, current = self.storage.read_versioned(self.key)
+                except NotFoundError:
+                    current = None
+                try:
+                    self._version = (self.storage.create(self.key, data) if current is None
+                                     else self.storage.replace(self.key, data, current))
+                    return
+                except WriteConflict:
+                    continue
+        except WriteConflict:
+            pass
+        self.lost.set()
+        raise LeaseLost(f"the report of shard {self.report.index} was written by another "
+                        "worker: its lease was taken")
 
     def add_time(self, what: str, seconds: float) -> None:
         with self.lock:
@@ -205,6 +265,13 @@ class _Reporter:
             r.failures_dropped += max(0, len(failures) - room)
         if self.progress and (done or skipped or failed):
             self.progress(done, skipped, failed)
+
+    def abandon(self) -> None:
+        """The lease was lost: stop the heartbeat and write nothing more."""
+        self.lost.set()
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def finish(self, state: str, error: str | None = None, exit_code: int | None = None) -> None:
         self._stop.set()
@@ -284,10 +351,16 @@ class ShardRunner:
         #: Unexpected relighter errors in a row, across shards (UNEXPECTED_LIMIT ends one).
         self.unexpected_in_a_row = 0
         self._reporter: _Reporter | None = None
+        #: items finished and seconds spent on the shards this runner finished (its rate)
+        self._items, self._seconds = 0, 0.0
 
     # --- running -----------------------------------------------------------------------------
-    def run(self, index: int) -> ShardReport:
-        """Run shard ``index``; returns its final report. Raises :class:`Stopped` on stop."""
+    def run(self, index: int, lease: tuple[LeaseBook, Claim] | None = None) -> ShardReport:
+        """Run shard ``index``; returns its final report. Raises :class:`Stopped` on stop.
+
+        ``lease``: the shard's lease (``balance: leases``), renewed by the heartbeat;
+        :class:`LeaseLost` when another worker took it (nothing more is written for it).
+        """
         m = self.manifest
         units = m.shard_units(index)
         attempt = self._previous_attempts(index) + 1
@@ -304,6 +377,7 @@ class ShardRunner:
             self.report_interval,
             self.progress,
             self.settings.progress_seconds,
+            lease,
         )
         self._reporter = report
         report.start()
@@ -320,15 +394,24 @@ class ShardRunner:
                  }})
         try:
             _ShardPass(self, report).run(units)
+        except LeaseLost:
+            report.abandon()
+            raise
         except Stopped:
             report.finish("stopped", "stopped by a signal before the shard was finished; "
                           "run the index again to finish it", Stopped.exit_code)
+            self._let_go(report, done=False)
             raise
         except BaseException as e:
             report.finish("failed", f"{type(e).__name__}: {e}", exit_code_for(e))
+            self._let_go(report, done=False)
             raise
         report.finish("done", exit_code=EXIT_OK)
+        self._let_go(report, done=True)
         r = report.report
+        if r.items_done:  # skipped items are quick: they would overstate the rate
+            self._items += r.items_done
+            self._seconds += time.monotonic() - report._started
         log.info("shard %d done: %d written, %d skipped, %d failed (%s items/s)", index,
                  r.items_done, r.items_skipped, r.items_failed, r.items_per_second,
                  extra={"event": "end", "fields": {
@@ -336,6 +419,58 @@ class ShardRunner:
                      "failed": r.items_failed, "total": r.items_total,
                      "items_per_second": r.items_per_second, "timings": r.timings}})
         return r
+
+    @staticmethod
+    def _let_go(report: _Reporter, done: bool) -> None:
+        """With a lease: mark the shard finished, or free it at once for another worker."""
+        if report.book is None or report.claim is None or report.lost.is_set():
+            return
+        try:
+            if done:
+                report.book.finish(report.claim)
+            else:
+                report.book.release(report.claim)
+        except RelitError as e:  # a lease left behind goes stale and is taken later
+            if done:
+                raise
+            log.warning("could not release the lease of shard %d: %s", report.report.index, e)
+
+    def claimer(self, index: int, workers: int | None = None) -> Claimer:
+        """``balance: leases``: the shards this worker (``index`` of ``workers``; by default
+        ``RELIT_WORKERS``) claims, one at a time, until every shard is finished."""
+        book = LeaseBook(self.output, self.manifest.run_id, seconds=self.settings.lease_seconds)
+        return Claimer(book, self.manifest.shards, index, workers or self.settings.workers,
+                       poll=self.settings.lease_poll, stop=self.stop)
+
+    def run_claimed(self, index: int, workers: int | None = None) -> int:
+        """``balance: leases``: run the shards this worker claims until every shard of the run
+        is finished (by it or others); returns how many it finished. :class:`Stopped` when
+        stopped first (its shard's lease is released, for another worker to take at once)."""
+        claimer = self.claimer(index, workers)
+        finished = 0
+        for claim in claimer:
+            try:
+                self.run(claim.shard, (claimer.book, claim))
+            except LeaseLost:
+                continue  # another worker finishes it
+            finished += 1
+            claimer.own_rate = self.items_rate()
+        if self.stop.is_set():
+            raise Stopped("stopped before every shard of the run was finished")
+        self.log_all_done(claimer, finished)
+        return finished
+
+    def items_rate(self) -> float | None:
+        """Items written per second of shard time, over the shards this worker finished."""
+        return round(self._items / self._seconds, 4) if self._seconds > 0 and self._items \
+            else None
+
+    def log_all_done(self, claimer: Claimer, finished: int) -> None:
+        log.info("every shard of run %s is finished: this worker finished %d (%d claims, %d "
+                 "of them taken from stalled workers)", self.manifest.run_id, finished,
+                 claimer.claims, claimer.steals, extra={"event": "all_done", "fields": {
+                     "finished": finished, "claims": claimer.claims,
+                     "steals": claimer.steals}})
 
     def _previous_attempts(self, index: int) -> int:
         try:
@@ -405,6 +540,9 @@ class _ShardPass:
             self._raise_write_error()
 
     def _raise_if_stopped(self) -> None:
+        if self.report.lost.is_set():
+            raise LeaseLost(f"shard {self.report.report.index}: its lease was taken by another "
+                            "worker")
         if self.stop.is_set():
             raise Stopped("stopped before the shard was finished")
 
@@ -538,9 +676,8 @@ def install_stop_handlers(stop: threading.Event, overdue: Callable[[], None] | N
     signal.signal(signal.SIGINT, handler)
 
 
-def main(manifest: str | None, index: int | None, device: str | None = None) -> int:
-    """``relit-k8s worker``: run one shard and return the process exit code."""
-    manifest = manifest or os.environ.get("RELIT_MANIFEST")
+def job_index(index: int | None) -> int:
+    """``--index``, else ``JOB_COMPLETION_INDEX``; a :class:`ConfigError` without either."""
     if index is None and os.environ.get("JOB_COMPLETION_INDEX") not in (None, ""):
         try:
             index = int(os.environ["JOB_COMPLETION_INDEX"])
@@ -548,12 +685,22 @@ def main(manifest: str | None, index: int | None, device: str | None = None) -> 
             raise ConfigError(
                 f"JOB_COMPLETION_INDEX={os.environ['JOB_COMPLETION_INDEX']!r} is not an integer"
             ) from None
-    if not manifest:
-        raise ConfigError("no manifest: pass --manifest URI or set RELIT_MANIFEST")
     if index is None:
         raise ConfigError("no shard index: pass --index N or set JOB_COMPLETION_INDEX")
+    return index
+
+
+def main(manifest: str | None, index: int | None, device: str | None = None) -> int:
+    """``relit-k8s worker``: run one shard and return the process exit code."""
+    manifest = manifest or os.environ.get("RELIT_MANIFEST")
+    if not manifest:
+        raise ConfigError("no manifest: pass --manifest URI or set RELIT_MANIFEST")
+    index = job_index(index)
     runner = start(manifest, device, index=index)
-    runner.run(index)  # its "start" event tells the model load time
+    if runner.manifest.balance == "leases":  # index: this worker, not a shard
+        runner.run_claimed(index)
+    else:
+        runner.run(index)  # its "start" event tells the model load time
     return EXIT_OK
 
 
@@ -569,7 +716,7 @@ def start(manifest_uri: str, device: str | None = None, index: int | None = None
     install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None),
                           settings.stop_grace, announce_stop)
     m = load_manifest(manifest_uri)
-    if index is not None:
+    if index is not None and m.balance == "static":
         m.shard_range(index)
     runners.append(ShardRunner(m, device=device, stop=stop, progress=progress,
                                settings=settings))

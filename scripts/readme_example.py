@@ -60,9 +60,15 @@ def tree(out: Path) -> list[str]:
     lines.append(f"├── ... ({len(pairs)} folders: image x reference)")
     lines.append(f"└── _relit/{run.name}/")
     lines.append("    ├── manifest.json")
-    reports = " ".join(sorted((p.name for p in (run / "shards").iterdir()),
-                              key=lambda n: int(n.split(".")[0])))
-    lines.append(f"    └── shards/{reports}")
+
+    def listed(folder: str) -> str:
+        names = sorted((p.name for p in (run / folder).iterdir() if not p.name.startswith(".")),
+                       key=lambda n: int(n.split(".")[0]))
+        return " ".join(names) if len(names) <= 4 else f"{names[0]} {names[1]} ... {names[-1]}"
+
+    if (run / "leases").is_dir():
+        lines.append(f"    ├── leases/{listed('leases')}")
+    lines.append(f"    └── shards/{listed('shards')}")
     return lines
 
 
@@ -94,9 +100,9 @@ def make() -> str:
             *files,
             "```",
             "",
-            "Run the same command again: everything is skipped, nothing is rewritten. Then look "
-            "at the run,",
-            "and at its results:",
+            "Run the same command again: the run is finished, so nothing is relit or "
+            "rewritten. Then look",
+            "at the run, and at its results:",
             "",
             "```",
             f"$ {command}",

@@ -211,6 +211,20 @@ class FakeApiServer:
                                                    {"name": name, "kind": "jobs"}))
                 if method == "GET":
                     return self._send(200, job)
+                if method == "PATCH":
+                    # as the API server: a merge patch; an Indexed Job's completions change
+                    # only together with parallelism, and only while they are equal (elastic
+                    # Indexed Jobs, GA in 1.31)
+                    fake.requests[-1]["content_type"] = self.headers.get("Content-Type")
+                    spec, change = job["spec"], (body or {}).get("spec") or {}
+                    if "completions" in change and not (
+                            spec["completions"] == spec["parallelism"]
+                            and change["completions"] == change.get("parallelism")):
+                        return self._send(422, _status(
+                            422, "Invalid", f'Job.batch "{name}" is invalid: spec.completions: '
+                            "Invalid value: field is immutable"))
+                    spec.update(change)
+                    return self._send(200, job)
                 if method == "DELETE":
                     del fake.jobs[(ns, name)]
                     return self._send(200, {"kind": "Status", "apiVersion": "v1",
@@ -277,5 +291,8 @@ class FakeApiServer:
 
             def do_DELETE(self):
                 self._route("DELETE")
+
+            def do_PATCH(self):
+                self._route("PATCH")
 
         return Handler

@@ -26,9 +26,11 @@ def outputs(out: Path) -> list[Path]:
 
 
 def test_run_on_the_examples_then_again_then_status(tmp_path):
+    """With static balance a second run lists every pair's outputs and skips them (with leases,
+    tests/test_balance.py, a finished run is finished: nothing is listed again)."""
     out = tmp_path / "out"
     first = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "2",
-                "--device", "cpu", check=True)
+                "--device", "cpu", "--balance", "static", check=True)
     assert "relighting" in first.stderr and "24/24" in first.stderr  # the progress bar
     assert "written 24, skipped 0 (already there), failed 0, of 24" in first.stdout
     files = outputs(out)
@@ -41,7 +43,7 @@ def test_run_on_the_examples_then_again_then_status(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in files}
 
     again = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "2",
-                "--device", "cpu", check=True)
+                "--device", "cpu", "--balance", "static", check=True)
     assert "written 0, skipped 24" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in outputs(out)} == stamps
 
@@ -166,7 +168,7 @@ def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_pat
     out = tmp_path / "out"
     args = ["run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
             str(out), "--iterations", "80", "--device", "cpu", "--workers", "2",
-            "--batch-size", "2"]
+            "--batch-size", "2", "--shards", "2"]  # large shards: the stop lands in them
     exe = str(Path(sys.executable).parent / "relit-k8s")
     # A terminal sends Ctrl+C's SIGINT to the whole foreground process group.
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -190,7 +192,11 @@ def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_pat
     assert not [s for s in status["shards"] if s["state"] in ("running", "failed")]
     assert status["items_done"] == done
     result = cli(*args, "--no-progress", check=True)
-    assert f"skipped {done}" in result.stdout and len(outputs(out)) == 240
+    assert "failed 0, of 240" in result.stdout and len(outputs(out)) == 240
+    # the items of the stopped shards written before the stop are skipped, not redone
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)
+    assert status["items_done"] + status["items_skipped"] == 240
+    assert status["items_done"] == 240 - status["items_skipped"] <= 240 - 10
 
 
 def test_device_flags_are_checked():
@@ -233,7 +239,7 @@ def test_sigterm_to_run_stops_its_workers_and_exits_143(tmp_path):
     proc = subprocess.Popen([exe, "run", "--input", str(images), "--refs",
                              str(EXAMPLES / "refs"), "--output", str(out), "--iterations", "80",
                              "--device", "cpu", "--workers", "2", "--batch-size", "2",
-                             "--no-progress"],
+                             "--no-progress", "--shards", "2"],  # the stop lands in a shard
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(outputs(out)) < 10:
@@ -277,8 +283,8 @@ def test_status_flags_stalled_shards_and_groups_failures_by_reason(tmp_path):
     assert "estimated size" in dry
 
 
-COMMANDS = ["plan", "run", "worker", "status", "submit", "logs", "cancel", "resume", "gallery",
-            "make-model", "relighters"]
+COMMANDS = ["plan", "run", "worker", "status", "submit", "logs", "scale", "cancel", "resume",
+            "gallery", "make-model", "relighters"]
 
 
 def test_help_reads_well_every_option_explained_no_type_tags_brackets_kept():
@@ -302,7 +308,8 @@ def test_help_reads_well_every_option_explained_no_type_tags_brackets_kept():
 
     assert f"[default: all it reads, {' '.join(DEFAULT_IMG_FORMATS)}]" in pages["run"]
     assert "[default: next to the run, <output>/_relit/<run>/gallery/]" in pages["gallery"]
-    assert "Number of shards [default: 4 per worker]." in pages["plan"]
+    assert ("Number of shards [default: 16 per worker with leases, 4 with static balance]."
+            in pages["plan"])
     assert "[default: the run's]" in pages["resume"]
     assert "as a new Job when the run was submitted" in pages["resume"]
 

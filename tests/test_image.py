@@ -91,7 +91,11 @@ def report(s3_client, bucket: str, job: dict, index: int) -> dict | None:
 
 def test_every_index_runs_in_its_pod_and_a_second_run_rewrites_nothing(
         image, pods, bucket, s3_client, s3_endpoint, capsys):
+    """Leases (the default: moto honours conditional writes): two worker pods claim the two
+    shards; pods started again find every shard finished and exit 0 without touching an
+    output or a report."""
     job = plan_job(image, s3_client, bucket, s3_endpoint)
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     first = [pods(job, i).start() for i in range(job["spec"]["completions"])]
     codes = [p.wait() for p in first]
     assert codes == [0, 0], "\n".join(p.logs()[-3000:] for p in first)
@@ -112,13 +116,17 @@ def test_every_index_runs_in_its_pod_and_a_second_run_rewrites_nothing(
     etags = {o["Key"]: o["ETag"] for o in s3_client.list_objects_v2(
         Bucket=bucket, Prefix="out/")["Contents"] if "/_relit/" not in o["Key"]}
 
+    run_id = job["metadata"]["name"]
+    done = sorted(o["Key"].rsplit("/", 1)[1] for o in s3_client.list_objects_v2(
+        Bucket=bucket, Prefix=f"out/_relit/{run_id}/leases/")["Contents"])
+    assert done == ["0.done", "1.done"]
+
     again = [pods(job, i).start() for i in range(2)]
     assert [p.wait() for p in again] == [0, 0]
-    reports = [report(s3_client, bucket, job, i) for i in range(2)]
-    assert [r["items_done"] for r in reports] == [0, 0]  # nothing rewritten ...
-    assert sum(r["items_skipped"] for r in reports) == len(outputs)  # ... everything skipped
+    assert [report(s3_client, bucket, job, i) for i in range(2)] == reports  # untouched ...
     assert etags == {o["Key"]: o["ETag"] for o in s3_client.list_objects_v2(
-        Bucket=bucket, Prefix="out/")["Contents"] if "/_relit/" not in o["Key"]}
+        Bucket=bucket, Prefix="out/")["Contents"] if "/_relit/" not in o["Key"]}  # ... all
+    assert "every shard of run" in again[0].logs()
 
 
 def test_a_missing_or_tampered_manifest_is_78_and_unreachable_s3_is_75(

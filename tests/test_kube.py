@@ -32,9 +32,9 @@ def validate_strict(obj: dict) -> None:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
-def manifest(shards: int = 6) -> Manifest:
+def manifest(shards: int = 6, balance: str = "static") -> Manifest:
     s = PlanSettings(input="s3://b/in", refs="s3://b/refs", output="s3://b/out", iterations=4,
-                     shards=shards)
+                     shards=shards, balance=balance)
     return plan(s, [f"i{i}.jpg" for i in range(5)], ["r.hdr", "q.exr"])
 
 
@@ -73,6 +73,17 @@ def test_the_job_is_an_indexed_job_with_the_failure_policy():
                 "app.kubernetes.io/managed-by", "relit-k8s/run-id"):
         assert key in labels and key in spec["template"]["metadata"]["labels"]
     assert job["metadata"]["annotations"]["relit-k8s/manifest"] == "s3://b/out/m.json"
+    # leases: one index per worker (completions = parallelism, so scale can change both), each
+    # told how many workers there are (the claim order of worker i: i, i+W, ... first)
+    m = manifest(shards=20, balance="leases")
+    spec = build_job(m, "s3://b/out/m.json", GPU)["spec"]
+    assert spec["completions"] == spec["parallelism"] == 4 and m.shards == 20
+    assert 1 <= spec["maxFailedIndexes"] <= 4
+    [env] = [c["env"] for c in spec["template"]["spec"]["containers"]]
+    assert {"name": "RELIT_WORKERS", "value": "4"} in env
+    few = manifest(shards=2, balance="leases")  # never more workers than shards
+    assert build_job(few, "s3://b/out/m.json", GPU)["spec"]["completions"] == 2
+    validate_strict(build_job(m, "s3://b/out/m.json", GPU))
     # Kueue: the queue label, and created suspended for Kueue to admit
     assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and spec["suspend"] is True
     assert "suspend" not in build_job(m, "u", CPU)["spec"]
@@ -253,8 +264,14 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
     manifest_key = f"out/_relit/{name}/manifest.json"
     assert sent["metadata"]["annotations"]["relit-k8s/manifest"] == \
         f"s3://{s3_data}/{manifest_key}"
-    stored = s3_client.get_object(Bucket=s3_data, Key=manifest_key)["Body"].read()
-    assert Manifest.from_json(stored).shards == sent["spec"]["completions"]
+    stored = Manifest.from_json(s3_client.get_object(Bucket=s3_data, Key=manifest_key)["Body"]
+                                .read())
+    # leases (moto honours conditional writes): one index per worker, each claiming shards
+    assert stored.balance == "leases" and stored.shards == 24  # 16 x 3 asked; 24 units
+    assert sent["spec"]["completions"] == sent["spec"]["parallelism"] == 3
+    [env] = [c["env"] for c in sent["spec"]["template"]["spec"]["containers"]]
+    assert {"name": "RELIT_WORKERS", "value": "3"} in env
+    assert "3 workers claiming 24 shards" in " ".join(result.stdout.split())
     record = json.loads(s3_client.get_object(
         Bucket=s3_data, Key=f"out/_relit/{name}/job.json")["Body"].read())
     assert record["namespace"] == "relit" and record["job"] == name
@@ -267,7 +284,7 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
                             check=True).stdout)
     assert status["job"]["state"] == "running" and status["job"]["active"] == 2
     assert status["job"]["completed_indexes"] == "0" and status["job"]["failed_indexes"] == "3"
-    assert status["state"] == "pending" and len(status["shards"]) == sent["spec"]["completions"]
+    assert status["state"] == "pending" and len(status["shards"]) == stored.shards
     fake_api.jobs[(ns, name)]["status"]["conditions"] = [
         {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]
     table = cli("status", name, "--output", f"s3://{s3_data}/out", check=True).stdout
@@ -287,6 +304,27 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
     assert f"relit-k8s/run-id={name},batch.kubernetes.io/job-completion-index=1" in selectors
     every = cli("logs", name, "--namespace", "relit", "--all-attempts", check=True).stdout
     assert "[0] old attempt" in every
+
+    # scale: an elastic Indexed Job, parallelism and completions together (a merge patch)
+    del fake_api.jobs[(ns, name)]["status"]["conditions"]
+    scaled = cli("scale", name, "--parallelism", "5", "--output", f"s3://{s3_data}/out",
+                 check=True)
+    assert "3 -> 5 workers" in " ".join(scaled.stdout.split())
+    [patch] = [r for r in fake_api.requests if r["method"] == "PATCH"]
+    assert patch["path"] == f"/apis/batch/v1/namespaces/relit/jobs/{name}"
+    assert patch["body"] == {"spec": {"parallelism": 5, "completions": 5}}
+    assert "merge-patch" in patch["content_type"]
+    spec = fake_api.jobs[(ns, name)]["spec"]
+    assert spec["parallelism"] == spec["completions"] == 5
+    status = json.loads(cli("status", name, "--output", f"s3://{s3_data}/out", "-o", "json",
+                            check=True).stdout)
+    assert status["job"]["parallelism"] == status["job"]["completions"] == 5
+    cli("scale", name, "--parallelism", "2", "--namespace", "relit", check=True)
+    assert spec["parallelism"] == spec["completions"] == 2
+    fake_api.jobs[(ns, name)]["status"]["conditions"] = [
+        {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]
+    ended = cli("scale", name, "--parallelism", "4", "--namespace", "relit")
+    assert ended.returncode == 78 and "has ended (Complete)" in ended.stderr
 
     # a second submit of the same plan: the Job exists
     again = cli(*submit_args(s3_data, "--parallelism", "3"))
@@ -361,7 +399,9 @@ def test_resume_submits_a_job_over_only_the_missing_units(s3_data, s3_client, fa
     assert [u for shard in todo for u in shard] == [
         m.unit(u) for u in range(m.units) if u not in done_units]
     job = fake_api.jobs[("relit", resumed_name)]
-    assert job["spec"]["completions"] == resumed.shards
+    # the resumed run balances as its run did (leases): 2 workers claim its shards
+    assert resumed.balance == m.balance == "leases" and resumed.shards == resumed.units == 6
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert read_submission(Run.of(resumed)).settings.image == "relit-k8s:test"
     validate_strict(job)
 
@@ -370,7 +410,7 @@ def test_resume_locally_finishes_a_run(tmp_path):
     out = tmp_path / "out"
     cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
         "--output", str(out), "--iterations", "2", "--device", "cpu", "--no-progress",
-        check=True)
+        "--balance", "static", check=True)  # 4 shards: units are whole pairs
     files = sorted(p for p in out.rglob("*") if p.is_file() and "_relit" not in p.parts)
     for p in files[::5]:
         p.unlink()
@@ -420,7 +460,7 @@ def test_kustomize_builds_and_every_object_validates(folder):
     role = next(o for o in objects if o["kind"] == "Role")
     assert role["rules"] == [
         {"apiGroups": ["batch"], "resources": ["jobs"],
-         "verbs": ["create", "get", "list", "watch", "delete"]},
+         "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},  # FailedCreate
@@ -688,3 +728,17 @@ def test_kubectl_finds_the_jobs_pods_and_logs_of_a_run():
                     "batch.kubernetes.io/job-completion-index",
                     "kubectl -n relit logs -l relit-k8s/run-id=RUN --prefix --tail=-1"):
         assert command in readme
+
+
+def test_scale_changes_only_parallelism_of_a_static_job(s3_data, fake_api):
+    """With static shards completions is the shard count: scale changes how many pods run at
+    once, never which shards exist."""
+    cli(*submit_args(s3_data, "--parallelism", "2", "--balance", "static"), check=True)
+    [(ns, name)] = list(fake_api.jobs)
+    spec = fake_api.jobs[(ns, name)]["spec"]
+    assert spec["completions"] == 8 and spec["parallelism"] == 2  # 4 shards per worker
+    scaled = cli("scale", name, "--parallelism", "6", "--namespace", "relit", check=True)
+    assert "2 -> 6 pods at a time" in " ".join(scaled.stdout.split())
+    assert (spec["completions"], spec["parallelism"]) == (8, 6)
+    missing = cli("scale", "relit-nope", "--parallelism", "6", "--namespace", "relit")
+    assert missing.returncode != 0 and "no Job relit-nope" in missing.stderr

@@ -5,6 +5,7 @@ stores that ignore conditional writes."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 import uuid
 
@@ -13,6 +14,8 @@ from fault_proxy import FaultProxy
 
 from relit_k8s.errors import WriteConflict
 from relit_k8s.leases import (
+    Claim,
+    Claimer,
     LeaseBook,
     LeaseLost,
     claim_order,
@@ -88,8 +91,7 @@ def test_a_stale_lease_is_stolen_once_and_its_old_holder_learns_it(store_uri):
     assert c.try_claim(3) is None  # the new holder is fresh
     with pytest.raises(LeaseLost):  # a comes back: its heartbeat fails, it must stop
         a.renew(held)
-    with pytest.raises(LeaseLost):
-        a.release(held, done=True)
+    a.release(held)  # and its release leaves the thief's lease alone
     assert b.read(3)[0].owner == b.owner
 
 
@@ -97,18 +99,51 @@ def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri
     store = open_storage(store_uri)
     a, b = LeaseBook(store, "relit-q"), LeaseBook(store, "relit-q")
     first = a.try_claim(0)
-    a.release(first, done=False)  # stopped by SIGTERM: another worker takes it now
+    a.release(first)  # stopped by SIGTERM: another worker takes it now
     again = b.try_claim(0)
     assert again is not None and again.lease.steals == 0
-    b.release(again, done=True)
+    b.finish(again)
     assert a.try_claim(0) is None and b.try_claim(0) is None
-    # worker 0 of 2 tries its own shards (0, 2) first, then the others (1): 0 is done
-    nxt = a.claim_next(claim_order(0, 2, 3))
+    assert store.exists("_relit/relit-q/leases/0.done")
+    assert not store.exists("_relit/relit-q/leases/0.json")
+    # worker 0 of 2 claims its own shards (0, 2) first, then the others (1): 0 is finished
+    claimer = Claimer(a, shards=3, index=0, workers=2, poll=0.05)
+    assert claimer.state() == ({0}, {})
+    nxt = claimer.next()
     assert nxt is not None and nxt.shard == 2
+    assert claimer.next().shard == 1
+    assert set(claimer.state()[1]) == {1, 2}  # held, by a
+    a.finish(nxt)
+    waiting = threading.Thread(target=lambda: setattr(claimer, "last", claimer.next()))
+    waiting.start()  # shard 1 is held (by a itself, but fresh): the claimer waits ...
+    time.sleep(0.3)
+    assert waiting.is_alive()
+    lease, version = a.read(1)
+    a.finish(Claim(1, version, lease))
+    waiting.join(10)  # ... until every shard is finished: then there is nothing more
+    assert not waiting.is_alive() and claimer.last is None
+
+
+def test_a_claimer_takes_stale_leases_only_once_nothing_is_free(store_uri):
+    store = open_storage(store_uri)
+    dead = LeaseBook(store, "relit-s", seconds=0.5)
+    for shard in (0, 1):
+        dead.try_claim(shard)  # a worker that then died
+    thief = Claimer(LeaseBook(store, "relit-s", seconds=0.5), shards=3, index=0, workers=1,
+                    poll=0.05)
+    assert thief.next().shard == 2  # free first
+    started = time.monotonic()
+    taken = {thief.next().shard, thief.next().shard}  # then the stale ones, once stale
+    assert taken == {0, 1} and time.monotonic() - started >= 0.4
+    assert thief.steals == 2 and thief.claims == 3
 
 
 def test_claim_order_takes_own_shards_first_then_the_rest():
-    assert list(claim_order(1, 3, 8)) == [1, 4, 7, 2, 3, 5, 6, 0]
+    order = list(claim_order(1, 3, 8))
+    assert order[:3] == [1, 4, 7] and sorted(order[3:]) == [0, 2, 3, 5, 6]
+    assert order == list(claim_order(1, 3, 8))  # the same for the same worker
+    others = {tuple(list(claim_order(i, 64, 4096))[64:72]) for i in range(8)}
+    assert len(others) == 8  # workers out of their own shards try others in orders of their own
     assert sorted(claim_order(0, 4, 10)) == list(range(10))
 
 
@@ -126,3 +161,23 @@ def test_a_store_that_ignores_conditional_writes_is_found_by_the_probe(s3_endpoi
         assert conditional_writes_work(ignoring)
     finally:
         proxy.stop()
+
+
+def test_an_idle_worker_takes_over_a_stragglers_shard_only_when_far_faster(store_uri):
+    """The tail of a run: a live holder that reports 90 items left at 1 item/s loses its
+    shard to an idle worker that does 10 items/s, not to one only a bit faster; the holder's
+    next heartbeat tells it."""
+    store = open_storage(store_uri)
+    slow = LeaseBook(store, "relit-t", seconds=60)
+    held = slow.try_claim(0)
+    held = slow.renew(held, done=10, total=100, rate=1.0)
+    assert held.lease.seconds_left() == 90
+    bit_faster = LeaseBook(store, "relit-t", seconds=60)
+    assert bit_faster.try_claim(0, faster_than=1.5) is None  # 90 s > 2 x 60 s + 20 s? no
+    fast = LeaseBook(store, "relit-t", seconds=60)
+    taken = fast.try_claim(0, faster_than=10.0)  # 90 s > 2 x 9 s + 20 s: yes
+    assert taken is not None and taken.lease.stolen_from == slow.owner
+    with pytest.raises(LeaseLost):
+        slow.renew(held, done=11, total=100, rate=1.0)
+    fresh = LeaseBook(store, "relit-t", seconds=60)  # no progress reported yet: never taken
+    assert fresh.try_claim(1) is not None and fast.try_claim(1, faster_than=1000.0) is None

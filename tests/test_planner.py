@@ -74,11 +74,32 @@ def test_every_item_is_in_exactly_one_shard_and_shards_are_balanced(
 
 
 def test_default_shards_give_several_per_worker(tmp_path):
-    m = make(tmp_path, 10, 10, workers=3)
+    m = make(tmp_path, 10, 10, workers=3, balance="static")
     assert m.shards == 12 and m.unit_size == m.iterations
     # few pairs: iterations are split so every worker still gets several shards
-    m = make(tmp_path, 1, 1, iterations=50, workers=2)
+    m = make(tmp_path, 1, 1, iterations=50, workers=2, balance="static")
     assert m.shards == 8 and m.unit_size < 50
+    # leases (the default): smaller shards, 16 per worker, since the tail is one shard long
+    m = make(tmp_path, 10, 10, workers=3)
+    assert m.balance == "leases" and m.shards == 48 and m.version == 3
+    m = make(tmp_path, 1, 1, iterations=50, workers=2)
+    assert (m.shards, m.unit_size) == (25, 2)  # 32 asked: every unit is a shard
+
+
+def test_a_static_plan_is_the_manifest_older_releases_wrote_and_read(tmp_path):
+    """Static plans stay version 2 with no balance field: their checksum, their run id (the
+    same command continues the same run) and older workers reading them are unchanged."""
+    static = make(tmp_path, balance="static")
+    data = json.loads(static.to_json())
+    assert data["version"] == 2 and "balance" not in data
+    assert Manifest.from_json(static.to_json()) == static.model_copy(
+        update={"checksum": data["checksum"]})
+    leases = make(tmp_path)
+    assert json.loads(leases.to_json())["balance"] == "leases"
+    assert Manifest.from_json(leases.to_json()).balance == "leases"
+    assert leases.run_id != static.run_id  # a different plan, a different run
+    with pytest.raises(ValueError, match="version 3"):
+        Manifest.model_validate({**data, "balance": "leases"})
 
 
 def test_layout_splits_iterations_only_when_pairs_are_too_few():
@@ -120,7 +141,7 @@ def test_manifest_round_trips_and_detects_tampering(tmp_path):
 
 
 def test_version_1_manifests_are_still_read(tmp_path):
-    m = make(tmp_path)
+    m = make(tmp_path, balance="static")
     assert m.version == 2 and m.batch_size is None  # no --batch-size: the relighter chooses
     old = m.model_copy(update={"version": 1, "batch_size": 8})  # as earlier relit-k8s wrote them
     back = Manifest.from_json(old.to_json())

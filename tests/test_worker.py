@@ -24,8 +24,10 @@ WORKER = [sys.executable, "-m", "relit_k8s", "worker"]
 
 
 def planned(images_dir, refs_dir, out, **kw) -> tuple[Manifest, str]:
+    """A written plan; static balance (shard i is index i) unless ``balance`` says otherwise
+    (tests/test_balance.py covers leases)."""
     s = PlanSettings(input=str(images_dir), refs=str(refs_dir), output=str(out),
-                     **{"iterations": 2, **kw})
+                     **{"iterations": 2, "balance": "static", **kw})
     return write_manifest(plan(s, *list_sources(s)[:2]))
 
 

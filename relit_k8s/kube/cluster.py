@@ -80,6 +80,13 @@ class Cluster:
             return None
         return _plain(job)
 
+    def patch_job_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Change fields of a Job's spec (a merge patch: the fields given, nothing else)."""
+        with _api_errors(f"changing Job {name}", self.namespace):
+            patched = self.batch.patch_namespaced_job(name, self.namespace, {"spec": spec},
+                                                      _request_timeout=REQUEST_TIMEOUT)
+        return _plain(patched)
+
     def delete_job(self, name: str) -> None:
         with _api_errors(f"deleting Job {name}", self.namespace):
             self.batch.delete_namespaced_job(name, self.namespace,
@@ -210,7 +217,8 @@ class _api_errors:
             if status in (401, 403):
                 raise ConfigError(
                     f"forbidden {self.what}: {reason}. The submitter needs the Role in "
-                    "manifests/base (jobs create/get/list/watch/delete, pods get/list/watch, "
+                    "manifests/base (jobs create/get/list/watch/patch/delete, pods "
+                    "get/list/watch, "
                     "pods/log get, events list)"
                 ) from exc
             if status == 422 or status == 400:

@@ -3,8 +3,10 @@
 The Job is a plain dict, exactly what ``submit --dry-run -o yaml`` prints and what is sent to
 the API server. Every field is chosen on purpose:
 
-* ``completionMode: Indexed``, ``completions`` = shards: pod ``i`` gets ``JOB_COMPLETION_INDEX=i``
-  and runs shard ``i``; ``parallelism`` pods run at once.
+* ``completionMode: Indexed``; pod ``i`` gets ``JOB_COMPLETION_INDEX=i``. With leases (the
+  default where the store allows), ``completions`` = ``parallelism`` = workers: worker ``i``
+  claims shards from the output store until every shard is finished. With static balance,
+  ``completions`` = shards: pod ``i`` runs shard ``i``; ``parallelism`` pods run at once.
 * ``backoffLimitPerIndex`` retries each index on its own (a crashing shard does not use up the
   others' retries); ``maxFailedIndexes`` fails the Job early when too many shards fail for good.
 * ``podFailurePolicy``: exit 78 (configuration error) fails the Job at once, since no retry can
@@ -216,6 +218,16 @@ def stop_grace_for(termination_grace_seconds: int) -> int:
     return max(1, termination_grace_seconds - min(15, termination_grace_seconds // 4))
 
 
+def job_indexes(manifest: Manifest, parallelism: int) -> int:
+    """The Job's ``completions``. Static balance: one index per shard. Leases: one index per
+    worker (``parallelism`` of them, at most one per shard), each claiming shards until none
+    is left; ``completions`` equals ``parallelism``, so that ``relit-k8s scale`` can change
+    both (an elastic Indexed Job)."""
+    if manifest.balance == "leases":
+        return min(parallelism, manifest.shards)
+    return manifest.shards
+
+
 def default_max_failed(shards: int) -> int:
     return min(10_000, max(1, shards // 10))
 
@@ -319,15 +331,19 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         pod_spec["priorityClassName"] = s.priority_class
     if s.image_pull_secret:
         pod_spec["imagePullSecrets"] = [{"name": s.image_pull_secret}]
+    indexes = job_indexes(manifest, s.parallelism)
+    if manifest.balance == "leases":
+        # the claim order of worker i: its own shards (i, i + workers, ...) first
+        env.append({"name": "RELIT_WORKERS", "value": str(indexes)})
     spec: dict[str, Any] = {
         "completionMode": "Indexed",
-        "completions": manifest.shards,
-        "parallelism": min(s.parallelism, manifest.shards),
+        "completions": indexes,
+        "parallelism": min(s.parallelism, indexes),
         "backoffLimitPerIndex": s.backoff_limit_per_index,
         "maxFailedIndexes": min(
-            manifest.shards,
+            indexes,
             s.max_failed_indexes if s.max_failed_indexes is not None
-            else default_max_failed(manifest.shards)),
+            else default_max_failed(indexes)),
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {"rules": [
             {"action": "FailJob", "onExitCodes": {

@@ -234,3 +234,31 @@ def add_job_details(cluster, job: dict[str, Any], summary: JobSummary) -> None:
                                    last_seen=e.get("lastTimestamp") or e.get("eventTime"))
                           for e in events if e.get("type") == "Warning"][-5:]
     summary.details_error = "; ".join(problems) or None
+
+
+def scale(cluster, run_id: str, parallelism: int) -> tuple[int, int, bool]:
+    """Change how many pods of a running Job work at once; returns (parallelism before,
+    after, whether completions changed with it).
+
+    With leases (``completions`` = ``parallelism``: one index per worker) both change
+    together, an elastic Indexed Job: new indexes start workers that claim what is left, and
+    removed ones are stopped (SIGTERM: their shards are released for the others). With static
+    shards only ``parallelism`` changes (``completions`` is the shard count).
+    """
+    job = cluster.get_job(run_id)
+    if job is None:
+        raise NotFoundError(f"no Job {run_id} in namespace {cluster.namespace}")
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    ended = [c["type"] for c in status.get("conditions") or []
+             if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"]
+    if ended:
+        raise ConfigError(f"Job {run_id} has ended ({ended[0]}): there is nothing to scale; "
+                          f"relit-k8s resume {run_id} --output ... starts a new Job for what "
+                          "is missing")
+    leases = any(e.get("name") == "RELIT_WORKERS"
+                 for c in spec["template"]["spec"]["containers"] for e in c.get("env") or [])
+    change: dict[str, Any] = {"parallelism": parallelism}
+    if leases:
+        change["completions"] = parallelism
+    after = cluster.patch_job_spec(run_id, change)["spec"]
+    return int(spec.get("parallelism") or 1), int(after["parallelism"]), leases

@@ -1,0 +1,393 @@
+"""Fleet balance: static shards against leases, as makespan / ideal at W simulated workers.
+
+The real claiming code (relit_k8s.leases: LeaseBook, Claimer) runs against a real S3 endpoint
+(moto in server mode, in a process of its own on 127.0.0.1). W worker threads stand for W GPU
+pods; their "relighter" sleeps for each unit's time (scaled time), and each unit's output is a
+real object written to the store. The fleet is unkind on purpose:
+
+* unit times are heavy-tailed (a unit is 8 items, each lognormal with sigma 1);
+* 10% of the workers are 3x slower (a slow node, an older GPU);
+* 5% of the workers are killed mid-shard (kill -9: no report, no release); Kubernetes starts a
+  replacement pod for their index after the restart delay (= the lease time here).
+
+static: shard i is Job index i (4 shards per worker, the static default); a free pod slot takes
+the next pending index, as the Job controller does; a killed pod's index is retried by its
+replacement, which skips the units already written.
+leases: 16 shards per worker (the default) claimed through leases; a killed worker's shard is
+taken over once its lease is stale; the replacement claims like any worker.
+
+ideal = total work / total worker speed. Printed per row, side by side: makespan / ideal for
+both, units lost (must be 0), units processed twice (with leases only after a steal, and their
+outputs byte-identical), claims per second the store sustained, and S3 requests.
+
+Usage: python benchmarks/fleet.py [--workers 16 64 256] [--out benchmarks/results/fleet_cpu.json]
+       python benchmarks/fleet.py --smoke     (a few seconds: the CI's check that it runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+#: Seconds of ideal makespan per row: long enough that the store (a moto server sharing this
+#: machine's 2 cores with every simulated worker) is not the bottleneck at about 100 requests/s,
+#: short enough for one run. Time is scaled: a unit of 8 items takes about 2 s here.
+DEFAULT_SECONDS = {16: 60.0, 64: 120.0, 256: 300.0}
+UNITS_PER_WORKER = 32
+ITEMS_PER_UNIT = 8
+SLOW_FRACTION, SLOW_FACTOR = 0.10, 3.0
+KILLED_FRACTION = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_store() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in its own process."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@dataclass
+class Row:
+    balance: str
+    workers: int
+    shards: int
+    ideal_s: float
+    makespan_s: float = 0.0
+    units: int = 0
+    units_lost: int = 0
+    units_twice: int = 0
+    twice_without_steal: int = 0
+    twice_not_identical: int = 0
+    claims: int = 0
+    steals: int = 0
+    requests: int = 0
+    killed: int = 0
+    ops: dict = field(default_factory=dict)  # S3 requests by operation
+
+    @property
+    def ratio(self) -> float:
+        return round(self.makespan_s / self.ideal_s, 3)
+
+    def as_dict(self) -> dict:
+        d = self.__dict__.copy()
+        d["makespan_over_ideal"] = self.ratio
+        d["claims_per_second"] = round(self.claims / self.makespan_s, 2) if self.claims else 0
+        return d
+
+
+@dataclass
+class Fleet:
+    """One simulated run: its units, workers and the store."""
+
+    workers: int
+    seconds: float
+    seed: int
+    units: list[float] = field(default_factory=list)  # seconds of work per unit, at speed 1
+    speeds: list[float] = field(default_factory=list)
+    kills: dict[int, float] = field(default_factory=dict)  # worker -> seconds into the run
+
+    @classmethod
+    def make(cls, workers: int, seconds: float, seed: int = 0) -> Fleet:
+        rng = random.Random(seed)
+        n = workers * UNITS_PER_WORKER
+        raw = [sum(rng.lognormvariate(0, 1.0) for _ in range(ITEMS_PER_UNIT)) for _ in range(n)]
+        slow = set(rng.sample(range(workers), max(1, round(SLOW_FRACTION * workers))))
+        speeds = [1 / SLOW_FACTOR if w in slow else 1.0 for w in range(workers)]
+        scale = seconds * sum(speeds) / sum(raw)  # total work / total speed = seconds
+        killed = rng.sample(range(workers), max(1, math.ceil(KILLED_FRACTION * workers)))
+        kills = {w: rng.uniform(0.2, 0.6) * seconds for w in killed}
+        return cls(workers, seconds, seed, [u * scale for u in raw], speeds, kills)
+
+    @property
+    def lease_seconds(self) -> float:
+        """The lease time, and a replacement pod's start delay: scaled like the work."""
+        return self.seconds / 8
+
+    def shard_units(self, shards: int, index: int) -> range:
+        n = len(self.units)
+        return range(index * n // shards, (index + 1) * n // shards)
+
+
+def expected_bytes(unit: int) -> bytes:
+    return hashlib.sha256(f"unit {unit}".encode()).digest() * 8
+
+
+class Store:
+    """The output store of one row: outputs written, and who processed what."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        import boto3
+        from botocore.config import Config
+
+        from relit_k8s.storage import S3Storage
+
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                   aws_access_key_id="bench", aws_secret_access_key="bench",
+                                   config=Config(max_pool_connections=512,
+                                                 retries={"max_attempts": 10,
+                                                          "mode": "standard"}))
+        self.client.create_bucket(Bucket=bucket)
+        self.requests = 0
+        self.ops: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.client.meta.events.register("before-call.s3.*", self._count)
+        self.storage = S3Storage(bucket, "out", client=self.client)
+        self.processed: Counter[int] = Counter()
+        self.written: set[int] = set()
+        self.last_write = 0.0
+
+    def _count(self, event_name: str = "", **_):
+        with self._lock:
+            self.requests += 1
+            self.ops[event_name.rsplit(".", 1)[-1]] += 1
+
+    def write(self, unit: int) -> None:
+        self.storage.write(f"units/{unit}.bin", expected_bytes(unit))
+        with self._lock:
+            self.processed[unit] += 1
+            self.written.add(unit)
+            self.last_write = time.monotonic()
+
+
+def _work(fleet: Fleet, store: Store, units: range, speed: float, killed: threading.Event,
+          lost: threading.Event | None = None, progress: list | None = None) -> bool:
+    """Process ``units`` (skipping those written, as a worker does after listing its pairs);
+    False when killed (or the lease lost) part-way. ``progress``: [units finished, units
+    written], kept up to date for the heartbeat."""
+    for u in units:
+        if u in store.written:
+            if progress is not None:
+                progress[0] += 1
+            continue
+        if killed.wait(fleet.units[u] / speed) or (lost is not None and lost.is_set()):
+            return False  # killed mid-unit: this unit's output is never written
+        store.write(u)
+        if progress is not None:
+            progress[0] += 1
+            progress[1] += 1
+    return True
+
+
+def _kill_timer(fleet: Fleet, w: int, start: float) -> threading.Event:
+    killed = threading.Event()
+    if w in fleet.kills:
+        t = threading.Timer(max(0.0, start + fleet.kills[w] - time.monotonic()), killed.set)
+        t.daemon = True
+        t.start()
+    return killed
+
+
+def run_static(fleet: Fleet, store: Store, shards: int) -> Row:
+    """Indexes handed to free pod slots in order (the Job controller); a killed pod's index is
+    retried by a replacement pod after the restart delay."""
+    pending = list(range(shards))
+    lock = threading.Lock()
+    start = time.monotonic()
+
+    def slot(w: int) -> None:
+        speed, killed = fleet.speeds[w], _kill_timer(fleet, w, start)
+        retry: int | None = None
+        while True:
+            if retry is not None:
+                index, retry = retry, None
+            else:
+                with lock:
+                    if not pending:
+                        return
+                    index = pending.pop(0)
+            if not _work(fleet, store, fleet.shard_units(shards, index), speed, killed):
+                time.sleep(fleet.lease_seconds)  # the replacement pod starts
+                killed, speed, retry = threading.Event(), 1.0, index
+
+    threads = [threading.Thread(target=slot, args=(w,)) for w in range(fleet.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    row = Row("static", fleet.workers, shards, fleet.seconds, killed=len(fleet.kills))
+    row.makespan_s = round(store.last_write - start, 2)
+    return row
+
+
+def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
+    from relit_k8s.leases import Claimer, LeaseBook, LeaseLost
+
+    start = time.monotonic()
+    stolen: set[int] = set()
+    totals = Counter()
+    lock = threading.Lock()
+
+    def worker(w: int) -> None:
+        speed, killed = fleet.speeds[w], _kill_timer(fleet, w, start)
+        while True:
+            book = LeaseBook(store.storage, "fleet", seconds=fleet.lease_seconds)
+            claimer = Claimer(book, shards, w, fleet.workers)  # a kill lands mid-unit
+            dead, written_units, busy = False, 0, 0.0
+            for claim in claimer:
+                if claim.lease.stolen_from is not None:
+                    with lock:
+                        stolen.add(claim.shard)
+                lost, beat_stop = threading.Event(), threading.Event()
+                units = fleet.shard_units(shards, claim.shard)
+                progress, began = [0, 0], time.monotonic()
+
+                def beat(c=claim, lost=lost, beat_stop=beat_stop, units=units,
+                         progress=progress, began=began, book=book, killed=killed) -> None:
+                    # as the worker's heartbeat (every 5 s of a 60 s lease, scaled): renew
+                    # every third of the lease time, and at once when there is progress to tell
+                    renewed = time.monotonic()
+                    while not beat_stop.wait(book.seconds / 12):
+                        if killed.is_set():
+                            return  # a dead worker does not beat
+                        first = c.lease.total is None and progress[0] > 0
+                        if not first and time.monotonic() - renewed < book.seconds / 3 - \
+                                book.seconds / 12:
+                            continue
+                        elapsed = time.monotonic() - began
+                        try:
+                            c = book.renew(c, progress[0], len(units),
+                                           progress[0] / elapsed if progress[0] else None)
+                        except LeaseLost:
+                            lost.set()
+                            return
+                        renewed = time.monotonic()
+
+                heart = threading.Thread(target=beat, daemon=True)
+                heart.start()
+                finished = _work(fleet, store, units, speed, killed, lost, progress)
+                beat_stop.set()
+                if killed.is_set():
+                    dead = True
+                    break
+                if finished:
+                    book.finish(claim)
+                    written_units += progress[1]
+                    busy += time.monotonic() - began
+                    if written_units:
+                        claimer.own_rate = written_units / busy
+            with lock:
+                totals["claims"] += claimer.claims
+                totals["steals"] += claimer.steals
+            if not dead:
+                return
+            time.sleep(fleet.lease_seconds)  # the replacement pod starts, on another node
+            killed, speed = threading.Event(), 1.0
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(fleet.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    row = Row("leases", fleet.workers, shards, fleet.seconds, killed=len(fleet.kills),
+              claims=totals["claims"], steals=totals["steals"])
+    row.makespan_s = round(store.last_write - start, 2)
+    twice = [u for u, n in store.processed.items() if n > 1]
+    shard_of = {u: s for s in range(shards) for u in fleet.shard_units(shards, s)}
+    row.twice_without_steal = sum(1 for u in twice if shard_of[u] not in stolen)
+    return row
+
+
+def check_outputs(fleet: Fleet, store: Store, row: Row) -> None:
+    """Every unit's output exactly once in the listing; duplicates byte-identical."""
+    names = store.storage.list_names("units")
+    row.units = len(fleet.units)
+    row.units_lost = sum(1 for u in range(row.units) if f"{u}.bin" not in names)
+    twice = [u for u, n in store.processed.items() if n > 1]
+    row.units_twice = len(twice)
+    row.twice_not_identical = sum(
+        1 for u in twice if store.storage.read(f"units/{u}.bin") != expected_bytes(u))
+    row.requests = store.requests
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--seconds", type=float, help="ideal makespan per row [default: 60, 120, "
+                    "300 s for 16, 64, 256 workers]")
+    ap.add_argument("--static-shards", type=int, default=4, help="static shards per worker")
+    ap.add_argument("--lease-shards", type=int, default=16, help="lease shards per worker")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["static", "leases"], help="run one balance only")
+    ap.add_argument("--smoke", action="store_true", help="4 workers, 4 s: a check that it runs")
+    ap.add_argument("--out", help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.workers, args.seconds = [4], 4.0
+    proc, endpoint = start_store()
+    rows = []
+    try:
+        for w in args.workers:
+            seconds = args.seconds or DEFAULT_SECONDS.get(w, 30.0)
+            fleet = Fleet.make(w, seconds, args.seed)
+            for balance, per_worker, run in (("static", args.static_shards, run_static),
+                                             ("leases", args.lease_shards, run_leases)):
+                if args.only and balance != args.only:
+                    continue
+                store = Store(endpoint, f"fleet-{balance}-{w}-{os.getpid()}")
+                row = run(fleet, store, per_worker * w)
+                check_outputs(fleet, store, row)
+                row.ops = dict(store.ops)
+                rows.append(row)
+                print(f"W={w:4d} {balance:6s} shards={row.shards:5d} makespan/ideal="
+                      f"{row.ratio:5.3f} ({row.makespan_s:.1f} s / {row.ideal_s:.1f} s) "
+                      f"lost={row.units_lost} twice={row.units_twice} "
+                      f"(without a steal: {row.twice_without_steal}, not identical: "
+                      f"{row.twice_not_identical}) claims={row.claims} steals={row.steals} "
+                      f"requests={row.requests}", flush=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    result = {
+        "benchmark": "fleet",
+        "date": datetime.now(UTC).date().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores; store: moto server",
+        "fleet": {"units_per_worker": UNITS_PER_WORKER, "items_per_unit": ITEMS_PER_UNIT,
+                  "item_time": "lognormal, sigma 1", "slow": f"{SLOW_FRACTION:.0%} of "
+                  f"workers {SLOW_FACTOR:g}x slower", "killed": f"{KILLED_FRACTION:.0%} of "
+                  "workers mid-shard, replaced after the lease time",
+                  "lease_seconds": "ideal / 8"},
+        "rows": [r.as_dict() for r in rows],
+    }
+    print("\n  W   static   leases  (makespan / ideal)   lost  twice  claims/s")
+    for w in ([] if args.only else args.workers):
+        s, le = (next(r for r in rows if r.workers == w and r.balance == b)
+                 for b in ("static", "leases"))
+        print(f"{w:4d}  {s.ratio:6.3f}   {le.ratio:6.3f}   {' ' * 19}"
+              f"{s.units_lost + le.units_lost:4d}  {le.units_twice:5d}  "
+              f"{le.as_dict()['claims_per_second']:8.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Balance by leases (issue 15): worker processes claim shards from the output store, a killed
+worker's shard is taken over once its lease expires, SIGTERM frees a shard at once, a worker
+whose lease was taken while it was paused writes nothing more for that shard, two local runs
+share one S3 output, and a store that ignores conditional writes falls back to static shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import EXAMPLES, cli, photo, png_bytes, upload_folder
+from fault_proxy import FaultProxy
+
+from relit_k8s.errors import EXIT_OK, EXIT_SIGTERM
+from relit_k8s.manifest import Manifest, ShardReport, pair_seeds
+from relit_k8s.planner import PlanSettings, list_sources, plan, write_manifest
+from relit_k8s.run import RunPaths
+
+WORKER = [sys.executable, "-m", "relit_k8s", "worker", "--device", "cpu"]
+
+
+def big_dataset(tmp_path: Path, images: int = 1, iterations: int = 200, shards: int = 1,
+                **kw) -> tuple[Manifest, str, Path]:
+    """Large photos and many iterations: a shard takes long enough to be caught mid-way."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    for i in range(images):
+        (tmp_path / "in" / f"big{i}.png").write_bytes(png_bytes(photo(384, 512, seed=i)))
+    (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
+    out = tmp_path / "out"
+    s = PlanSettings(input=str(tmp_path / "in"), refs=str(tmp_path / "refs"), output=str(out),
+                     iterations=iterations, shards=shards, batch_size=4, balance="leases", **kw)
+    m, uri = write_manifest(plan(s, *list_sources(s)[:2]))
+    assert m.balance == "leases" and m.shards == shards
+    return m, uri, out
+
+
+def expected(m: Manifest) -> set[str]:
+    return {m.output_key(image, ref, seed) for image in m.images for ref in m.references
+            for seed in pair_seeds(m.base_seed, image, ref, m.iterations)}
+
+
+def written(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*")
+            if p.is_file() and "_relit" not in p.parts}
+
+
+def start_worker(uri: str, index: int, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([*WORKER, "--manifest", uri, "--index", str(index)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RELIT_REPORT_INTERVAL": "0.2", **env})
+
+
+def wait_for_outputs(out: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(written(out)) < n:
+        time.sleep(0.05)
+    assert len(written(out)) >= n, f"{len(written(out))} outputs after {timeout} s"
+
+
+def leases(out: Path, m: Manifest) -> list[str]:
+    """The lease folder's objects (the local store's hidden lock files left out)."""
+    folder = out / RunPaths(m.run_id).prefix / "leases"
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path):
+    m, uri, out = big_dataset(tmp_path, images=2, iterations=16, shards=8)
+    procs = [start_worker(uri, i, RELIT_WORKERS="2") for i in range(2)]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [EXIT_OK, EXIT_OK], results
+    assert written(out) == expected(m)
+    assert leases(out, m) == sorted(f"{s}.done" for s in range(8))
+    reports = [ShardReport.from_json((out / RunPaths(m.run_id).report(s)).read_bytes())
+               for s in range(m.shards)]
+    assert {r.state for r in reports} == {"done"}
+    assert sum(r.items_done for r in reports) == m.items  # no item relit twice
+    for _, stderr in results:  # each says it is done with the run, having done some of it
+        assert "every shard of run" in stderr
+
+
+def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
+    m, uri, out = big_dataset(tmp_path, iterations=200, shards=2)
+    lease_env = {"RELIT_LEASE_SECONDS": "3", "RELIT_WORKERS": "2"}
+    a = start_worker(uri, 0, **lease_env)
+    wait_for_outputs(out, 8)
+    a.kill()  # kill -9: no report saved, no lease released
+    a.communicate()
+    assert "0.json" in leases(out, m)
+    b = start_worker(uri, 1, **lease_env)
+    _, stderr = b.communicate(timeout=300)
+    assert b.returncode == EXIT_OK, stderr
+    assert "took shard 0 from" in stderr  # its own shard first, then the dead worker's
+    assert written(out) == expected(m)  # every output, each once (outputs are named by seed)
+    assert leases(out, m) == ["0.done", "1.done"]
+    report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
+    assert report.state == "done" and report.attempt == 2 and report.items_skipped >= 8
+
+
+def test_sigterm_frees_the_shard_at_once(tmp_path):
+    m, uri, out = big_dataset(tmp_path, iterations=200, shards=1)
+    long_lease = {"RELIT_LEASE_SECONDS": "3600"}  # only a release lets another take it
+    a = start_worker(uri, 0, **long_lease)
+    wait_for_outputs(out, 8)
+    a.send_signal(signal.SIGTERM)
+    _, stderr = a.communicate(timeout=60)
+    assert a.returncode == EXIT_SIGTERM, stderr
+    assert leases(out, m) == []  # released, nothing finished
+    report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
+    assert report.state == "stopped"
+    b = start_worker(uri, 0, **long_lease)
+    _, stderr = b.communicate(timeout=240)
+    assert b.returncode == EXIT_OK, stderr
+    assert written(out) == expected(m)
+
+
+def test_a_paused_worker_whose_lease_was_taken_writes_no_more_reports(tmp_path):
+    """The known failure of heartbeats: a worker paused past its lease (a stalled node, a
+    stop-the-world pause) comes back after another took its shard over. Its heartbeat and
+    report writes are conditional, so it learns it and leaves the thief's report alone."""
+    m, uri, out = big_dataset(tmp_path, iterations=200, shards=1)
+    env = {"RELIT_LEASE_SECONDS": "2"}
+    a = start_worker(uri, 0, **env)
+    wait_for_outputs(out, 8)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # a's lease is stale now
+        b = start_worker(uri, 0, **env)
+        _, b_err = b.communicate(timeout=300)
+        assert b.returncode == EXIT_OK, b_err
+        assert "took shard 0" in b_err
+        key = out / RunPaths(m.run_id).report(0)
+        final = key.read_bytes()
+        assert ShardReport.from_json(final).state == "done"
+    finally:
+        a.send_signal(signal.SIGCONT)
+    _, a_err = a.communicate(timeout=120)
+    assert a.returncode == EXIT_OK, a_err  # every shard is finished: nothing left for it
+    assert "was taken by another worker" in a_err
+    assert key.read_bytes() == final  # b's final report stands
+    assert written(out) == expected(m)
+
+
+def test_two_local_runs_on_one_s3_output_write_every_output_once(bucket, s3_client, s3_env,
+                                                                 tmp_path):
+    """Claims live in the output store: two `relit-k8s run` on different machines (here, two
+    processes) work on the same run together, each claiming what is left."""
+    upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
+    upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
+    args = ["run", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
+            "--output", f"s3://{bucket}/out", "--iterations", "4", "--device", "cpu",
+            "--no-progress"]
+    exe = Path(sys.executable).parent / "relit-k8s"
+    procs = [subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    keys = [o["Key"] for page in s3_client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix="out/") for o in page.get("Contents", [])]
+    outputs = [k for k in keys if "/_relit/" not in k]
+    assert len(outputs) == len(set(outputs)) == 4 * 3 * 4
+    [run_id] = {k.split("/")[2] for k in keys if "/_relit/" in k and "manifest" in k}
+    reports = [k for k in keys if f"_relit/{run_id}/shards/" in k]
+    done = sum(ShardReport.from_json(s3_client.get_object(Bucket=bucket, Key=k)["Body"].read())
+               .items_done for k in reports)
+    assert done == 48  # each output relit by one of the two runs only
+    both = " ".join(out for out, _ in results)
+    assert "written" in both
+
+
+def test_a_store_that_ignores_conditional_writes_gets_static_shards(s3_endpoint, bucket,
+                                                                    s3_client, tmp_path):
+    upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
+    upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        proxy.drop_headers = {"if-none-match", "if-match"}  # as some S3-compatible servers do
+        env = {"AWS_ENDPOINT_URL": proxy.url}
+        args = ["plan", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
+                "--output", f"s3://{bucket}/out", "--iterations", "2"]
+        fallback = cli(*args, env=env, check=True)
+        warning = " ".join(fallback.stderr.split())
+        assert "ignores conditional writes" in warning and "--balance static" in warning
+        forced = cli(*args, "--balance", "leases", env=env, check=True)
+        assert "ignores" not in forced.stderr
+        quiet = cli(*args, "--balance", "static", env=env, check=True)
+        assert "warning" not in quiet.stderr
+    finally:
+        proxy.stop()
+    manifests = [Manifest.from_json(s3_client.get_object(Bucket=bucket, Key=o["Key"])["Body"]
+                                    .read())
+                 for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="out/_relit/")
+                 ["Contents"] if o["Key"].endswith("manifest.json")]
+    assert sorted(m.balance for m in manifests) == ["leases", "static"]  # auto and static: one
+    assert not [o for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="out/_relit/")
+                ["Contents"] if "probe" in o["Key"]]
+
+
+def test_a_pod_with_two_slots_runs_two_workers_and_exits_with_the_most_serious_code(tmp_path):
+    """A pod with 2 GPUs runs 2 workers, one per GPU (here CPU stand-ins: --device cpu
+    --workers 2), each claiming as a worker of its own; each log line says whose it is."""
+    m, uri, out = big_dataset(tmp_path, images=2, iterations=16, shards=8)
+    proc = subprocess.run([*WORKER, "--manifest", uri, "--workers", "2"], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "JOB_COMPLETION_INDEX": "1", "RELIT_WORKERS": "3"})
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "2 workers here (cpu, cpu), indexes 2..3 of 6" in proc.stderr
+    for who in ("[worker 0]", "[worker 1]"):  # both worked, and both say so
+        assert any(who in line and "every shard of run" in line
+                   for line in proc.stderr.splitlines()), proc.stderr
+    assert written(out) == expected(m)
+    assert leases(out, m) == sorted(f"{s}.done" for s in range(8))
+
+    from relit_k8s.local import LocalResult, pod_exit_code
+
+    def code(*codes: int, interrupted: bool = False) -> int:
+        return pod_exit_code(LocalResult(dict(enumerate(codes)), [], interrupted))
+
+    # 78 before 75 before 143 before 1 before 0
+    assert code(0, 1, 143, 75, 78) == 78 and code(0, 1, 143, 75) == 75
+    assert code(1, 143) == 143 and code(0, 1) == 1 and code(0, 0) == 0
+    assert code(0, interrupted=True) == 143
+
+
+def test_the_fleet_benchmark_runs_and_loses_nothing(tmp_path):
+    """benchmarks/fleet.py --smoke: the real claiming code against a moto server process, a
+    few simulated workers (one killed mid-shard); its ratios are measured by hand (README)."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "fleet.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "fleet.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["balance"] for r in rows] == ["static", "leases"]
+    for row in rows:
+        assert row["units_lost"] == 0 and row["units"] == 4 * 32
+        assert row["twice_without_steal"] == 0 and row["twice_not_identical"] == 0
+        assert row["makespan_over_ideal"] > 0
+    assert rows[1]["claims"] >= rows[1]["shards"] and rows[1]["steals"] >= 1  # one was killed
+    assert "makespan / ideal" in done.stdout
