@@ -14,11 +14,12 @@ decode of this very model, so the model FLOP utilisation needs no published figu
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
-from common import relight_timings, sync
+from common import profile_step, relight_timings, sync
 
 
 def _create(folder: str, device, **options):
@@ -66,17 +67,57 @@ def seed_loop(folder: str, steps: int, samples: int, device) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def ours(folder: str, steps: int, batch: int, batches: int, device,
+def ours(folder: str, steps: int, batch: int | None, batches: int, device,
          extra: dict | None = None) -> dict:
-    """The luminet relighter: load and first-batch seconds, steady samples/s."""
+    """The luminet relighter: load and first-batch seconds (with ``compile=true``, the
+    compile's too), steady samples/s; ``batch`` None: the relighter's own (measured) choice."""
     image, ref = inputs(256)
     start = time.perf_counter()
-    r = _create(folder, device, ddim_steps=steps, batch_size=batch, **(extra or {}))
+    options = {"ddim_steps": steps, **({"batch_size": batch} if batch else {}), **(extra or {})}
+    r = _create(folder, device, **options)
     sync(device)
     loaded = time.perf_counter() - start
-    first, rate = relight_timings(r, image, ref, batch, batches, device, start)
-    return {"batch": batch, "load_seconds": loaded, "load_phases": r.load_timings,
+    first, rate = relight_timings(r, image, ref, r.batch_size, batches, device, start)
+    return {"batch": r.batch_size, "load_seconds": loaded, "load_phases": r.load_timings,
             "first": first, "rate": rate, "dtype": str(r.dtype).removeprefix("torch.")}
+
+
+def _step_inputs(r, b: int) -> tuple:
+    """(latents, timesteps, prepared) of one denoising step of ``b`` seeds, on a random hint."""
+    cfg = r.cfg
+    side, res = cfg.prior.hint_spatial, cfg.image_size
+    hint = torch.rand(1, 6, res, res, device=r.device, dtype=r.dtype)
+    feature_map, context = r.model.lighting(hint, r.context.to(r.device, r.dtype))
+    x = torch.randn(b, cfg.unet.in_channels, side, side, device=r.device, dtype=r.dtype)
+    return (x, torch.full((b,), 500, device=r.device),
+            (feature_map.expand(b, -1, -1, -1), context.expand(b, -1, -1)))
+
+
+def step_profile(folder: str, device, batch: int = 32) -> dict:
+    """:func:`common.profile_step` of one eager denoising step at ``batch`` seeds."""
+    r = _create(folder, device, batch_size=batch)
+    with torch.inference_mode():
+        x, t, prepared = _step_inputs(r, batch)
+        return {"batch": batch, **profile_step(
+            lambda: r.model.apply_model(x, t, None, None, prepared=prepared), device)}
+
+
+def batch_sweep(folder: str, device, sizes=(8, 16, 24, 32, 48), reps: int = 3) -> dict:
+    """Samples/s of one denoising step (UNet + ControlNet, eager) per batch size: the
+    measurement behind the automatic batch size's cap."""
+    r = _create(folder, device, batch_size=8)
+    found = {}
+    with torch.inference_mode():
+        for b in sizes:
+            x, t, prepared = _step_inputs(r, b)
+            r.model.apply_model(x, t, None, None, prepared=prepared)  # warm
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                r.model.apply_model(x, t, None, None, prepared=prepared)
+            sync(device)
+            found[b] = round(b * reps / (time.perf_counter() - start), 2)
+    return found
 
 
 def tflop_per_sample(folder: str, steps: int, device) -> float:
@@ -121,9 +162,23 @@ def run(args, device, peak: float | None) -> dict:
                                                                 args.seed_samples, device)
         if seed_rate:
             print(f"seed loop style: {seed_rate:.4f} samples/s", flush=True)
+        sweep = batch_sweep(folder, device) if args.sweep else None
+        if sweep:
+            print("denoising-step samples/s by batch size (eager):", sweep, flush=True)
+        profiled = step_profile(folder, device) if args.profile else None
+        if profiled:
+            print("one denoising step, profiled:", json.dumps(profiled, indent=1), flush=True)
         extra = dict(o.split("=", 1) for o in args.option)
-        m = ours(folder, args.steps, args.batch or 8, args.batches, device, extra)
-        print(f"luminet: {m['rate']:.3f} samples/s at batch {m['batch']}", flush=True)
+        m = None if args.skip_eager else ours(folder, args.steps, args.batch, args.batches,
+                                              device, extra)
+        if m:
+            print(f"luminet: {m['rate']:.3f} samples/s at batch {m['batch']}", flush=True)
+        compiled = ours(folder, args.steps, args.batch, args.batches, device,
+                        {**extra, "compile": "true"}) if args.compile else None
+        if compiled:
+            print(f"luminet compiled: {compiled['rate']:.3f} samples/s at batch "
+                  f"{compiled['batch']}, first batch after {compiled['first']:.1f} s",
+                  flush=True)
         tflop = tflop_per_sample(folder, args.steps, device)
     result = {
         "relighter": "luminet",
@@ -131,15 +186,23 @@ def run(args, device, peak: float | None) -> dict:
                                else "full (the official checkpoint's sizes)"),
         "model_made_seconds": made,
         "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
-        "relit_samples_per_s": round(m["rate"], 4),
-        "relit_speedup": round(m["rate"] / seed_rate, 2) if seed_rate else None,
-        "relit_batch": m["batch"],
-        "relit_dtype": m["dtype"],
-        "relit_load_seconds": round(m["load_seconds"], 2),
-        "relit_load_phases": m["load_phases"],
-        "relit_first_sample_seconds": round(m["first"], 2),
+        "step_samples_per_s_by_batch": sweep,
+        "step_profile": profiled,
         "tflop_per_sample": round(tflop, 4),
+        "bf16_matmul_peak_tflops": round(peak, 1) if peak else None,
     }
-    if peak and not args.tiny:
-        result["relit_model_flop_utilisation"] = round(m["rate"] * tflop / peak, 3)
+    for name, found in (("relit", m), ("compiled", compiled)):
+        if not found:
+            continue
+        result |= {
+            f"{name}_samples_per_s": round(found["rate"], 4),
+            f"{name}_speedup": round(found["rate"] / seed_rate, 2) if seed_rate else None,
+            f"{name}_batch": found["batch"],
+            f"{name}_dtype": found["dtype"],
+            f"{name}_load_seconds": round(found["load_seconds"], 2),
+            f"{name}_load_phases": found["load_phases"],
+            f"{name}_first_sample_seconds": round(found["first"], 2),
+        }
+        if peak and not args.tiny:
+            result[f"{name}_model_flop_utilisation"] = round(found["rate"] * tflop / peak, 3)
     return result

@@ -25,6 +25,7 @@ from relit_k8s.errors import RelighterError
 from relit_k8s.relighters import create
 from relit_k8s.relighters.luminet.checkpoint import load, read_state_dict, split_state_dict
 from relit_k8s.relighters.luminet.model import LumiNet, LumiNetConfig
+from relit_k8s.relighters.luminet.relighter import LuminetOptions
 from relit_k8s.relighters.luminet.sampler import ddim_sample, ddim_timesteps
 from relit_k8s.relighters.luminet.text import empty_prompt_context, empty_prompt_tokens
 from relit_k8s.relighters.luminet.vae import BypassAutoencoderKL, VAEConfig
@@ -184,6 +185,44 @@ def test_the_relighter_makes_the_originals_final_images(tmp_path, golden):
     together = create("luminet", tiny_options(tmp_path), "cpu")
     a, b = one_by_one.relight(photo, ref, list(SEEDS)), together.relight(photo, ref, list(SEEDS))
     assert (a - b).abs().max().item() <= 1e-4  # a batch is its seeds one by one
+
+
+def test_bf16_weights_as_on_a_gpu_stay_close_to_fp32(tmp_path):
+    """A GPU runs the model in bf16 (dtype auto): the same graph with bf16 weights, here on
+    the CPU, makes images close to fp32's (group norms are computed in float32, weights too)."""
+    fp32 = create("luminet", tiny_options(tmp_path), "cpu")
+    bf16 = create("luminet", tiny_options(tmp_path, dtype="bf16"), "cpu")
+    assert bf16.dtype == torch.bfloat16
+    photo, ref = raw_pair(fp32)
+    diff = (fp32.relight(photo, ref, [SEEDS[0]]) - bf16.relight(photo, ref, [SEEDS[0]])).abs()
+    assert diff.mean().item() < 0.01 and diff.max().item() < 0.15, (diff.mean(), diff.max())
+
+
+def test_compiled_batches_are_padded_to_eight_seeds_and_the_padding_dropped(tmp_path):
+    """compile=true keeps shapes static: a batch of 3 seeds runs as 8 (the last repeated),
+    and the 3 results equal those of an unpadded batch."""
+    r = create("luminet", tiny_options(tmp_path, ddim_steps=2), "cpu")
+    photo, ref = raw_pair(r)
+    plain = r.relight(photo, ref, [1, 2, 3])
+    sampled = []
+    sample = r.sample
+    r.sample = lambda seeds, prepared: sampled.append(list(seeds)) or sample(seeds, prepared)
+    r.static_shapes = True  # what compile=true sets, without compiling here
+    padded = r.relight(photo, ref, [1, 2, 3])
+    assert sampled == [[1, 2, 3, 3, 3, 3, 3, 3]]
+    assert padded.shape == plain.shape and (padded - plain).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [3, 9, 27, 37, 101, 111, 251, 333, 501, 999])
+def test_step_counts_past_the_originals_schedule_are_refused(tmp_path, steps):
+    """The original's spacing reaches step 1000 (an IndexError there): a clear error instead."""
+    with pytest.raises(RelighterError, match="past its 1000-step schedule") as e:
+        create("luminet", tiny_options(tmp_path, ddim_steps=steps), "cpu")
+    assert e.value.exit_code == 78
+    for fine in (1000 // (1000 // steps) - 1, 50, 100, 334):  # one fewer step, common counts
+        if fine >= 1 and ddim_timesteps(fine)[-1] < 1000:
+            LuminetOptions(checkpoint="LumiNet.ckpt", ddim_steps=fine)
+    LuminetOptions(checkpoint="LumiNet.ckpt", ddim_steps=50)
 
 
 def test_the_full_size_model_accepts_exactly_the_official_checkpoints_keys():

@@ -39,19 +39,22 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..errors import NotFoundError, RelighterError, TransientError
-from ..settings import WorkerSettings
+from ..errors import NotFoundError, RelighterError
 from ..storage import cached_copy, folder_fingerprint
 from .base import Relighter, RelighterOptions
-from .loading import PhaseTimer, check_compiler, model_cache_dir, weights_dtype
+from .loading import (  # noqa: F401 - AUTO_BATCH_CAP, batch_for_memory: also imported from here
+    AUTO_BATCH_CAP,
+    PhaseTimer,
+    batch_for_memory,
+    check_compiler,
+    measure_batch_size,
+    model_cache_dir,
+    weights_dtype,
+)
 
 EMBEDDINGS = "text_embeddings.safetensors"
-#: The largest batch the automatic choice takes (seeds of one pair per GPU call).
-AUTO_BATCH_CAP = 32
 #: Latents decoded per VAE call.
 DECODE_CHUNK = 8
-#: Fraction of the free GPU memory the automatic batch size may plan to use.
-MEMORY_FRACTION = 0.85
 
 
 class DiffusionOptions(RelighterOptions):
@@ -98,27 +101,6 @@ def use_backend(name: str) -> None:
         "mem_efficient": name == "efficient", "math": True}
     for flag, on in wanted.items():
         getattr(torch.backends.cuda, f"enable_{flag}_sdp")(on)
-
-
-def batch_for_memory(step4: float, step8: float, decode: float, free: float,
-                     share: int = 1) -> int:
-    """Seeds per batch from the peak memory of one denoising step at 4 and 8 seeds, of one
-    decode chunk, and the free memory (shared by ``share`` workers on the GPU): the largest
-    multiple of 8 that fits in MEMORY_FRACTION of it (fewer than 8 when fewer fit), at most
-    AUTO_BATCH_CAP. Raises TransientError (exit 75: the memory may be free on a retry) when not
-    even one seed fits."""
-    per_seed = max((step8 - step4) / 4, 1.0)
-    fixed = max(step4 - 4 * per_seed, 0.0)
-    budget = free * MEMORY_FRACTION / max(share, 1)
-    fits = int((budget - fixed) // per_seed)
-    if fits < 1 or decode > budget:
-        need = max(fixed + per_seed, decode)
-        raise TransientError(
-            f"diffusion: not enough free GPU memory for one seed ({budget / 2**30:.1f} GiB "
-            f"usable of {free / 2**30:.1f} GiB free, shared by {share} worker(s); "
-            f"{need / 2**30:.1f} GiB needed): free the GPU, run fewer workers on it, or lower "
-            "the resolution")
-    return min(AUTO_BATCH_CAP, fits if fits < 8 else fits // 8 * 8)
 
 
 def native_resolution(unet_config: Any, vae_config: Any) -> int:
@@ -291,9 +273,8 @@ class DiffusionRelighter(Relighter):
         self._decoder = torch.compile(self.vae.decoder, dynamic=False)
 
     def _measure_batch_size(self) -> int:
-        """Seeds per batch on this GPU (:func:`batch_for_memory`), from the step's peak memory
-        measured at 4 and 8 seeds and the decode's at DECODE_CHUNK. ``RELIT_GPU_SHARE`` (set by
-        ``relit-k8s run`` when workers share a GPU) divides the free memory between them."""
+        """Seeds per batch on this GPU (:func:`~.loading.measure_batch_size`), from the step's
+        peak memory measured at 4 and 8 seeds and the decode's at DECODE_CHUNK."""
         res, dev = self.resolution, self.device
         side = res // self.scale
         branches = 1 if self.one_pass else 2
@@ -303,15 +284,6 @@ class DiffusionRelighter(Relighter):
             assert self.uncond is not None  # two passes only with an unconditional branch
             text = torch.cat([self.uncond, self.cond])
 
-        def peak(fn) -> int:
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            before = torch.cuda.memory_allocated(dev)
-            with torch.inference_mode():
-                fn()
-            torch.cuda.synchronize(dev)
-            return torch.cuda.max_memory_allocated(dev) - before
-
         def latents(n: int) -> torch.Tensor:
             return torch.randn(n, self.latent_channels, side, side, device=dev, dtype=self.dtype)
 
@@ -320,11 +292,7 @@ class DiffusionRelighter(Relighter):
             self._eps(latents(b * branches), torch.tensor(500, device=dev), hint,
                       text.repeat_interleave(b, 0))
 
-        small, large = peak(lambda: step(4)), peak(lambda: step(8))
-        decode = peak(lambda: self._decode(latents(DECODE_CHUNK)))
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(dev)
-        return batch_for_memory(small, large, decode, free, WorkerSettings.from_env().gpu_share)
+        return measure_batch_size(step, lambda: self._decode(latents(DECODE_CHUNK)), dev)
 
     def _hint(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Input ++ tone-mapped reference, 6 x res x res in [0, 1]: once per pair."""

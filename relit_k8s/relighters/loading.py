@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -63,3 +64,59 @@ class PhaseTimer:
         now = time.monotonic()
         self.timings[phase] = round(now - self._clock, 3)
         self._clock = now
+
+
+#: The largest batch the automatic choice takes (seeds of one pair per GPU call): past it a
+#: denoising step gains little on an H200 (relighter_throughput --sweep).
+AUTO_BATCH_CAP = 32
+#: Fraction of the free GPU memory the automatic batch size may plan to use.
+MEMORY_FRACTION = 0.85
+
+
+def batch_for_memory(step4: float, step8: float, decode: float, free: float,
+                     share: int = 1, cap: int = AUTO_BATCH_CAP, who: str = "diffusion") -> int:
+    """Seeds per batch from the peak memory of one denoising step at 4 and 8 seeds, of one
+    decode chunk, and the free memory (shared by ``share`` workers on the GPU): the largest
+    multiple of 8 that fits in MEMORY_FRACTION of it (fewer than 8 when fewer fit), at most
+    ``cap``. Raises TransientError (exit 75: the memory may be free on a retry) when not
+    even one seed fits."""
+    from ..errors import TransientError
+
+    per_seed = max((step8 - step4) / 4, 1.0)
+    fixed = max(step4 - 4 * per_seed, 0.0)
+    budget = free * MEMORY_FRACTION / max(share, 1)
+    fits = int((budget - fixed) // per_seed)
+    if fits < 1 or decode > budget:
+        need = max(fixed + per_seed, decode)
+        raise TransientError(
+            f"{who}: not enough free GPU memory for one seed ({budget / 2**30:.1f} GiB "
+            f"usable of {free / 2**30:.1f} GiB free, shared by {share} worker(s); "
+            f"{need / 2**30:.1f} GiB needed): free the GPU, run fewer workers on it, or lower "
+            "the resolution")
+    return min(cap, fits if fits < 8 else fits // 8 * 8)
+
+
+def measure_batch_size(step: Callable[[int], object], decode: Callable[[], object],
+                       device: torch.device, cap: int = AUTO_BATCH_CAP,
+                       who: str = "diffusion") -> int:
+    """Seeds per batch on this GPU (:func:`batch_for_memory`): ``step(n)`` runs one denoising
+    step of ``n`` seeds and ``decode()`` one decode chunk; their peak memory is measured at 4
+    and 8 seeds. ``RELIT_GPU_SHARE`` (set by ``relit-k8s run`` when workers share a GPU)
+    divides the free memory between them."""
+    from ..settings import WorkerSettings
+
+    def peak(fn: Callable[[], object]) -> int:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+
+    small, large = peak(lambda: step(4)), peak(lambda: step(8))
+    decoded = peak(decode)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(small, large, decoded, free, WorkerSettings.from_env().gpu_share,
+                            cap, who)

@@ -26,16 +26,22 @@ from typing import ClassVar, Literal
 import cv2
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ... import images
 from ...errors import NotFoundError, RelighterError
 from ...storage import cached_file, file_size
 from ..base import Relighter, RelighterOptions
-from ..loading import PhaseTimer, check_compiler, model_cache_dir, weights_dtype
+from ..loading import (
+    PhaseTimer,
+    check_compiler,
+    measure_batch_size,
+    model_cache_dir,
+    weights_dtype,
+)
 from .checkpoint import load, load_safetensors, read_state_dict
-from .model import LumiNet, LumiNetConfig
-from .sampler import ddim_sample
+from .model import TIMESTEPS, LumiNet, LumiNetConfig
+from .sampler import ddim_sample, ddim_timesteps
 from .text import empty_prompt_context
 from .vae import BypassAutoencoderKL
 
@@ -69,13 +75,29 @@ class LuminetOptions(RelighterOptions):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on the CPU")
     batch_size: int | None = Field(None, ge=1, le=1024, description="seeds per batch "
-                                   "[default: 8]")
-    compile: bool = Field(False, description="torch.compile the UNet and ControlNet")
+                                   "[default: measured at load from free GPU memory, at most "
+                                   "32; 8 on the CPU]")
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNet (static "
+                          "shapes: batches padded to a multiple of 8 seeds); the compiled code "
+                          "is cached in TORCHINDUCTOR_CACHE_DIR")
     cache_dir: str | None = Field(None, description="where s3:// files are downloaded "
                                   "[default: $XDG_CACHE_HOME/relit-k8s/models]")
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset({"batch_size", "compile", "cache_dir"})
     LOCATIONS: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("ddim_steps")
+    @classmethod
+    def _within_the_schedule(cls, steps: int) -> int:
+        """The original's step spacing (1000 // steps) reaches step 1000, one past its
+        schedule, for some counts (3, 9, 27, 37, 101 to 111, 251 to 333, over 500): the
+        original code fails there with an IndexError; say so before any weights are read."""
+        if ddim_timesteps(steps)[-1] >= TIMESTEPS:
+            good = [n for n in (50, 25, 20, 10, 5) if n < steps] or [2]
+            raise ValueError(f"LumiNet's DDIM spacing (every {1000 // steps} steps from 1) "
+                             f"runs past its 1000-step schedule with {steps} steps, as in the "
+                             f"original code; choose another count, e.g. {good[0]}")
+        return steps
 
 
 def _local(uri: str, cache_dir: str | None, what: str) -> Path:
@@ -176,12 +198,43 @@ class LuminetRelighter(Relighter):
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.bypass is not None:
             self.bypass = self.bypass.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.batch_size = o.batch_size or 8
-        if o.compile:
-            m = self.model
-            m.model.diffusion_model = torch.compile(m.model.diffusion_model)  # type: ignore[assignment]
-            m.control_model = torch.compile(m.control_model)  # type: ignore[assignment]
         lap("to_device")
+        #: compiled: batches padded to a multiple of 8 seeds, so that few shapes are compiled
+        self.static_shapes = o.compile
+        self.batch_size = o.batch_size or (self._measure_batch_size()
+                                           if self.device.type == "cuda" else 8)
+        lap("batch_probe")
+        if o.compile:
+            import torch._inductor.config as inductor
+
+            inductor.conv_1x1_as_mm = True  # PyTorch's advice for diffusion UNets
+            m = self.model
+            m.model.diffusion_model = torch.compile(  # type: ignore[assignment]
+                m.model.diffusion_model, dynamic=False)
+            m.control_model = torch.compile(  # type: ignore[assignment]
+                m.control_model, dynamic=False)
+
+    def _measure_batch_size(self) -> int:
+        """Seeds per batch on this GPU (:func:`~..loading.measure_batch_size`): one denoising
+        step's peak memory at 4 and 8 seeds, one decode chunk's."""
+        cfg, dev = self.cfg, self.device
+        side, res = cfg.prior.hint_spatial, cfg.image_size
+        hint = torch.rand(1, 6, res, res, device=dev, dtype=self.dtype)
+        with torch.inference_mode():
+            feature_map, context = self.model.lighting(hint, self.context.to(dev, self.dtype))
+            features = (self.bypass.photo_features(hint[:, :3] * 2 - 1)
+                        if self.bypass is not None else None)
+
+        def latents(n: int) -> torch.Tensor:
+            return torch.randn(n, cfg.unet.in_channels, side, side, device=dev, dtype=self.dtype)
+
+        def step(b: int) -> None:
+            self.model.apply_model(latents(b), torch.full((b,), 500, device=dev), None, None,
+                                   prepared=(feature_map.expand(b, -1, -1, -1),
+                                             context.expand(b, -1, -1)))
+
+        return measure_batch_size(step, lambda: self.decode(latents(DECODE_CHUNK), features),
+                                  dev, who="luminet")
 
     def _context(self, o: LuminetOptions, checkpoint: Path,
                  text: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -239,7 +292,10 @@ class LuminetRelighter(Relighter):
             features = self.bypass.photo_features(hint[:, :3] * 2 - 1)
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
-            latents = self.sample(chunk, prepared)
+            pad = 0
+            if self.static_shapes:  # few compiled shapes: pad to a multiple of 8 seeds
+                pad = min(-(-len(chunk) // 8) * 8, self.batch_size) - len(chunk)
+            latents = self.sample(chunk + [chunk[-1]] * pad, prepared)[:len(chunk)]
             for i in range(0, len(chunk), DECODE_CHUNK):
                 part = latents[i:i + DECODE_CHUNK]
                 decoded = self.decode(part, features)
