@@ -56,3 +56,41 @@ def relight_timings(r, image, ref, batch: int, batches: int, device,
         r.relight(image, ref, list(range(batch * (k + 1), batch * (k + 2))))
     sync(device)
     return first, batch * batches / (time.perf_counter() - start)
+
+
+def profile_step(step, device: torch.device, reps: int = 3, top: int = 15) -> dict:
+    """Where one denoising step's time goes: ``step()`` run ``reps`` times under torch.profiler
+    (after a warm-up); the ``top`` operators by their own time on the device (GPU time on a
+    GPU, CPU time on the CPU), each with its share, and achieved TFLOP/s where torch counts its
+    FLOPs (matmuls, convolutions); on a GPU also the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    own = "self_device_time_total" if gpu else "self_cpu_time_total"
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])],
+                 with_flops=True) as prof:
+        for _ in range(reps):
+            step()
+        sync(device)
+    events = [e for e in prof.key_averages() if getattr(e, own) > 0
+              and not e.key.startswith(("cuda", "Memcpy", "Memset"))]
+    ops = [e for e in events if e.key.startswith("aten::")]
+    total = sum(getattr(e, own) for e in ops) or 1
+    rows = [{"op": e.key, "share": round(getattr(e, own) / total, 3),
+             "ms_per_step": round(getattr(e, own) / 1e3 / reps, 2)}
+            for e in sorted(ops, key=lambda e: -getattr(e, own))[:top]]
+    # FLOPs are counted on the operator called (aten::conv2d), its time is its children's
+    inclusive = "device_time_total" if gpu else "cpu_time_total"
+    flop_ops = [{"op": e.key, "tflop_per_step": round(e.flops / reps / 1e12, 3),
+                 "ms_per_step": round(getattr(e, inclusive) / 1e3 / reps, 2),
+                 "tflops": round(e.flops / (getattr(e, inclusive) / 1e6) / 1e12, 1)}
+                for e in prof.key_averages() if e.flops and getattr(e, inclusive) > 0]
+    kernels = sorted((e for e in events if gpu and not e.key.startswith("aten::")),
+                     key=lambda e: -getattr(e, own))[:top]
+    return {"clock": "gpu" if gpu else "cpu", "ms_per_step": round(total / 1e3 / reps, 2),
+            "tflop_per_step": round(sum(e.flops for e in prof.key_averages()) / reps / 1e12, 3),
+            "ops": rows, "flop_ops": flop_ops, "kernels": [{"kernel": e.key[:120],
+                                      "share": round(getattr(e, own) / total, 3)}
+                                     for e in kernels]}

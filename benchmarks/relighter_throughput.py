@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_for, header, parser, relight_timings, sync
+from common import device_for, header, parser, profile_step, relight_timings, sync
+
+from relit_k8s.relighters.loading import AUTO_BATCH_CAP
 
 #: FLOPs of the seed's model (SD2.1 sizes, 512 x 512) per sample, counted for its layers: 1.09 TFLOP
 #: per denoising step of UNet + ControlNet, 2.5 TFLOP per VAE decode.
@@ -161,6 +163,21 @@ def batch_sweep(model: str, res: int, device, sizes=(8, 16, 32, 48, 64), reps: i
     return found
 
 
+def step_profile(model: str, res: int, device, batch: int = AUTO_BATCH_CAP) -> dict:
+    """:func:`common.profile_step` of one eager denoising step (UNet + ControlNet) at ``batch``
+    seeds."""
+    from relit_k8s.relighters import create
+
+    r = create("diffusion", {"model": model, "resolution": res, "batch_size": batch}, device)
+    side = res // r.scale
+    t = torch.tensor(500, device=device)
+    x = torch.randn(batch, r.latent_channels, side, side, device=device, dtype=r.dtype)
+    hint = torch.rand(batch, 6, res, res, device=device, dtype=r.dtype)
+    text = r.cond.expand(batch, -1, -1)
+    with torch.inference_mode():
+        return {"batch": batch, **profile_step(lambda: r._eps(x, t, hint, text), device)}
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--batch", type=int, help="seeds per batch (relit-k8s) [default: the "
@@ -172,6 +189,9 @@ def main() -> None:
                     "a second run with the same TORCHINDUCTOR_CACHE_DIR shows the warm start)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time one denoising step at batch sizes 8 to 64 (GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one denoising step at the automatic batch size's cap "
+                    "(eager, GPU): the top operators and kernels, achieved TFLOP/s")
     ap.add_argument("--skip-seed-loop", action="store_true")
     ap.add_argument("--skip-eager", action="store_true", help="with --compile: only compiled")
     ap.add_argument("--relighter", choices=("diffusion", "luminet"), default="diffusion")
@@ -208,6 +228,9 @@ def main() -> None:
         sweep = batch_sweep(model, res, device) if args.sweep else None
         if sweep:
             print("denoising-step samples/s by batch size (eager bf16):", sweep, flush=True)
+        profiled = step_profile(model, res, device) if args.profile else None
+        if profiled:
+            print("one denoising step, profiled:", json.dumps(profiled, indent=1), flush=True)
         seed_rate = None if args.skip_seed_loop else seed_loop(model, res, args.steps,
                                                                 args.seed_samples, device)
         if seed_rate:
@@ -227,6 +250,7 @@ def main() -> None:
         "resolution": res,
         "bf16_matmul_peak_tflops": round(peak, 1) if peak else None,
         "step_samples_per_s_by_batch": sweep,
+        "step_profile": profiled,
         "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
     }
     for name, m in (("relit", eager), ("compiled", compiled)):

@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def make_inputs(folder: Path, pairs: int, width: int) -> tuple[Path, Path]:
-    """``pairs`` JPEG photos ``width`` wide and one HDR reference: ``pairs`` pairs."""
+def make_inputs(folder: Path, pairs: int, width: int, fmt: str = "jpg") -> tuple[Path, Path]:
+    """``pairs`` photos ``width`` wide (JPEG or PNG) and one HDR reference: ``pairs`` pairs."""
     images, refs = folder / "images", folder / "refs"
     images.mkdir(parents=True)
     refs.mkdir()
@@ -54,16 +54,17 @@ def make_inputs(folder: Path, pairs: int, width: int) -> tuple[Path, Path]:
         if i // len(photos) % 2:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         im = im.resize((width, round(width * im.height / im.width)), Image.Resampling.BICUBIC)
-        im.save(images / f"photo{i:03d}.jpg", quality=95)
+        im.save(images / f"photo{i:03d}.{fmt}", **({"quality": 95} if fmt == "jpg" else {}))
     shutil.copy(EXAMPLES / "refs" / "sky_sun.hdr", refs / "sky_sun.hdr")
     return images, refs
 
 
-def plan_run(images: str, refs: str, output: str, iterations: int, options: dict):
+def plan_run(images: str, refs: str, output: str, iterations: int, options: dict,
+             relighter: str = "diffusion"):
     from relit_k8s.planner import PlanSettings, list_sources, plan, write_manifest
 
     s = PlanSettings(input=images, refs=refs, output=output, iterations=iterations, shards=1,
-                     relighter="diffusion", options=options)
+                     relighter=relighter, options=options)
     return write_manifest(plan(s, *list_sources(s)[:2]))
 
 
@@ -96,17 +97,20 @@ def relighter_only(r, pairs: list, device) -> float:
 
 
 def end_to_end(r, manifest, device) -> tuple[float, dict]:
-    """Samples/s of a whole shard through ShardRunner (decode, relight, encode, write)."""
+    """Samples/s of a whole shard through ShardRunner (decode, relight, encode, write), and its
+    timings with ``cpu_cores``: the process's CPU seconds (every thread) per second of the run,
+    what one such worker needs of a pod's CPU request."""
     from relit_k8s.worker import ShardRunner
 
     runner = ShardRunner(manifest, relighter=r, device=str(device), report_interval=5.0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = runner.run(0)
     seconds = time.perf_counter() - start
+    cores = (time.process_time() - cpu) / seconds
     if report.items_done != manifest.items:
         raise SystemExit(f"end to end wrote {report.items_done} of {manifest.items}: "
                          f"{report.failures[:3]}")
-    return report.items_done / seconds, report.timings
+    return report.items_done / seconds, {**report.timings, "cpu_cores": round(cores, 2)}
 
 
 def cold_start(images: Path, refs: Path, output: Path, iterations: int, options: dict,
@@ -149,7 +153,7 @@ def in_process(args, options: dict, images: Path, refs: Path, tmp: Path, device,
     from relit_k8s.relighters import create
 
     started = time.perf_counter()
-    r = create("diffusion", options, device)
+    r = create(args.relighter, options, device)
     result["batch_size"] = r.batch_size
     iterations = args.iterations or r.batch_size
     result["iterations"] = iterations
@@ -159,17 +163,18 @@ def in_process(args, options: dict, images: Path, refs: Path, tmp: Path, device,
     sync(device)
     result["relighter_ready_seconds"] = round(time.perf_counter() - started, 2)
 
-    local, _ = plan_run(str(images), str(refs), str(tmp / "out-local"), iterations, options)
+    local, _ = plan_run(str(images), str(refs), str(tmp / "out-local"), iterations, options,
+                        args.relighter)
     pairs = decoded_pairs(r, local, device)
     only = relighter_only(r, pairs, device)
     rate, timings = end_to_end(r, local, device)
     result["local_samples_per_s"] = round(rate, 4)
     result["local_timings"] = timings
     print(f"relighter only {only:.3f} samples/s; end to end, local disk {rate:.3f} "
-          f"samples/s: {rate / only:.3f}", flush=True)
+          f"samples/s: {rate / only:.3f}, using {timings['cpu_cores']} CPU cores", flush=True)
 
     if not args.no_s3:
-        s3 = s3_run(r, images, refs, iterations, options, device)
+        s3 = s3_run(r, images, refs, iterations, options, device, args.relighter)
         if s3:
             rate_s3, timings_s3 = s3
             result["s3_samples_per_s"] = round(rate_s3, 4)
@@ -207,24 +212,36 @@ def main() -> None:
     ap.add_argument("--only-cold-start", action="store_true",
                     help="only the new worker process (implies --cold-start)")
     ap.add_argument("--no-s3", action="store_true", help="skip the local S3 endpoint")
+    ap.add_argument("--relighter", choices=("diffusion", "sh"), default="diffusion",
+                    help="sh: the built-in relighter (thousands of images/s on a GPU: its end "
+                    "to end rate is all pipeline)")
+    ap.add_argument("--format", choices=("jpg", "png"), default="jpg",
+                    help="the inputs' format, so the outputs' too")
     args = ap.parse_args()
+    if args.relighter == "sh" and (args.compile or args.cold_start or args.only_cold_start):
+        ap.error("--compile and --cold-start measure the diffusion relighter")
     device = device_for(args)
     res = 32 if args.tiny else 512
     if args.tiny:
         args.steps, args.pairs, args.width = 3, 2, 256
-    result = {**header("worker_pipeline", args, device), "resolution": res, "pairs": args.pairs,
-              "input": f"JPEG {args.width} px wide", "compile": args.compile}
+    result = {**header("worker_pipeline", args, device), "relighter": args.relighter,
+              "resolution": res, "pairs": args.pairs,
+              "input": f"{args.format.upper()} {args.width} px wide", "compile": args.compile}
+    if args.relighter == "sh":
+        result["model"] = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model
-        if model is None:
-            from relit_k8s.modelkit import make_model
+        options = dict(o.split("=", 1) for o in args.option)
+        if args.relighter == "diffusion":
+            model = args.model
+            if model is None:
+                from relit_k8s.modelkit import make_model
 
-            model = str(make_model(tmp / "model", "tiny" if args.tiny else "sd21",
-                                   device=str(device)))
-        options = {"model": model, "ddim_steps": args.steps, "resolution": res,
-                   "compile": args.compile, **dict(o.split("=", 1) for o in args.option)}
-        images, refs = make_inputs(tmp / "data", args.pairs, args.width)
+                model = str(make_model(tmp / "model", "tiny" if args.tiny else "sd21",
+                                       device=str(device)))
+            options |= {"model": model, "ddim_steps": args.steps, "resolution": res,
+                        "compile": args.compile}
+        images, refs = make_inputs(tmp / "data", args.pairs, args.width, args.format)
         iterations = args.iterations or AUTO_BATCH_CAP  # the usual automatic batch size
         if not args.only_cold_start:
             iterations = in_process(args, options, images, refs, tmp, device, result)
@@ -240,7 +257,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
-def s3_run(r, images: Path, refs: Path, iterations: int, options: dict, device):
+def s3_run(r, images: Path, refs: Path, iterations: int, options: dict, device,
+           relighter: str = "diffusion"):
     """End to end against moto's S3 server on 127.0.0.1, in its own process as MinIO would be
     (None when moto is not installed)."""
     import importlib.util
@@ -273,7 +291,7 @@ def s3_run(r, images: Path, refs: Path, iterations: int, options: dict, device):
             for path in folder.iterdir():
                 client.upload_file(str(path), "bench", f"{prefix}/{path.name}")
         manifest, _ = plan_run("s3://bench/in", "s3://bench/refs", "s3://bench/out",
-                               iterations, options)
+                               iterations, options, relighter)
         return end_to_end(r, manifest, device)
     finally:
         for k, v in saved.items():

@@ -214,8 +214,9 @@ def as_radiance(img: Decoded) -> np.ndarray:
     return img.pixels if img.hdr else srgb_to_linear(img.pixels)
 
 
-def encode(pixels: np.ndarray, name: str) -> bytes:
-    """Encode sRGB values in [0, 1] (``H x W x 3`` float) in the format of ``name``'s extension."""
+def encode(pixels: np.ndarray, name: str, png_level: int = 1) -> bytes:
+    """Encode sRGB values in [0, 1] (``H x W x 3`` float) in the format of ``name``'s extension
+    (PNG at zlib level ``png_level``: see ``RELIT_PNG_LEVEL``)."""
     from PIL import Image
 
     fmt = _PIL_FORMATS.get(extension(name))
@@ -228,6 +229,8 @@ def encode(pixels: np.ndarray, name: str) -> bytes:
         im.save(buf, fmt, quality=JPEG_QUALITY, subsampling=0)
     elif fmt == "WEBP":
         im.save(buf, fmt, quality=JPEG_QUALITY)
+    elif fmt == "PNG":
+        im.save(buf, fmt, compress_level=png_level)
     else:
         im.save(buf, fmt)
     return buf.getvalue()

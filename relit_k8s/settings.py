@@ -43,6 +43,14 @@ class WorkerSettings(BaseModel):
         30.0, ge=0, description="seconds a worker may take after SIGTERM to finish its batch; "
         "past them it abandons the batch (nothing half-written), saves its report and exits "
         "143. The Job sets it below the pod's terminationGracePeriodSeconds")
+    write_threads: int | None = Field(
+        None, ge=1, le=256, description="threads that encode and write outputs (default: the "
+        "CPUs this process may use, from its affinity and its cgroup's CPU limit, between 4 "
+        "and 32): encoding is most of a worker's CPU time (benchmarks/output_cpu.py)")
+    png_level: int = Field(
+        1, ge=0, le=9, description="zlib level of PNG outputs (0: none, 9: smallest). Pixels "
+        "are the same at every level; Pillow's default, 6, costs about 4x the CPU of 1 for "
+        "files about 15% smaller (benchmarks/output_cpu.py)")
     lease_seconds: float = Field(
         60.0, gt=0, description="balance leases: seconds after its last heartbeat that a "
         "shard's lease may be taken by another worker (its holder is presumed dead); the "
@@ -58,6 +66,10 @@ class WorkerSettings(BaseModel):
         1, ge=1, description="workers sharing this process's GPU (set by `relit-k8s run` when "
         "--workers exceeds the GPUs): relighters that size their batch from free GPU memory "
         "divide it by this")
+
+    def encode_threads(self) -> int:
+        """``write_threads``, or its default (see the field)."""
+        return self.write_threads or min(32, max(4, usable_cpus()))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -78,4 +90,20 @@ class WorkerSettings(BaseModel):
         return f"RELIT_{field.upper()}"
 
 
-__all__ = ["WorkerSettings"]
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU limit (a pod's
+    ``resources.limits.cpu``), rounded up."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(cpus, 1)
+
+
+__all__ = ["WorkerSettings", "usable_cpus"]

@@ -51,9 +51,9 @@ from .storage import Storage, split_uri
 
 log = logging.getLogger("relit_k8s.worker")
 
-#: Threads decoding inputs ahead of the GPU, and threads encoding and writing outputs.
+#: Threads decoding inputs ahead of the GPU (those encoding and writing outputs:
+#: RELIT_WRITE_THREADS, WorkerSettings.encode_threads).
 DECODE_THREADS = 2
-WRITE_THREADS = 4
 #: Decoded inputs kept in memory (a shard visits its pairs image by image).
 IMAGE_CACHE = 4
 #: Pairs decoded ahead of the one being relit.
@@ -518,7 +518,8 @@ class _ShardPass:
 
     def run(self, units: list[Unit]) -> None:
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
-                ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="relit-write") as write:
+                ThreadPoolExecutor(self.runner.settings.encode_threads(),
+                                   thread_name_prefix="relit-write") as write:
             self.write_pool = write
             self.images = _Cache(decode, self._load_image, size=IMAGE_CACHE)
             self.refs = _Cache(decode, self._load_ref,
@@ -606,7 +607,7 @@ class _ShardPass:
 
     def _write_one(self, key: str, pixels: np.ndarray) -> None:
         with self._timed("encode"):
-            data = images.encode(pixels, key)
+            data = images.encode(pixels, key, self.runner.settings.png_level)
         with self._timed("write"):
             self.output.write(key, data)
 

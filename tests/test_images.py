@@ -158,6 +158,16 @@ def test_encode_round_trips_in_the_named_format(name):
     assert np.abs(back - arr).mean() < tolerance
 
 
+def test_png_level_changes_the_size_never_the_pixels():
+    arr = photo(64, 96).astype(np.float32) / 255.0
+    stored = images.encode(arr, "o.png", png_level=0)
+    fast = images.encode(arr, "o.png")  # the default level, 1
+    small = images.encode(arr, "o.png", png_level=9)
+    assert len(stored) > len(fast) >= len(small)
+    pixels = [images.decode(d, "o.png").pixels for d in (stored, fast, small)]
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+
+
 def test_output_names_keep_ldr_and_turn_hdr_into_png():
     assert Manifest.output_name("dir/photo.JPG") == "photo.JPG"
     assert Manifest.output_name("dir/scan.exr") == "scan.png"

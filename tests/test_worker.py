@@ -149,6 +149,24 @@ def test_nested_keys_hdr_inputs_and_odd_names(tmp_path):
     assert Image.open(tmp_path / "out" / hdr_out[0]).format == "PNG"
 
 
+def test_png_outputs_are_written_at_the_png_level_setting(tmp_path):
+    from relit_k8s.settings import WorkerSettings
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "in" / "scan.png").write_bytes(png_bytes(photo(48, 64)))
+    (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
+    sizes = {}
+    for level in (0, 9):
+        m, _ = planned(tmp_path / "in", tmp_path / "refs", tmp_path / f"out{level}",
+                       iterations=1, shards=1)
+        ShardRunner(m, device="cpu", settings=WorkerSettings(png_level=level)).run(0)
+        (out,) = [p for p in (tmp_path / f"out{level}").rglob("*.png") if "_relit" not in p.parts]
+        sizes[level] = (out.stat().st_size, np.asarray(Image.open(out)))
+    assert sizes[0][0] > sizes[9][0]  # level 0 stores, level 9 compresses
+    assert np.array_equal(sizes[0][1], sizes[9][1])  # the same pixels
+
+
 def test_normal_maps_are_matched_by_path_and_used(small_dataset, tmp_path):
     images_dir, refs_dir, out = small_dataset
     normals = tmp_path / "normals"
@@ -205,7 +223,9 @@ def test_configuration_errors_exit_78(small_dataset, tmp_path):
 
 @pytest.mark.parametrize("variable, value", [("RELIT_REPORT_INTERVAL", "5s"),
                                              ("RELIT_STOP_GRACE", "-1"),
-                                             ("RELIT_CALL_OUTPUT_BYTES", "4GiB")])
+                                             ("RELIT_CALL_OUTPUT_BYTES", "4GiB"),
+                                             ("RELIT_WRITE_THREADS", "0"),
+                                             ("RELIT_PNG_LEVEL", "10")])
 def test_a_bad_worker_setting_is_a_configuration_error(small_dataset, variable, value):
     # a typo in the Job's env must not look like a crash (exit 1) that Kubernetes retries
     images_dir, refs_dir, out = small_dataset
@@ -223,6 +243,12 @@ def test_worker_settings_come_from_relit_variables():
                                  "RELIT_REF_CACHE_BYTES": "", "OTHER": "x"})
     assert s.report_interval == 0.5 and s.gpu_share == 2
     assert s.ref_cache_bytes == WorkerSettings().ref_cache_bytes  # empty: the default
+    # encode threads: as set, else the usable CPUs between 4 and 32
+    assert WorkerSettings.from_env({"RELIT_WRITE_THREADS": "3"}).encode_threads() == 3
+    from relit_k8s.settings import usable_cpus
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))  # a cgroup limit may lower it
+    assert WorkerSettings().encode_threads() == min(32, max(4, usable_cpus()))
 
 
 def test_unreachable_storage_exits_75(small_dataset, tmp_path):
