@@ -240,6 +240,27 @@ def test_the_tiny_worker_pipeline_benchmark(tmp_path):
         cold["model_load_phases"])
 
 
+def test_the_output_cpu_and_sh_pipeline_benchmarks(tmp_path):
+    """The CPU-side benchmarks' smoke tests: numbers are not checked, their presence is."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/output_cpu.py"), "--quick",
+                          "--out", str(tmp_path / "o.json")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "o.json").read_text())
+    per = data["cpu_seconds_per_output"]
+    assert {"decode_jpeg", "encode_jpeg", "encode_png1", "encode_png6", "write_jpeg"} <= set(per)
+    assert data["output_bytes"]["png0"] > data["output_bytes"]["png6"]  # level 0 stores
+    assert data["gpu_jpeg"] is None  # no GPU here
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks/worker_pipeline.py"),
+                            "--tiny", "--relighter", "sh", "--format", "png", "--no-s3",
+                            "--out", str(tmp_path / "p.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["relighter"] == "sh" and data["input"].startswith("PNG")
+    assert data["local_samples_per_s"] > 0 and data["local_timings"]["cpu_cores"] > 0
+
+
 def test_attention_kernel_choice_and_auto_restores_pytorchs_own():
     from relit_k8s.relighters.diffusion import use_backend
 
