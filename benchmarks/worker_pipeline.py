@@ -207,6 +207,10 @@ def main() -> None:
                     "batch size, so each pair is one batch]")
     ap.add_argument("--width", type=int, default=1024, help="input width, pixels")
     ap.add_argument("--compile", action="store_true", help="relighter option compile=true")
+    ap.add_argument("--aot", action="store_true",
+                    help="relighter option compile=aot: the in-process runs compile the "
+                    "packages into the cache folder (a cold node), --cold-start's new worker "
+                    "loads them (a warm node)")
     ap.add_argument("--cold-start", action="store_true",
                     help="also time a new worker process to its first output")
     ap.add_argument("--only-cold-start", action="store_true",
@@ -218,7 +222,8 @@ def main() -> None:
     ap.add_argument("--format", choices=("jpg", "png"), default="jpg",
                     help="the inputs' format, so the outputs' too")
     args = ap.parse_args()
-    if args.relighter == "sh" and (args.compile or args.cold_start or args.only_cold_start):
+    if args.relighter == "sh" and (args.compile or args.aot or args.cold_start
+                                   or args.only_cold_start):
         ap.error("--compile and --cold-start measure the diffusion relighter")
     device = device_for(args)
     res = 32 if args.tiny else 512
@@ -226,7 +231,8 @@ def main() -> None:
         args.steps, args.pairs, args.width = 3, 2, 256
     result = {**header("worker_pipeline", args, device), "relighter": args.relighter,
               "resolution": res, "pairs": args.pairs,
-              "input": f"{args.format.upper()} {args.width} px wide", "compile": args.compile}
+              "input": f"{args.format.upper()} {args.width} px wide",
+              "compile": "aot" if args.aot else args.compile}
     if args.relighter == "sh":
         result["model"] = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +246,8 @@ def main() -> None:
                 model = str(make_model(tmp / "model", "tiny" if args.tiny else "sd21",
                                        device=str(device)))
             options |= {"model": model, "ddim_steps": args.steps, "resolution": res,
-                        "compile": args.compile}
+                        "compile": "aot" if args.aot else args.compile,
+                        "cache_dir": str(tmp / "cache")}
         images, refs = make_inputs(tmp / "data", args.pairs, args.width, args.format)
         iterations = args.iterations or AUTO_BATCH_CAP  # the usual automatic batch size
         if not args.only_cold_start:

@@ -9,6 +9,9 @@
 #   luminet    relighter_throughput --relighter luminet on a random model of the official
 #              checkpoint's sizes: the original loop style, eager bf16 at the measured batch
 #              size, compiled, a batch sweep and a profiled step (about 4 minutes)
+#   aot        compile=aot: worker_pipeline compiles the seed-size model ahead of time into the
+#              cache folder (a cold node), then a new worker process loads the packages (a warm
+#              node): its time to the first output, each load phase printed (about 5 minutes)
 #   profile    one denoising step of the seed-size diffusion model under torch.profiler: the
 #              top operators and kernels and their TFLOP/s (about 1 minute)
 #   pipeline_sh  worker_pipeline with the sh relighter only (JPEG and PNG outputs)
@@ -21,7 +24,7 @@
 # given as wheels in .whl/ (see docs/development.md).
 set -uo pipefail
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(diffusion luminet profile output)
+[ ${#sections[@]} -gt 0 ] || sections=(diffusion aot luminet profile output)
 set --  # device_env.sh passes its arguments to pip
 # shellcheck source=scripts/device_env.sh
 source "$(dirname "$0")/device_env.sh" || exit 1
@@ -51,6 +54,11 @@ luminet() {
   python3 benchmarks/relighter_throughput.py --relighter luminet --model /tmp/luminet \
     --seed-samples 1 --batches 2 --sweep --profile --compile --out "$OUT/luminet.json" || rc=1
   return $rc
+}
+
+aot() {
+  make_sd21 && python3 benchmarks/worker_pipeline.py --model /tmp/sd21 --aot --cold-start \
+    --no-s3 --pairs 2 --out "$OUT/pipeline_aot.json"
 }
 
 profile() {

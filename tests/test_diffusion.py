@@ -211,6 +211,29 @@ def test_make_model_prints_a_command_that_runs_at_the_models_own_resolution(tmp_
                   "cpu").resolution == 48
 
 
+def test_the_batch_probes_measurements_are_kept_for_later_workers(tmp_path):
+    """A GPU worker keeps its probe's memory peaks in the cache folder; later workers of the
+    node read them (keyed by torch, the GPU and the model) and skip the probe."""
+    from relit_k8s.relighters.loading import cached_json, probe_cache_path
+
+    calls = []
+
+    def measure() -> dict:
+        calls.append(1)
+        return {"step4": 3, "step8": 5, "decode": 1}
+
+    path = probe_cache_path(str(tmp_path), "diffusion", torch.device("cpu"), {"res": 512})
+    assert path.parent == tmp_path / "probe"
+    assert cached_json(path, measure) == {"step4": 3, "step8": 5, "decode": 1}
+    assert cached_json(path, measure) == {"step4": 3, "step8": 5, "decode": 1}
+    assert len(calls) == 1 and [p.name for p in path.parent.iterdir()] == [path.name]
+    path.write_text("{half")  # a torn or corrupt file is measured again
+    assert cached_json(path, measure) == {"step4": 3, "step8": 5, "decode": 1}
+    assert len(calls) == 2
+    assert probe_cache_path(str(tmp_path), "diffusion", torch.device("cpu"), {"res": 256}) != path
+    assert cached_json(None, measure) and len(calls) == 3  # None: nothing kept
+
+
 def test_make_model_command_and_the_tiny_benchmark(tmp_path):
     result = cli("make-model", str(tmp_path / "m"), "--size", "tiny", check=True)
     assert "random weights" in result.stdout and (tmp_path / "m" / "unet").is_dir()

@@ -25,7 +25,9 @@ What it does differently from the seed's loop:
 * the VAE decodes in chunks of :data:`DECODE_CHUNK`, so decode memory does not grow with the batch;
 * ``compile=true``: the UNet, ControlNet and VAE decoder are compiled with static shapes, and
   batches are padded to a multiple of 8 seeds, so a worker compiles a handful of shapes at most
-  (the compiled code is cached on disk, see ``TORCHINDUCTOR_CACHE_DIR``).
+  (the compiled code is cached on disk, see ``TORCHINDUCTOR_CACHE_DIR``);
+* ``compile=aot``: the same three modules compiled ahead of time, once per node, into packages
+  in the cache folder that later workers load instead of tracing (:mod:`.aot`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .loading import (  # noqa: F401 - AUTO_BATCH_CAP, batch_for_memory: also im
     check_compiler,
     measure_batch_size,
     model_cache_dir,
+    probe_cache_path,
     weights_dtype,
 )
 
@@ -73,10 +76,12 @@ class DiffusionOptions(RelighterOptions):
     batch_size: int | None = Field(None, ge=1, le=1024, description="seeds per GPU batch "
                                    "[default: measured at load from free GPU memory, at most "
                                    f"{AUTO_BATCH_CAP}; 8 on the CPU]")
-    compile: bool = Field(False, description="torch.compile the UNet, ControlNet and VAE "
-                          "decoder (static shapes): faster steps after a one-time compile, whose "
-                          "artefacts are cached in TORCHINDUCTOR_CACHE_DIR (the Job puts it in "
-                          "/cache)")
+    compile: bool | Literal["aot"] = Field(
+        False, description="true: torch.compile the UNet, ControlNet and VAE decoder (static "
+        "shapes): faster steps after a one-time compile, whose kernels are cached in "
+        "TORCHINDUCTOR_CACHE_DIR (the Job puts it in /cache), though each new worker traces "
+        "again; aot: compile them ahead of time once per node into packages kept in the cache "
+        "folder (cache_dir/aot), which later workers load instead of tracing")
     attention: Literal["auto", "flash", "cudnn", "efficient"] = Field(
         "auto", description="scaled-dot-product attention kernel on a GPU: PyTorch's choice, "
         "or one to use (relighter_throughput --sweep times each)")
@@ -209,11 +214,16 @@ class DiffusionRelighter(Relighter):
         lap("to_device")
         #: Pad batches to a multiple of 8 seeds and decode chunks to DECODE_CHUNK (compiled
         #: code is specialised to shapes: this keeps their number small).
-        self.static_shapes = o.compile
+        self.static_shapes = o.compile is True
+        #: compile=aot: batches of at least 2 (the packages' smallest batch)
+        self.aot = o.compile == "aot"
         self.batch_size = o.batch_size or (self._measure_batch_size()
                                            if self.device.type == "cuda" else 8)
         lap("batch_probe")
-        if o.compile:
+        if self.aot:
+            self._load_compiled()
+            lap("aot_load")
+        elif o.compile:
             self._compile()
         self.load_seconds = time.monotonic() - timer.started  # compiling happens at the first call
 
@@ -272,6 +282,39 @@ class DiffusionRelighter(Relighter):
         self.controlnet = torch.compile(self.controlnet, dynamic=False)
         self._decoder = torch.compile(self.vae.decoder, dynamic=False)
 
+    def _load_compiled(self) -> None:
+        """compile=aot: the UNet, ControlNet and VAE decoder as AOTInductor packages from the
+        cache folder, compiled there first when no worker of this node has (:mod:`.aot`)."""
+        from .aot import compiled_module
+
+        res, dev, b = self.resolution, self.device, 2
+        side = res // self.scale
+        branches = 1 if self.one_pass else 2
+        folder = Path(model_cache_dir(self.options.cache_dir)) / "aot"
+        x = torch.randn(b, self.latent_channels, side, side, device=dev, dtype=self.dtype)
+        t = torch.tensor(500, device=dev)
+        text = self.cond.expand(b, -1, -1).contiguous()
+        hint = torch.rand(b, 6, res, res, device=dev, dtype=self.dtype)
+        timings = self.load_timings
+        with torch.inference_mode():
+            control_kwargs = {"encoder_hidden_states": text, "controlnet_cond": hint,
+                              "return_dict": False}
+            down, mid = self.controlnet(x, t, **control_kwargs)
+            # the batch's bound does not follow the measured batch size (free memory varies
+            # from worker to worker), so that every worker of a node finds the same package
+            most = max(AUTO_BATCH_CAP, self.batch_size) * branches
+            self.controlnet = compiled_module(
+                "controlnet", self.controlnet, (x, t), control_kwargs, most, folder, timings)
+            unet_kwargs = {"encoder_hidden_states": text,
+                           "down_block_additional_residuals": tuple(down),
+                           "mid_block_additional_residual": mid, "return_dict": False}
+            self.unet = compiled_module(
+                "unet", self.unet, (x, t), unet_kwargs, most, folder, timings)
+            z = torch.randn(b, self.vae.config.latent_channels, side, side, device=dev,
+                            dtype=self.dtype)
+            self._decoder = compiled_module("vae_decoder", self.vae.decoder, (z,), {},
+                                            DECODE_CHUNK, folder, timings)
+
     def _measure_batch_size(self) -> int:
         """Seeds per batch on this GPU (:func:`~.loading.measure_batch_size`), from the step's
         peak memory measured at 4 and 8 seeds and the decode's at DECODE_CHUNK."""
@@ -292,7 +335,14 @@ class DiffusionRelighter(Relighter):
             self._eps(latents(b * branches), torch.tensor(500, device=dev), hint,
                       text.repeat_interleave(b, 0))
 
-        return measure_batch_size(step, lambda: self._decode(latents(DECODE_CHUNK)), dev)
+        configs = {name: {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
+                   for name, m in (("unet", self.unet), ("controlnet", self.controlnet),
+                                   ("vae", self.vae))}
+        cache = probe_cache_path(self.options.cache_dir, "diffusion", dev, {
+            "configs": configs, "resolution": res, "dtype": str(self.dtype),
+            "branches": branches, "attention": self.options.attention})
+        return measure_batch_size(step, lambda: self._decode(latents(DECODE_CHUNK)), dev,
+                                  cache=cache)
 
     def _hint(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Input ++ tone-mapped reference, 6 x res x res in [0, 1]: once per pair."""
@@ -327,8 +377,9 @@ class DiffusionRelighter(Relighter):
         parts = []
         for chunk in latents.split(DECODE_CHUNK):
             n = len(chunk)
-            if self.static_shapes and n < DECODE_CHUNK:
-                chunk = torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK - n, -1, -1, -1)])
+            if (self.static_shapes and n < DECODE_CHUNK) or (self.aot and n == 1):
+                size = DECODE_CHUNK if self.static_shapes else 2
+                chunk = torch.cat([chunk, chunk[-1:].expand(size - n, -1, -1, -1)])
             z = chunk / vae.config.scaling_factor
             if vae.post_quant_conv is not None:  # as AutoencoderKL.decode does
                 z = vae.post_quant_conv(z)
@@ -350,6 +401,8 @@ class DiffusionRelighter(Relighter):
             pad = 0
             if self.static_shapes:  # few compiled shapes: pad to a multiple of 8 seeds
                 pad = min(-(-len(chunk) // 8) * 8, self.batch_size) - len(chunk)
+            elif self.aot and len(chunk) == 1:  # the packages take 2 seeds or more
+                pad = 1
             out = self._denoise(hint, chunk + [chunk[-1]] * pad)[:len(chunk)]
             for i in range(0, len(chunk), DECODE_CHUNK):
                 part = result[start + i:start + min(i + DECODE_CHUNK, len(chunk))]
@@ -366,6 +419,8 @@ class DiffusionRelighter(Relighter):
         self.scheduler.set_timesteps(o.ddim_steps, device=self.device)
         one = self.one_pass
         cond = self.cond.expand(b, -1, -1)
+        if self.aot:  # compiled packages read their inputs as laid out when exported
+            hints, cond = hints.contiguous(), cond.contiguous()
         if not one:
             assert self.uncond is not None  # two passes only with an unconditional branch
             both_text = torch.cat([self.uncond.expand(b, -1, -1), cond])

@@ -3,9 +3,13 @@ models are cached, and the timing of each loading phase (``diffusion`` and ``lum
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,13 +100,49 @@ def batch_for_memory(step4: float, step8: float, decode: float, free: float,
     return min(cap, fits if fits < 8 else fits // 8 * 8)
 
 
+def cached_json(path: Path | None, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``'s result, kept as JSON at ``path`` for later workers (None: not kept).
+    Written to a temporary name and renamed, so a reader never sees half a file; an unreadable
+    file is computed again."""
+    if path is not None:
+        try:
+            found = json.loads(path.read_text())
+            if isinstance(found, dict):
+                return found
+        except (OSError, ValueError):
+            pass
+    value = compute()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(value))
+            os.replace(partial, path)
+        except OSError:
+            pass  # a read-only cache only costs the next worker the measurement
+    return value
+
+
+def probe_cache_path(cache_dir: str | None, who: str, device: torch.device,
+                     parts: dict[str, Any]) -> Path:
+    """Where a batch-size probe's measurements are kept: keyed by what they depend on (torch,
+    the GPU, and ``parts``: the model's configuration, resolution, dtype, ...)."""
+    from .aot import device_id
+
+    text = json.dumps({"torch": torch.__version__, "device": device_id(device), "who": who,
+                       **parts}, sort_keys=True, default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    return Path(model_cache_dir(cache_dir)) / "probe" / f"{who}-{key}.json"
+
+
 def measure_batch_size(step: Callable[[int], object], decode: Callable[[], object],
                        device: torch.device, cap: int = AUTO_BATCH_CAP,
-                       who: str = "diffusion") -> int:
+                       who: str = "diffusion", cache: Path | None = None) -> int:
     """Seeds per batch on this GPU (:func:`batch_for_memory`): ``step(n)`` runs one denoising
     step of ``n`` seeds and ``decode()`` one decode chunk; their peak memory is measured at 4
-    and 8 seeds. ``RELIT_GPU_SHARE`` (set by ``relit-k8s run`` when workers share a GPU)
-    divides the free memory between them."""
+    and 8 seeds, or read from ``cache`` where an earlier worker of this node kept them (the
+    free memory is always read now). ``RELIT_GPU_SHARE`` (set by ``relit-k8s run`` when
+    workers share a GPU) divides the free memory between them."""
     from ..settings import WorkerSettings
 
     def peak(fn: Callable[[], object]) -> int:
@@ -114,9 +154,10 @@ def measure_batch_size(step: Callable[[int], object], decode: Callable[[], objec
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
 
-    small, large = peak(lambda: step(4)), peak(lambda: step(8))
-    decoded = peak(decode)
+    peaks = cached_json(cache, lambda: {"step4": peak(lambda: step(4)),
+                                        "step8": peak(lambda: step(8)),
+                                        "decode": peak(decode)})
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    return batch_for_memory(small, large, decoded, free, WorkerSettings.from_env().gpu_share,
-                            cap, who)
+    return batch_for_memory(peaks["step4"], peaks["step8"], peaks["decode"], free,
+                            WorkerSettings.from_env().gpu_share, cap, who)

@@ -37,6 +37,7 @@ from ..loading import (
     check_compiler,
     measure_batch_size,
     model_cache_dir,
+    probe_cache_path,
     weights_dtype,
 )
 from .checkpoint import load, load_safetensors, read_state_dict
@@ -233,8 +234,10 @@ class LuminetRelighter(Relighter):
                                    prepared=(feature_map.expand(b, -1, -1, -1),
                                              context.expand(b, -1, -1)))
 
+        cache = probe_cache_path(self.options.cache_dir, "luminet", dev, {
+            "config": repr(cfg), "dtype": str(self.dtype), "bypass": self.bypass is not None})
         return measure_batch_size(step, lambda: self.decode(latents(DECODE_CHUNK), features),
-                                  dev, who="luminet")
+                                  dev, who="luminet", cache=cache)
 
     def _context(self, o: LuminetOptions, checkpoint: Path,
                  text: dict[str, torch.Tensor]) -> torch.Tensor:
