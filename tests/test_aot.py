@@ -64,6 +64,20 @@ def test_two_workers_starting_at_once_compile_once_and_a_broken_package_is_rebui
     assert [p.name for p in tmp_path.iterdir()] == [package.name]
 
 
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if bool(x.sum() > 0) else x  # a branch on values: cannot be exported
+
+
+def test_a_module_that_cannot_be_compiled_ahead_of_time_is_a_clear_error(tmp_path):
+    from relit_k8s.errors import RelighterError
+
+    with pytest.raises(RelighterError, match="use compile=true") as e:
+        compiled_module("odd", _DataDependent(), (torch.randn(2, 3),), {}, 4, tmp_path)
+    assert e.value.exit_code == 78
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 def test_compile_aot_equals_eager_and_later_workers_load_instead_of_compiling(tmp_path):
     model = make_model(tmp_path / "m", "tiny")
     other = make_model(tmp_path / "m2", "tiny", seed=1)  # same sizes, other weights

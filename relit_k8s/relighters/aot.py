@@ -175,7 +175,8 @@ def compiled_module(name: str, module: torch.nn.Module, args: tuple, kwargs: dic
     ``max_batch``. ``timings`` gets ``aot_compile`` seconds when it compiled."""
     import time
 
-    device = next(module.parameters()).device
+    weight = next(module.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
     args, kwargs = _contiguous(args), _contiguous(kwargs)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{package_key(name, module, args, kwargs, max_batch, device)}.pt2"
@@ -198,6 +199,13 @@ def compiled_module(name: str, module: torch.nn.Module, args: tuple, kwargs: dic
         try:
             build_package(module, args, kwargs, max_batch, partial)
             os.replace(partial, path)
+        except Exception as e:  # noqa: BLE001 - export or compile failed: say what to do
+            from ..errors import RelighterError
+
+            raise RelighterError(
+                f"compile=aot could not compile {name} ahead of time ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); use compile=true, or leave "
+                "compile off") from e
         finally:
             partial.unlink(missing_ok=True)
         if timings is not None:
