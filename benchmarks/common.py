@@ -44,6 +44,19 @@ def header(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def run_fields(name: str, m: dict, seed_rate: float | None) -> dict:
+    """The result fields every relighter measurement has, prefixed ``name_``: samples/s, the
+    speed-up over the seed's loop, the batch, the load seconds and phases, the first sample."""
+    return {
+        f"{name}_samples_per_s": round(m["rate"], 4),
+        f"{name}_speedup": round(m["rate"] / seed_rate, 2) if seed_rate else None,
+        f"{name}_batch": m["batch"],
+        f"{name}_load_seconds": round(m["load_seconds"], 2),
+        f"{name}_load_phases": m["load_phases"],
+        f"{name}_first_sample_seconds": round(m["first"], 2),
+    }
+
+
 def relight_timings(r, image, ref, batch: int, batches: int, device,
                     started: float) -> tuple[float, float]:
     """(seconds from ``started`` to the end of a first batch, then samples/s over ``batches``

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import profile_step, relight_timings, sync
+from common import profile_step, relight_timings, run_fields, sync
 
 
 def _create(folder: str, device, **options):
@@ -194,15 +194,7 @@ def run(args, device, peak: float | None) -> dict:
     for name, found in (("relit", m), ("compiled", compiled)):
         if not found:
             continue
-        result |= {
-            f"{name}_samples_per_s": round(found["rate"], 4),
-            f"{name}_speedup": round(found["rate"] / seed_rate, 2) if seed_rate else None,
-            f"{name}_batch": found["batch"],
-            f"{name}_dtype": found["dtype"],
-            f"{name}_load_seconds": round(found["load_seconds"], 2),
-            f"{name}_load_phases": found["load_phases"],
-            f"{name}_first_sample_seconds": round(found["first"], 2),
-        }
+        result |= run_fields(name, found, seed_rate) | {f"{name}_dtype": found["dtype"]}
         if peak and not args.tiny:
             result[f"{name}_model_flop_utilisation"] = round(found["rate"] * tflop / peak, 3)
     return result

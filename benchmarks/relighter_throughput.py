@@ -29,7 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_for, header, parser, profile_step, relight_timings, sync
+from common import (
+    device_for,
+    header,
+    parser,
+    profile_step,
+    relight_timings,
+    run_fields,
+    sync,
+)
 
 from relit_k8s.relighters.loading import AUTO_BATCH_CAP
 
@@ -256,14 +264,9 @@ def main() -> None:
     for name, m in (("relit", eager), ("compiled", compiled)):
         if not m:
             continue
+        result.update(run_fields(name, m, seed_rate))
         result.update({
-            f"{name}_samples_per_s": round(m["rate"], 4),
-            f"{name}_speedup": round(m["rate"] / seed_rate, 2) if seed_rate else None,
-            f"{name}_batch": m["batch"],
             f"{name}_one_pass": m["one_pass"],
-            f"{name}_load_seconds": round(m["load_seconds"], 2),
-            f"{name}_load_phases": m["load_phases"],
-            f"{name}_first_sample_seconds": round(m["first"], 2),
             f"{name}_decode_seconds_per_sample": round(m["decode_seconds_per_sample"], 4),
             f"{name}_batch_vs_one_by_one_max_abs_diff":
                 round(m["diff"], 5) if m["diff"] is not None else None,
