@@ -5,7 +5,10 @@ The real claiming code (relit_k8s.leases: LeaseBook, Claimer) runs against a rea
 pods; their "relighter" sleeps for each unit's time (scaled time), and each unit's output is a
 real object written to the store. The fleet is unkind on purpose:
 
-* unit times are heavy-tailed (a unit is 8 items, each lognormal with sigma 1);
+* item times are heavy-tailed (lognormal, sigma 1); a unit is 32 items (an input-reference pair
+  and its seeds: one output object here, to keep the store's load within what a moto server
+  sharing 2 cores with every simulated worker serves), and the holder's heartbeat reports
+  progress per item, as a worker's does;
 * 10% of the workers are 3x slower (a slow node, an older GPU);
 * 5% of the workers are killed mid-shard (kill -9: no report, no release); Kubernetes starts a
   replacement pod for their index after the restart delay (= the lease time here).
@@ -13,8 +16,9 @@ real object written to the store. The fleet is unkind on purpose:
 static: shard i is Job index i (4 shards per worker, the static default); a free pod slot takes
 the next pending index, as the Job controller does; a killed pod's index is retried by its
 replacement, which skips the units already written.
-leases: 16 shards per worker (the default) claimed through leases; a killed worker's shard is
-taken over once its lease is stale; the replacement claims like any worker.
+leases: 32 shards per worker (the default, LEASE_SHARDS_PER_WORKER) claimed through leases; a
+killed worker's shard is taken over once its lease is stale; the replacement claims like any
+worker.
 
 ideal = total work / total worker speed. Printed per row, side by side: makespan / ideal for
 both, units lost (must be 0), units processed twice (with leases only after a steal, and their
@@ -42,12 +46,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from relit_k8s.planner import LEASE_SHARDS_PER_WORKER
+
 #: Seconds of ideal makespan per row: long enough that the store (a moto server sharing this
 #: machine's 2 cores with every simulated worker) is not the bottleneck at about 100 requests/s,
 #: short enough for one run. Time is scaled: a unit of 8 items takes about 2 s here.
 DEFAULT_SECONDS = {16: 60.0, 64: 120.0, 256: 300.0}
-UNITS_PER_WORKER = 32
-ITEMS_PER_UNIT = 8
+UNITS_PER_WORKER = 64
+ITEMS_PER_UNIT = 32
 SLOW_FRACTION, SLOW_FACTOR = 0.10, 3.0
 KILLED_FRACTION = 0.05
 
@@ -110,7 +116,7 @@ class Fleet:
     workers: int
     seconds: float
     seed: int
-    units: list[float] = field(default_factory=list)  # seconds of work per unit, at speed 1
+    items: list[list[float]] = field(default_factory=list)  # per unit: seconds per item
     speeds: list[float] = field(default_factory=list)
     kills: dict[int, float] = field(default_factory=dict)  # worker -> seconds into the run
 
@@ -118,13 +124,18 @@ class Fleet:
     def make(cls, workers: int, seconds: float, seed: int = 0) -> Fleet:
         rng = random.Random(seed)
         n = workers * UNITS_PER_WORKER
-        raw = [sum(rng.lognormvariate(0, 1.0) for _ in range(ITEMS_PER_UNIT)) for _ in range(n)]
+        raw = [[rng.lognormvariate(0, 1.0) for _ in range(ITEMS_PER_UNIT)] for _ in range(n)]
         slow = set(rng.sample(range(workers), max(1, round(SLOW_FRACTION * workers))))
         speeds = [1 / SLOW_FACTOR if w in slow else 1.0 for w in range(workers)]
-        scale = seconds * sum(speeds) / sum(raw)  # total work / total speed = seconds
+        scale = seconds * sum(speeds) / sum(map(sum, raw))  # total work / speed = seconds
         killed = rng.sample(range(workers), max(1, math.ceil(KILLED_FRACTION * workers)))
         kills = {w: rng.uniform(0.2, 0.6) * seconds for w in killed}
-        return cls(workers, seconds, seed, [u * scale for u in raw], speeds, kills)
+        return cls(workers, seconds, seed, [[t * scale for t in u] for u in raw], speeds, kills)
+
+    @property
+    def units(self) -> list[float]:
+        """Seconds of work per unit, at speed 1."""
+        return [sum(u) for u in self.items]
 
     @property
     def lease_seconds(self) -> float:
@@ -132,7 +143,7 @@ class Fleet:
         return self.seconds / 8
 
     def shard_units(self, shards: int, index: int) -> range:
-        n = len(self.units)
+        n = len(self.items)
         return range(index * n // shards, (index + 1) * n // shards)
 
 
@@ -179,20 +190,22 @@ class Store:
 
 def _work(fleet: Fleet, store: Store, units: range, speed: float, killed: threading.Event,
           lost: threading.Event | None = None, progress: list | None = None) -> bool:
-    """Process ``units`` (skipping those written, as a worker does after listing its pairs);
-    False when killed (or the lease lost) part-way. ``progress``: [units finished, units
-    written], kept up to date for the heartbeat."""
+    """Process ``units`` item by item (skipping units written, as a worker does after listing
+    its pairs); False when killed (or the lease lost) part-way. ``progress``: [items finished,
+    items written], kept up to date for the heartbeat."""
     for u in units:
         if u in store.written:
             if progress is not None:
-                progress[0] += 1
+                progress[0] += ITEMS_PER_UNIT
             continue
-        if killed.wait(fleet.units[u] / speed) or (lost is not None and lost.is_set()):
-            return False  # killed mid-unit: this unit's output is never written
+        for seconds in fleet.items[u]:
+            if killed.wait(seconds / speed) or (lost is not None and lost.is_set()):
+                return False  # killed mid-unit: this unit's output is never written
+            if progress is not None:
+                progress[0] += 1
         store.write(u)
         if progress is not None:
-            progress[0] += 1
-            progress[1] += 1
+            progress[1] += ITEMS_PER_UNIT
     return True
 
 
@@ -250,7 +263,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
         while True:
             book = LeaseBook(store.storage, "fleet", seconds=fleet.lease_seconds)
             claimer = Claimer(book, shards, w, fleet.workers)  # a kill lands mid-unit
-            dead, written_units, busy = False, 0, 0.0
+            dead, written_items, busy = False, 0, 0.0
             for claim in claimer:
                 if claim.lease.stolen_from is not None:
                     with lock:
@@ -273,7 +286,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
                             continue
                         elapsed = time.monotonic() - began
                         try:
-                            c = book.renew(c, progress[0], len(units),
+                            c = book.renew(c, progress[0], len(units) * ITEMS_PER_UNIT,
                                            progress[0] / elapsed if progress[0] else None)
                         except LeaseLost:
                             lost.set()
@@ -289,10 +302,10 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
                     break
                 if finished:
                     book.finish(claim)
-                    written_units += progress[1]
+                    written_items += progress[1]
                     busy += time.monotonic() - began
-                    if written_units:
-                        claimer.own_rate = written_units / busy
+                    if written_items:  # items/s, as the lease's rate
+                        claimer.own_rate = written_items / busy
             with lock:
                 totals["claims"] += claimer.claims
                 totals["steals"] += claimer.steals
@@ -333,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, help="ideal makespan per row [default: 60, 120, "
                     "300 s for 16, 64, 256 workers]")
     ap.add_argument("--static-shards", type=int, default=4, help="static shards per worker")
-    ap.add_argument("--lease-shards", type=int, default=16, help="lease shards per worker")
+    ap.add_argument("--lease-shards", type=int, default=LEASE_SHARDS_PER_WORKER,
+                    help="lease shards per worker [default: %(default)s, the planner's]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["static", "leases"], help="run one balance only")
     ap.add_argument("--smoke", action="store_true", help="4 workers, 4 s: a check that it runs")
@@ -370,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(UTC).date().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; store: moto server",
         "fleet": {"units_per_worker": UNITS_PER_WORKER, "items_per_unit": ITEMS_PER_UNIT,
+                  "lease_shards_per_worker": args.lease_shards,
+                  "static_shards_per_worker": args.static_shards,
                   "item_time": "lognormal, sigma 1", "slow": f"{SLOW_FRACTION:.0%} of "
                   f"workers {SLOW_FACTOR:g}x slower", "killed": f"{KILLED_FRACTION:.0%} of "
                   "workers mid-shard, replaced after the lease time",

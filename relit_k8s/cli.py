@@ -102,7 +102,7 @@ DdimOpt = Annotated[int | None, typer.Option("--ddim-steps", min=1, help="Seed p
 NewDecoderOpt = Annotated[bool, typer.Option("--new-decoder", help="Seed parity: sets the "
                                              "relighter option new_decoder=true.")]
 ShardsOpt = Annotated[int | None, typer.Option(
-    "--shards", min=1, help="Number of shards [default: 16 per worker with leases, 4 with "
+    "--shards", min=1, help="Number of shards [default: 32 per worker with leases, 4 with "
     "static balance].")]
 RunIdOpt = Annotated[str | None, typer.Option("--run-id", help="Run id (DNS label, <= 40 chars)"
                                               " [default: derived from the plan, so the same "

@@ -9,13 +9,19 @@ Under ``<output>/_relit/<run>/leases/``:
   (``RELIT_LEASE_SECONDS``, default 60) may be stolen: the thief's write is conditional on the
   stale version, so exactly one thief wins, and the old holder's next renewal (or report write)
   fails with :class:`LeaseLost`: it stops working on that shard.
-* ``<shard>.done``: the shard is finished (written before its lease is deleted); a finished
-  shard is never claimed again.
+* ``<shard>.done``: the shard its worker finished last (deleted when that worker finishes its
+  next one), so that workers that list ``leases/`` about once a shard see it finished.
+* ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
+  lease, so that another claims the shard at once (and deletes the marker).
 
-A worker stopped by SIGTERM deletes its lease, so that another claims the shard at once. The
-listing of the folder tells a worker, in one request per 1,000 shards, which shards are free
-(no object), finished (``.done``) or possibly stale (a lease not modified for the lease time):
-only those are read. Clocks: staleness compares the lease's ``heartbeat_at`` (the holder's
+and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
+its lease is deleted); a finished shard is never claimed again.
+
+So a lease that goes away without a ``.free`` marker in its place was finished: a worker lists
+``done/`` (one object per finished shard, one request per 1,000) when it starts, and from then
+on ``leases/`` only (about two objects per worker), and follows the shards' fate from what
+appears and goes there; it lists ``done/`` again only when it finds several shards it believed
+free already finished. Clocks: staleness compares the lease's ``heartbeat_at`` (the holder's
 clock) with the thief's; a cluster's clocks agree within a second or so, far inside 60 s.
 
 Stores that ignore conditional writes (some S3-compatible servers) would let two workers win
@@ -82,9 +88,26 @@ class Lease(BaseModel):
 
 #: Leases an idle worker reads per look, in the tail of a run, to find stragglers.
 TAIL_SAMPLE = 16
+#: Shards believed free but found finished (claimed and finished by others between two looks
+#: of this worker) before a worker lists ``done/`` again.
+MISSES_BEFORE_LISTING = 8
+#: About how many idle workers of a run look at the store per poll interval, together.
+IDLE_POLLERS = 8
 #: An idle worker takes a live worker's shard over only when that worker would need more than
 #: this many times as long as the idle one to finish it (a 3x slower node: yes; noise: no).
 TAKEOVER_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class LeaseListing:
+    """What one listing of ``leases/`` shows."""
+
+    #: shards finished a moment ago (``<shard>.done``)
+    done: set[int]
+    #: held shard -> when its lease was last written
+    held: dict[int, datetime]
+    #: shards released by a stopped worker, free to claim
+    released: set[int]
 
 
 @dataclass(frozen=True)
@@ -102,14 +125,19 @@ def new_owner() -> str:
 
 def claim_order(index: int, workers: int, shards: int) -> Iterator[int]:
     """The shards in the order worker ``index`` of ``workers`` tries them: its own first
-    (``index``, ``index + workers``, ...: the static split), then every other in an order of
-    its own (a permutation seeded by ``index``), so that workers that run out of their own
-    shards rarely race for the same one."""
-    own = list(range(index % shards, shards, max(1, workers)))
+    (``index``, ``index + workers``, ...: the static split), then the others from the far ends
+    of the other workers' sequences (a worker reaches ``j + k * workers`` last of its own), so
+    that a worker out of its own shards takes those their owners are furthest from, as a
+    work-stealing scheduler steals from the other end of a queue; within one depth in an order
+    of its own (seeded by ``index``), so that such workers rarely race for the same shard."""
+    step = max(1, workers)
+    own = list(range(index % shards, shards, step))
     yield from own
     mine = set(own)
+    rng = random.Random(index)
     others = [s for s in range(shards) if s not in mine]
-    random.Random(index).shuffle(others)
+    rng.shuffle(others)
+    others.sort(key=lambda s: -(s // step))  # stable: shuffled within one depth
     yield from others
 
 
@@ -121,16 +149,23 @@ class LeaseBook:
         self.storage, self.run_id = storage, run_id
         self.owner = owner or new_owner()
         self.seconds = WorkerSettings.from_env().lease_seconds if seconds is None else seconds
+        #: shards this book saw finished: by its owner, or when a claim found them finished
+        self.seen_done: set[int] = set()
+        self._recent: int | None = None  # the shard whose ``leases/<shard>.done`` is left
 
     @property
     def folder(self) -> str:
         return f"{META_DIR}/{self.run_id}/leases"
 
+    @property
+    def done_folder(self) -> str:
+        return f"{META_DIR}/{self.run_id}/done"
+
     def key(self, shard: int) -> str:
         return f"{self.folder}/{shard}.json"
 
     def done_key(self, shard: int) -> str:
-        return f"{self.folder}/{shard}.done"
+        return f"{self.done_folder}/{shard}"
 
     def _lease(self, shard: int, previous: Lease | None = None) -> Lease:
         now = datetime.now(UTC)
@@ -146,17 +181,33 @@ class LeaseBook:
             return None
         return Lease.model_validate_json(data), version
 
+    def free_key(self, shard: int) -> str:
+        return f"{self.folder}/{shard}.free"
+
     def listing(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written): one listing of
-        the lease folder."""
-        done, held = set(), {}
+        the finished markers and one of the leases."""
+        found = self.leases()
+        return found.done | self.finished(), found.held
+
+    def finished(self) -> set[int]:
+        """The finished shards (one listing of ``done/``)."""
+        return {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
+
+    def leases(self) -> LeaseListing:
+        """One listing of ``leases/``: about one object per busy worker."""
+        found = LeaseListing(set(), {}, set())
         for name, modified in self.storage.list_modified(self.folder).items():
             stem, _, ext = name.partition(".")
-            if stem.isdigit() and ext == "done":
-                done.add(int(stem))
-            elif stem.isdigit() and ext == "json":
-                held[int(stem)] = modified
-        return done, held
+            if not stem.isdigit():
+                continue
+            if ext == "json":
+                found.held[int(stem)] = modified
+            elif ext == "free":
+                found.released.add(int(stem))
+            elif ext == "done":  # finished a moment ago
+                found.done.add(int(stem))
+        return found
 
     def is_done(self, shard: int) -> bool:
         return self.storage.exists(self.done_key(shard))
@@ -183,12 +234,17 @@ class LeaseBook:
         pid = rest.partition("/")[0]
         return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
-    def try_claim(self, shard: int, faster_than: float | None = None) -> Claim | None:
+    def try_claim(self, shard: int, faster_than: float | None = None,
+                  released: bool = False) -> Claim | None:
         """Claim ``shard`` if nobody holds it, or steal it from a holder whose heartbeat is
         older than the lease time, or (``faster_than``: this worker's items/s) from a live
         holder that would take :data:`TAKEOVER_FACTOR` times as long as this worker to finish
-        it. None if it is finished, another holds it, or another worker won the race for it."""
+        it. None if it is finished, another holds it, or another worker won the race for it.
+        ``released``: the shard's lease was released (a ``.free`` marker): the marker is
+        deleted once claimed."""
         claim = self._create(shard)
+        if claim is not None and released:
+            self.storage.delete(self.free_key(shard))
         if claim is None:
             found = self.read(shard)
             if found is None:  # released (or finished) a moment ago
@@ -206,7 +262,8 @@ class LeaseBook:
                             extra={"event": "lease_stolen", "fields": {
                                 "shard": shard, "from": found[0].owner, "by": self.owner}})
         if claim is not None and self.is_done(shard):  # finished while we looked
-            self._delete_if_mine(claim)
+            self.seen_done.add(shard)
+            self.storage.delete(self.key(shard))  # gone without a .free marker: finished
             return None
         return claim
 
@@ -233,42 +290,57 @@ class LeaseBook:
         return Claim(claim.shard, version, lease)
 
     def finish(self, claim: Claim) -> None:
-        """The shard is finished: mark it done (never claimed again), then drop its lease (a
+        """The shard is finished: mark it done (never claimed again), leave a ``.done``
+        marker in ``leases/`` until this worker finishes its next shard (so that workers that
+        look at ``leases/`` only, about once a shard, see it finished), then drop the lease (a
         thief's too: it learns at its next renewal that there is nothing left to do)."""
         try:
             self.storage.create(self.done_key(claim.shard), b"")
         except WriteConflict:  # a thief finished it too
             pass
+        self.seen_done.add(claim.shard)
+        self.storage.write(self.recent_key(claim.shard), b"")
         self.storage.delete(self.key(claim.shard))
+        if self._recent is not None:
+            self.storage.delete(self.recent_key(self._recent))
+        self._recent = claim.shard
+
+    def recent_key(self, shard: int) -> str:
+        return f"{self.folder}/{shard}.done"
 
     def release(self, claim: Claim) -> None:
-        """Stopped before the end: the shard is free to claim at once."""
-        self._delete_if_mine(claim)
-
-    def _delete_if_mine(self, claim: Claim) -> None:
+        """Stopped before the end: the shard is free to claim at once. The ``.free`` marker
+        is written before the lease is deleted: a lease gone without it means finished."""
         # A thief's lease is left alone (the window between this read and the delete is far
         # shorter than a lease: it would take a pause of a minute in between to lose it).
         found = self.read(claim.shard)
         if found is not None and found[1] == claim.version:
+            self.storage.write(self.free_key(claim.shard), b"")
             self.storage.delete(self.key(claim.shard))
 
 
 class Claimer:
     """The shards one worker (``index`` of ``workers``) works on, claimed one at a time.
 
-    A listing of the lease folder gives the candidates: the free shards in
-    :func:`claim_order`, then the leases not written for the lease time (and, when there are
-    none, every lease: always on a local folder, where reads are cheap, once elsewhere: a
-    holder may be a dead process of this host, taken over at once, see :meth:`LeaseBook.stale`;
-    after that, in the tail of the run, a sample of them, to take a straggler's shard over when
-    this worker would finish it in well under half the time: :meth:`LeaseBook.try_claim`).
-    The
-    worker claims from that list, and lists again as soon as a shard listed as free turns out to
-    be taken (the list is out of date), so a claim usually costs a create and a check, not a
-    listing. When a fresh listing yields
-    nothing (every unfinished shard is held by a live worker), it waits ``poll`` seconds,
-    doubling up to half the lease time (so a dead holder's shard is still taken within 1.5
-    lease times), and lists again. Iteration ends when every shard is finished, or on ``stop``.
+    A listing gives the candidates: first the leases not written for the lease time (a dead
+    holder's shard is taken as soon as it is stale, not at the end of the run, where it would
+    make the tail), then the free shards in :func:`claim_order`. When there are none, the
+    live leases: all of them on a local folder (reads are cheap) and on the first listing of a
+    worker (a holder may be a dead process of this host, taken over at once, see
+    :meth:`LeaseBook.stale`); after that, in the tail of the run, a sample, to take a
+    straggler's shard over when this worker would finish it in well under half the time
+    (:meth:`LeaseBook.try_claim`). The worker claims from that list, and lists again as soon as
+    a shard listed as free turns out to be taken (the list is out of date), so a claim usually
+    costs a create and a check, not a listing.
+
+    A worker lists ``done/`` (one object per finished shard) once, at its first look; after that
+    ``leases/`` only (about one lease per busy worker): a look costs a small listing, not one of
+    every finished shard (see :meth:`state`). When a listing yields nothing free (every
+    unfinished shard is held by a live worker), the worker waits, then looks again. The wait
+    starts at ``poll`` seconds times the idle workers over :data:`IDLE_POLLERS` (so that a
+    thousand idle workers do not ask the store a thousand times as often as eight), doubles up
+    to half the lease time (a dead holder's shard is still taken within 1.5 lease times), and is
+    jittered. Iteration ends when every shard is finished, or on ``stop``.
     """
 
     def __init__(self, book: LeaseBook, shards: int, index: int, workers: int,
@@ -283,17 +355,35 @@ class Claimer:
         #: this worker's items/s so far (its runner sets it after each shard): with it, an idle
         #: worker takes over a live straggler's shard (:data:`TAKEOVER_FACTOR`)
         self.own_rate: float | None = None
-        self._held_read = False  # whether the fresh leases were read once (dead local holders)
-        #: claims made, steals among them, and listings of the lease folder
+        #: what the listings showed: finished shards, the held and the released ones
+        self._done: set[int] = set()
+        self._held: dict[int, datetime] = {}
+        self._released: set[int] = set()
+        #: shards believed free that were found finished since ``done/`` was last listed
+        self._misses = 0
+        self._own = set(self.order[:len(range(index % shards, shards, max(1, workers)))])
+        self._beyond_own = False  # whether this worker went past its own shards
+        #: claims made, steals among them, and listings made
         self.claims = self.steals = self.listings = 0
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
-        """(finished shards, held shard -> when its lease was last written), one listing."""
+        """(finished shards, held shard -> when its lease was last written), as listed now:
+        ``done/`` and ``leases/`` at the first look; after that ``leases/`` only, where a
+        lease gone without a ``.free`` marker was finished (and a shard this worker never saw
+        held may have been claimed and finished in between: its claim finds that out)."""
         self.listings += 1
-        return self.book.listing()
+        found = self.book.leases()
+        gone = set(self._held) - set(found.held) - found.released
+        if self.listings == 1 or self._misses >= MISSES_BEFORE_LISTING:
+            found.done.update(self.book.finished())
+            self._misses = 0
+        self._done |= found.done | gone | self.book.seen_done
+        self._held, self._released = found.held, found.released
+        return self._done, self._held
 
     def _refresh(self) -> bool:
         """List the candidates again; False when every shard is finished."""
+        first = self.listings == 0
         done, held = self.state()
         if len(done) >= self.shards:
             return False
@@ -302,41 +392,62 @@ class Claimer:
         stale = [s for s in self.order if s not in done and s in held and held[s] < old]
         if not free and not stale:
             live = [s for s in self.order if s not in done and s in held]
-            if isinstance(self.book.storage, LocalStorage) or not self._held_read:
+            if isinstance(self.book.storage, LocalStorage) or first:
                 # read the live leases too: on a local folder always (reads are cheap),
-                # elsewhere once (a run started again after `kill -9` takes its dead
-                # processes' shards now)
-                self._held_read = True
+                # elsewhere on a worker's first look (a run started again after `kill -9`
+                # takes its dead processes' shards now)
                 stale = live
             elif self.own_rate:
                 # the tail: look for a straggler among a few of them (each idle worker looks
                 # at others, so together they see them all)
                 stale = self._rng.sample(live, min(len(live), TAIL_SAMPLE))
-        self._candidates = deque(free + stale)
+        self._candidates = deque(stale + free)
         self._free = set(free)
         return True
 
+    def _first_wait(self) -> float:
+        """How long an idle worker waits before it looks again, at first."""
+        idle = max(1, self.workers - len(self._held))
+        return min(max(self.poll, self.book.seconds / 2),
+                   self.poll * max(1.0, idle / IDLE_POLLERS))
+
     def next(self) -> Claim | None:
         """The next shard this worker holds; None when every shard is finished (or stopped)."""
-        wait = self.poll
+        wait: float | None = None
         while not self.stop.is_set():
             fresh = not self._candidates
             if fresh and not self._refresh():
                 return None
             while self._candidates and not self.stop.is_set():
                 shard = self._candidates.popleft()
-                claim = self.book.try_claim(shard, faster_than=self.own_rate)
+                if not self._beyond_own and shard in self._free and shard not in self._own:
+                    # out of its own shards: what it listed before may be long out of date
+                    # (others finished most of theirs meanwhile): list in full, once
+                    self._beyond_own, self._misses = True, MISSES_BEFORE_LISTING
+                    self._candidates.clear()
+                    fresh = False
+                    break
+                claim = self.book.try_claim(shard, faster_than=self.own_rate,
+                                            released=shard in self._released)
                 if claim is not None:
                     self.claims += 1
                     self.steals += claim.lease.stolen_from is not None
                     return claim
+                if shard in self.book.seen_done:  # finished while this worker looked away
+                    self._misses += 1
+                    if self._misses < MISSES_BEFORE_LISTING:
+                        continue
+                    self._candidates.clear()  # too many: list done/ again
+                    fresh = False
+                    break
                 if shard in self._free:  # it was free when listed: the list is out of date
                     self._candidates.clear()
                     fresh = False
                     break
             if fresh:  # nothing to take now: others hold every unfinished shard
-                self.stop.wait(wait)
-                wait = min(2 * wait, max(self.poll, self.book.seconds / 2))
+                wait = self._first_wait() if wait is None else \
+                    min(2 * wait, max(self.poll, self.book.seconds / 2))
+                self.stop.wait(wait * self._rng.uniform(0.75, 1.25))
         return None
 
     def __iter__(self) -> Iterator[Claim]:

@@ -43,10 +43,11 @@ SHARDS_PER_WORKER = 4
 #: Most shards a default static plan makes: each is a Job index, and very large Jobs stress
 #: etcd; users may ask for more.
 MAX_DEFAULT_SHARDS = 2000
-#: Default shards per worker with leases: the tail of a run is about one shard's time, so
-#: shards are small (benchmarks/fleet.py measures the choice); a shard is a lease object in
-#: the output store, not a Job index, so there can be many.
-LEASE_SHARDS_PER_WORKER = 16
+#: Default shards per worker with leases: the tail of a run is about one shard's time (a slow
+#: node's: three times that), so shards are small: benchmarks/fleet.py measured 16 per worker
+#: at 1.13x the ideal makespan where 32 keep within 1.10x; a shard is a lease object in the
+#: output store, not a Job index, so there can be many.
+LEASE_SHARDS_PER_WORKER = 32
 MAX_DEFAULT_LEASE_SHARDS = 20_000
 
 

@@ -62,10 +62,19 @@ def wait_for_outputs(out: Path, n: int, timeout: float = 120) -> None:
     assert len(written(out)) >= n, f"{len(written(out))} outputs after {timeout} s"
 
 
-def leases(out: Path, m: Manifest) -> list[str]:
-    """The lease folder's objects (the local store's hidden lock files left out)."""
-    folder = out / RunPaths(m.run_id).prefix / "leases"
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+def leases(out: Path, m: Manifest, folder: str = "leases") -> list[str]:
+    """The lease folder's objects (the local store's hidden lock files left out); ``done``:
+    the finished shards' markers."""
+    path = out / RunPaths(m.run_id).prefix / folder
+    return sorted((p.name for p in path.iterdir() if not p.name.startswith(".")),
+                  key=lambda n: (len(n), n))
+
+
+def finished(out: Path, m: Manifest, shards: int) -> bool:
+    """Every shard marked finished, and no lease left behind (``<shard>.done``: the shard a
+    worker finished last)."""
+    return (leases(out, m, "done") == [str(s) for s in range(shards)]
+            and [n for n in leases(out, m) if not n.endswith(".done")] == [])
 
 
 def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path):
@@ -74,7 +83,7 @@ def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path)
     results = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [EXIT_OK, EXIT_OK], results
     assert written(out) == expected(m)
-    assert leases(out, m) == sorted(f"{s}.done" for s in range(8))
+    assert finished(out, m, 8)
     reports = [ShardReport.from_json((out / RunPaths(m.run_id).report(s)).read_bytes())
                for s in range(m.shards)]
     assert {r.state for r in reports} == {"done"}
@@ -96,7 +105,7 @@ def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
     assert b.returncode == EXIT_OK, stderr
     assert "took shard 0 from" in stderr  # its own shard first, then the dead worker's
     assert written(out) == expected(m)  # every output, each once (outputs are named by seed)
-    assert leases(out, m) == ["0.done", "1.done"]
+    assert finished(out, m, 2)
     report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "done" and report.attempt == 2 and report.items_skipped >= 8
 
@@ -109,7 +118,7 @@ def test_sigterm_frees_the_shard_at_once(tmp_path):
     a.send_signal(signal.SIGTERM)
     _, stderr = a.communicate(timeout=60)
     assert a.returncode == EXIT_SIGTERM, stderr
-    assert leases(out, m) == []  # released, nothing finished
+    assert leases(out, m) == ["0.free"]  # released, nothing finished
     report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "stopped"
     b = start_worker(uri, 0, **long_lease)
@@ -213,7 +222,7 @@ def test_a_pod_with_two_slots_runs_two_workers_and_exits_with_the_most_serious_c
         assert any(who in line and "every shard of run" in line
                    for line in proc.stderr.splitlines()), proc.stderr
     assert written(out) == expected(m)
-    assert leases(out, m) == sorted(f"{s}.done" for s in range(8))
+    assert finished(out, m, 8)
 
     from relit_k8s.local import LocalResult, pod_exit_code
 
@@ -239,7 +248,7 @@ def test_the_fleet_benchmark_runs_and_loses_nothing(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["balance"] for r in rows] == ["static", "leases"]
     for row in rows:
-        assert row["units_lost"] == 0 and row["units"] == 4 * 32
+        assert row["units_lost"] == 0 and row["units"] == 4 * 64
         assert row["twice_without_steal"] == 0 and row["twice_not_identical"] == 0
         assert row["makespan_over_ideal"] > 0
     assert rows[1]["claims"] >= rows[1]["shards"] and rows[1]["steals"] >= 1  # one was killed

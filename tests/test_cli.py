@@ -308,7 +308,7 @@ def test_help_reads_well_every_option_explained_no_type_tags_brackets_kept():
 
     assert f"[default: all it reads, {' '.join(DEFAULT_IMG_FORMATS)}]" in pages["run"]
     assert "[default: next to the run, <output>/_relit/<run>/gallery/]" in pages["gallery"]
-    assert ("Number of shards [default: 16 per worker with leases, 4 with static balance]."
+    assert ("Number of shards [default: 32 per worker with leases, 4 with static balance]."
             in pages["plan"])
     assert "[default: the run's]" in pages["resume"]
     assert "as a new Job when the run was submitted" in pages["resume"]

@@ -118,8 +118,11 @@ def test_every_index_runs_in_its_pod_and_a_second_run_rewrites_nothing(
 
     run_id = job["metadata"]["name"]
     done = sorted(o["Key"].rsplit("/", 1)[1] for o in s3_client.list_objects_v2(
-        Bucket=bucket, Prefix=f"out/_relit/{run_id}/leases/")["Contents"])
-    assert done == ["0.done", "1.done"]
+        Bucket=bucket, Prefix=f"out/_relit/{run_id}/done/")["Contents"])
+    assert done == ["0", "1"]
+    assert not [o for o in s3_client.list_objects_v2(  # no lease left behind
+        Bucket=bucket, Prefix=f"out/_relit/{run_id}/leases/").get("Contents", [])
+        if o["Key"].endswith(".json")]
 
     again = [pods(job, i).start() for i in range(2)]
     assert [p.wait() for p in again] == [0, 0]

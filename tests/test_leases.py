@@ -21,7 +21,7 @@ from relit_k8s.leases import (
     claim_order,
     conditional_writes_work,
 )
-from relit_k8s.storage import S3Storage, make_s3_client, open_storage
+from relit_k8s.storage import LocalStorage, S3Storage, make_s3_client, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -104,7 +104,7 @@ def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri
     assert again is not None and again.lease.steals == 0
     b.finish(again)
     assert a.try_claim(0) is None and b.try_claim(0) is None
-    assert store.exists("_relit/relit-q/leases/0.done")
+    assert store.exists("_relit/relit-q/done/0")
     assert not store.exists("_relit/relit-q/leases/0.json")
     # worker 0 of 2 claims its own shards (0, 2) first, then the others (1): 0 is finished
     claimer = Claimer(a, shards=3, index=0, workers=2, poll=0.05)
@@ -124,23 +124,64 @@ def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri
     assert not waiting.is_alive() and claimer.last is None
 
 
-def test_a_claimer_takes_stale_leases_only_once_nothing_is_free(store_uri):
+def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_all(store_uri):
+    """A dead holder's shard is taken as soon as its lease is stale, before the free shards
+    (taken at the end of the run instead, it would make the tail); a live lease is left."""
     store = open_storage(store_uri)
     dead = LeaseBook(store, "relit-s", seconds=0.5)
-    for shard in (0, 1):
+    for shard in (0, 2):
         dead.try_claim(shard)  # a worker that then died
-    thief = Claimer(LeaseBook(store, "relit-s", seconds=0.5), shards=3, index=0, workers=1,
+    time.sleep(0.6)
+    live = LeaseBook(store, "relit-s", seconds=0.5)
+    live.try_claim(3)  # a live worker's lease, just written
+    thief = Claimer(LeaseBook(store, "relit-s", seconds=0.5), shards=5, index=0, workers=1,
                     poll=0.05)
-    assert thief.next().shard == 2  # free first
-    started = time.monotonic()
-    taken = {thief.next().shard, thief.next().shard}  # then the stale ones, once stale
-    assert taken == {0, 1} and time.monotonic() - started >= 0.4
-    assert thief.steals == 2 and thief.claims == 3
+    taken = [thief.next().shard for _ in range(4)]
+    assert sorted(taken[:2]) == [0, 2] and taken[2:] == [1, 4]  # the stale ones first
+    assert thief.steals == 2 and thief.claims == 4
 
 
-def test_claim_order_takes_own_shards_first_then_the_rest():
+def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path):
+    """In the tail a worker with nothing to claim looks again and again: it lists the small
+    ``leases/`` folder, never the ``done/`` folder (one marker per shard, millions of pairs'
+    worth) again: a lease gone without a ``.free`` marker was finished. It still sees a
+    released shard at once (and deletes its marker when it claims it), and stops when every
+    shard is finished."""
+    listed: list[str] = []
+
+    class Counting(LocalStorage):
+        def list_modified(self, folder):
+            listed.append(folder.rsplit("/", 1)[-1])
+            return super().list_modified(folder)
+
+    store = Counting(tmp_path / "out")
+    busy = LeaseBook(store, "relit-i")
+    held = {s: busy.try_claim(s) for s in range(4)}
+    busy.finish(held.pop(0))
+    idle = Claimer(LeaseBook(store, "relit-i"), shards=4, index=1, workers=2, poll=0.02)
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(idle.next()))
+    waiting.start()
+    time.sleep(0.3)  # several looks, nothing to take: 1, 2 and 3 are held by a live worker
+    assert waiting.is_alive() and listed.count("done") == 1 and listed.count("leases") >= 4
+    busy.finish(held.pop(2))
+    busy.release(held.pop(1))  # stopped: shard 1 is free again
+    assert store.exists("_relit/relit-i/leases/1.free")
+    waiting.join(10)
+    assert got[0].shard == 1 and listed.count("done") == 1
+    assert not store.exists("_relit/relit-i/leases/1.free")
+    idle.book.finish(got[0])
+    busy.finish(held.pop(3))
+    assert idle.next() is None  # every shard finished, seen without listing done/ again
+    assert listed.count("done") == 1
+
+
+def test_claim_order_takes_own_shards_first_then_the_rest_from_the_far_end():
     order = list(claim_order(1, 3, 8))
     assert order[:3] == [1, 4, 7] and sorted(order[3:]) == [0, 2, 3, 5, 6]
+    # the others from the ends of their owners' sequences: worker 0 does 0, 3, 6 in that
+    # order and worker 2 does 2, 5, so 6 is the one its owner reaches last
+    assert order[3] == 6 and sorted(order[4:6]) == [3, 5] and sorted(order[6:]) == [0, 2]
     assert order == list(claim_order(1, 3, 8))  # the same for the same worker
     others = {tuple(list(claim_order(i, 64, 4096))[64:72]) for i in range(8)}
     assert len(others) == 8  # workers out of their own shards try others in orders of their own

@@ -79,11 +79,11 @@ def test_default_shards_give_several_per_worker(tmp_path):
     # few pairs: iterations are split so every worker still gets several shards
     m = make(tmp_path, 1, 1, iterations=50, workers=2, balance="static")
     assert m.shards == 8 and m.unit_size < 50
-    # leases (the default): smaller shards, 16 per worker, since the tail is one shard long
+    # leases (the default): smaller shards, 32 per worker, since the tail is one shard long
     m = make(tmp_path, 10, 10, workers=3)
-    assert m.balance == "leases" and m.shards == 48 and m.version == 3
+    assert m.balance == "leases" and m.shards == 96 and m.version == 3
     m = make(tmp_path, 1, 1, iterations=50, workers=2)
-    assert (m.shards, m.unit_size) == (25, 2)  # 32 asked: every unit is a shard
+    assert (m.shards, m.unit_size) == (50, 1)  # 64 asked: every unit is a shard
 
 
 def test_a_static_plan_is_the_manifest_older_releases_wrote_and_read(tmp_path):

@@ -27,7 +27,7 @@ def test_the_readme_example_is_what_a_new_run_prints():
 def test_the_check_ignores_what_differs_between_machines_and_nothing_else():
     example = load_script()
     shown = example.current()
-    assert "is finished: all 16 shards are done" in shown  # the second run does nothing
+    assert "is finished: all 24 shards are done" in shown  # the second run does nothing
     other_machine = re.sub(r"relit-[0-9a-f]{10}", "relit-0123456789", shown)
     other_machine = other_machine.replace("on 1 worker(s), cpu", "on 2 worker(s), GPU 0,1")
     assert example.normalised(other_machine) == example.normalised(shown)
