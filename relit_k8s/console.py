@@ -12,6 +12,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console, Group
@@ -218,8 +219,11 @@ class StatusView:
             parts.append(Text(
                 f"leases: {le.done}/{status.shards_total} shards finished, {le.held} held"
                 + (f", {le.silent} silent for over {le.lease_seconds:.0f} s (taken over by the "
-                   "next worker that looks)" if le.silent else ""),
+                   "next worker that looks)" if le.silent else "")
+                + (f", {le.released} released (free to claim)" if le.released else ""),
                 style="yellow" if le.silent else ""))
+            if le.holders:
+                parts.append(self.holder_table(le.holders, le.held))
         if status.stalled_shards:
             parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
                               style="bold red"))
@@ -234,6 +238,21 @@ class StatusView:
                 ft.add_row(str(g.count), g.kind, Text(g.reason), Text(", ".join(g.examples)))
             parts.append(ft)
         return parts
+
+    @staticmethod
+    def holder_table(holders, held: int) -> Table:
+        """Who holds which shard (the silent leases first), since when, how far."""
+        more = f" (the first {len(holders)} of {held})" if held > len(holders) else ""
+        table = Table("shard", "holder", "held for", "beat", "items", "taken from",
+                      title=f"held leases{more}", title_justify="left")
+        at = datetime.now(UTC)
+        for h in holders:
+            beat = Text(_age((at - h.heartbeat_at).total_seconds()) + " ago",
+                        style="bold red" if h.silent else "")
+            items = f"{h.items_done}/{h.items_total}" if h.items_total is not None else "-"
+            table.add_row(str(h.shard), Text(h.owner), _age((at - h.claimed_at).total_seconds()),
+                          beat, items, Text(h.stolen_from or ""))
+        return table
 
     def shard_table(self, width: int) -> Table:
         """One line per shard: the widest column set that fits ``width``."""

@@ -20,9 +20,10 @@ its lease is deleted); a finished shard is never claimed again.
 So a lease that goes away without a ``.free`` marker in its place was finished: a worker lists
 ``done/`` (one object per finished shard, one request per 1,000) when it starts, and from then
 on ``leases/`` only (about two objects per worker), and follows the shards' fate from what
-appears and goes there; it lists ``done/`` again only when it finds several shards it believed
-free already finished. Clocks: staleness compares the lease's ``heartbeat_at`` (the holder's
-clock) with the thief's; a cluster's clocks agree within a second or so, far inside 60 s.
+appears and goes there; it lists ``done/`` again only when it goes past its own shards, when it
+finds several shards it believed free already finished, and before it stops. Clocks: staleness
+compares the lease's ``heartbeat_at`` (the holder's clock) with the thief's; a cluster's clocks
+agree within a second or so, far inside 60 s.
 
 Stores that ignore conditional writes (some S3-compatible servers) would let two workers win
 the same shard: :func:`conditional_writes_work` finds out with one probe, at plan time.
@@ -363,6 +364,7 @@ class Claimer:
         self._misses = 0
         self._own = set(self.order[:len(range(index % shards, shards, max(1, workers)))])
         self._beyond_own = False  # whether this worker went past its own shards
+        self._full = False  # whether the last look listed done/ too
         #: claims made, steals among them, and listings made
         self.claims = self.steals = self.listings = 0
 
@@ -373,11 +375,13 @@ class Claimer:
         held may have been claimed and finished in between: its claim finds that out)."""
         self.listings += 1
         found = self.book.leases()
-        gone = set(self._held) - set(found.held) - found.released
-        if self.listings == 1 or self._misses >= MISSES_BEFORE_LISTING:
-            found.done.update(self.book.finished())
+        self._full = self.listings == 1 or self._misses >= MISSES_BEFORE_LISTING
+        if self._full:  # what the store says, in place of what was inferred
+            self._done = found.done | self.book.finished() | self.book.seen_done
             self._misses = 0
-        self._done |= found.done | gone | self.book.seen_done
+        else:
+            gone = set(self._held) - set(found.held) - found.released
+            self._done |= found.done | gone | self.book.seen_done
         self._held, self._released = found.held, found.released
         return self._done, self._held
 
@@ -385,6 +389,11 @@ class Claimer:
         """List the candidates again; False when every shard is finished."""
         first = self.listings == 0
         done, held = self.state()
+        if len(done) >= self.shards and not self._full:
+            # before it stops, the worker checks what it inferred: a lease deleted by hand
+            # (not finished, no .free marker) must not leave a shard undone
+            self._misses = MISSES_BEFORE_LISTING
+            done, held = self.state()
         if len(done) >= self.shards:
             return False
         old = datetime.now(UTC) - timedelta(seconds=self.book.seconds)
@@ -423,10 +432,12 @@ class Claimer:
                 if not self._beyond_own and shard in self._free and shard not in self._own:
                     # out of its own shards: what it listed before may be long out of date
                     # (others finished most of theirs meanwhile): list in full, once
-                    self._beyond_own, self._misses = True, MISSES_BEFORE_LISTING
-                    self._candidates.clear()
-                    fresh = False
-                    break
+                    self._beyond_own = True
+                    if not self._full:
+                        self._misses = MISSES_BEFORE_LISTING
+                        self._candidates.clear()
+                        fresh = False
+                        break
                 claim = self.book.try_claim(shard, faster_than=self.own_rate,
                                             released=shard in self._released)
                 if claim is not None:

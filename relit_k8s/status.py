@@ -124,14 +124,37 @@ class JobSummary(BaseModel):
     error: str | None = None
 
 
+class LeaseHolder(BaseModel):
+    """One held lease: who holds which shard, since when, how far it is."""
+
+    shard: int
+    owner: str = Field(description="host/pid/token of the worker holding it")
+    claimed_at: datetime
+    heartbeat_at: datetime
+    silent: bool = Field(description="not renewed for the lease time: taken over next")
+    steals: int = Field(description="times the shard was taken from a holder presumed dead "
+                        "or far slower")
+    stolen_from: str | None = None
+    items_done: int = 0
+    items_total: int | None = None
+
+
 class LeaseCounts(BaseModel):
-    """``balance: leases``: the lease folder, from one listing."""
+    """``balance: leases``: the lease folders (a listing of ``leases/`` and one of ``done/``),
+    and the first :data:`HOLDERS_SHOWN` held leases read (the silent ones first)."""
 
     held: int = Field(description="shards being worked on")
     silent: int = Field(description="of them, leases not renewed for the lease time (their "
                         "holder is presumed dead; the next worker that looks takes them over)")
     done: int = Field(description="shards finished")
+    released: int = Field(0, description="shards released by a stopped worker, not claimed "
+                          "again yet")
     lease_seconds: float
+    holders: list[LeaseHolder] = Field(default_factory=list)
+
+
+#: Held leases ``status`` reads (one request each) to say who holds them.
+HOLDERS_SHOWN = 20
 
 
 class RunStatus(BaseModel):
@@ -276,10 +299,23 @@ def _lease_counts(run: Run) -> LeaseCounts | None:
     from .leases import LeaseBook
 
     book = LeaseBook(run.output, run.run_id)
-    done, held = book.listing()
+    found = book.leases()
+    done = found.done | book.finished()
+    held = {s: t for s, t in found.held.items() if s not in done}
     old = now() - timedelta(seconds=book.seconds)
+    holders = []
+    for shard in sorted(held, key=lambda s: (held[s] >= old, s))[:HOLDERS_SHOWN]:
+        read = book.read(shard)
+        if read is None:  # finished or released since the listing
+            continue
+        lease = read[0]
+        holders.append(LeaseHolder(
+            shard=shard, owner=lease.owner, claimed_at=lease.claimed_at,
+            heartbeat_at=lease.heartbeat_at, silent=held[shard] < old, steals=lease.steals,
+            stolen_from=lease.stolen_from, items_done=lease.done, items_total=lease.total))
     return LeaseCounts(held=len(held), silent=sum(1 for t in held.values() if t < old),
-                       done=len(done), lease_seconds=book.seconds)
+                       done=len(done), released=len(found.released - done),
+                       lease_seconds=book.seconds, holders=holders)
 
 
 def _launched_at(run: Run) -> datetime | None:
@@ -297,5 +333,6 @@ def record_launch(run: Run, workers: int) -> None:
     run.output.write(run.paths.launch, launch.model_dump_json(indent=1).encode())
 
 
-__all__ = ["FailureGroup", "JobEvent", "JobSummary", "LeaseCounts", "PodsWaiting", "RunStatus",
+__all__ = ["FailureGroup", "JobEvent", "JobSummary", "LeaseCounts", "LeaseHolder",
+           "PodsWaiting", "RunStatus",
            "ShardStatus", "collect"]

@@ -5,6 +5,7 @@ share one S3 output, and a store that ignores conditional writes falls back to s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,14 @@ def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
     a.kill()  # kill -9: no report saved, no lease released
     a.communicate()
     assert "0.json" in leases(out, m)
+    time.sleep(3.5)  # its lease goes silent; status says who held it and that it is silent
+    shown = cli("status", "--output", str(out), env=lease_env, check=True).stdout
+    assert "held leases" in shown and f"/{a.pid}/" in shown, shown
+    status = json.loads(cli("status", "--output", str(out), "-o", "json", env=lease_env,
+                            check=True).stdout)
+    holders = status["leases"]["holders"]
+    assert [h["shard"] for h in holders] == [0] and f"/{a.pid}/" in holders[0]["owner"]
+    assert holders[0]["silent"] and status["leases"]["silent"] == 1
     b = start_worker(uri, 1, **lease_env)
     _, stderr = b.communicate(timeout=300)
     assert b.returncode == EXIT_OK, stderr
@@ -238,8 +247,6 @@ def test_a_pod_with_two_slots_runs_two_workers_and_exits_with_the_most_serious_c
 def test_the_fleet_benchmark_runs_and_loses_nothing(tmp_path):
     """benchmarks/fleet.py --smoke: the real claiming code against a moto server process, a
     few simulated workers (one killed mid-shard); its ratios are measured by hand (README)."""
-    import json
-
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "fleet.json"
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "fleet.py"), "--smoke",

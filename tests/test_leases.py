@@ -172,8 +172,8 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     assert not store.exists("_relit/relit-i/leases/1.free")
     idle.book.finish(got[0])
     busy.finish(held.pop(3))
-    assert idle.next() is None  # every shard finished, seen without listing done/ again
-    assert listed.count("done") == 1
+    assert idle.next() is None  # every shard finished: seen without listing done/, and
+    assert listed.count("done") == 2  # checked with one listing of it before it stops
 
 
 def test_claim_order_takes_own_shards_first_then_the_rest_from_the_far_end():
@@ -222,3 +222,20 @@ def test_an_idle_worker_takes_over_a_stragglers_shard_only_when_far_faster(store
         slow.renew(held, done=11, total=100, rate=1.0)
     fresh = LeaseBook(store, "relit-t", seconds=60)  # no progress reported yet: never taken
     assert fresh.try_claim(1) is not None and fast.try_claim(1, faster_than=1000.0) is None
+
+
+def test_a_lease_deleted_by_hand_leaves_no_shard_undone(tmp_path):
+    """A lease gone without a ``.free`` marker is taken for finished; before a worker stops it
+    checks that against ``done/``, so a shard whose lease someone deleted by hand is done."""
+    store = LocalStorage(tmp_path / "out")
+    busy = LeaseBook(store, "relit-h")
+    held = {s: busy.try_claim(s) for s in range(2)}
+    idle = Claimer(LeaseBook(store, "relit-h"), shards=2, index=1, workers=2, poll=0.02)
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(idle.next()))
+    waiting.start()
+    time.sleep(0.2)  # both held by a live worker: it waits
+    store.delete(busy.key(0))  # by hand: shard 0 is not finished
+    busy.finish(held[1])
+    waiting.join(10)
+    assert not waiting.is_alive() and got[0] is not None and got[0].shard == 0
