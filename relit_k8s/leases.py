@@ -124,6 +124,11 @@ def new_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
+def own_shards(index: int, workers: int, shards: int) -> range:
+    """Worker ``index``'s own shards: ``index``, ``index + workers``, ... (the static split)."""
+    return range(index % shards, shards, max(1, workers))
+
+
 def claim_order(index: int, workers: int, shards: int) -> Iterator[int]:
     """The shards in the order worker ``index`` of ``workers`` tries them: its own first
     (``index``, ``index + workers``, ...: the static split), then the others from the far ends
@@ -132,7 +137,7 @@ def claim_order(index: int, workers: int, shards: int) -> Iterator[int]:
     work-stealing scheduler steals from the other end of a queue; within one depth in an order
     of its own (seeded by ``index``), so that such workers rarely race for the same shard."""
     step = max(1, workers)
-    own = list(range(index % shards, shards, step))
+    own = list(own_shards(index, workers, shards))
     yield from own
     mine = set(own)
     rng = random.Random(index)
@@ -362,7 +367,7 @@ class Claimer:
         self._released: set[int] = set()
         #: shards believed free that were found finished since ``done/`` was last listed
         self._misses = 0
-        self._own = set(self.order[:len(range(index % shards, shards, max(1, workers)))])
+        self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look listed done/ too
         #: claims made, steals among them, and listings made
