@@ -48,10 +48,14 @@ from datetime import UTC, datetime
 
 from relit_k8s.planner import LEASE_SHARDS_PER_WORKER
 
-#: Seconds of ideal makespan per row: long enough that the store (a moto server sharing this
-#: machine's 2 cores with every simulated worker) is not the bottleneck at about 100 requests/s,
-#: short enough for one run. Time is scaled: a unit of 8 items takes about 2 s here.
-DEFAULT_SECONDS = {16: 60.0, 64: 120.0, 256: 300.0}
+#: Seconds of ideal makespan per row: 3.75 s times the workers, so that every row asks the
+#: store for about the same requests per second (about 8 claims/s, 60 requests/s in steady
+#: state), which a moto server sharing this machine's 2 cores with every simulated worker keeps
+#: up with. At 64 workers in 120 s (17 claims/s) the moto process ran at 0.7 of a core in
+#: steady state and saturated in the tail: the row measured moto (1.17), not the claiming (1.08
+#: at 240 s). Time is scaled: a unit of 32 items takes W x 3.75 / 64 s at full speed, a lease
+#: ideal / 8.
+DEFAULT_SECONDS = {16: 60.0, 64: 240.0, 256: 960.0}
 UNITS_PER_WORKER = 64
 ITEMS_PER_UNIT = 32
 SLOW_FRACTION, SLOW_FACTOR = 0.10, 3.0
@@ -343,8 +347,8 @@ def check_outputs(fleet: Fleet, store: Store, row: Row) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--seconds", type=float, help="ideal makespan per row [default: 60, 120, "
-                    "300 s for 16, 64, 256 workers]")
+    ap.add_argument("--seconds", type=float, help="ideal makespan per row [default: 60, 240, "
+                    "960 s for 16, 64, 256 workers: W x 3.75 s]")
     ap.add_argument("--static-shards", type=int, default=4, help="static shards per worker")
     ap.add_argument("--lease-shards", type=int, default=LEASE_SHARDS_PER_WORKER,
                     help="lease shards per worker [default: %(default)s, the planner's]")

@@ -13,6 +13,11 @@ Under ``<output>/_relit/<run>/leases/``:
   next one), so that workers that list ``leases/`` about once a shard see it finished.
 * ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
   lease, so that another claims the shard at once (and deletes the marker).
+* ``finished.json``: the finished shards as a worker last listed them in ``done/``, published
+  for the others: a worker that needs the full picture reads it (one request) when the
+  listing of ``leases/`` shows it younger than its poll interval, and lists ``done/`` (one
+  request per 1,000 shards) and publishes it otherwise. A summary only ever names shards whose
+  ``done/`` marker exists, so a stale one costs a wasted claim, never a skipped shard.
 
 and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
 its lease is deleted); a finished shard is never claimed again.
@@ -20,8 +25,9 @@ its lease is deleted); a finished shard is never claimed again.
 So a lease that goes away without a ``.free`` marker in its place was finished: a worker lists
 ``done/`` (one object per finished shard, one request per 1,000) when it starts, and from then
 on ``leases/`` only (about two objects per worker), and follows the shards' fate from what
-appears and goes there; it lists ``done/`` again only when it goes past its own shards, when it
-finds several shards it believed free already finished, and before it stops. Clocks: staleness
+appears and goes there; it looks at ``done/`` again (through ``finished.json`` when another
+worker listed it a moment ago) only when it goes past its own shards, when it finds several
+shards it believed free already finished, and before it stops. Clocks: staleness
 compares the lease's ``heartbeat_at`` (the holder's clock) with the thief's; a cluster's clocks
 agree within a second or so, far inside 60 s.
 
@@ -42,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import NotFoundError, RelitError, WriteConflict
 from .settings import WorkerSettings
@@ -87,11 +93,37 @@ class Lease(BaseModel):
         return max(0.0, left)
 
 
-#: Leases an idle worker reads per look, in the tail of a run, to find stragglers.
-TAIL_SAMPLE = 16
+class FinishedSummary(BaseModel):
+    """``<output>/_relit/<run>/leases/finished.json``: the shards finished when a worker
+    listed ``done/``, as ``[first, last + 1)`` ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ranges: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, shards: set[int]) -> FinishedSummary:
+        ranges: list[tuple[int, int]] = []
+        for s in sorted(shards):
+            if ranges and ranges[-1][1] == s:
+                ranges[-1] = (ranges[-1][0], s + 1)
+            else:
+                ranges.append((s, s + 1))
+        return cls(ranges=ranges)
+
+    def shards(self) -> set[int]:
+        return {s for first, end in self.ranges for s in range(first, end)}
+
+
+SUMMARY = "finished.json"
+#: Leases an idle worker reads per look, in the tail of a run, to find stragglers (each idle
+#: worker reads others, so together they read them all every few seconds).
+TAIL_SAMPLE = 4
 #: Shards believed free but found finished (claimed and finished by others between two looks
 #: of this worker) before a worker lists ``done/`` again.
-MISSES_BEFORE_LISTING = 8
+MISSES_BEFORE_LISTING = 16
+#: Shards listed as free that another worker claimed first before a worker lists again.
+COLLISIONS_BEFORE_LISTING = 4
 #: About how many idle workers of a run look at the store per poll interval, together.
 IDLE_POLLERS = 8
 #: An idle worker takes a live worker's shard over only when that worker would need more than
@@ -109,6 +141,8 @@ class LeaseListing:
     held: dict[int, datetime]
     #: shards released by a stopped worker, free to claim
     released: set[int]
+    #: when ``finished.json`` was last published (None: never)
+    summary_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -131,19 +165,17 @@ def own_shards(index: int, workers: int, shards: int) -> range:
 
 def claim_order(index: int, workers: int, shards: int) -> Iterator[int]:
     """The shards in the order worker ``index`` of ``workers`` tries them: its own first
-    (``index``, ``index + workers``, ...: the static split), then the others from the far ends
-    of the other workers' sequences (a worker reaches ``j + k * workers`` last of its own), so
-    that a worker out of its own shards takes those their owners are furthest from, as a
-    work-stealing scheduler steals from the other end of a queue; within one depth in an order
-    of its own (seeded by ``index``), so that such workers rarely race for the same shard."""
-    step = max(1, workers)
+    (``index``, ``index + workers``, ...: the static split), then the others in a random order
+    of its own (seeded by ``index``), so that workers out of their own shards rarely race for
+    the same shard. (Taking the others from the far ends of their owners' sequences, as a
+    work-stealing scheduler does, made every idle worker race for the same few shards of the
+    slowest workers: ``benchmarks/fleet.py`` measured 1.45x of ideal that way at 64 workers
+    and 1.20x with a random order.)"""
     own = list(own_shards(index, workers, shards))
     yield from own
     mine = set(own)
-    rng = random.Random(index)
     others = [s for s in range(shards) if s not in mine]
-    rng.shuffle(others)
-    others.sort(key=lambda s: -(s // step))  # stable: shuffled within one depth
+    random.Random(index).shuffle(others)
     yield from others
 
 
@@ -196,24 +228,50 @@ class LeaseBook:
         found = self.leases()
         return found.done | self.finished(), found.held
 
-    def finished(self) -> set[int]:
-        """The finished shards (one listing of ``done/``)."""
-        return {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
+    def finished(self, publish: bool = False) -> set[int]:
+        """The finished shards (one listing of ``done/``); ``publish``: write them to
+        ``finished.json`` too, for the other workers."""
+        done = {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
+        if publish:
+            self.storage.write(self.summary_key, FinishedSummary.of(done)
+                               .model_dump_json().encode())
+        return done
+
+    @property
+    def summary_key(self) -> str:
+        return f"{self.folder}/{SUMMARY}"
+
+    def published(self) -> set[int] | None:
+        """The finished shards as another worker listed them (``finished.json``); None when
+        there is none or it does not parse (then the caller lists ``done/``)."""
+        try:
+            return FinishedSummary.model_validate_json(
+                self.storage.read(self.summary_key)).shards()
+        except NotFoundError:
+            return None
+        except ValidationError as e:
+            log.warning("ignored %s: %s", self.summary_key, e.errors()[0]["msg"])
+            return None
 
     def leases(self) -> LeaseListing:
         """One listing of ``leases/``: about one object per busy worker."""
-        found = LeaseListing(set(), {}, set())
+        done: set[int] = set()
+        held: dict[int, datetime] = {}
+        released: set[int] = set()
+        summary_at = None
         for name, modified in self.storage.list_modified(self.folder).items():
             stem, _, ext = name.partition(".")
-            if not stem.isdigit():
+            if name == SUMMARY:
+                summary_at = modified
+            elif not stem.isdigit():
                 continue
-            if ext == "json":
-                found.held[int(stem)] = modified
+            elif ext == "json":
+                held[int(stem)] = modified
             elif ext == "free":
-                found.released.add(int(stem))
+                released.add(int(stem))
             elif ext == "done":  # finished a moment ago
-                found.done.add(int(stem))
-        return found
+                done.add(int(stem))
+        return LeaseListing(done, held, released, summary_at)
 
     def is_done(self, shard: int) -> bool:
         return self.storage.exists(self.done_key(shard))
@@ -241,14 +299,21 @@ class LeaseBook:
         return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
     def try_claim(self, shard: int, faster_than: float | None = None,
-                  released: bool = False) -> Claim | None:
+                  released: bool = False, held: bool = False,
+                  check_first: bool = False) -> Claim | None:
         """Claim ``shard`` if nobody holds it, or steal it from a holder whose heartbeat is
         older than the lease time, or (``faster_than``: this worker's items/s) from a live
         holder that would take :data:`TAKEOVER_FACTOR` times as long as this worker to finish
         it. None if it is finished, another holds it, or another worker won the race for it.
         ``released``: the shard's lease was released (a ``.free`` marker): the marker is
-        deleted once claimed."""
-        claim = self._create(shard)
+        deleted once claimed. ``held``: a listing showed it held: its lease is read first
+        (a create would fail). ``check_first``: the shard may well be finished (another
+        worker's, listed a while ago): its ``done/`` marker is checked first, so that a shard
+        found finished costs one request, not a create, a check and a delete."""
+        if check_first and not held and self.is_done(shard):
+            self.seen_done.add(shard)
+            return None
+        claim = None if held else self._create(shard)
         if claim is not None and released:
             self.storage.delete(self.free_key(shard))
         if claim is None:
@@ -335,18 +400,21 @@ class Claimer:
     worker (a holder may be a dead process of this host, taken over at once, see
     :meth:`LeaseBook.stale`); after that, in the tail of the run, a sample, to take a
     straggler's shard over when this worker would finish it in well under half the time
-    (:meth:`LeaseBook.try_claim`). The worker claims from that list, and lists again as soon as
-    a shard listed as free turns out to be taken (the list is out of date), so a claim usually
-    costs a create and a check, not a listing.
+    (:meth:`LeaseBook.try_claim`). The worker claims from that list, so a claim usually costs
+    a create and a check, not a listing; it lists again after
+    :data:`COLLISIONS_BEFORE_LISTING` shards listed as free turned out taken by others (the
+    list is out of date). Others' shards are checked first (one request when finished).
 
-    A worker lists ``done/`` (one object per finished shard) once, at its first look; after that
-    ``leases/`` only (about one lease per busy worker): a look costs a small listing, not one of
-    every finished shard (see :meth:`state`). When a listing yields nothing free (every
-    unfinished shard is held by a live worker), the worker waits, then looks again. The wait
-    starts at ``poll`` seconds times the idle workers over :data:`IDLE_POLLERS` (so that a
-    thousand idle workers do not ask the store a thousand times as often as eight), doubles up
-    to half the lease time (a dead holder's shard is still taken within 1.5 lease times), and is
-    jittered. Iteration ends when every shard is finished, or on ``stop``.
+    A worker reads the finished shards (``done/``, one object per finished shard, or
+    ``finished.json``, see :meth:`_finished`) at its first look; after that ``leases/`` only
+    (about one lease per busy worker): a look costs a small listing, not one of every finished
+    shard (see :meth:`state`); it takes a full look again when it goes past its own shards,
+    after :data:`MISSES_BEFORE_LISTING` shards believed free turned out finished, and before it
+    stops. When a listing yields nothing free (every unfinished shard is held by a live
+    worker), the worker waits, then looks again: ``poll`` seconds times the idle workers over
+    :data:`IDLE_POLLERS` (so that a thousand idle workers do not ask the store a thousand
+    times as often as eight), up to the lease time, jittered. Iteration ends when every shard
+    is finished, or on ``stop``.
     """
 
     def __init__(self, book: LeaseBook, shards: int, index: int, workers: int,
@@ -367,28 +435,47 @@ class Claimer:
         self._released: set[int] = set()
         #: shards believed free that were found finished since ``done/`` was last listed
         self._misses = 0
+        self._look_in_full = False  # whether the next look reads the finished shards
+        #: shards listed as free found taken by another worker since the last listing
+        self._collisions = 0
         self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
-        self._full = False  # whether the last look listed done/ too
-        #: claims made, steals among them, and listings made
-        self.claims = self.steals = self.listings = 0
+        self._full = False  # whether the last look read the finished shards too
+        #: claims made, steals among them, listings of leases/ made, of done/ made, and
+        #: finished.json read in place of a listing of done/
+        self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as listed now:
-        ``done/`` and ``leases/`` at the first look; after that ``leases/`` only, where a
-        lease gone without a ``.free`` marker was finished (and a shard this worker never saw
-        held may have been claimed and finished in between: its claim finds that out)."""
+        ``leases/`` and the finished shards (:meth:`_finished`) at the first look and when a
+        full look is due; otherwise ``leases/`` only, where a lease gone without a ``.free``
+        marker was finished (and a shard this worker never saw held may have been claimed and
+        finished in between: its claim finds that out)."""
         self.listings += 1
         found = self.book.leases()
-        self._full = self.listings == 1 or self._misses >= MISSES_BEFORE_LISTING
+        self._full = self.listings == 1 or self._look_in_full or \
+            self._misses >= MISSES_BEFORE_LISTING
         if self._full:  # what the store says, in place of what was inferred
-            self._done = found.done | self.book.finished() | self.book.seen_done
-            self._misses = 0
+            self._done = found.done | self._finished(found) | self.book.seen_done
+            self._misses, self._look_in_full = 0, False
         else:
             gone = set(self._held) - set(found.held) - found.released
             self._done |= found.done | gone | self.book.seen_done
         self._held, self._released = found.held, found.released
         return self._done, self._held
+
+    def _finished(self, found: LeaseListing) -> set[int]:
+        """The finished shards: as another worker listed them less than half a lease time
+        ago (``finished.json``, one request; S3 times are to the second), else as this worker
+        lists them in ``done/`` (and publishes them)."""
+        if found.summary_at is not None and \
+                datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.book.seconds / 2):
+            published = self.book.published()
+            if published is not None:
+                self.summaries += 1
+                return published
+        self.done_listings += 1
+        return self.book.finished(publish=True)
 
     def _refresh(self) -> bool:
         """List the candidates again; False when every shard is finished."""
@@ -397,7 +484,7 @@ class Claimer:
         if len(done) >= self.shards and not self._full:
             # before it stops, the worker checks what it inferred: a lease deleted by hand
             # (not finished, no .free marker) must not leave a shard undone
-            self._misses = MISSES_BEFORE_LISTING
+            self._look_in_full = True
             done, held = self.state()
         if len(done) >= self.shards:
             return False
@@ -415,19 +502,22 @@ class Claimer:
                 # the tail: look for a straggler among a few of them (each idle worker looks
                 # at others, so together they see them all)
                 stale = self._rng.sample(live, min(len(live), TAIL_SAMPLE))
+        self._collisions = 0
         self._candidates = deque(stale + free)
         self._free = set(free)
         return True
 
-    def _first_wait(self) -> float:
-        """How long an idle worker waits before it looks again, at first."""
+    def _idle_wait(self) -> float:
+        """How long an idle worker waits before it looks again: ``poll`` seconds times the
+        idle workers over :data:`IDLE_POLLERS`, so that together they look about that many
+        times per ``poll`` however many they are, up to the lease time (how late an idle
+        worker may notice that the run is finished, and leave)."""
         idle = max(1, self.workers - len(self._held))
-        return min(max(self.poll, self.book.seconds / 2),
+        return min(max(self.poll, self.book.seconds),
                    self.poll * max(1.0, idle / IDLE_POLLERS))
 
     def next(self) -> Claim | None:
         """The next shard this worker holds; None when every shard is finished (or stopped)."""
-        wait: float | None = None
         while not self.stop.is_set():
             fresh = not self._candidates
             if fresh and not self._refresh():
@@ -439,12 +529,14 @@ class Claimer:
                     # (others finished most of theirs meanwhile): list in full, once
                     self._beyond_own = True
                     if not self._full:
-                        self._misses = MISSES_BEFORE_LISTING
+                        self._look_in_full = True
                         self._candidates.clear()
                         fresh = False
                         break
                 claim = self.book.try_claim(shard, faster_than=self.own_rate,
-                                            released=shard in self._released)
+                                            released=shard in self._released,
+                                            held=shard in self._held,
+                                            check_first=shard not in self._own)
                 if claim is not None:
                     self.claims += 1
                     self.steals += claim.lease.stolen_from is not None
@@ -456,14 +548,15 @@ class Claimer:
                     self._candidates.clear()  # too many: list done/ again
                     fresh = False
                     break
-                if shard in self._free:  # it was free when listed: the list is out of date
-                    self._candidates.clear()
+                if shard in self._free:  # it was free when listed: another worker was first
+                    self._collisions += 1
+                    if self._collisions < COLLISIONS_BEFORE_LISTING:
+                        continue
+                    self._candidates.clear()  # too many: the list is out of date
                     fresh = False
                     break
             if fresh:  # nothing to take now: others hold every unfinished shard
-                wait = self._first_wait() if wait is None else \
-                    min(2 * wait, max(self.poll, self.book.seconds / 2))
-                self.stop.wait(wait * self._rng.uniform(0.75, 1.25))
+                self.stop.wait(self._idle_wait() * self._rng.uniform(0.75, 1.25))
         return None
 
     def __iter__(self) -> Iterator[Claim]:
@@ -499,5 +592,5 @@ def _bytes(lease: Lease) -> bytes:
     return lease.model_dump_json(indent=1).encode()
 
 
-__all__ = ["Claim", "Claimer", "Lease", "LeaseBook", "LeaseLost", "claim_order",
-           "conditional_writes_work"]
+__all__ = ["Claim", "Claimer", "FinishedSummary", "Lease", "LeaseBook", "LeaseLost",
+           "claim_order", "conditional_writes_work"]

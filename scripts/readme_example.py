@@ -63,7 +63,8 @@ def tree(out: Path) -> list[str]:
 
     def listed(folder: str) -> str:
         names = sorted((p.name for p in (run / folder).iterdir() if not p.name.startswith(".")),
-                       key=lambda n: int(n.split(".")[0]))
+                       key=lambda n: (0, int(n.split(".")[0]), n) if n.split(".")[0].isdigit()
+                       else (1, 0, n))
         return " ".join(names) if len(names) <= 4 else f"{names[0]} {names[1]} ... {names[-1]}"
 
     if (run / "leases").is_dir():

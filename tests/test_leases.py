@@ -16,6 +16,7 @@ from relit_k8s.errors import WriteConflict
 from relit_k8s.leases import (
     Claim,
     Claimer,
+    FinishedSummary,
     LeaseBook,
     LeaseLost,
     claim_order,
@@ -173,18 +174,58 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     idle.book.finish(got[0])
     busy.finish(held.pop(3))
     assert idle.next() is None  # every shard finished: seen without listing done/, and
-    assert listed.count("done") == 2  # checked with one listing of it before it stops
+    # checked before it stops, with the finished shards its first look listed and published
+    # (leases/finished.json, younger than half a lease) and a check of each one not in there
+    assert listed.count("done") == 1 and idle.done_listings == 1 and idle.summaries >= 1
 
 
-def test_claim_order_takes_own_shards_first_then_the_rest_from_the_far_end():
+def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ago(store_uri):
+    """Workers that need the full picture at about the same time (all out of their own shards
+    at once) list ``done/`` (one object per finished shard) once between them: the first
+    publishes ``leases/finished.json``, the others read it while it is younger than half a
+    lease. An old or unreadable one is listed anew. It only ever names finished shards."""
+    store = open_storage(store_uri)
+    book = LeaseBook(store, "relit-f", seconds=4.0)
+    for shard in (0, 1, 2, 5):
+        book.finish(book.try_claim(shard))
+    first = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=0, workers=2)
+    assert first.state()[0] >= {0, 1, 2, 5} and (first.done_listings, first.summaries) == (1, 0)
+    assert store.exists("_relit/relit-f/leases/finished.json")
+    second = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
+    assert second.state()[0] >= {0, 1, 2, 5} and (second.done_listings, second.summaries) == (0, 1)
+    time.sleep(3.1)  # older than half a lease (S3 times are to the second): listed anew
+    book.finish(book.try_claim(6))
+    third = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
+    assert 6 in third.state()[0] and (third.done_listings, third.summaries) == (1, 0)
+    assert book.published() == {0, 1, 2, 5, 6}
+    store.write("_relit/relit-f/leases/finished.json", b"{not json")
+    fourth = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
+    assert fourth.state()[0] >= {0, 1, 2, 5, 6} and fourth.done_listings == 1
+    # a shard the summary does not name is checked: claimed if unfinished, never skipped
+    store.write("_relit/relit-f/leases/finished.json", FinishedSummary.of({0, 1, 2, 5, 6})
+                .model_dump_json().encode())
+    other = LeaseBook(store, "relit-f", seconds=4.0)
+    other.finish(other.try_claim(7))  # finished, in neither the summary nor leases/
+    other.finish(other.try_claim(4))
+    last = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
+    got = last.next()
+    assert got.shard == 3 and last.summaries == 1 and last.done_listings == 0
+    last.book.finish(got)
+    assert last.next() is None and last.claims == 1  # 7 was checked: finished
+    assert FinishedSummary.of({0, 1, 2, 5, 6, 9}).ranges == [(0, 3), (5, 7), (9, 10)]
+
+
+def test_claim_order_takes_own_shards_first_then_the_rest_in_an_order_of_its_own():
     order = list(claim_order(1, 3, 8))
     assert order[:3] == [1, 4, 7] and sorted(order[3:]) == [0, 2, 3, 5, 6]
-    # the others from the ends of their owners' sequences: worker 0 does 0, 3, 6 in that
-    # order and worker 2 does 2, 5, so 6 is the one its owner reaches last
-    assert order[3] == 6 and sorted(order[4:6]) == [3, 5] and sorted(order[6:]) == [0, 2]
     assert order == list(claim_order(1, 3, 8))  # the same for the same worker
-    others = {tuple(list(claim_order(i, 64, 4096))[64:72]) for i in range(8)}
-    assert len(others) == 8  # workers out of their own shards try others in orders of their own
+    # workers out of their own shards try the others in orders of their own, so that they
+    # rarely race for the same shard
+    others = [list(claim_order(i, 64, 4096))[64:] for i in range(8)]
+    assert all(sorted(o) == sorted(set(range(4096)) - set(range(i, 4096, 64)))
+               for i, o in enumerate(others))
+    firsts = [o[0] for o in others]
+    assert len(set(firsts)) == 8
     assert sorted(claim_order(0, 4, 10)) == list(range(10))
 
 
