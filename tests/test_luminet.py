@@ -198,6 +198,62 @@ def test_bf16_weights_as_on_a_gpu_stay_close_to_fp32(tmp_path):
     assert diff.mean().item() < 0.01 and diff.max().item() < 0.15, (diff.mean(), diff.max())
 
 
+def _luminet_with_a_text_tower(folder: Path) -> dict:
+    """A random tiny LumiNet whose checkpoint has a text tower (context width 64, one layer),
+    so that the relighter computes the empty-prompt context from it as from the official
+    file; the options that run it."""
+    from dataclasses import replace
+
+    from relit_k8s.relighters.luminet.make import random_text_tower
+    from relit_k8s.relighters.luminet.model import TINY
+
+    cfg = replace(TINY, unet=replace(TINY.unet, context_dim=64),
+                  control=replace(TINY.control, context_dim=64),
+                  prior=replace(TINY.prior, token_dim=64))
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = {k: v for k, v in LumiNet(cfg).state_dict().items() if k != "alphas_cumprod"}
+    state |= random_text_tower(49408, 77, 64, 1, torch.Generator().manual_seed(0))
+    torch.save({"state_dict": state}, folder / "LumiNet.ckpt")
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_yaml(), sort_keys=False))
+    return {"checkpoint": str(folder / "LumiNet.ckpt"), "config": str(folder / "config.yaml"),
+            "resolution": 128, "ddim_steps": 2}
+
+
+def test_the_weights_cache_is_loaded_in_place_of_the_checkpoint(tmp_path, monkeypatch):
+    """In bf16 (a GPU's default) the first worker of a node keeps the weights as served and
+    the empty-prompt context in the cache folder; later workers load those instead of reading
+    the checkpoint and running its text encoder, and make the same images. A damaged cache
+    file is read past and written anew; fp32 keeps no copy (it would be the checkpoint's
+    size); cache_weights=false keeps none."""
+    from relit_k8s.relighters.luminet import relighter as module
+
+    options = _luminet_with_a_text_tower(tmp_path / "model") | {
+        "dtype": "bf16", "cache_dir": str(tmp_path / "cache")}
+    first = create("luminet", options, "cpu")
+    files = list((tmp_path / "cache" / "luminet").glob("*.safetensors"))
+    assert first.weights_from == "checkpoint" and [f.name.split("-")[:2] for f in files] == \
+        [["LumiNet", "bfloat16"]] and "write_cache" in first.load_timings
+    with monkeypatch.context() as m:
+        m.setattr(module, "load", lambda *a, **k: pytest.fail("read the checkpoint"))
+        m.setattr(module, "empty_prompt_context", lambda *a: pytest.fail("ran the text tower"))
+        m.setattr(module, "_CONTEXTS", {})
+        second = create("luminet", options, "cpu")
+    assert second.weights_from == "cache" and "write_cache" not in second.load_timings
+    assert torch.equal(second.context, first.context)
+    photo, ref = raw_pair(first)
+    assert torch.equal(first.relight(photo, ref, [SEEDS[0]]),
+                       second.relight(photo, ref, [SEEDS[0]]))
+    files[0].write_bytes(b"\x00" * 64)  # damaged (a disk full while another node wrote it)
+    third = create("luminet", options, "cpu")
+    assert third.weights_from == "checkpoint" and files[0].stat().st_size > 64
+    assert create("luminet", options, "cpu").weights_from == "cache"
+    for other in ({"dtype": "fp32"}, {"cache_weights": False}):
+        cache = tmp_path / f"cache-{len(other)}-{next(iter(other))}"
+        r = create("luminet", options | other | {"cache_dir": str(cache)}, "cpu")
+        assert r.weights_from == "checkpoint" and not (cache / "luminet").exists()
+
+
 def test_compiled_batches_are_padded_to_eight_seeds_and_the_padding_dropped(tmp_path):
     """compile=true keeps shapes static: a batch of 3 seeds runs as 8 (the last repeated),
     and the 3 results equal those of an unpadded batch."""

@@ -56,6 +56,51 @@ def model_cache_dir(cache_dir: str | None) -> str:
                                      "models")
 
 
+def file_identity(path: Path) -> str:
+    """What identifies a local file's contents without reading it: its resolved path, size and
+    modification time (a checkpoint replaced in place gets a new one)."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def read_cached_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache file written by :func:`write_cached_tensors`, loaded straight to
+    ``device``; None when there is none or it cannot be read (the caller then reads the
+    original and writes the file again)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # noqa: BLE001 - a damaged cache file only costs a reload
+        import logging
+
+        logging.getLogger("relit_k8s.relighters").warning(
+            "ignored the cached weights %s (%s: %s): reading the checkpoint", path,
+            type(e).__name__, e)
+        return None
+
+
+def write_cached_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Keep ``tensors`` (moved to the CPU) at ``path`` as safetensors for later workers: written
+    to a temporary name of this process and renamed, so that workers racing on one node never
+    see half a file. False when the cache cannot be written (read-only, full): that only costs
+    the next worker the original load."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                  str(partial))
+        os.replace(partial, path)
+        return True
+    except OSError:
+        partial.unlink(missing_ok=True)
+        return False
+
+
 class PhaseTimer:
     """Seconds of each loading phase, in :attr:`timings` (the worker logs them with its start
     event): ``lap(name)`` closes the phase that began at the previous lap."""

@@ -14,6 +14,8 @@ the loader (:data:`UNUSED_PREFIXES`).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,11 @@ class Conv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cout, cin, kernel, kernel))
         self.bias = nn.Parameter(torch.empty(cout))
+        # initialised as nn.Conv2d is (a checkpoint overwrites it; a random model, as
+        # make-model writes, must not be left with whatever the memory held)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -1 / math.sqrt(cin * kernel * kernel),
+                         1 / math.sqrt(cin * kernel * kernel))
         if down:
             self.register_buffer("resample_filter", torch.full((1, 1, 2, 2), 0.25))
         else:

@@ -18,6 +18,8 @@ prior; this relighter runs in evaluation mode, as the original demo does).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,22 +37,30 @@ from ..base import Relighter, RelighterOptions
 from ..loading import (
     PhaseTimer,
     check_compiler,
+    file_identity,
     measure_batch_size,
     model_cache_dir,
     probe_cache_path,
+    read_cached_tensors,
     weights_dtype,
+    write_cached_tensors,
 )
 from .checkpoint import load, load_safetensors, read_state_dict
-from .model import TIMESTEPS, LumiNet, LumiNetConfig
+from .model import TIMESTEPS, LumiNet, LumiNetConfig, alphas_cumprod
 from .sampler import ddim_sample, ddim_timesteps
 from .text import empty_prompt_context
 from .vae import BypassAutoencoderKL
 
+log = logging.getLogger("relit_k8s.relighters.luminet")
 #: Seeds decoded at once (decode memory does not grow with the batch).
 DECODE_CHUNK = 8
 NO_CHECKPOINT = ("luminet needs the official checkpoint: -O checkpoint=PATH/LumiNet.ckpt or "
                  "s3://bucket/LumiNet.ckpt (Hugging Face xyxingx/LumiNet, gated: accept its "
                  "conditions, then download it)")
+#: The name of the empty-prompt context in the weights cache (not a model key).
+CONTEXT_KEY = "relit_k8s.empty_prompt_context"
+#: Bumped when the model's code changes what its weights mean (older cache files are unused).
+WEIGHTS_CACHE_FORMAT = 1
 #: Contexts computed from checkpoints, by checkpoint path: one per process.
 _CONTEXTS: dict[str, torch.Tensor] = {}
 _CONTEXT_LOCK = threading.Lock()
@@ -81,10 +91,16 @@ class LuminetOptions(RelighterOptions):
     compile: bool = Field(False, description="torch.compile the UNet and ControlNet (static "
                           "shapes: batches padded to a multiple of 8 seeds); the compiled code "
                           "is cached in TORCHINDUCTOR_CACHE_DIR")
-    cache_dir: str | None = Field(None, description="where s3:// files are downloaded "
-                                  "[default: $XDG_CACHE_HOME/relit-k8s/models]")
+    cache_dir: str | None = Field(None, description="where s3:// files are downloaded, and "
+                                  "the weights cache kept [default: "
+                                  "$XDG_CACHE_HOME/relit-k8s/models]")
+    cache_weights: bool = Field(True, description="in bf16/fp16 (a GPU's default), keep the "
+                                "weights as served (half the checkpoint's bytes) and the "
+                                "empty-prompt context in cache_dir/luminet, which later workers "
+                                "on the node load instead of the checkpoint")
 
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({"batch_size", "compile", "cache_dir"})
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"batch_size", "compile", "cache_dir",
+                                                   "cache_weights"})
     LOCATIONS: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("ddim_steps")
@@ -181,9 +197,16 @@ class LuminetRelighter(Relighter):
         new_decoder = _local(o.new_decoder, o.cache_dir, "new decoder") if o.new_decoder else None
         lap("fetch")
         self.cfg = cfg
-        with torch.device("meta"):
-            model = LumiNet(cfg)
-        text = load(model, checkpoint, assign=True)
+        self.dtype = weights_dtype(o.dtype, self.device)
+        cache = self._weights_cache_path(checkpoint)
+        #: where the weights were read from: "checkpoint", or "cache" (:meth:`_weights_cache_path`)
+        self.weights_from = "checkpoint"
+        model, default_context = self._from_cache(cache)
+        text: dict[str, torch.Tensor] | None = None
+        if model is None:
+            with torch.device("meta"):
+                model = LumiNet(cfg)
+            text = load(model, checkpoint, assign=True)
         self.bypass: BypassAutoencoderKL | None = None
         if new_decoder is not None:
             with torch.device("meta"):
@@ -191,14 +214,16 @@ class LuminetRelighter(Relighter):
             _load_bypass(bypass, new_decoder)
             self.bypass = bypass
         lap("read_weights")
-        self.context = self._context(o, checkpoint, text)
+        self.context = self._context(o, checkpoint, text, default_context)
         lap("context")
-        self.dtype = weights_dtype(o.dtype, self.device)
         #: the schedule, in float32 whatever the weights' type
         self.alphas_cumprod = model.alphas_cumprod.float().clone()
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.bypass is not None:
             self.bypass = self.bypass.to(self.device, self.dtype).eval().requires_grad_(False)
+        if cache is not None and text is not None:
+            self._write_cache(cache, checkpoint, text)
+            lap("write_cache")
         lap("to_device")
         #: compiled: batches padded to a multiple of 8 seeds, so that few shapes are compiled
         self.static_shapes = o.compile
@@ -239,8 +264,66 @@ class LuminetRelighter(Relighter):
         return measure_batch_size(step, lambda: self.decode(latents(DECODE_CHUNK), features),
                                   dev, who="luminet", cache=cache)
 
-    def _context(self, o: LuminetOptions, checkpoint: Path,
-                 text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _weights_cache_path(self, checkpoint: Path) -> Path | None:
+        """``<cache_dir>/luminet/<checkpoint>-<dtype>-<key>.safetensors``: the model's
+        weights in its 16-bit serving dtype (half the bytes of the official fp32 file, no text
+        encoder, no unused decoder) and the empty-prompt context, written by the first worker
+        of a node and loaded by the later ones instead of the checkpoint; keyed by the
+        checkpoint file (path, size, time), the configuration and the dtype. None: not cached
+        (``cache_weights=false``, or fp32: the copy would be as large as the checkpoint)."""
+        if not self.options.cache_weights or self.dtype == torch.float32:
+            return None
+        key = hashlib.sha256(f"{WEIGHTS_CACHE_FORMAT}|{file_identity(checkpoint)}|"
+                             f"{self.cfg!r}|{self.dtype}".encode()).hexdigest()[:16]
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (Path(model_cache_dir(self.options.cache_dir)) / "luminet"
+                / f"{checkpoint.stem}-{dtype}-{key}.safetensors")
+
+    def _from_cache(self, cache: Path | None) -> tuple[LumiNet | None, torch.Tensor | None]:
+        """(the model, the empty-prompt context) from the weights cache; (None, None) when
+        there is none, it does not fit the model, or it lacks the context that is needed."""
+        state = read_cached_tensors(cache, self.device) if cache is not None else None
+        if state is None:
+            return None, None
+        context = state.pop(CONTEXT_KEY, None)
+        if context is None and not self.options.context:
+            return None, None
+        with torch.device("meta"):
+            model = LumiNet(self.cfg)
+        try:
+            model.load_state_dict({**state, "alphas_cumprod": alphas_cumprod()}, strict=True,
+                                  assign=True)
+        except RuntimeError as e:  # written by another version of this model's code
+            log.warning("ignored the cached weights %s (%s): reading the checkpoint", cache,
+                        str(e).splitlines()[0])
+            return None, None
+        self.weights_from = "cache"
+        return model, context
+
+    def _write_cache(self, cache: Path, checkpoint: Path, text: dict[str, torch.Tensor]
+                     ) -> None:
+        """The weights as they are served (after the cast to the serving dtype), and the
+        empty-prompt context where the checkpoint has a text encoder to compute it with."""
+        tensors = {k: v for k, v in self.model.state_dict().items() if k != "alphas_cumprod"}
+        if self.options.context is None:
+            tensors[CONTEXT_KEY] = self.context
+        elif text:
+            tensors[CONTEXT_KEY] = self._default_context(checkpoint, text).float()
+        if not write_cached_tensors(cache, tensors):
+            log.warning("could not write the weights cache %s: later workers read the "
+                        "checkpoint again", cache)
+
+    @staticmethod
+    def _default_context(checkpoint: Path, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The empty-prompt context, from the checkpoint's text encoder: once per process."""
+        with _CONTEXT_LOCK:
+            key = str(checkpoint)
+            if key not in _CONTEXTS:
+                _CONTEXTS[key] = empty_prompt_context(text)
+            return _CONTEXTS[key]
+
+    def _context(self, o: LuminetOptions, checkpoint: Path, text: dict[str, torch.Tensor] | None,
+                 cached: torch.Tensor | None) -> torch.Tensor:
         if o.context:
             data = load_safetensors(_local(o.context, o.cache_dir, "context"))
             name = next((k for k in ("context", "context_cond") if k in data), None)
@@ -248,12 +331,11 @@ class LuminetRelighter(Relighter):
                 raise RelighterError(f"luminet: {o.context} has no 'context' tensor "
                                      f"(it has {sorted(data)})")
             context = data[name]
+        elif cached is not None:
+            context = cached
         else:
-            with _CONTEXT_LOCK:
-                key = str(checkpoint)
-                if key not in _CONTEXTS:
-                    _CONTEXTS[key] = empty_prompt_context(text)
-                context = _CONTEXTS[key]
+            assert text is not None  # read from the checkpoint when the cache had no context
+            context = self._default_context(checkpoint, text)
         want = self.cfg.unet.context_dim
         if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != want:
             raise RelighterError(f"luminet: the context has shape {tuple(context.shape)}, "
