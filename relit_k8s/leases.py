@@ -15,9 +15,9 @@ Under ``<output>/_relit/<run>/leases/``:
   lease, so that another claims the shard at once (and deletes the marker).
 * ``finished.json``: the finished shards as a worker last listed them in ``done/``, published
   for the others: a worker that needs the full picture reads it (one request) when the
-  listing of ``leases/`` shows it younger than its poll interval, and lists ``done/`` (one
+  listing of ``leases/`` shows it younger than half the lease time, and lists ``done/`` (one
   request per 1,000 shards) and publishes it otherwise. A summary only ever names shards whose
-  ``done/`` marker exists, so a stale one costs a wasted claim, never a skipped shard.
+  ``done/`` marker exists, so a stale one costs a wasted check, never a skipped shard.
 
 and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
 its lease is deleted); a finished shard is never claimed again.

@@ -15,7 +15,6 @@ the loader (:data:`UNUSED_PREFIXES`).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

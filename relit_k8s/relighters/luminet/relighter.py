@@ -221,10 +221,10 @@ class LuminetRelighter(Relighter):
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.bypass is not None:
             self.bypass = self.bypass.to(self.device, self.dtype).eval().requires_grad_(False)
+        lap("to_device")
         if cache is not None and text is not None:
             self._write_cache(cache, checkpoint, text)
             lap("write_cache")
-        lap("to_device")
         #: compiled: batches padded to a multiple of 8 seeds, so that few shapes are compiled
         self.static_shapes = o.compile
         self.batch_size = o.batch_size or (self._measure_batch_size()
@@ -286,6 +286,8 @@ class LuminetRelighter(Relighter):
         if state is None:
             return None, None
         context = state.pop(CONTEXT_KEY, None)
+        if context is not None:
+            context = context.cpu()  # where one computed from the checkpoint would be
         if context is None and not self.options.context:
             return None, None
         with torch.device("meta"):
