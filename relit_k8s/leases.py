@@ -233,9 +233,12 @@ class LeaseBook:
         ``finished.json`` too, for the other workers."""
         done = {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
         if publish:
-            self.storage.write(self.summary_key, FinishedSummary.of(done)
-                               .model_dump_json().encode())
+            self.publish(done)
         return done
+
+    def publish(self, done: set[int]) -> None:
+        """Write ``finished.json`` for the other workers."""
+        self.storage.write(self.summary_key, FinishedSummary.of(done).model_dump_json().encode())
 
     @property
     def summary_key(self) -> str:
@@ -475,7 +478,10 @@ class Claimer:
                 self.summaries += 1
                 return published
         self.done_listings += 1
-        return self.book.finished(publish=True)
+        done = self.book.finished()
+        if len(done) < self.shards:  # a finished run (a rerun) is left as it is: no write
+            self.book.publish(done)
+        return done
 
     def _refresh(self) -> bool:
         """List the candidates again; False when every shard is finished."""
