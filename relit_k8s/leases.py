@@ -479,8 +479,8 @@ class Claimer:
                 return published
         self.done_listings += 1
         done = self.book.finished()
-        if len(done) < self.shards:  # a finished run (a rerun) is left as it is: no write
-            self.book.publish(done)
+        if 0 < len(done) < self.shards:  # nothing to tell (a new run), or a finished run
+            self.book.publish(done)      # (a rerun): left as it is, no write
         return done
 
     def _refresh(self) -> bool:

@@ -186,6 +186,9 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     lease. An old or unreadable one is listed anew. It only ever names finished shards."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-f", seconds=4.0)
+    fresh = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=0, workers=2)
+    assert fresh.state()[0] == set() and fresh.done_listings == 1
+    assert not store.exists("_relit/relit-f/leases/finished.json")  # nothing to tell yet
     for shard in (0, 1, 2, 5):
         book.finish(book.try_claim(shard))
     first = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=0, workers=2)
