@@ -360,7 +360,30 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.workers, args.seconds = [4], 4.0
     proc, endpoint = start_store()
-    rows = []
+    rows: list[Row] = []
+    result = {
+        "benchmark": "fleet",
+        "date": datetime.now(UTC).date().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores; store: moto server",
+        "fleet": {"units_per_worker": UNITS_PER_WORKER, "items_per_unit": ITEMS_PER_UNIT,
+                  "lease_shards_per_worker": args.lease_shards,
+                  "static_shards_per_worker": args.static_shards,
+                  "item_time": "lognormal, sigma 1", "slow": f"{SLOW_FRACTION:.0%} of "
+                  f"workers {SLOW_FACTOR:g}x slower", "killed": f"{KILLED_FRACTION:.0%} of "
+                  "workers mid-shard, replaced after the lease time",
+                  "lease_seconds": "ideal / 8"},
+        "rows": [],
+    }
+
+    def save() -> None:
+        """The rows so far, written after each row: a run stopped part-way keeps them."""
+        result["rows"] = [r.as_dict() for r in rows]
+        if args.out:
+            partial = f"{args.out}.partial"
+            with open(partial, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(partial, args.out)
+
     try:
         for w in args.workers:
             seconds = args.seconds or DEFAULT_SECONDS.get(w, 30.0)
@@ -380,22 +403,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"(without a steal: {row.twice_without_steal}, not identical: "
                       f"{row.twice_not_identical}) claims={row.claims} steals={row.steals} "
                       f"requests={row.requests}", flush=True)
+                save()
     finally:
         proc.kill()
         proc.wait()
-    result = {
-        "benchmark": "fleet",
-        "date": datetime.now(UTC).date().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores; store: moto server",
-        "fleet": {"units_per_worker": UNITS_PER_WORKER, "items_per_unit": ITEMS_PER_UNIT,
-                  "lease_shards_per_worker": args.lease_shards,
-                  "static_shards_per_worker": args.static_shards,
-                  "item_time": "lognormal, sigma 1", "slow": f"{SLOW_FRACTION:.0%} of "
-                  f"workers {SLOW_FACTOR:g}x slower", "killed": f"{KILLED_FRACTION:.0%} of "
-                  "workers mid-shard, replaced after the lease time",
-                  "lease_seconds": "ideal / 8"},
-        "rows": [r.as_dict() for r in rows],
-    }
     print("\n  W   static   leases  (makespan / ideal)   lost  twice  claims/s")
     for w in ([] if args.only else args.workers):
         s, le = (next(r for r in rows if r.workers == w and r.balance == b)
@@ -403,9 +414,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{w:4d}  {s.ratio:6.3f}   {le.ratio:6.3f}   {' ' * 19}"
               f"{s.units_lost + le.units_lost:4d}  {le.units_twice:5d}  "
               f"{le.as_dict()['claims_per_second']:8.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
