@@ -301,8 +301,7 @@ def _finished(run) -> bool:
         return False
     from .leases import LeaseBook
 
-    done, _ = LeaseBook(run.output, run.run_id).listing()
-    return len(done) >= run.manifest.shards
+    return len(LeaseBook(run.output, run.run_id).listing().done) >= run.manifest.shards
 
 
 def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run the same "

@@ -222,11 +222,14 @@ class LeaseBook:
     def free_key(self, shard: int) -> str:
         return f"{self.folder}/{shard}.free"
 
-    def listing(self) -> tuple[set[int], dict[int, datetime]]:
-        """(finished shards, held shard -> when its lease was last written): one listing of
-        the finished markers and one of the leases."""
+    def listing(self) -> LeaseListing:
+        """The whole picture, for ``status`` and the CLI (not the claiming loop, which
+        follows ``leases/`` alone): one listing of ``leases/`` and one of ``done/``, with
+        ``done`` every finished shard and ``held`` and ``released`` only unfinished ones."""
         found = self.leases()
-        return found.done | self.finished(), found.held
+        done = found.done | self.finished()
+        return LeaseListing(done, {s: t for s, t in found.held.items() if s not in done},
+                            found.released - done, found.summary_at)
 
     def finished(self, publish: bool = False) -> set[int]:
         """The finished shards (one listing of ``done/``); ``publish``: write them to
@@ -309,16 +312,18 @@ class LeaseBook:
         holder that would take :data:`TAKEOVER_FACTOR` times as long as this worker to finish
         it. None if it is finished, another holds it, or another worker won the race for it.
         ``released``: the shard's lease was released (a ``.free`` marker): the marker is
-        deleted once claimed. ``held``: a listing showed it held: its lease is read first
-        (a create would fail). ``check_first``: the shard may well be finished (another
-        worker's, listed a while ago): its ``done/`` marker is checked first, so that a shard
-        found finished costs one request, not a create, a check and a delete."""
+        deleted once the shard is claimed or found finished (a marker left by a worker that
+        claimed the shard without knowing would otherwise outlive it). ``held``: a listing
+        showed it held: its lease is read first (a create would fail). ``check_first``: the
+        shard may well be finished (another worker's, listed a while ago): its ``done/``
+        marker is checked first, so that a shard found finished costs one request, not a
+        create, a check and a delete."""
         if check_first and not held and self.is_done(shard):
             self.seen_done.add(shard)
+            if released:
+                self.storage.delete(self.free_key(shard))
             return None
         claim = None if held else self._create(shard)
-        if claim is not None and released:
-            self.storage.delete(self.free_key(shard))
         if claim is None:
             found = self.read(shard)
             if found is None:  # released (or finished) a moment ago
@@ -338,7 +343,11 @@ class LeaseBook:
         if claim is not None and self.is_done(shard):  # finished while we looked
             self.seen_done.add(shard)
             self.storage.delete(self.key(shard))  # gone without a .free marker: finished
+            if released:
+                self.storage.delete(self.free_key(shard))
             return None
+        if claim is not None and released:
+            self.storage.delete(self.free_key(shard))
         return claim
 
     def _create(self, shard: int) -> Claim | None:

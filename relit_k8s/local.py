@@ -256,7 +256,7 @@ def _finished_elsewhere(manifest_uri: str, codes: dict[int, int]) -> set[int]:
     if run is None or run.manifest.balance != "leases":
         return set()
     try:
-        done, _ = LeaseBook(run.output, run.run_id).listing()
+        done = LeaseBook(run.output, run.run_id).listing().done
     except RelitError as e:
         log.warning("could not read which shards are finished: %s", e)
         return set()

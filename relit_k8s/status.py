@@ -299,9 +299,8 @@ def _lease_counts(run: Run) -> LeaseCounts | None:
     from .leases import LeaseBook
 
     book = LeaseBook(run.output, run.run_id)
-    found = book.leases()
-    done = found.done | book.finished()
-    held = {s: t for s, t in found.held.items() if s not in done}
+    found = book.listing()
+    held = found.held
     old = now() - timedelta(seconds=book.seconds)
     holders = []
     for shard in sorted(held, key=lambda s: (held[s] >= old, s))[:HOLDERS_SHOWN]:
@@ -314,7 +313,7 @@ def _lease_counts(run: Run) -> LeaseCounts | None:
             heartbeat_at=lease.heartbeat_at, silent=held[shard] < old, steals=lease.steals,
             stolen_from=lease.stolen_from, items_done=lease.done, items_total=lease.total))
     return LeaseCounts(held=len(held), silent=sum(1 for t in held.values() if t < old),
-                       done=len(done), released=len(found.released - done),
+                       done=len(found.done), released=len(found.released),
                        lease_seconds=book.seconds, holders=holders)
 
 

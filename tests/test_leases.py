@@ -107,6 +107,18 @@ def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri
     assert a.try_claim(0) is None and b.try_claim(0) is None
     assert store.exists("_relit/relit-q/done/0")
     assert not store.exists("_relit/relit-q/leases/0.json")
+    assert store.exists("_relit/relit-q/leases/0.free")  # b claimed it not knowing it was free
+    # a worker that lists it as released finds it finished and drops the marker; and a
+    # released shard claimed from its marker drops it too
+    assert a.try_claim(0, released=True, check_first=True) is None
+    assert not store.exists("_relit/relit-q/leases/0.free")
+    c, d = LeaseBook(store, "relit-r"), LeaseBook(store, "relit-r")
+    c.release(c.try_claim(1))
+    claimed = d.try_claim(1, released=True)
+    assert claimed is not None and not store.exists("_relit/relit-r/leases/1.free")
+    d.release(claimed)
+    d.finish(c.try_claim(1, released=True))
+    assert not store.exists("_relit/relit-r/leases/1.free")
     # worker 0 of 2 claims its own shards (0, 2) first, then the others (1): 0 is finished
     claimer = Claimer(a, shards=3, index=0, workers=2, poll=0.05)
     assert claimer.state() == ({0}, {})
