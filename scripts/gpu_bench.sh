@@ -12,6 +12,9 @@
 #   aot        compile=aot: worker_pipeline compiles the seed-size model ahead of time into the
 #              cache folder (a cold node), then a new worker process loads the packages (a warm
 #              node): its time to the first output, each load phase printed (about 5 minutes)
+#   weights    weights_load: a new worker's model load from the model files against from the
+#              weights cache (cache_weights), each in a new process, for the seed-size diffusion
+#              model and the full-size luminet one (about 3 minutes)
 #   profile    one denoising step of the seed-size diffusion model under torch.profiler: the
 #              top operators and kernels and their TFLOP/s (about 1 minute)
 #   pipeline_sh  worker_pipeline with the sh relighter only (JPEG and PNG outputs)
@@ -59,6 +62,15 @@ luminet() {
 aot() {
   make_sd21 && python3 benchmarks/worker_pipeline.py --model /tmp/sd21 --aot --cold-start \
     --no-s3 --pairs 2 --out "$OUT/pipeline_aot.json"
+}
+
+weights() {
+  make_sd21 && python3 benchmarks/weights_load.py --model /tmp/sd21 --device cuda \
+    --out "$OUT/weights_diffusion.json" &&
+  { [ -f /tmp/luminet/LumiNet.ckpt ] || relit-k8s make-model /tmp/luminet --kind luminet \
+      --size full --device cuda; } &&
+  python3 benchmarks/weights_load.py --relighter luminet --model /tmp/luminet --device cuda \
+    --out "$OUT/weights_luminet.json"
 }
 
 profile() {

@@ -234,6 +234,42 @@ def test_the_batch_probes_measurements_are_kept_for_later_workers(tmp_path):
     assert cached_json(None, measure) and len(calls) == 3  # None: nothing kept
 
 
+def test_the_weights_cache_is_loaded_in_place_of_the_model_folder(model, tmp_path,
+                                                                   monkeypatch):
+    """In bf16 (a GPU's default) the first worker of a node keeps the UNet, ControlNet and VAE
+    as served in the cache folder; later workers build the modules on the meta device and load
+    that file instead of the folder's weights, and make the same images. A damaged file is
+    read past and written anew; the new decoder is its own entry; fp32 and cache_weights=false
+    keep none."""
+    import diffusers
+
+    options = {"model": str(model), **OPTS, "dtype": "bf16", "cache_dir": str(tmp_path / "c")}
+    first = create("diffusion", options, "cpu")
+    files = list((tmp_path / "c" / "diffusion").glob("*.safetensors"))
+    assert first.weights_from == "model" and [f.name.split("-")[:2] for f in files] == \
+        [["tiny", "bfloat16"]] and "write_cache" in first.load_timings
+    with monkeypatch.context() as m:
+        for cls in ("UNet2DConditionModel", "ControlNetModel", "AutoencoderKL"):
+            m.setattr(getattr(diffusers, cls), "from_pretrained",
+                      classmethod(lambda *a, **k: pytest.fail("read the model folder")))
+        second = create("diffusion", options, "cpu")
+    assert second.weights_from == "cache" and "write_cache" not in second.load_timings
+    assert second.unet.dtype == torch.bfloat16 and not second.vae.training
+    image, ref = pair()
+    assert torch.equal(first.relight(image, ref, [3, 4]), second.relight(image, ref, [3, 4]))
+    files[0].write_bytes(b"\x00" * 64)  # damaged (a disk full while another worker wrote it)
+    third = create("diffusion", options, "cpu")
+    assert third.weights_from == "model" and files[0].stat().st_size > 64
+    assert create("diffusion", options, "cpu").weights_from == "cache"
+    decoder = create("diffusion", options | {"new_decoder": True}, "cpu")
+    assert decoder.weights_from == "model"  # another VAE: another file
+    assert len(list((tmp_path / "c" / "diffusion").glob("*.safetensors"))) == 2
+    for other in ({"dtype": "fp32"}, {"cache_weights": False}):
+        cache = tmp_path / f"cache-{next(iter(other))}"
+        r = create("diffusion", options | other | {"cache_dir": str(cache)}, "cpu")
+        assert r.weights_from == "model" and not (cache / "diffusion").exists()
+
+
 def test_make_model_command_and_the_tiny_benchmark(tmp_path):
     result = cli("make-model", str(tmp_path / "m"), "--size", "tiny", check=True)
     assert "random weights" in result.stdout and (tmp_path / "m" / "unet").is_dir()

@@ -10,7 +10,9 @@ weights, for tests and benchmarks.
 What it does differently from the seed's loop:
 
 * weights load once per worker, in bf16 on a GPU (fp32 on the CPU), channels-last, with fused
-  q/k/v projections and PyTorch's SDPA attention;
+  q/k/v projections and PyTorch's SDPA attention; in bf16/fp16 the first worker of a node keeps
+  them as served in the cache folder (``cache_weights``), and later workers load that file
+  straight to the device instead of building each module and reading the model folder;
 * all seeds of a pair run as one batch; each seed's starting noise comes from its own
   generator, so a batch equals one-by-one;
 * one UNet + ControlNet pass per step when the unconditional branch equals the conditional one
@@ -32,6 +34,9 @@ What it does differently from the seed's loop:
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,18 +51,26 @@ from ..storage import cached_copy, folder_fingerprint
 from .base import Relighter, RelighterOptions
 from .loading import (  # noqa: F401 - AUTO_BATCH_CAP, batch_for_memory: also imported from here
     AUTO_BATCH_CAP,
+    CudaStart,
     PhaseTimer,
     batch_for_memory,
     check_compiler,
+    folder_identity,
     measure_batch_size,
     model_cache_dir,
     probe_cache_path,
+    read_cached_tensors,
     weights_dtype,
+    write_cached_tensors,
 )
+
+log = logging.getLogger(__name__)
 
 EMBEDDINGS = "text_embeddings.safetensors"
 #: Latents decoded per VAE call.
 DECODE_CHUNK = 8
+#: Bumped when what the weights cache holds changes (older cache files are then unused).
+WEIGHTS_CACHE_FORMAT = 1
 
 
 class DiffusionOptions(RelighterOptions):
@@ -85,11 +98,16 @@ class DiffusionOptions(RelighterOptions):
     attention: Literal["auto", "flash", "cudnn", "efficient"] = Field(
         "auto", description="scaled-dot-product attention kernel on a GPU: PyTorch's choice, "
         "or one to use (relighter_throughput --sweep times each)")
-    cache_dir: str | None = Field(None, description="where s3:// models are downloaded "
-                                  "[default: $XDG_CACHE_HOME/relit-k8s/models]")
+    cache_dir: str | None = Field(None, description="where s3:// models are downloaded, and "
+                                  "the weights cache kept [default: "
+                                  "$XDG_CACHE_HOME/relit-k8s/models]")
+    cache_weights: bool = Field(True, description="in bf16/fp16 (a GPU's default), keep the "
+                                "UNet, ControlNet and VAE as served in cache_dir/diffusion, "
+                                "which later workers of the node load straight to the device "
+                                "instead of the model folder")
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "compile", "attention", "cache_dir"})
+        {"batch_size", "compile", "attention", "cache_dir", "cache_weights"})
     LOCATIONS: ClassVar[frozenset[str]] = frozenset({"model"})
 
 
@@ -200,16 +218,20 @@ class DiffusionRelighter(Relighter):
         #: Seconds of each loading phase (the worker logs them with its start event).
         self.load_timings = timer.timings
         lap = timer.lap
+        cuda = CudaStart(self.device)  # while diffusers is imported and the model fetched
         diffusers = import_diffusers()
         lap("imports")
         path = fetch_model(o.model, o.cache_dir)
         lap("fetch")
-        if self.device.type == "cuda":
-            torch.zeros(1, device=self.device)  # start CUDA here, so it is timed on its own
-            lap("cuda_init")
+        if cuda.wait():
+            lap("cuda_init")  # what is left of it: the weights cache loads to the device
         self.dtype = weights_dtype(o.dtype, self.device)
-        self._read_weights(diffusers, path)
-        lap("read_weights")
+        #: where the weights were read from: "model" (the folder), or "cache"
+        #: (:meth:`_weights_cache_path`)
+        self.weights_from = "model"
+        written = self._read_weights(diffusers, path, lap)
+        if not written:
+            lap("read_weights")
         self._place()
         lap("to_device")
         #: Pad batches to a multiple of 8 seeds and decode chunks to DECODE_CHUNK (compiled
@@ -227,18 +249,16 @@ class DiffusionRelighter(Relighter):
             self._compile()
         self.load_seconds = time.monotonic() - timer.started  # compiling happens at the first call
 
-    def _read_weights(self, diffusers, path: Path) -> None:
+    def _read_weights(self, diffusers, path: Path, lap) -> bool:
         """The UNet, ControlNet, VAE (or its new decoder), scheduler and text embeddings of the
-        model directory, in :attr:`dtype`, on the CPU."""
+        model directory, in :attr:`dtype`: the modules from the weights cache where an earlier
+        worker kept them, else from the folder (on the CPU; then kept for the next worker).
+        True when it wrote the cache (its phases then timed: read_weights, write_cache)."""
         o = self.options
         vae_dir = path / ("vae_new_decoder" if o.new_decoder else "vae")
         if o.new_decoder and not vae_dir.is_dir():
             raise RelighterError(f"diffusion: new_decoder=true, but {path} has no "
                                  "vae_new_decoder/ (only the standard vae/)")
-        load = {"torch_dtype": self.dtype}
-        self.unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet", **load)
-        self.controlnet = diffusers.ControlNetModel.from_pretrained(path / "controlnet", **load)
-        self.vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, **load)
         self.scheduler = diffusers.DDIMScheduler.from_pretrained(path / "scheduler")
         trained = self.scheduler.config.num_train_timesteps
         if o.ddim_steps >= trained:  # with steps_offset, the last step would be out of range
@@ -250,6 +270,72 @@ class DiffusionRelighter(Relighter):
         emb = diffusers.load_file(str(path / EMBEDDINGS))
         self.cond = emb["cond"].to(self.device, self.dtype)
         self.uncond = emb["uncond"].to(self.device, self.dtype) if "uncond" in emb else None
+        folders = {"unet": (diffusers.UNet2DConditionModel, path / "unet"),
+                   "controlnet": (diffusers.ControlNetModel, path / "controlnet"),
+                   "vae": (diffusers.AutoencoderKL, vae_dir)}
+        cache = self._weights_cache_path(path, vae_dir)
+        modules = self._from_cache(cache, folders) if cache is not None else None
+        if modules is not None:
+            self.unet, self.controlnet, self.vae = modules
+            return False
+        load = {"torch_dtype": self.dtype}
+        self.unet, self.controlnet, self.vae = (
+            cls.from_pretrained(folder, **load) for cls, folder in folders.values())
+        if cache is None:
+            return False
+        lap("read_weights")
+        tensors = {f"{name}.{k}": v for name, module in
+                   zip(folders, (self.unet, self.controlnet, self.vae), strict=True)
+                   for k, v in module.state_dict().items()}
+        if not write_cached_tensors(cache, tensors):
+            log.warning("could not write the weights cache %s: later workers read the model "
+                        "folder again", cache)
+        lap("write_cache")
+        return True
+
+    def _weights_cache_path(self, path: Path, vae_dir: Path) -> Path | None:
+        """``<cache_dir>/diffusion/<model>-<dtype>-<key>.safetensors``: the UNet, ControlNet
+        and VAE in their 16-bit serving dtype (half the bytes of an fp32 folder), written by
+        the first worker of a node and loaded by the later ones straight to the device, with
+        no module initialisation (diffusers without ``accelerate`` initialises every module
+        at random before reading its weights); keyed by the three folders' files (names,
+        sizes, times) and the dtype. None: not cached (``cache_weights=false``, or fp32)."""
+        if not self.options.cache_weights or self.dtype == torch.float32:
+            return None
+        identity = "|".join(folder_identity(d) for d in (path / "unet", path / "controlnet",
+                                                         vae_dir))
+        key = hashlib.sha256(f"{WEIGHTS_CACHE_FORMAT}|{identity}|{self.dtype}".encode())
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (Path(model_cache_dir(self.options.cache_dir)) / "diffusion"
+                / f"{path.resolve().name}-{dtype}-{key.hexdigest()[:16]}.safetensors")
+
+    def _from_cache(self, cache: Path, folders: dict[str, tuple[Any, Path]]
+                    ) -> tuple[Any, ...] | None:
+        """The modules from the weights cache, built on the meta device (no memory, no random
+        initialisation) from their folders' configurations and given the cached tensors;
+        None when there is no cache file or it does not fit them (then the folder is read)."""
+        state = read_cached_tensors(cache, self.device)
+        if state is None:
+            return None
+        modules = []
+        try:
+            for name, (cls, folder) in folders.items():
+                with torch.device("meta"):
+                    module = cls.from_config(cls.load_config(folder))
+                prefix = f"{name}."
+                module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
+                                        if k.startswith(prefix)}, strict=True, assign=True)
+                left = [n for n, t in itertools.chain(module.named_parameters(),
+                                                      module.named_buffers()) if t.is_meta]
+                if left:
+                    raise RuntimeError(f"{name}: the cache lacks {left[0]}")
+                modules.append(module)
+        except RuntimeError as e:
+            log.warning("ignored the cached weights %s (%s): reading the model folder", cache,
+                        str(e).splitlines()[0])
+            return None
+        self.weights_from = "cache"
+        return tuple(modules)
 
     def _place(self) -> None:
         """Move the modules to the device in eval mode (channels-last on a GPU), fuse q/k/v,

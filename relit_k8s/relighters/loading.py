@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,11 @@ def file_identity(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def folder_identity(folder: Path) -> str:
+    """:func:`file_identity` of every file under ``folder``, in one string."""
+    return ";".join(file_identity(p) for p in sorted(folder.rglob("*")) if p.is_file())
+
+
 def read_cached_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
     """The tensors of a cache file written by :func:`write_cached_tensors`, loaded straight to
     ``device``; None when there is none or it cannot be read (the caller then reads the
@@ -99,6 +105,37 @@ def write_cached_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
     except OSError:
         partial.unlink(missing_ok=True)
         return False
+
+
+class CudaStart:
+    """CUDA started on ``device`` in a thread of its own (the driver and the context take a
+    second or more) while the caller imports and reads weights on the CPU: :meth:`wait`
+    before the first use, for its own phase in the timings. Nothing on the CPU. A use before
+    :meth:`wait` is safe too: PyTorch's lazy CUDA initialisation holds a lock, so it waits for
+    this thread's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if device.type == "cuda":
+            self._thread = threading.Thread(target=self._start, args=(device,), daemon=True,
+                                            name="cuda-start")
+            self._thread.start()
+
+    def _start(self, device: torch.device) -> None:
+        try:
+            torch.zeros(1, device=device)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            self._error = e
+
+    def wait(self) -> bool:
+        """Wait for CUDA (raising what starting it raised); False on the CPU (no phase)."""
+        if self._thread is None:
+            return False
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return True
 
 
 class PhaseTimer:

@@ -35,6 +35,7 @@ from ...errors import NotFoundError, RelighterError
 from ...storage import cached_file, file_size
 from ..base import Relighter, RelighterOptions
 from ..loading import (
+    CudaStart,
     PhaseTimer,
     check_compiler,
     file_identity,
@@ -182,6 +183,7 @@ class LuminetRelighter(Relighter):
         #: Seconds of each loading phase (the worker logs them with its start event).
         self.load_timings = timer.timings
         lap = timer.lap
+        cuda = CudaStart(self.device)  # while the checkpoint is read on the CPU
         cfg = LumiNetConfig()
         if o.config:
             import yaml
@@ -218,6 +220,8 @@ class LuminetRelighter(Relighter):
         lap("context")
         #: the schedule, in float32 whatever the weights' type
         self.alphas_cumprod = model.alphas_cumprod.float().clone()
+        if cuda.wait():
+            lap("cuda_init")  # what is left of it (a cached model loaded to the device at once)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.bypass is not None:
             self.bypass = self.bypass.to(self.device, self.dtype).eval().requires_grad_(False)
