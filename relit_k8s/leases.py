@@ -18,6 +18,9 @@ Under ``<output>/_relit/<run>/leases/``:
   listing of ``leases/`` shows it younger than half the lease time, and lists ``done/`` (one
   request per 1,000 shards) and publishes it otherwise. A summary only ever names shards whose
   ``done/`` marker exists, so a stale one costs a wasted check, never a skipped shard.
+* ``finished.refresh``: a worker is listing ``done/`` to publish ``finished.json`` (a
+  create-only write: of the workers that need the full picture at one moment, one lists and
+  the others go on with the last summary, instead of all listing every finished shard at once).
 
 and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
 its lease is deleted); a finished shard is never claimed again.
@@ -116,6 +119,8 @@ class FinishedSummary(BaseModel):
 
 
 SUMMARY = "finished.json"
+#: The marker of a worker listing ``done/`` for the others (:meth:`LeaseBook.take_refresh`).
+REFRESH = "finished.refresh"
 #: Leases an idle worker reads per look, in the tail of a run, to find stragglers (each idle
 #: worker reads others, so together they read them all every few seconds).
 TAIL_SAMPLE = 4
@@ -143,6 +148,8 @@ class LeaseListing:
     released: set[int]
     #: when ``finished.json`` was last published (None: never)
     summary_at: datetime | None = None
+    #: when a worker began listing ``done/`` to publish it (None: none is)
+    refresh_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -264,11 +271,13 @@ class LeaseBook:
         done: set[int] = set()
         held: dict[int, datetime] = {}
         released: set[int] = set()
-        summary_at = None
+        summary_at = refresh_at = None
         for name, modified in self.storage.list_modified(self.folder).items():
             stem, _, ext = name.partition(".")
             if name == SUMMARY:
                 summary_at = modified
+            elif name == REFRESH:
+                refresh_at = modified
             elif not stem.isdigit():
                 continue
             elif ext == "json":
@@ -277,7 +286,25 @@ class LeaseBook:
                 released.add(int(stem))
             elif ext == "done":  # finished a moment ago
                 done.add(int(stem))
-        return LeaseListing(done, held, released, summary_at)
+        return LeaseListing(done, held, released, summary_at, refresh_at)
+
+    def take_refresh(self, found: LeaseListing) -> bool:
+        """Whether this worker lists ``done/`` for the others now: True when it created the
+        ``finished.refresh`` marker (create-only: one of the workers asking at one moment);
+        a marker older than half a lease time (its worker died or stalled) is deleted first,
+        so at worst two workers list at once. :meth:`end_refresh` deletes it."""
+        key = f"{self.folder}/{REFRESH}"
+        if found.refresh_at is not None and \
+                datetime.now(UTC) - found.refresh_at > timedelta(seconds=self.seconds / 2):
+            self.storage.delete(key)
+        try:
+            self.storage.create(key, b"")
+        except WriteConflict:
+            return False
+        return True
+
+    def end_refresh(self) -> None:
+        self.storage.delete(f"{self.folder}/{REFRESH}")
 
     def is_done(self, shard: int) -> bool:
         return self.storage.exists(self.done_key(shard))
@@ -453,9 +480,12 @@ class Claimer:
         self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
-        #: claims made, steals among them, listings of leases/ made, of done/ made, and
-        #: finished.json read in place of a listing of done/
+        #: claims made, steals among them, listings of leases/ made, of done/ made,
+        #: finished.json read in place of a listing of done/, and full looks that went on with
+        #: the last summary while another worker listed done/
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
+        self.deferred = 0
+        self._summary_used: datetime | None = None  # when the summary it last read was written
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as listed now:
@@ -468,7 +498,8 @@ class Claimer:
         self._full = self.listings == 1 or self._look_in_full or \
             self._misses >= MISSES_BEFORE_LISTING
         if self._full:  # what the store says, in place of what was inferred
-            self._done = found.done | self._finished(found) | self.book.seen_done
+            missed = self._misses >= MISSES_BEFORE_LISTING
+            self._done = found.done | self._finished(found, missed) | self.book.seen_done
             self._misses, self._look_in_full = 0, False
         else:
             gone = set(self._held) - set(found.held) - found.released
@@ -476,20 +507,36 @@ class Claimer:
         self._held, self._released = found.held, found.released
         return self._done, self._held
 
-    def _finished(self, found: LeaseListing) -> set[int]:
+    def _finished(self, found: LeaseListing, missed: bool = False) -> set[int]:
         """The finished shards: as another worker listed them less than half a lease time
-        ago (``finished.json``, one request; S3 times are to the second), else as this worker
-        lists them in ``done/`` (and publishes them)."""
-        if found.summary_at is not None and \
+        ago (``finished.json``, one request; S3 times are to the second; after ``missed``:
+        not the summary this worker read last, which lacked them), else as this worker
+        lists them in ``done/`` (and publishes them); but while another worker is doing that
+        (``finished.refresh``), as it last published them, or none: a summary only ever names
+        finished shards, so what it lacks costs checks (misses, which bring the next full look
+        sooner), never a skipped shard. Without it, the hundreds of workers that run out of
+        their own shards at about the same moment would all list every finished shard at once
+        (at 256 workers, 8 pages each: a moto server saturated for minutes)."""
+        lacking = missed and found.summary_at == self._summary_used
+        if found.summary_at is not None and not lacking and \
                 datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.book.seconds / 2):
             published = self.book.published()
             if published is not None:
                 self.summaries += 1
+                self._summary_used = found.summary_at
                 return published
-        self.done_listings += 1
-        done = self.book.finished()
-        if 0 < len(done) < self.shards:  # nothing to tell (a new run), or a finished run
-            self.book.publish(done)      # (a rerun): left as it is, no write
+        # none, an old one, or the one whose gaps this worker just met (in the tail of a
+        # large run, hundreds of shards finish a minute)
+        if not self.book.take_refresh(found):
+            self.deferred += 1
+            return (self.book.published() if found.summary_at is not None else None) or set()
+        try:
+            self.done_listings += 1
+            done = self.book.finished()
+            if 0 < len(done) < self.shards:  # nothing to tell (a new run), or a finished run
+                self.book.publish(done)      # (a rerun): left as it is, no write
+        finally:
+            self.book.end_refresh()
         return done
 
     def _refresh(self) -> bool:

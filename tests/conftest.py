@@ -18,12 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` (a minute or more) first: with ``-n 2`` the last minutes of a
-    run are then short tests on both workers, not one long test on one of them."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

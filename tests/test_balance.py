@@ -64,11 +64,12 @@ def wait_for_outputs(out: Path, n: int, timeout: float = 120) -> None:
 
 
 def leases(out: Path, m: Manifest, folder: str = "leases") -> list[str]:
-    """The lease folder's objects (the local store's hidden lock files and the published list
-    of finished shards, ``finished.json``, left out); ``done``: the finished shards' markers."""
+    """The lease folder's objects (the local store's hidden lock files, the published list
+    of finished shards, ``finished.json``, and the marker of a worker publishing it left out);
+    ``done``: the finished shards' markers."""
     path = out / RunPaths(m.run_id).prefix / folder
-    return sorted((p.name for p in path.iterdir()
-                   if not p.name.startswith(".") and p.name != "finished.json"),
+    return sorted((p.name for p in path.iterdir() if not p.name.startswith(".")
+                   and p.name not in ("finished.json", "finished.refresh")),
                   key=lambda n: (len(n), n))
 
 

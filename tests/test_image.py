@@ -91,7 +91,6 @@ def report(s3_client, bucket: str, job: dict, index: int) -> dict | None:
     return json.loads(body.read())
 
 
-@pytest.mark.slow
 def test_every_index_runs_in_its_pod_and_a_second_run_rewrites_nothing(
         image, pods, bucket, s3_client, s3_endpoint, capsys):
     """Leases (the default: moto honours conditional writes): two worker pods claim the two
@@ -218,7 +217,6 @@ def test_a_memory_limit_too_small_kills_the_pod_and_leaves_nothing_half_written(
         Image.open(io.BytesIO(data)).load()
 
 
-@pytest.mark.slow
 def test_compile_works_in_the_cpu_image_on_a_tiny_model(image, pods, bucket, s3_client,
                                                         s3_endpoint, tmp_path):
     """-O compile=true in a pod: inductor builds its C++ kernels with the image's compiler

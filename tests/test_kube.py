@@ -249,7 +249,6 @@ def test_submit_refuses_local_paths(tmp_path):
     assert result.returncode == 78 and "pods cannot read local paths" in result.stderr
 
 
-@pytest.mark.slow
 def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_client, fake_api):
     result = cli(*submit_args(s3_data, "--parallelism", "3"), check=True)
     [(ns, name)] = list(fake_api.jobs)

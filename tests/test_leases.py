@@ -14,6 +14,7 @@ from fault_proxy import FaultProxy
 
 from relit_k8s.errors import WriteConflict
 from relit_k8s.leases import (
+    MISSES_BEFORE_LISTING,
     Claim,
     Claimer,
     FinishedSummary,
@@ -191,6 +192,37 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     assert listed.count("done") == 1 and idle.done_listings == 1 and idle.summaries >= 1
 
 
+def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_summary(store_uri):
+    """Workers that need the full picture when the summary is old: the one that creates
+    ``finished.refresh`` lists ``done/`` and publishes; the others do not list at once but go
+    on with the last summary, whose gaps cost a check each, never a shard skipped or done
+    twice. A marker left by a worker that died is taken over after half a lease."""
+    store = open_storage(store_uri)
+    book = LeaseBook(store, "relit-g", seconds=4.0)
+    for shard in (0, 1):
+        book.finish(book.try_claim(shard))
+    first = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=0, workers=2)
+    assert first.state()[0] >= {0, 1} and first.done_listings == 1
+    assert not store.exists("_relit/relit-g/leases/finished.refresh")  # ended with the listing
+    for shard in (2, 3):  # finished after the summary; leases/ shows 3.done, not 2
+        book.finish(book.try_claim(shard))
+    time.sleep(3.1)  # the summary is older than half a lease (S3 times are to the second)
+    lister = LeaseBook(store, "relit-g", seconds=4.0)
+    assert lister.take_refresh(lister.leases())  # another worker is listing done/ now
+    assert not LeaseBook(store, "relit-g", seconds=4.0).take_refresh(lister.leases())
+    waiting = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=1, workers=2)
+    assert waiting.state()[0] == {0, 1, 3}
+    assert (waiting.done_listings, waiting.deferred) == (0, 1)
+    got = waiting.next()  # 2 is checked (finished: a miss), 4 claimed
+    assert got is not None and got.shard == 4 and waiting.claims == 1
+    waiting.book.finish(got)
+    time.sleep(3.1)  # the lister died: its marker is older than half a lease
+    last = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=0, workers=2)
+    assert last.state()[0] == {0, 1, 2, 3, 4} and last.done_listings == 1
+    assert last.next() is None
+    assert not store.exists("_relit/relit-g/leases/finished.refresh")
+
+
 def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ago(store_uri):
     """Workers that need the full picture at about the same time (all out of their own shards
     at once) list ``done/`` (one object per finished shard) once between them: the first
@@ -208,6 +240,9 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     assert store.exists("_relit/relit-f/leases/finished.json")
     second = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert second.state()[0] >= {0, 1, 2, 5} and (second.done_listings, second.summaries) == (0, 1)
+    second._misses = MISSES_BEFORE_LISTING  # its candidates were finished: the summary it
+    second.state()  # read lacks shards, and reading it again would not help: it lists done/
+    assert (second.done_listings, second.summaries) == (1, 1)
     time.sleep(3.1)  # older than half a lease (S3 times are to the second): listed anew
     book.finish(book.try_claim(6))
     third = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
