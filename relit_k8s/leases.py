@@ -238,13 +238,9 @@ class LeaseBook:
         return LeaseListing(done, {s: t for s, t in found.held.items() if s not in done},
                             found.released - done, found.summary_at)
 
-    def finished(self, publish: bool = False) -> set[int]:
-        """The finished shards (one listing of ``done/``); ``publish``: write them to
-        ``finished.json`` too, for the other workers."""
-        done = {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
-        if publish:
-            self.publish(done)
-        return done
+    def finished(self) -> set[int]:
+        """The finished shards (one listing of ``done/``)."""
+        return {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
 
     def publish(self, done: set[int]) -> None:
         """Write ``finished.json`` for the other workers."""
@@ -345,10 +341,17 @@ class LeaseBook:
         shard may well be finished (another worker's, listed a while ago): its ``done/``
         marker is checked first, so that a shard found finished costs one request, not a
         create, a check and a delete."""
+        claim = self._try_claim(shard, faster_than, held, check_first)
+        if released and (claim is not None or shard in self.seen_done):
+            self.storage.delete(self.free_key(shard))
+        return claim
+
+    def _try_claim(self, shard: int, faster_than: float | None, held: bool,
+                   check_first: bool) -> Claim | None:
+        """:meth:`try_claim` but for the ``.free`` marker; a shard found finished is added to
+        :attr:`seen_done`."""
         if check_first and not held and self.is_done(shard):
             self.seen_done.add(shard)
-            if released:
-                self.storage.delete(self.free_key(shard))
             return None
         claim = None if held else self._create(shard)
         if claim is None:
@@ -370,11 +373,7 @@ class LeaseBook:
         if claim is not None and self.is_done(shard):  # finished while we looked
             self.seen_done.add(shard)
             self.storage.delete(self.key(shard))  # gone without a .free marker: finished
-            if released:
-                self.storage.delete(self.free_key(shard))
             return None
-        if claim is not None and released:
-            self.storage.delete(self.free_key(shard))
         return claim
 
     def _create(self, shard: int) -> Claim | None:

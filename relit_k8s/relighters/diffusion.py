@@ -229,9 +229,11 @@ class DiffusionRelighter(Relighter):
         #: where the weights were read from: "model" (the folder), or "cache"
         #: (:meth:`_weights_cache_path`)
         self.weights_from = "model"
-        written = self._read_weights(diffusers, path, lap)
-        if not written:
-            lap("read_weights")
+        cache = self._read_weights(diffusers, path)
+        lap("read_weights")
+        if cache is not None:
+            self._write_cache(cache)
+            lap("write_cache")
         self._place()
         lap("to_device")
         #: Pad batches to a multiple of 8 seeds and decode chunks to DECODE_CHUNK (compiled
@@ -249,11 +251,11 @@ class DiffusionRelighter(Relighter):
             self._compile()
         self.load_seconds = time.monotonic() - timer.started  # compiling happens at the first call
 
-    def _read_weights(self, diffusers, path: Path, lap) -> bool:
+    def _read_weights(self, diffusers, path: Path) -> Path | None:
         """The UNet, ControlNet, VAE (or its new decoder), scheduler and text embeddings of the
         model directory, in :attr:`dtype`: the modules from the weights cache where an earlier
-        worker kept them, else from the folder (on the CPU; then kept for the next worker).
-        True when it wrote the cache (its phases then timed: read_weights, write_cache)."""
+        worker kept them, else from the folder (on the CPU). Returns the weights cache to
+        write for the next worker, when they came from the folder and are to be cached."""
         o = self.options
         vae_dir = path / ("vae_new_decoder" if o.new_decoder else "vae")
         if o.new_decoder and not vae_dir.is_dir():
@@ -277,21 +279,21 @@ class DiffusionRelighter(Relighter):
         modules = self._from_cache(cache, folders) if cache is not None else None
         if modules is not None:
             self.unet, self.controlnet, self.vae = modules
-            return False
+            return None
         load = {"torch_dtype": self.dtype}
         self.unet, self.controlnet, self.vae = (
             cls.from_pretrained(folder, **load) for cls, folder in folders.values())
-        if cache is None:
-            return False
-        lap("read_weights")
+        return cache
+
+    def _write_cache(self, cache: Path) -> None:
+        """The three modules' weights as read (in the serving dtype), prefixed with their
+        names, for the later workers of the node."""
         tensors = {f"{name}.{k}": v for name, module in
-                   zip(folders, (self.unet, self.controlnet, self.vae), strict=True)
+                   (("unet", self.unet), ("controlnet", self.controlnet), ("vae", self.vae))
                    for k, v in module.state_dict().items()}
         if not write_cached_tensors(cache, tensors):
             log.warning("could not write the weights cache %s: later workers read the model "
                         "folder again", cache)
-        lap("write_cache")
-        return True
 
     def _weights_cache_path(self, path: Path, vae_dir: Path) -> Path | None:
         """``<cache_dir>/diffusion/<model>-<dtype>-<key>.safetensors``: the UNet, ControlNet
