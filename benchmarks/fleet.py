@@ -22,7 +22,10 @@ worker.
 
 ideal = total work / total worker speed. Printed per row, side by side: makespan / ideal for
 both, units lost (must be 0), units processed twice (with leases only after a steal, and their
-outputs byte-identical), claims per second the store sustained, and S3 requests.
+outputs byte-identical), claims per second the store sustained, S3 requests and their latency
+(over the row, and in its tail: from 90% of the ideal makespan on), and the share of
+the workers' time spent waiting for claims (between shards; scaled time makes shards short, the
+store's latency is not scaled: at 16 workers a shard is about 2 s, on a real fleet minutes).
 
 Usage: python benchmarks/fleet.py [--workers 16 64 256] [--out benchmarks/results/fleet_cpu.json]
        python benchmarks/fleet.py --smoke     (a few seconds: the CI's check that it runs)
@@ -98,7 +101,15 @@ class Row:
     twice_not_identical: int = 0
     claims: int = 0
     steals: int = 0
+    #: worker-seconds spent waiting for a claim (from the end of one shard to the start of
+    #: the next, the first included; not the last wait, that ends with nothing left), and
+    #: waiting for the previous shard's bookkeeping (LeaseBook.finish_soon)
+    claiming_s: float = 0.0
+    finishing_s: float = 0.0
     requests: int = 0
+    #: the store's latency per request, ms (median, p90), over the row and from 90% of the
+    #: ideal makespan on (the tail, when most workers are past their own shards)
+    latency_ms: dict = field(default_factory=dict)
     killed: int = 0
     ops: dict = field(default_factory=dict)  # S3 requests by operation
 
@@ -110,6 +121,7 @@ class Row:
         d = self.__dict__.copy()
         d["makespan_over_ideal"] = self.ratio
         d["claims_per_second"] = round(self.claims / self.makespan_s, 2) if self.claims else 0
+        d["claiming_share"] = round(self.claiming_s / (self.workers * self.ideal_s), 3)
         return d
 
 
@@ -174,15 +186,36 @@ class Store:
         self.ops: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.client.meta.events.register("before-call.s3.*", self._count)
+        self.client.meta.events.register("after-call.s3.*", self._timed)
+        self._began = threading.local()  # per worker thread: when its call began
+        self.created = time.monotonic()
+        #: (seconds into the row, seconds the call took, retries included) per request
+        self.calls: list[tuple[float, float]] = []
         self.storage = S3Storage(bucket, "out", client=self.client)
         self.processed: Counter[int] = Counter()
         self.written: set[int] = set()
         self.last_write = 0.0
 
     def _count(self, event_name: str = "", **_):
+        self._began.at = time.monotonic()
         with self._lock:
             self.requests += 1
             self.ops[event_name.rsplit(".", 1)[-1]] += 1
+
+    def _timed(self, **_):
+        end = time.monotonic()
+        with self._lock:
+            self.calls.append((end - self.created, end - self._began.at))
+
+    def latency_ms(self, after: float) -> dict:
+        """The store's latency as the workers saw it (median, 90th percentile), over the row
+        and over its tail (from ``after`` seconds on: every worker past its own shards)."""
+        def pct(xs: list[float]) -> dict:
+            xs = sorted(xs)
+            return {"p50": round(1000 * xs[len(xs) // 2], 1),
+                    "p90": round(1000 * xs[int(len(xs) * 0.9)], 1)} if xs else {}
+        return {"all": pct([d for _, d in self.calls]),
+                "tail": pct([d for t, d in self.calls if t >= after])}
 
     def write(self, unit: int) -> None:
         self.storage.write(f"units/{unit}.bin", expected_bytes(unit))
@@ -268,7 +301,10 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
             book = LeaseBook(store.storage, "fleet", seconds=fleet.lease_seconds)
             claimer = Claimer(book, shards, w, fleet.workers)  # a kill lands mid-unit
             dead, written_items, busy = False, 0, 0.0
+            asked = time.monotonic()
             for claim in claimer:
+                with lock:  # between shards: the worker's GPU would be idle
+                    totals["claiming_s"] += time.monotonic() - asked
                 if claim.lease.stolen_from is not None:
                     with lock:
                         stolen.add(claim.shard)
@@ -305,11 +341,15 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
                     dead = True
                     break
                 if finished:
-                    book.finish(claim)
+                    ended = time.monotonic()
+                    book.finish_soon(claim)  # as the worker does: in the background
+                    with lock:
+                        totals["finishing_s"] += time.monotonic() - ended
                     written_items += progress[1]
                     busy += time.monotonic() - began
                     if written_items:  # items/s, as the lease's rate
                         claimer.own_rate = written_items / busy
+                asked = time.monotonic()
             with lock:
                 totals["claims"] += claimer.claims
                 totals["steals"] += claimer.steals
@@ -326,6 +366,8 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
     row = Row("leases", fleet.workers, shards, fleet.seconds, killed=len(fleet.kills),
               claims=totals["claims"], steals=totals["steals"])
     row.makespan_s = round(store.last_write - start, 2)
+    row.claiming_s, row.finishing_s = (round(totals[k], 1) for k in ("claiming_s",
+                                                                     "finishing_s"))
     twice = [u for u, n in store.processed.items() if n > 1]
     shard_of = {u: s for s in range(shards) for u in fleet.shard_units(shards, s)}
     row.twice_without_steal = sum(1 for u in twice if shard_of[u] not in stolen)
@@ -342,6 +384,11 @@ def check_outputs(fleet: Fleet, store: Store, row: Row) -> None:
     row.twice_not_identical = sum(
         1 for u in twice if store.storage.read(f"units/{u}.bin") != expected_bytes(u))
     row.requests = store.requests
+    row.latency_ms = store.latency_ms(after=0.9 * fleet.seconds)
+
+
+def _ms(pct: dict) -> str:
+    return f"{pct['p50']:.0f}/{pct['p90']:.0f} ms" if pct else "-"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -402,18 +449,20 @@ def main(argv: list[str] | None = None) -> dict:
                       f"lost={row.units_lost} twice={row.units_twice} "
                       f"(without a steal: {row.twice_without_steal}, not identical: "
                       f"{row.twice_not_identical}) claims={row.claims} steals={row.steals} "
-                      f"requests={row.requests}", flush=True)
+                      f"requests={row.requests} claiming={row.as_dict()['claiming_share']:.1%} "
+                      f"of worker time; store latency p50/p90 {_ms(row.latency_ms['all'])}, "
+                      f"in the tail {_ms(row.latency_ms['tail'])}", flush=True)
                 save()
     finally:
         proc.kill()
         proc.wait()
-    print("\n  W   static   leases  (makespan / ideal)   lost  twice  claims/s")
+    print("\n  W   static   leases  (makespan / ideal)   lost  twice  claims/s  claiming")
     for w in ([] if args.only else args.workers):
         s, le = (next(r for r in rows if r.workers == w and r.balance == b)
                  for b in ("static", "leases"))
         print(f"{w:4d}  {s.ratio:6.3f}   {le.ratio:6.3f}   {' ' * 19}"
               f"{s.units_lost + le.units_lost:4d}  {le.units_twice:5d}  "
-              f"{le.as_dict()['claims_per_second']:8.2f}")
+              f"{le.as_dict()['claims_per_second']:8.2f}  {le.as_dict()['claiming_share']:8.1%}")
     return result
 
 

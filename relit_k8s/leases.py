@@ -15,9 +15,10 @@ Under ``<output>/_relit/<run>/leases/``:
   lease, so that another claims the shard at once (and deletes the marker).
 * ``finished.json``: the finished shards as a worker last listed them in ``done/``, published
   for the others: a worker that needs the full picture reads it (one request) when the
-  listing of ``leases/`` shows it younger than half the lease time, and lists ``done/`` (one
-  request per 1,000 shards) and publishes it otherwise. A summary only ever names shards whose
-  ``done/`` marker exists, so a stale one costs a wasted check, never a skipped shard.
+  listing of ``leases/`` shows it younger than a poll interval
+  (:attr:`Claimer.summary_seconds`), and lists ``done/`` (one request per 1,000 shards) and
+  publishes it otherwise. A summary only ever names shards whose ``done/`` marker exists, so
+  a stale one costs a wasted check, never a skipped shard.
 * ``finished.refresh``: a worker is listing ``done/`` to publish ``finished.json`` (a
   create-only write: of the workers that need the full picture at one moment, one lists and
   the others go on with the last summary, instead of all listing every finished shard at once).
@@ -48,6 +49,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -197,6 +199,9 @@ class LeaseBook:
         #: shards this book saw finished: by its owner, or when a claim found them finished
         self.seen_done: set[int] = set()
         self._recent: int | None = None  # the shard whose ``leases/<shard>.done`` is left
+        #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
+        self._bookkeeper: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     @property
     def folder(self) -> str:
@@ -414,6 +419,27 @@ class LeaseBook:
             self.storage.delete(self.recent_key(self._recent))
         self._recent = claim.shard
 
+    def finish_soon(self, claim: Claim) -> None:
+        """:meth:`finish` in this book's bookkeeping thread: the worker goes on to claim and
+        run its next shard while the shard's four requests are made (they overlap with work
+        instead of adding to every shard's time: ``benchmarks/fleet.py`` measured 90 ms a
+        shard at 16 workers on moto, a GPU idle between shards). The shard counts as finished
+        for this worker at once (:attr:`seen_done`). Finishes are made one at a time, in
+        order; an error of one is raised by the next call or by :meth:`settle`. Should the
+        process die before it is written, the shard is taken over when its lease goes stale
+        and its outputs, all written, are skipped."""
+        self.settle()
+        self.seen_done.add(claim.shard)
+        if self._bookkeeper is None:
+            self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="relit-lease")
+        self._pending = self._bookkeeper.submit(self.finish, claim)
+
+    def settle(self) -> None:
+        """Wait for the last :meth:`finish_soon`; raise its error, if it had one."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def recent_key(self, shard: int) -> str:
         return f"{self.folder}/{shard}.done"
 
@@ -507,8 +533,8 @@ class Claimer:
         return self._done, self._held
 
     def _finished(self, found: LeaseListing, missed: bool = False) -> set[int]:
-        """The finished shards: as another worker listed them less than half a lease time
-        ago (``finished.json``, one request; S3 times are to the second; after ``missed``:
+        """The finished shards: as another worker listed them less than
+        :attr:`summary_seconds` ago (``finished.json``, one request; after ``missed``:
         not the summary this worker read last, which lacked them), else as this worker
         lists them in ``done/`` (and publishes them); but while another worker is doing that
         (``finished.refresh``), as it last published them, or none: a summary only ever names
@@ -518,7 +544,7 @@ class Claimer:
         (at 256 workers, 8 pages each: a moto server saturated for minutes)."""
         lacking = missed and found.summary_at == self._summary_used
         if found.summary_at is not None and not lacking and \
-                datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.book.seconds / 2):
+                datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.summary_seconds):
             published = self.book.published()
             if published is not None:
                 self.summaries += 1
@@ -531,12 +557,23 @@ class Claimer:
             return (self.book.published() if found.summary_at is not None else None) or set()
         try:
             self.done_listings += 1
+            self.book.settle()  # its own last shard is in the listing it publishes
             done = self.book.finished()
             if 0 < len(done) < self.shards:  # nothing to tell (a new run), or a finished run
                 self.book.publish(done)      # (a rerun): left as it is, no write
         finally:
             self.book.end_refresh()
         return done
+
+    @property
+    def summary_seconds(self) -> float:
+        """How long ``finished.json`` is taken as it is: ``poll`` seconds (2 at least: S3
+        times are to the second), half a lease time at most. In the tail of a large run
+        hundreds of shards finish a minute: an idle worker whose summary is older checks shard
+        after finished shard (at 256 workers, a summary half a lease old made half of the
+        idle workers' candidates finished ones, and their checks saturated the store); one
+        worker at a time lists ``done/`` anew instead (``finished.refresh``)."""
+        return max(2.0, min(self.book.seconds / 2, self.poll))
 
     def _refresh(self) -> bool:
         """List the candidates again; False when every shard is finished."""
@@ -582,6 +619,7 @@ class Claimer:
         while not self.stop.is_set():
             fresh = not self._candidates
             if fresh and not self._refresh():
+                self.book.settle()  # this worker's last finish is written before it leaves
                 return None
             while self._candidates and not self.stop.is_set():
                 shard = self._candidates.popleft()
@@ -618,6 +656,7 @@ class Claimer:
                     break
             if fresh:  # nothing to take now: others hold every unfinished shard
                 self.stop.wait(self._idle_wait() * self._rng.uniform(0.75, 1.25))
+        self.book.settle()
         return None
 
     def __iter__(self) -> Iterator[Claim]:

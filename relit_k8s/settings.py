@@ -57,8 +57,8 @@ class WorkerSettings(BaseModel):
         "heartbeat renews it every third of this")
     lease_poll: float | None = Field(
         None, gt=0, description="balance leases: seconds a worker waits before it looks again "
-        "when every unfinished shard is held by another (default: a sixth of lease_seconds, "
-        "at most 10)")
+        "when every unfinished shard is held by another, and how long the published list of "
+        "finished shards is taken as it is (default: a sixth of lease_seconds, at most 10)")
     workers: int = Field(
         1, ge=1, description="balance leases: the workers of the run, for the order in which "
         "worker i claims shards (its own, i, i+workers, ..., first); the Job sets it")

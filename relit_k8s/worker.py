@@ -426,8 +426,8 @@ class ShardRunner:
         if report.book is None or report.claim is None or report.lost.is_set():
             return
         try:
-            if done:
-                report.book.finish(report.claim)
+            if done:  # written while the worker claims its next shard
+                report.book.finish_soon(report.claim)
             else:
                 report.book.release(report.claim)
         except RelitError as e:  # a lease left behind goes stale and is taken later

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from fault_proxy import FaultProxy
 
-from relit_k8s.errors import WriteConflict
+from relit_k8s.errors import StorageError, WriteConflict
 from relit_k8s.leases import (
     MISSES_BEFORE_LISTING,
     Claim,
@@ -142,13 +142,15 @@ def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_al
     """A dead holder's shard is taken as soon as its lease is stale, before the free shards
     (taken at the end of the run instead, it would make the tail); a live lease is left."""
     store = open_storage(store_uri)
-    dead = LeaseBook(store, "relit-s", seconds=0.5)
+    # a lease of 3 s: the live lease must stay live (S3 times are to the second) while the
+    # thief makes its claims on a loaded CI machine (with 0.5 s it went stale there)
+    dead = LeaseBook(store, "relit-s", seconds=3.0)
     for shard in (0, 2):
         dead.try_claim(shard)  # a worker that then died
-    time.sleep(0.6)
-    live = LeaseBook(store, "relit-s", seconds=0.5)
+    time.sleep(3.1)
+    live = LeaseBook(store, "relit-s", seconds=3.0)
     live.try_claim(3)  # a live worker's lease, just written
-    thief = Claimer(LeaseBook(store, "relit-s", seconds=0.5), shards=5, index=0, workers=1,
+    thief = Claimer(LeaseBook(store, "relit-s", seconds=3.0), shards=5, index=0, workers=1,
                     poll=0.05)
     taken = [thief.next().shard for _ in range(4)]
     assert sorted(taken[:2]) == [0, 2] and taken[2:] == [1, 4]  # the stale ones first
@@ -188,7 +190,7 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     busy.finish(held.pop(3))
     assert idle.next() is None  # every shard finished: seen without listing done/, and
     # checked before it stops, with the finished shards its first look listed and published
-    # (leases/finished.json, younger than half a lease) and a check of each one not in there
+    # (leases/finished.json, younger than a poll) and a check of each one not in there
     assert listed.count("done") == 1 and idle.done_listings == 1 and idle.summaries >= 1
 
 
@@ -206,7 +208,7 @@ def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_sum
     assert not store.exists("_relit/relit-g/leases/finished.refresh")  # ended with the listing
     for shard in (2, 3):  # finished after the summary; leases/ shows 3.done, not 2
         book.finish(book.try_claim(shard))
-    time.sleep(3.1)  # the summary is older than half a lease (S3 times are to the second)
+    time.sleep(3.1)  # the summary is old (over 2 s, the least; S3 times are to the second)
     lister = LeaseBook(store, "relit-g", seconds=4.0)
     assert lister.take_refresh(lister.leases())  # another worker is listing done/ now
     assert not LeaseBook(store, "relit-g", seconds=4.0).take_refresh(lister.leases())
@@ -226,8 +228,8 @@ def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_sum
 def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ago(store_uri):
     """Workers that need the full picture at about the same time (all out of their own shards
     at once) list ``done/`` (one object per finished shard) once between them: the first
-    publishes ``leases/finished.json``, the others read it while it is younger than half a
-    lease. An old or unreadable one is listed anew. It only ever names finished shards."""
+    publishes ``leases/finished.json``, the others read it while it is younger than a poll
+    interval (2 s at least). An old or unreadable one is listed anew. It only ever names finished shards."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-f", seconds=4.0)
     fresh = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=0, workers=2)
@@ -243,7 +245,7 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     second._misses = MISSES_BEFORE_LISTING  # its candidates were finished: the summary it
     second.state()  # read lacks shards, and reading it again would not help: it lists done/
     assert (second.done_listings, second.summaries) == (1, 1)
-    time.sleep(3.1)  # older than half a lease (S3 times are to the second): listed anew
+    time.sleep(3.1)  # older than 2 s (S3 times are to the second): listed anew
     book.finish(book.try_claim(6))
     third = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert 6 in third.state()[0] and (third.done_listings, third.summaries) == (1, 0)
@@ -330,3 +332,78 @@ def test_a_lease_deleted_by_hand_leaves_no_shard_undone(tmp_path):
     busy.finish(held[1])
     waiting.join(10)
     assert not waiting.is_alive() and got[0] is not None and got[0].shard == 0
+
+
+class DoneHeldBack(LocalStorage):
+    """A local folder whose ``done/`` markers are written only once ``go`` is set (or fail
+    with ``fault`` then): a slow store, seen from a worker's bookkeeping thread."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.go = threading.Event()
+        self.fault: Exception | None = None
+
+    def create(self, key: str, data: bytes) -> str:
+        if "/done/" in key:
+            assert self.go.wait(10)
+            if self.fault is not None:
+                raise self.fault
+        return super().create(key, data)
+
+
+def test_a_finished_shard_is_recorded_while_the_worker_claims_and_runs_its_next(tmp_path):
+    """``finish_soon``: the worker does not wait for a finished shard's requests; they are
+    made in order, the worker's last one before it leaves; an error of one is raised by the
+    next call, and the shard's lease is left to go stale (taken over, never lost)."""
+    store = DoneHeldBack(tmp_path / "out")
+    claimer = Claimer(LeaseBook(store, "relit-b"), shards=3, index=0, workers=1, poll=0.05)
+    first = claimer.next()
+    claimer.book.finish_soon(first)  # returns while done/0 is not written yet
+    second = claimer.next()
+    assert (first.shard, second.shard) == (0, 1)
+    assert not store.exists("_relit/relit-b/done/0")
+    assert store.exists("_relit/relit-b/leases/0.json")  # held until done/0 is written
+    store.go.set()
+    claimer.book.finish_soon(second)  # after the first, in order
+    assert store.exists("_relit/relit-b/done/0")
+    third = claimer.next()
+    claimer.book.settle()  # done/1 written
+    assert store.exists("_relit/relit-b/done/1")
+    store.go.clear()
+    claimer.book.finish_soon(third)
+    releaser = threading.Timer(0.3, store.go.set)
+    releaser.start()
+    assert claimer.next() is None  # every shard finished, its last one written first
+    assert [store.exists(f"_relit/relit-b/done/{s}") for s in range(3)] == [True] * 3
+    assert not [n for n in store.list_names("_relit/relit-b/leases") if n[0].isdigit() and
+                n.endswith(".json")]  # no shard's lease is left
+
+    book = LeaseBook(store, "relit-c")
+    store.fault = StorageError("disk full")
+    book.finish_soon(book.try_claim(0))
+    with pytest.raises(StorageError, match="disk full"):
+        book.finish_soon(book.try_claim(1))
+    assert book.read(0) is not None and book.read(1) is not None  # neither marked finished
+    book.settle()  # the error was raised once
+
+
+def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_lease(tmp_path):
+    """In the tail of a large run hundreds of shards finish a minute: a summary kept for half a
+    lease (30 s) made idle workers check shard after finished shard; it is listed anew once it
+    is older than the poll interval."""
+    store = LocalStorage(tmp_path / "out")
+    book = LeaseBook(store, "relit-p", seconds=60)
+    for shard in (0, 1):
+        book.finish(book.try_claim(shard))
+    first = Claimer(LeaseBook(store, "relit-p", seconds=60), shards=4, index=0, workers=2,
+                    poll=2.0)
+    assert first.state()[0] == {0, 1} and first.done_listings == 1  # and published it
+    book.finish(book.try_claim(2))
+    soon = Claimer(LeaseBook(store, "relit-p", seconds=60), shards=4, index=1, workers=2,
+                   poll=2.0)
+    assert (soon.state()[0], soon.summaries, soon.done_listings) == ({0, 1, 2}, 1, 0)
+    time.sleep(2.2)  # older than the poll interval, far younger than half a lease
+    book.finish(book.try_claim(3))
+    later = Claimer(LeaseBook(store, "relit-p", seconds=60), shards=4, index=1, workers=2,
+                    poll=2.0)
+    assert (later.state()[0], later.summaries, later.done_listings) == ({0, 1, 2, 3}, 0, 1)
