@@ -229,7 +229,8 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     """Workers that need the full picture at about the same time (all out of their own shards
     at once) list ``done/`` (one object per finished shard) once between them: the first
     publishes ``leases/finished.json``, the others read it while it is younger than a poll
-    interval (2 s at least). An old or unreadable one is listed anew. It only ever names finished shards."""
+    interval (2 s at least). An old or unreadable one is listed anew. It only ever names
+    finished shards."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-f", seconds=4.0)
     fresh = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=0, workers=2)
