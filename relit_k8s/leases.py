@@ -46,6 +46,7 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -133,6 +134,12 @@ MISSES_BEFORE_LISTING = 16
 COLLISIONS_BEFORE_LISTING = 4
 #: About how many idle workers of a run look at the store per poll interval, together.
 IDLE_POLLERS = 8
+#: A worker claims its next shard this many claims' time before its current one ends
+#: (:meth:`Claimer.near_end`), and at least this many seconds before.
+AHEAD_CLAIMS = 4
+AHEAD_MIN_SECONDS = 0.5
+#: What a round of claiming ended with (:meth:`Claimer._round`).
+_CLAIMED, _FINISHED, _IDLE, _RELIST = "claimed", "finished", "idle", "relist"
 #: An idle worker takes a live worker's shard over only when that worker would need more than
 #: this many times as long as the idle one to finish it (a 3x slower node: yes; noise: no).
 TAKEOVER_FACTOR = 2.0
@@ -202,6 +209,9 @@ class LeaseBook:
         #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
         self._bookkeeper: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        #: guards ``_pending``: a claim made ahead (:meth:`Claimer.claim_ahead`) may settle from
+        #: its thread while the worker's thread hands its finished shard over
+        self._pending_lock = threading.Lock()
 
     @property
     def folder(self) -> str:
@@ -430,13 +440,16 @@ class LeaseBook:
         and its outputs, all written, are skipped."""
         self.settle()
         self.seen_done.add(claim.shard)
-        if self._bookkeeper is None:
-            self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="relit-lease")
-        self._pending = self._bookkeeper.submit(self.finish, claim)
+        with self._pending_lock:
+            if self._bookkeeper is None:
+                self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="relit-lease")
+            self._pending = self._bookkeeper.submit(self.finish, claim)
 
     def settle(self) -> None:
-        """Wait for the last :meth:`finish_soon`; raise its error, if it had one."""
-        pending, self._pending = self._pending, None
+        """Wait for the last :meth:`finish_soon`; raise its error, if it had one (in the
+        thread that settles first, once)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 
@@ -511,6 +524,14 @@ class Claimer:
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
         self.deferred = 0
         self._summary_used: datetime | None = None  # when the summary it last read was written
+        #: the shard the worker runs while a claim is made ahead (not a candidate of it)
+        self._current: int | None = None
+        #: a claim made ahead (:meth:`claim_ahead`), in its thread
+        self._ahead: Future | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._ahead_lock = threading.Lock()
+        #: seconds a claim took of late (moving average), from the look to the lease written
+        self.claim_seconds = AHEAD_MIN_SECONDS / AHEAD_CLAIMS
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as listed now:
@@ -552,7 +573,12 @@ class Claimer:
                 return published
         # none, an old one, or the one whose gaps this worker just met (in the tail of a
         # large run, hundreds of shards finish a minute)
-        if not self.book.take_refresh(found):
+        # An empty leases/ is a run nobody has finished a shard of yet (each worker's last
+        # finished shard leaves its .done marker there): its done/ is empty, listed without
+        # the marker (two requests fewer for each of the workers starting at once).
+        begun = bool(found.held or found.done or found.released or found.summary_at
+                     or found.refresh_at)
+        if begun and not self.book.take_refresh(found):
             self.deferred += 1
             return (self.book.published() if found.summary_at is not None else None) or set()
         try:
@@ -562,7 +588,8 @@ class Claimer:
             if 0 < len(done) < self.shards:  # nothing to tell (a new run), or a finished run
                 self.book.publish(done)      # (a rerun): left as it is, no write
         finally:
-            self.book.end_refresh()
+            if begun:
+                self.book.end_refresh()
         return done
 
     @property
@@ -587,10 +614,12 @@ class Claimer:
         if len(done) >= self.shards:
             return False
         old = datetime.now(UTC) - timedelta(seconds=self.book.seconds)
-        free = [s for s in self.order if s not in done and s not in held]
-        stale = [s for s in self.order if s not in done and s in held and held[s] < old]
+        mine = {self._current}  # held by this worker: not a candidate (of a claim ahead)
+        free = [s for s in self.order if s not in done and s not in held and s not in mine]
+        stale = [s for s in self.order if s not in done and s in held and held[s] < old
+                 and s not in mine]
         if not free and not stale:
-            live = [s for s in self.order if s not in done and s in held]
+            live = [s for s in self.order if s not in done and s in held and s not in mine]
             if isinstance(self.book.storage, LocalStorage) or first:
                 # read the live leases too: on a local folder always (reads are cheap),
                 # elsewhere on a worker's first look (a run started again after `kill -9`
@@ -615,49 +644,134 @@ class Claimer:
                    self.poll * max(1.0, idle / IDLE_POLLERS))
 
     def next(self) -> Claim | None:
-        """The next shard this worker holds; None when every shard is finished (or stopped)."""
+        """The next shard this worker holds; None when every shard is finished (or stopped).
+        A claim made ahead (:meth:`claim_ahead`) is taken first."""
+        claim = self._take_ahead()
+        if claim is not None:
+            return self._holding(claim)
+        # the last shard is over (finished, lost, or released after a failure: then it may
+        # be claimed again, by this worker too)
+        self._current = None
         while not self.stop.is_set():
-            fresh = not self._candidates
-            if fresh and not self._refresh():
-                self.book.settle()  # this worker's last finish is written before it leaves
-                return None
-            while self._candidates and not self.stop.is_set():
-                shard = self._candidates.popleft()
-                if not self._beyond_own and shard in self._free and shard not in self._own:
-                    # out of its own shards: what it listed before may be long out of date
-                    # (others finished most of theirs meanwhile): list in full, once
-                    self._beyond_own = True
-                    if not self._full:
-                        self._look_in_full = True
-                        self._candidates.clear()
-                        fresh = False
-                        break
-                claim = self.book.try_claim(shard, faster_than=self.own_rate,
-                                            released=shard in self._released,
-                                            held=shard in self._held,
-                                            check_first=shard not in self._own)
-                if claim is not None:
-                    self.claims += 1
-                    self.steals += claim.lease.stolen_from is not None
-                    return claim
-                if shard in self.book.seen_done:  # finished while this worker looked away
-                    self._misses += 1
-                    if self._misses < MISSES_BEFORE_LISTING:
-                        continue
-                    self._candidates.clear()  # too many: list done/ again
-                    fresh = False
-                    break
-                if shard in self._free:  # it was free when listed: another worker was first
-                    self._collisions += 1
-                    if self._collisions < COLLISIONS_BEFORE_LISTING:
-                        continue
-                    self._candidates.clear()  # too many: the list is out of date
-                    fresh = False
-                    break
-            if fresh:  # nothing to take now: others hold every unfinished shard
+            claim, outcome = self._round()
+            if claim is not None:
+                return self._holding(claim)
+            if outcome == _FINISHED:
+                break
+            if outcome == _IDLE:  # nothing to take now: others hold every unfinished shard
                 self.stop.wait(self._idle_wait() * self._rng.uniform(0.75, 1.25))
-        self.book.settle()
+        self.close()  # this worker's last finish is written before it leaves
         return None
+
+    def _holding(self, claim: Claim) -> Claim:
+        self._current = claim.shard
+        return claim
+
+    def _round(self) -> tuple[Claim | None, str]:
+        """One try: the candidates listed (listing again when there are none left), tried in
+        turn; (the claim, :data:`_CLAIMED`), or (None, why: :data:`_FINISHED`, :data:`_IDLE`
+        when a fresh list had nothing to take, :data:`_RELIST` when the list proved out of
+        date)."""
+        started = time.monotonic()
+        fresh = not self._candidates
+        if fresh and not self._refresh():
+            return None, _FINISHED
+        while self._candidates and not self.stop.is_set():
+            shard = self._candidates.popleft()
+            if not self._beyond_own and shard in self._free and shard not in self._own:
+                # out of its own shards: what it listed before may be long out of date
+                # (others finished most of theirs meanwhile): list in full, once
+                self._beyond_own = True
+                if not self._full:
+                    self._look_in_full = True
+                    self._candidates.clear()
+                    return None, _RELIST
+            claim = self.book.try_claim(shard, faster_than=self.own_rate,
+                                        released=shard in self._released,
+                                        held=shard in self._held,
+                                        check_first=shard not in self._own)
+            if claim is not None:
+                self.claims += 1
+                self.steals += claim.lease.stolen_from is not None
+                self.claim_seconds = 0.8 * self.claim_seconds + \
+                    0.2 * (time.monotonic() - started)
+                return claim, _CLAIMED
+            if shard in self.book.seen_done:  # finished while this worker looked away
+                self._misses += 1
+                if self._misses < MISSES_BEFORE_LISTING:
+                    continue
+                self._candidates.clear()  # too many: list done/ again
+                return None, _RELIST
+            if shard in self._free:  # it was free when listed: another worker was first
+                self._collisions += 1
+                if self._collisions < COLLISIONS_BEFORE_LISTING:
+                    continue
+                self._candidates.clear()  # too many: the list is out of date
+                return None, _RELIST
+        return None, (_IDLE if fresh else _RELIST)
+
+    # --- claiming ahead ----------------------------------------------------------------------
+    @property
+    def lead_seconds(self) -> float:
+        """How long before the end of its shard a worker claims its next one
+        (:meth:`near_end`): :data:`AHEAD_CLAIMS` claims' time, as this worker's claims took
+        of late (a held lease waits that long unused, a sliver of a shard)."""
+        return max(AHEAD_MIN_SECONDS, AHEAD_CLAIMS * self.claim_seconds)
+
+    def near_end(self, seconds_left: float) -> None:
+        """Told by the worker as its shard runs: with ``seconds_left`` under
+        :attr:`lead_seconds`, the next shard is claimed ahead (once per shard)."""
+        if seconds_left <= self.lead_seconds:
+            self.claim_ahead()
+
+    def claim_ahead(self) -> None:
+        """Claim the next shard in a thread of this claimer while the worker finishes its
+        current one, so that the worker goes from shard to shard without waiting for the
+        store (at 16 workers on moto, claims took 7% of the workers' time:
+        ``benchmarks/fleet.py``). One round of :meth:`next` without its idle wait: when there
+        is nothing to take now, :meth:`next` looks again as it would have. Once per shard; a
+        claim made ahead is returned by the next :meth:`next`, or released by :meth:`close`."""
+        with self._ahead_lock:  # told from the worker's write threads
+            if self._ahead is not None or self.stop.is_set():
+                return
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="relit-claim")
+            self._ahead = self._ahead_pool.submit(self._claim_once)
+
+    def _claim_once(self) -> Claim | None:
+        for _ in range(3):  # a list found out of date is made again, at most twice
+            claim, outcome = self._round()
+            if outcome != _RELIST or self.stop.is_set():
+                return claim
+        return None
+
+    def _take_ahead(self) -> Claim | None:
+        """The claim made ahead, if any (its error raised here); released when stopped."""
+        with self._ahead_lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        claim = ahead.result()
+        if claim is not None and self.stop.is_set():
+            self.book.release(claim)
+            return None
+        return claim
+
+    def close(self) -> None:
+        """The worker leaves (a failure, a stop): a claim made ahead is released at once, for
+        another worker to take, and this worker's last finished shard is written."""
+        try:
+            claim = self._take_ahead()
+            if claim is not None:
+                self.book.release(claim)
+        except RelitError as e:  # left to go stale and be taken over
+            log.warning("could not release the shard claimed ahead: %s", e)
+        finally:
+            with self._ahead_lock:
+                pool, self._ahead_pool = self._ahead_pool, None
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self.book.settle()
 
     def __iter__(self) -> Iterator[Claim]:
         while (claim := self.next()) is not None:

@@ -116,22 +116,34 @@ def _claim_shards(runner, wid: int, position: tuple[int, int], events) -> None:
     temporary failure frees the shard and the process claims again after a delay (the same
     shard or another); after ``LOCAL_ATTEMPTS`` of them in a row, or any other failure, the
     process ends, as a pod would."""
+    stop = runner.stop
+    claimer = runner.claimer(*position)  # (its index, the workers) in the claim order
+    try:
+        finished = _run_claimed(runner, claimer, wid, events)
+    finally:
+        claimer.close()  # a shard claimed ahead is released at once
+    if finished is not None and not stop.is_set():
+        runner.log_all_done(claimer, finished)
+
+
+def _run_claimed(runner, claimer, wid: int, events) -> int | None:
+    """The claiming loop of :func:`_claim_shards`: how many shards this process finished,
+    None when it ends on a failure or a stop (its exit code is sent)."""
     from .leases import LeaseLost
 
     stop = runner.stop
-    claimer = runner.claimer(*position)  # (its index, the workers) in the claim order
     finished = 0
     in_a_row = 0
     for claim in claimer:
         events.put(("begin", claim.shard, wid))
         try:
-            runner.run(claim.shard, (claimer.book, claim))
+            runner.run(claim.shard, (claimer.book, claim), claimer.near_end)
         except LeaseLost:
             events.put(("left", claim.shard))  # taken over: another worker finishes it
             continue
         except Stopped as e:
             events.put(("shard", claim.shard, EXIT_SIGTERM, str(e)))
-            return
+            return None
         except BaseException as e:  # noqa: BLE001
             code = exit_code_for(e)
             in_a_row += code == EXIT_TEMPORARY
@@ -141,13 +153,12 @@ def _claim_shards(runner, wid: int, position: tuple[int, int], events) -> None:
                 stop.wait(RETRY_DELAY * 2 ** (in_a_row - 1))
                 continue
             events.put(("shard", claim.shard, code, f"{type(e).__name__}: {e}"))
-            return
+            return None
         in_a_row = 0
         finished += 1
         claimer.own_rate = runner.items_rate()
         events.put(("shard", claim.shard, EXIT_OK, None))
-    if not stop.is_set():
-        runner.log_all_done(claimer, finished)
+    return finished
 
 
 def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: Slot, indexes,

@@ -151,8 +151,13 @@ class _Reporter:
 
     def __init__(self, storage: Storage, key: str, report: ShardReport, interval: float,
                  progress: ProgressFn | None, log_every: float,
-                 lease: tuple[LeaseBook, Claim] | None = None):
+                 lease: tuple[LeaseBook, Claim] | None = None,
+                 near_end: Callable[[float], None] | None = None, batch: int = 1):
         self.storage, self.key, self.report = storage, key, report
+        #: told, as items finish, the seconds left before the shard's last ``batch`` items
+        #: begin (:meth:`Claimer.near_end`: progress comes a batch at a time, so the next
+        #: shard is claimed while the last batch runs, not once it is written)
+        self.near_end, self.batch = near_end, batch
         self.interval, self.progress, self.log_every = interval, progress, log_every
         self.book: LeaseBook | None = lease[0] if lease else None
         self.claim: Claim | None = lease[1] if lease else None
@@ -263,8 +268,13 @@ class _Reporter:
             room = max(0, MAX_FAILURE_RECORDS - len(r.failures))
             r.failures.extend(failures[:room])
             r.failures_dropped += max(0, len(failures) - room)
+            left = r.items_total - r.items_done - r.items_skipped - r.items_failed
+            written = r.items_done
         if self.progress and (done or skipped or failed):
             self.progress(done, skipped, failed)
+        if self.near_end is not None and (written or left <= 0):
+            elapsed = time.monotonic() - self._started  # at the rate of the items written
+            self.near_end(max(0, left - self.batch) * elapsed / written if written else 0.0)
 
     def abandon(self) -> None:
         """The lease was lost: stop the heartbeat and write nothing more."""
@@ -355,11 +365,14 @@ class ShardRunner:
         self._items, self._seconds = 0, 0.0
 
     # --- running -----------------------------------------------------------------------------
-    def run(self, index: int, lease: tuple[LeaseBook, Claim] | None = None) -> ShardReport:
+    def run(self, index: int, lease: tuple[LeaseBook, Claim] | None = None,
+            near_end: Callable[[float], None] | None = None) -> ShardReport:
         """Run shard ``index``; returns its final report. Raises :class:`Stopped` on stop.
 
         ``lease``: the shard's lease (``balance: leases``), renewed by the heartbeat;
         :class:`LeaseLost` when another worker took it (nothing more is written for it).
+        ``near_end``: told the seconds the shard has left as its items finish (the claimer's
+        :meth:`~relit_k8s.leases.Claimer.near_end`: the next shard is claimed ahead).
         """
         m = self.manifest
         units = m.shard_units(index)
@@ -378,6 +391,8 @@ class ShardRunner:
             self.progress,
             self.settings.progress_seconds,
             lease,
+            near_end,
+            self.batch_size,
         )
         self._reporter = report
         report.start()
@@ -448,13 +463,16 @@ class ShardRunner:
         stopped first (its shard's lease is released, for another worker to take at once)."""
         claimer = self.claimer(index, workers)
         finished = 0
-        for claim in claimer:
-            try:
-                self.run(claim.shard, (claimer.book, claim))
-            except LeaseLost:
-                continue  # another worker finishes it
-            finished += 1
-            claimer.own_rate = self.items_rate()
+        try:
+            for claim in claimer:
+                try:
+                    self.run(claim.shard, (claimer.book, claim), claimer.near_end)
+                except LeaseLost:
+                    continue  # another worker finishes it
+                finished += 1
+                claimer.own_rate = self.items_rate()
+        finally:
+            claimer.close()  # a shard claimed ahead is released at once
         if self.stop.is_set():
             raise Stopped("stopped before every shard of the run was finished")
         self.log_all_done(claimer, finished)
