@@ -38,6 +38,8 @@ def _compile_in_a_process(folder: str, go, results) -> None:
     results.put(("aot_compile" in timings, diff))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a compile on 2 busy cores
 def test_two_workers_starting_at_once_compile_once_and_a_broken_package_is_rebuilt(tmp_path):
     ctx = mp.get_context("spawn")
     go, results = ctx.Event(), ctx.Queue()
@@ -78,6 +80,8 @@ def test_a_module_that_cannot_be_compiled_ahead_of_time_is_a_clear_error(tmp_pat
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a compile on 2 busy cores
 def test_compile_aot_equals_eager_and_later_workers_load_instead_of_compiling(tmp_path):
     model = make_model(tmp_path / "m", "tiny")
     other = make_model(tmp_path / "m2", "tiny", seed=1)  # same sizes, other weights

@@ -161,6 +161,7 @@ def test_the_third_party_plugin_runs_through_its_entry_point(tmp_path):
     assert spec["name"] == "tiny" and spec["options"]["strength"] == 0.8
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -65,7 +65,7 @@ def pods(tmp_path):
 
 
 def plan_job(image: str, s3_client, bucket: str, endpoint: str, *flags: str, shards: int = 2,
-             iterations: int = 2, memory: str = "2Gi", grace: int = 30) -> dict:
+             iterations: int = 2, memory: str = "2Gi", grace: int = 30, cpu: str = "1") -> dict:
     """Upload the examples, write the plan (``relit-k8s plan``) and return the Job that
     ``relit-k8s submit`` would create for it (the same run: same flags)."""
     upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
@@ -75,7 +75,7 @@ def plan_job(image: str, s3_client, bucket: str, endpoint: str, *flags: str, sha
                  str(shards), *flags]
     cli("plan", *selection, check=True)
     return json.loads(cli(
-        "submit", *selection, "--image", image, "--gpus-per-pod", "0", "--cpu", "1",
+        "submit", *selection, "--image", image, "--gpus-per-pod", "0", "--cpu", cpu,
         "--memory", memory, "--grace-period", str(grace), "--s3-endpoint", endpoint,
         "--s3-region", "us-east-1", "--image-pull-policy", "Never", "--dry-run", "-o", "json",
         check=True).stdout)
@@ -91,6 +91,7 @@ def report(s3_client, bucket: str, job: dict, index: int) -> dict | None:
     return json.loads(body.read())
 
 
+@pytest.mark.slow
 def test_every_index_runs_in_its_pod_and_a_second_run_rewrites_nothing(
         image, pods, bucket, s3_client, s3_endpoint, capsys):
     """Leases (the default: moto honours conditional writes): two worker pods claim the two
@@ -162,6 +163,7 @@ def test_a_missing_or_tampered_manifest_is_78_and_unreachable_s3_is_75(
     assert s3_outputs(s3_client, bucket) == {}
 
 
+@pytest.mark.slow
 def test_a_pod_stopped_mid_shard_exits_143_in_its_grace_period_and_its_retry_finishes(
         image, pods, bucket, s3_client, s3_endpoint):
     job = plan_job(image, s3_client, bucket, s3_endpoint, shards=1, iterations=50, grace=30)
@@ -217,6 +219,8 @@ def test_a_memory_limit_too_small_kills_the_pod_and_leaves_nothing_half_written(
         Image.open(io.BytesIO(data)).load()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a compile on 2 busy cores
 def test_compile_works_in_the_cpu_image_on_a_tiny_model(image, pods, bucket, s3_client,
                                                         s3_endpoint, tmp_path):
     """-O compile=true in a pod: inductor builds its C++ kernels with the image's compiler
@@ -227,7 +231,8 @@ def test_compile_works_in_the_cpu_image_on_a_tiny_model(image, pods, bucket, s3_
     upload_folder(s3_client, model, bucket, "model")
     job = plan_job(image, s3_client, bucket, s3_endpoint, "--relighter", "diffusion", "-O",
                    f"model=s3://{bucket}/model", "-O", "compile=true", "--img-pattern",
-                   "rocket*", "--ref-pattern", "sky*", shards=1, iterations=1, memory="4Gi")
+                   "rocket*", "--ref-pattern", "sky*", shards=1, iterations=1, memory="4Gi",
+                   cpu="2")  # inductor compiles its kernels in parallel
     pod = pods(job, 0)
     assert pod.run(timeout=900) == 0, pod.logs()[-3000:]
     assert len(s3_outputs(s3_client, bucket)) == 1

@@ -249,6 +249,7 @@ def test_submit_refuses_local_paths(tmp_path):
     assert result.returncode == 78 and "pods cannot read local paths" in result.stderr
 
 
+@pytest.mark.slow
 def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_client, fake_api):
     result = cli(*submit_args(s3_data, "--parallelism", "3"), check=True)
     [(ns, name)] = list(fake_api.jobs)
@@ -342,6 +343,7 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
     assert gone["job"]["state"] == "gone"
 
 
+@pytest.mark.slow
 def test_cluster_errors_are_clear(s3_data, s3_client, fake_api, tmp_path, monkeypatch):
     def written() -> list[str]:
         listing = s3_client.list_objects_v2(Bucket=s3_data, Prefix="out/_relit/")
@@ -676,6 +678,7 @@ def test_submit_active_deadline_sets_a_hard_stop(s3_data):
     assert bad.returncode == 78 and "--active-deadline" in bad.stderr
 
 
+@pytest.mark.slow
 def test_cache_host_path_is_refused_where_pod_security_forbids_it(s3_data, s3_client, fake_api):
     host = ["--cache-host-path", "/var/cache/relit"]
     fake_api.namespace_labels["relit"] = {"pod-security.kubernetes.io/enforce": "restricted"}

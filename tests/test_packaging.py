@@ -17,6 +17,7 @@ from collections import defaultdict
 from importlib.metadata import distributions
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "relit_k8s"
@@ -152,6 +153,7 @@ def test_the_package_is_marked_typed():
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["relit_k8s"]
 
 
+@pytest.mark.slow
 def test_the_package_type_checks():
     # [tool.mypy] in pyproject.toml: the whole package, strict on the plugin API
     # (relighters.base, testing) that third-party relighters build on

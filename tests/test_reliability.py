@@ -212,6 +212,7 @@ def tiny_s3_dataset(client, bucket, n_refs=10) -> None:
         client.put_object(Bucket=bucket, Key=f"refs/r{j:02d}.hdr", Body=hdr)
 
 
+@pytest.mark.slow
 def test_a_few_thousand_items_through_storage_faults_lose_and_duplicate_nothing(
         bucket, s3_client, proxy):
     tiny_s3_dataset(s3_client, bucket)
@@ -234,6 +235,7 @@ def test_a_few_thousand_items_through_storage_faults_lose_and_duplicate_nothing(
     assert sum(r.items_done + r.items_skipped for r in reports) == m.items
 
 
+@pytest.mark.slow
 def test_faults_that_outlast_the_retries_exit_75_and_a_rerun_completes(bucket, s3_client,
                                                                        proxy):
     tiny_s3_dataset(s3_client, bucket, n_refs=4)
@@ -345,6 +347,7 @@ def test_unsafe_s3_keys_are_never_listed(bucket, s3_client):
 
 
 # --- 7. secrets ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_planted_secret_appears_in_no_manifest_job_report_or_log(bucket, s3_client, s3_env,
                                                                    monkeypatch, tmp_path):
     from fake_apiserver import FakeApiServer
@@ -386,6 +389,7 @@ def test_a_planted_secret_appears_in_no_manifest_job_report_or_log(bucket, s3_cl
 
 
 # --- 9. soak (short; `python tests/soak.py --long` by hand) --------------------------------------
+@pytest.mark.slow
 def test_soak_short(s3_endpoint, tmp_path):
     import soak
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import EXAMPLES, cli, s3_outputs, upload_folder
 
 from relit_k8s import images
@@ -11,6 +12,7 @@ from relit_k8s.manifest import pair_seeds
 from relit_k8s.status import collect
 
 
+@pytest.mark.slow
 def test_plan_and_workers_on_s3_for_several_indexes(bucket, s3_client, s3_env):
     upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
     upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
