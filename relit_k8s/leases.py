@@ -778,6 +778,26 @@ class Claimer:
             yield claim
 
 
+class ClaimHooks:
+    """What :meth:`~relit_k8s.worker.ShardRunner.run_claimed` tells its caller (each does
+    nothing here): the local runner turns them into events for its parent, and retries
+    temporary failures."""
+
+    def begin(self, shard: int) -> None:
+        """This worker claimed ``shard`` and starts it."""
+
+    def left(self, shard: int) -> None:
+        """``shard`` is no longer this worker's (taken over, or released to be retried)."""
+
+    def finished(self, shard: int) -> None:
+        """``shard`` is done and marked finished."""
+
+    def retry(self, shard: int, error: BaseException, in_a_row: int) -> float | None:
+        """``shard`` failed (``in_a_row`` failures without a finished shard between them):
+        seconds to wait before claiming again, or None to end with ``error``."""
+        return None
+
+
 def conditional_writes_work(storage: Storage) -> bool:
     """Whether ``storage`` honours create-only writes: one probe object, written twice; the
     second write must lose. Stores that ignore ``If-None-Match`` let it win."""

@@ -28,6 +28,7 @@ from .errors import (
     Stopped,
     exit_code_for,
 )
+from .leases import ClaimHooks
 from .manifest import Manifest
 
 log = logging.getLogger("relit_k8s.local")
@@ -110,55 +111,54 @@ class _QueueLog(logging.Handler):
             pass
 
 
+class _ClaimEvents(ClaimHooks):
+    """``balance: leases`` in a local worker process: the claiming loop's news, sent to the
+    parent; a temporary failure frees the shard and the process claims again after a delay
+    (the same shard or another); after ``LOCAL_ATTEMPTS`` of them in a row, or any other
+    failure, the process ends, as a pod would."""
+
+    def __init__(self, wid: int, events):
+        self.wid, self.events = wid, events
+        self.current: int | None = None  # the shard this process runs
+
+    def begin(self, shard: int) -> None:
+        self.current = shard
+        self.events.put(("begin", shard, self.wid))
+
+    def left(self, shard: int) -> None:
+        self.current = None
+        self.events.put(("left", shard))
+
+    def finished(self, shard: int) -> None:
+        self.current = None
+        self.events.put(("shard", shard, EXIT_OK, None))
+
+    def retry(self, shard: int, error: BaseException, in_a_row: int) -> float | None:
+        if exit_code_for(error) != EXIT_TEMPORARY or in_a_row >= LOCAL_ATTEMPTS:
+            return None
+        self.events.put(("log", logging.WARNING, f"shard {shard}: {error}; retrying"))
+        return RETRY_DELAY * 2 ** (in_a_row - 1)
+
+    def ended(self, error: BaseException) -> None:
+        """The loop ended on ``error``: the current shard's exit code, or the process's when
+        it failed between shards (a claim that could not be made)."""
+        code, what = exit_code_for(error), f"{type(error).__name__}: {error}"
+        if self.current is not None:
+            self.events.put(("shard", self.current, code, str(error) if code == EXIT_SIGTERM
+                             else what))
+        elif code != EXIT_SIGTERM:  # stopped between shards: nothing of its own to say
+            self.events.put(("fatal", self.wid, code, f"worker {self.wid} stopped: {what}"))
+
+
 def _claim_shards(runner, wid: int, position: tuple[int, int], events) -> None:
-    """``balance: leases``: this process claims shards until every shard of the run is
-    finished, here or by any other worker on the same output (pods of a Job included). A
-    temporary failure frees the shard and the process claims again after a delay (the same
-    shard or another); after ``LOCAL_ATTEMPTS`` of them in a row, or any other failure, the
-    process ends, as a pod would."""
-    stop = runner.stop
-    claimer = runner.claimer(*position)  # (its index, the workers) in the claim order
+    """``balance: leases``: this process claims shards (as worker ``position`` = (its index,
+    the workers) in the claim order) until every shard of the run is finished, here or by
+    any other worker on the same output (pods of a Job included)."""
+    hooks = _ClaimEvents(wid, events)
     try:
-        finished = _run_claimed(runner, claimer, wid, events)
-    finally:
-        claimer.close()  # a shard claimed ahead is released at once
-    if finished is not None and not stop.is_set():
-        runner.log_all_done(claimer, finished)
-
-
-def _run_claimed(runner, claimer, wid: int, events) -> int | None:
-    """The claiming loop of :func:`_claim_shards`: how many shards this process finished,
-    None when it ends on a failure or a stop (its exit code is sent)."""
-    from .leases import LeaseLost
-
-    stop = runner.stop
-    finished = 0
-    in_a_row = 0
-    for claim in claimer:
-        events.put(("begin", claim.shard, wid))
-        try:
-            runner.run(claim.shard, (claimer.book, claim), claimer.near_end)
-        except LeaseLost:
-            events.put(("left", claim.shard))  # taken over: another worker finishes it
-            continue
-        except Stopped as e:
-            events.put(("shard", claim.shard, EXIT_SIGTERM, str(e)))
-            return None
-        except BaseException as e:  # noqa: BLE001
-            code = exit_code_for(e)
-            in_a_row += code == EXIT_TEMPORARY
-            if code == EXIT_TEMPORARY and in_a_row < LOCAL_ATTEMPTS and not stop.is_set():
-                events.put(("log", logging.WARNING, f"shard {claim.shard}: {e}; retrying"))
-                events.put(("left", claim.shard))
-                stop.wait(RETRY_DELAY * 2 ** (in_a_row - 1))
-                continue
-            events.put(("shard", claim.shard, code, f"{type(e).__name__}: {e}"))
-            return None
-        in_a_row = 0
-        finished += 1
-        claimer.own_rate = runner.items_rate()
-        events.put(("shard", claim.shard, EXIT_OK, None))
-    return finished
+        runner.run_claimed(*position, hooks=hooks)
+    except BaseException as e:  # noqa: BLE001 - its exit code goes to the parent
+        hooks.ended(e)
 
 
 def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: Slot, indexes,
@@ -188,7 +188,8 @@ def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: S
                               progress=lambda d, s, f: events.put(("progress", d, s, f)),
                               announce_stop=False)  # the parent says it once
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
-        events.put(("fatal", wid, exit_code_for(e), f"{type(e).__name__}: {e}"))
+        events.put(("fatal", wid, exit_code_for(e),
+                    f"worker {wid} could not start: {type(e).__name__}: {e}"))
         return
     if runner.manifest.balance == "leases":
         _claim_shards(runner, wid, claim, events)
@@ -393,7 +394,7 @@ def run_local(
         elif kind == "fatal":
             _, wid, code, msg = event
             codes[-1 - wid] = code
-            messages.append(f"worker {wid} could not start: {msg}")
+            messages.append(msg)
 
     while True:
         try:

@@ -42,7 +42,7 @@ from .errors import (
     exit_code_for,
 )
 from .inputs import InputLoader
-from .leases import Claim, Claimer, LeaseBook, LeaseLost
+from .leases import Claim, Claimer, ClaimHooks, LeaseBook, LeaseLost
 from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now
 from .relighters import Relighter, create
 from .run import Run
@@ -457,20 +457,40 @@ class ShardRunner:
         return Claimer(book, self.manifest.shards, index, workers or self.settings.workers,
                        poll=self.settings.lease_poll, stop=self.stop)
 
-    def run_claimed(self, index: int, workers: int | None = None) -> int:
+    def run_claimed(self, index: int, workers: int | None = None,
+                    hooks: ClaimHooks | None = None) -> int:
         """``balance: leases``: run the shards this worker claims until every shard of the run
         is finished (by it or others); returns how many it finished. :class:`Stopped` when
-        stopped first (its shard's lease is released, for another worker to take at once)."""
+        stopped first (its shard's lease is released, for another worker to take at once).
+
+        A failed shard's error is raised (a pod exits with its code and Kubernetes retries the
+        index) unless ``hooks.retry`` asks for another claim; ``hooks`` also hears each shard
+        begin, end and be left to another worker (the local runner's events)."""
+        hooks = hooks or ClaimHooks()
         claimer = self.claimer(index, workers)
-        finished = 0
+        finished = in_a_row = 0
         try:
             for claim in claimer:
+                hooks.begin(claim.shard)
                 try:
                     self.run(claim.shard, (claimer.book, claim), claimer.near_end)
                 except LeaseLost:
-                    continue  # another worker finishes it
+                    hooks.left(claim.shard)  # another worker finishes it
+                    continue
+                except Stopped:
+                    raise
+                except BaseException as e:
+                    in_a_row += 1
+                    delay = hooks.retry(claim.shard, e, in_a_row)
+                    if delay is None or self.stop.is_set():
+                        raise
+                    hooks.left(claim.shard)  # its lease is free: any worker may take it
+                    self.stop.wait(delay)
+                    continue
+                in_a_row = 0
                 finished += 1
                 claimer.own_rate = self.items_rate()
+                hooks.finished(claim.shard)
         finally:
             claimer.close()  # a shard claimed ahead is released at once
         if self.stop.is_set():

@@ -262,3 +262,35 @@ def test_the_fleet_benchmark_runs_and_loses_nothing(tmp_path):
         assert row["makespan_over_ideal"] > 0
     assert rows[1]["claims"] >= rows[1]["shards"] and rows[1]["steals"] >= 1  # one was killed
     assert "makespan / ideal" in done.stdout
+
+
+def test_a_local_worker_retries_only_temporary_failures_and_says_why_it_ended():
+    import queue
+
+    from relit_k8s.errors import EXIT_CONFIG, EXIT_TEMPORARY, ConfigError, Stopped
+    from relit_k8s.errors import StorageUnavailable as Down
+    from relit_k8s.local import LOCAL_ATTEMPTS, RETRY_DELAY, _ClaimEvents
+
+    events: queue.Queue = queue.Queue()
+    hooks = _ClaimEvents(3, events)
+    hooks.begin(5)
+    # a temporary failure frees the shard and claims again, later each time, a few times
+    assert hooks.retry(5, Down("store down"), 1) == RETRY_DELAY
+    assert hooks.retry(5, Down("store down"), 2) == 2 * RETRY_DELAY
+    assert hooks.retry(5, Down("store down"), LOCAL_ATTEMPTS) is None
+    assert hooks.retry(5, ConfigError("bad option"), 1) is None  # never retried
+    hooks.ended(ConfigError("bad option"))
+    got = [events.get_nowait() for _ in range(events.qsize())]
+    assert got[0] == ("begin", 5, 3)
+    assert got[-1] == ("shard", 5, EXIT_CONFIG, "ConfigError: bad option")
+    # between shards (a claim that could not be made): the process's own failure, not a crash
+    hooks = _ClaimEvents(3, events)
+    hooks.begin(6)
+    hooks.finished(6)
+    hooks.ended(Down("store down"))
+    got = [events.get_nowait() for _ in range(events.qsize())]
+    assert got[-2:] == [("shard", 6, EXIT_OK, None),
+                        ("fatal", 3, EXIT_TEMPORARY, "worker 3 stopped: StorageUnavailable: "
+                         "store down")]
+    hooks.ended(Stopped("stopped"))  # a stop between shards: nothing of its own to say
+    assert events.empty()
