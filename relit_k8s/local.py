@@ -30,6 +30,7 @@ from .errors import (
 )
 from .leases import ClaimHooks
 from .manifest import Manifest
+from .settings import cpu_threads
 
 log = logging.getLogger("relit_k8s.local")
 
@@ -96,7 +97,7 @@ def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) 
     if gpus:
         raise ConfigError("--gpus needs --device cuda")
     n = workers or 1
-    return [Slot("cpu", None, max(1, (os.cpu_count() or 1) // n)) for _ in range(n)]
+    return [Slot("cpu", None, cpu_threads(n)) for _ in range(n)]
 
 
 class _QueueLog(logging.Handler):

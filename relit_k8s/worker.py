@@ -46,7 +46,7 @@ from .leases import Claim, Claimer, ClaimHooks, LeaseBook, LeaseLost
 from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now
 from .relighters import Relighter, create
 from .run import Run
-from .settings import WorkerSettings
+from .settings import WorkerSettings, cpu_threads
 from .storage import Storage, split_uri
 
 log = logging.getLogger("relit_k8s.worker")
@@ -750,6 +750,9 @@ def start(manifest_uri: str, device: str | None = None, index: int | None = None
     the process exits 143), the manifest is read and checked (``index`` against its shards,
     before the model loads), and the relighter is loaded once."""
     settings = WorkerSettings.from_env()
+    # torch's default is every core of the node, whatever the pod's CPU limit: capped here
+    # (one of `relit-k8s run`'s processes has set its share already)
+    torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
     stop = threading.Event()
     runners: list[ShardRunner] = []
     install_stop_handlers(stop, lambda: abandon(runners[0] if runners else None),

@@ -211,6 +211,20 @@ def test_device_flags_are_checked():
             plan_slots("cuda", None, None)
 
 
+def test_cpu_workers_share_the_usable_cpus_and_keep_to_omp_num_threads(monkeypatch):
+    from relit_k8s import settings
+
+    monkeypatch.setattr(settings, "usable_cpus", lambda: 8)  # a pod's limit, or the machine
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert [s.threads for s in plan_slots("cpu", None, 3)] == [2, 2, 2]
+    assert [s.threads for s in plan_slots("cpu", None, 16)] == [1] * 16
+    assert settings.cpu_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's cap is kept
+    assert [s.threads for s in plan_slots("cpu", None, 2)] == [1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a number: ignored
+    assert settings.cpu_threads(2) == 4
+
+
 def test_workers_sharing_a_gpu_know_how_many_share_it(monkeypatch):
     # no GPU here: torch is told there are two (plan_slots only counts them)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
