@@ -112,6 +112,16 @@ class _QueueLog(logging.Handler):
             pass
 
 
+def _retry_delay(events, shard: int, error: BaseException, attempt: int) -> float | None:
+    """A local worker's retry policy, with leases or static shards: seconds to wait before
+    attempt ``attempt + 1`` after a temporary failure (said in the log), doubling each time;
+    None once ``LOCAL_ATTEMPTS`` are spent, or for any other failure."""
+    if exit_code_for(error) != EXIT_TEMPORARY or attempt >= LOCAL_ATTEMPTS:
+        return None
+    events.put(("log", logging.WARNING, f"shard {shard}: {error}; retrying"))
+    return RETRY_DELAY * 2 ** (attempt - 1)
+
+
 class _ClaimEvents(ClaimHooks):
     """``balance: leases`` in a local worker process: the claiming loop's news, sent to the
     parent; a temporary failure frees the shard and the process claims again after a delay
@@ -135,10 +145,7 @@ class _ClaimEvents(ClaimHooks):
         self.events.put(("shard", shard, EXIT_OK, None))
 
     def retry(self, shard: int, error: BaseException, in_a_row: int) -> float | None:
-        if exit_code_for(error) != EXIT_TEMPORARY or in_a_row >= LOCAL_ATTEMPTS:
-            return None
-        self.events.put(("log", logging.WARNING, f"shard {shard}: {error}; retrying"))
-        return RETRY_DELAY * 2 ** (in_a_row - 1)
+        return _retry_delay(self.events, shard, error, in_a_row)
 
     def ended(self, error: BaseException) -> None:
         """The loop ended on ``error``: the current shard's exit code, or the process's when
@@ -213,11 +220,11 @@ def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: S
                 events.put(("shard", index, EXIT_SIGTERM, str(e)))
                 return
             except BaseException as e:  # noqa: BLE001
-                code = exit_code_for(e)
-                if code == EXIT_TEMPORARY and attempt < LOCAL_ATTEMPTS and not stop.is_set():
-                    events.put(("log", logging.WARNING, f"shard {index}: {e}; retrying"))
-                    stop.wait(RETRY_DELAY * 2 ** (attempt - 1))
+                delay = None if stop.is_set() else _retry_delay(events, index, e, attempt)
+                if delay is not None:
+                    stop.wait(delay)
                     continue
+                code = exit_code_for(e)
                 events.put(("shard", index, code, f"{type(e).__name__}: {e}"))
                 if code == EXIT_CONFIG:
                     return

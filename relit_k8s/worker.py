@@ -481,8 +481,8 @@ class ShardRunner:
                     raise
                 except BaseException as e:
                     in_a_row += 1
-                    delay = hooks.retry(claim.shard, e, in_a_row)
-                    if delay is None or self.stop.is_set():
+                    delay = None if self.stop.is_set() else hooks.retry(claim.shard, e, in_a_row)
+                    if delay is None:
                         raise
                     hooks.left(claim.shard)  # its lease is free: any worker may take it
                     self.stop.wait(delay)
