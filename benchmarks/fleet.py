@@ -113,6 +113,11 @@ class Row:
     latency_ms: dict = field(default_factory=dict)
     killed: int = 0
     ops: dict = field(default_factory=dict)  # S3 requests by operation
+    tail_ops: dict = field(default_factory=dict)  # the same, in the tail
+    #: what the claimers did, summed: listings of leases/, of done/, summaries read in place
+    #: of one, summaries brought up to date from the .done markers in place of one, full
+    #: looks deferred to another worker's listing, misses and collisions
+    claimers: dict = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -190,15 +195,22 @@ class Store:
         self.client.meta.events.register("after-call.s3.*", self._timed)
         self._began = threading.local()  # per worker thread: when its call began
         self.created = time.monotonic()
-        #: (seconds into the row, seconds the call took, retries included) per request
-        self.calls: list[tuple[float, float]] = []
+        #: (seconds into the row, seconds the call took (retries included), operation) per
+        #: request
+        self.calls: list[tuple[float, float, str]] = []
         self.storage = S3Storage(bucket, "out", client=self.client)
         self.processed: Counter[int] = Counter()
         self.written: set[int] = set()
         self.last_write = 0.0
 
-    def _count(self, event_name: str = "", **_):
+    def _count(self, event_name: str = "", params: dict | None = None, **_):
+        params = params or {}
         self._began.at = time.monotonic()
+        op = event_name.rsplit(".", 1)[-1]
+        if op == "ListObjectsV2":  # which folder: leases/ or done/ (or the outputs)
+            query = params.get("query_string") or {}
+            op += ":" + str(query.get("prefix", "")).rstrip("/").rsplit("/", 1)[-1]
+        self._began.op = op
         with self._lock:
             self.requests += 1
             self.ops[event_name.rsplit(".", 1)[-1]] += 1
@@ -206,7 +218,7 @@ class Store:
     def _timed(self, **_):
         end = time.monotonic()
         with self._lock:
-            self.calls.append((end - self.created, end - self._began.at))
+            self.calls.append((end - self.created, end - self._began.at, self._began.op))
 
     def latency_ms(self, after: float) -> dict:
         """The store's latency as the workers saw it (median, 90th percentile), over the row
@@ -215,8 +227,13 @@ class Store:
             xs = sorted(xs)
             return {"p50": round(1000 * xs[len(xs) // 2], 1),
                     "p90": round(1000 * xs[int(len(xs) * 0.9)], 1)} if xs else {}
-        return {"all": pct([d for _, d in self.calls]),
-                "tail": pct([d for t, d in self.calls if t >= after])}
+        return {"all": pct([d for _, d, _ in self.calls]),
+                "tail": pct([d for t, d, _ in self.calls if t >= after])}
+
+    def tail_ops(self, after: float, until: float) -> dict:
+        """Requests by operation from ``after`` seconds on to ``until`` (the tail, up to the
+        last output written: not the workers' last looks before they leave)."""
+        return dict(Counter(op for t, _, op in self.calls if after <= t <= until))
 
     def write(self, unit: int) -> None:
         self.storage.write(f"units/{unit}.bin", expected_bytes(unit))
@@ -380,6 +397,9 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
             with lock:
                 totals["claims"] += claimer.claims
                 totals["steals"] += claimer.steals
+                for k in ("listings", "done_listings", "summaries", "updates", "deferred",
+                          "missed", "collided"):
+                    totals[k] += getattr(claimer, k)
             if not dead:
                 return
             time.sleep(fleet.lease_seconds)  # the replacement pod starts, on another node
@@ -392,7 +412,9 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
         t.join()
     row = Row("leases" if ahead else "leases-no-ahead", fleet.workers, shards, fleet.seconds,
               killed=len(fleet.kills),
-              claims=totals["claims"], steals=totals["steals"])
+              claims=totals["claims"], steals=totals["steals"],
+              claimers={k: totals[k] for k in ("listings", "done_listings", "summaries",
+                                                "updates", "deferred", "missed", "collided")})
     row.makespan_s = round(store.last_write - start, 2)
     row.claiming_s, row.finishing_s = (round(totals[k], 1) for k in ("claiming_s",
                                                                      "finishing_s"))
@@ -413,6 +435,8 @@ def check_outputs(fleet: Fleet, store: Store, row: Row) -> None:
         1 for u in twice if store.storage.read(f"units/{u}.bin") != expected_bytes(u))
     row.requests = store.requests
     row.latency_ms = store.latency_ms(after=0.9 * fleet.seconds)
+    row.tail_ops = store.tail_ops(after=0.9 * fleet.seconds,
+                                  until=store.last_write - store.created)
 
 
 def _ms(pct: dict) -> str:
@@ -485,7 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{row.twice_not_identical}) claims={row.claims} steals={row.steals} "
                       f"requests={row.requests} claiming={row.as_dict()['claiming_share']:.1%} "
                       f"of worker time; store latency p50/p90 {_ms(row.latency_ms['all'])}, "
-                      f"in the tail {_ms(row.latency_ms['tail'])}", flush=True)
+                      f"in the tail {_ms(row.latency_ms['tail'])}; in the tail {row.tail_ops}; "
+                      f"claimers {row.claimers}", flush=True)
                 save()
     finally:
         proc.kill()

@@ -9,16 +9,20 @@ Under ``<output>/_relit/<run>/leases/``:
   (``RELIT_LEASE_SECONDS``, default 60) may be stolen: the thief's write is conditional on the
   stale version, so exactly one thief wins, and the old holder's next renewal (or report write)
   fails with :class:`LeaseLost`: it stops working on that shard.
-* ``<shard>.done``: the shard its worker finished last (deleted when that worker finishes its
-  next one), so that workers that list ``leases/`` about once a shard see it finished.
+* ``<shard>.done``: a shard finished a moment ago: its worker keeps the marker of its last
+  finished shard, and of the others it finished less than :attr:`LeaseBook.keep_done` seconds
+  ago (three summary ages), so that workers that list ``leases/`` about once a shard see it
+  finished, and ``finished.json`` is brought up to date from them.
 * ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
   lease, so that another claims the shard at once (and deletes the marker).
-* ``finished.json``: the finished shards as a worker last listed them in ``done/``, published
-  for the others: a worker that needs the full picture reads it (one request) when the
-  listing of ``leases/`` shows it younger than a poll interval
-  (:attr:`Claimer.summary_seconds`), and lists ``done/`` (one request per 1,000 shards) and
-  publishes it otherwise. A summary only ever names shards whose ``done/`` marker exists, so
-  a stale one costs a wasted check, never a skipped shard.
+* ``finished.json``: the finished shards as of a moment (``listed_at``), published for the
+  others: a worker that needs the full picture reads it (one request) when the listing of
+  ``leases/`` shows it younger than a poll interval (:attr:`Claimer.summary_seconds`), and
+  brings it up to date otherwise: from the ``.done`` markers of its listing of ``leases/``
+  when the summary is younger than the markers are kept (every shard finished since is
+  marked there: two requests, whatever the run's size), else by listing ``done/`` (one
+  request per 1,000 shards). A summary only ever names shards whose ``done/`` marker exists,
+  so a stale one costs a wasted check, never a skipped shard.
 * ``finished.refresh``: a worker is listing ``done/`` to publish ``finished.json`` (a
   create-only write: of the workers that need the full picture at one moment, one lists and
   the others go on with the last summary, instead of all listing every finished shard at once).
@@ -106,16 +110,19 @@ class FinishedSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ranges: list[tuple[int, int]]
+    #: every shard finished before this moment is named (the publisher's clock; None in
+    #: summaries written before it was recorded: those are not brought up to date, but listed)
+    listed_at: datetime | None = None
 
     @classmethod
-    def of(cls, shards: set[int]) -> FinishedSummary:
+    def of(cls, shards: set[int], listed_at: datetime | None = None) -> FinishedSummary:
         ranges: list[tuple[int, int]] = []
         for s in sorted(shards):
             if ranges and ranges[-1][1] == s:
                 ranges[-1] = (ranges[-1][0], s + 1)
             else:
                 ranges.append((s, s + 1))
-        return cls(ranges=ranges)
+        return cls(ranges=ranges, listed_at=listed_at)
 
     def shards(self) -> set[int]:
         return {s for first, end in self.ranges for s in range(first, end)}
@@ -159,6 +166,8 @@ class LeaseListing:
     summary_at: datetime | None = None
     #: when a worker began listing ``done/`` to publish it (None: none is)
     refresh_at: datetime | None = None
+    #: when the listing began (this worker's clock)
+    listed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,18 @@ class Claim:
 
 def new_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def default_poll(lease_seconds: float) -> float:
+    """How long an idle worker waits before it looks again, by default: a sixth of the lease
+    time, 10 s at most (``RELIT_LEASE_POLL`` sets it)."""
+    return min(10.0, lease_seconds / 6)
+
+
+def summary_seconds(lease_seconds: float, poll: float) -> float:
+    """How long ``finished.json`` is taken as it is: ``poll`` seconds (2 at least: S3 times
+    are to the second), half a lease time at most (see :attr:`Claimer.summary_seconds`)."""
+    return max(2.0, min(lease_seconds / 2, poll))
 
 
 def own_shards(index: int, workers: int, shards: int) -> range:
@@ -205,7 +226,15 @@ class LeaseBook:
         self.seconds = WorkerSettings.from_env().lease_seconds if seconds is None else seconds
         #: shards this book saw finished: by its owner, or when a claim found them finished
         self.seen_done: set[int] = set()
-        self._recent: int | None = None  # the shard whose ``leases/<shard>.done`` is left
+        #: the shards whose ``leases/<shard>.done`` marker this book left, oldest first, with
+        #: when (monotonic); markers older than ``keep_done`` seconds are deleted as the next
+        #: shard is finished, the last one is kept
+        self._recent: deque[tuple[int, float]] = deque()
+        #: how long this book keeps its ``.done`` markers: three times as long as
+        #: ``finished.json`` is taken as it is, so that a summary that old is brought up to
+        #: date from a listing of ``leases/`` (its :class:`Claimer` sets it from its poll
+        #: interval)
+        self.keep_done = 3 * summary_seconds(self.seconds, default_poll(self.seconds))
         #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
         self._bookkeeper: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -257,9 +286,11 @@ class LeaseBook:
         """The finished shards (one listing of ``done/``)."""
         return {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
 
-    def publish(self, done: set[int]) -> None:
-        """Write ``finished.json`` for the other workers."""
-        self.storage.write(self.summary_key, FinishedSummary.of(done).model_dump_json().encode())
+    def publish(self, done: set[int], listed_at: datetime | None = None) -> None:
+        """Write ``finished.json`` for the other workers: ``done``, every shard finished
+        before ``listed_at``."""
+        self.storage.write(self.summary_key,
+                           FinishedSummary.of(done, listed_at).model_dump_json().encode())
 
     @property
     def summary_key(self) -> str:
@@ -268,9 +299,13 @@ class LeaseBook:
     def published(self) -> set[int] | None:
         """The finished shards as another worker listed them (``finished.json``); None when
         there is none or it does not parse (then the caller lists ``done/``)."""
+        summary = self.summary()
+        return None if summary is None else summary.shards()
+
+    def summary(self) -> FinishedSummary | None:
+        """``finished.json``; None when there is none or it does not parse."""
         try:
-            return FinishedSummary.model_validate_json(
-                self.storage.read(self.summary_key)).shards()
+            return FinishedSummary.model_validate_json(self.storage.read(self.summary_key))
         except NotFoundError:
             return None
         except ValidationError as e:
@@ -283,6 +318,7 @@ class LeaseBook:
         held: dict[int, datetime] = {}
         released: set[int] = set()
         summary_at = refresh_at = None
+        listed_at = datetime.now(UTC)
         for name, modified in self.storage.list_modified(self.folder).items():
             stem, _, ext = name.partition(".")
             if name == SUMMARY:
@@ -297,7 +333,7 @@ class LeaseBook:
                 released.add(int(stem))
             elif ext == "done":  # finished a moment ago
                 done.add(int(stem))
-        return LeaseListing(done, held, released, summary_at, refresh_at)
+        return LeaseListing(done, held, released, summary_at, refresh_at, listed_at)
 
     def take_refresh(self, found: LeaseListing) -> bool:
         """Whether this worker lists ``done/`` for the others now: True when it created the
@@ -415,9 +451,10 @@ class LeaseBook:
 
     def finish(self, claim: Claim) -> None:
         """The shard is finished: mark it done (never claimed again), leave a ``.done``
-        marker in ``leases/`` until this worker finishes its next shard (so that workers that
-        look at ``leases/`` only, about once a shard, see it finished), then drop the lease (a
-        thief's too: it learns at its next renewal that there is nothing left to do)."""
+        marker in ``leases/`` (kept until this worker finishes a shard ``keep_done`` seconds
+        later: workers that look at ``leases/`` only, about once a shard, see it finished, and
+        ``finished.json`` is brought up to date from it), then drop the lease (a thief's too:
+        it learns at its next renewal that there is nothing left to do)."""
         try:
             self.storage.create(self.done_key(claim.shard), b"")
         except WriteConflict:  # a thief finished it too
@@ -425,9 +462,10 @@ class LeaseBook:
         self.seen_done.add(claim.shard)
         self.storage.write(self.recent_key(claim.shard), b"")
         self.storage.delete(self.key(claim.shard))
-        if self._recent is not None:
-            self.storage.delete(self.recent_key(self._recent))
-        self._recent = claim.shard
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][1] > self.keep_done:
+            self.storage.delete(self.recent_key(self._recent.popleft()[0]))
+        self._recent.append((claim.shard, now))
 
     def finish_soon(self, claim: Claim) -> None:
         """:meth:`finish` in this book's bookkeeping thread: the worker goes on to claim and
@@ -497,7 +535,8 @@ class Claimer:
     def __init__(self, book: LeaseBook, shards: int, index: int, workers: int,
                  poll: float | None = None, stop: threading.Event | None = None):
         self.book, self.shards, self.index, self.workers = book, shards, index, workers
-        self.poll = poll if poll is not None else min(10.0, book.seconds / 6)
+        self.poll = poll if poll is not None else default_poll(book.seconds)
+        book.keep_done = 3 * self.summary_seconds  # see LeaseBook.keep_done
         self.stop = stop or threading.Event()
         self.order = list(claim_order(index, workers, shards))
         self._candidates: deque[int] = deque()
@@ -508,6 +547,9 @@ class Claimer:
         self.own_rate: float | None = None
         #: what the listings showed: finished shards, the held and the released ones
         self._done: set[int] = set()
+        #: the finished shards the store showed (summaries, listings, markers, checks), without
+        #: the ones inferred from a lease gone (a lease deleted by hand must not count)
+        self._verified: set[int] = set()
         self._held: dict[int, datetime] = {}
         self._released: set[int] = set()
         #: shards believed free that were found finished since ``done/`` was last listed
@@ -519,10 +561,14 @@ class Claimer:
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
         #: claims made, steals among them, listings of leases/ made, of done/ made,
-        #: finished.json read in place of a listing of done/, and full looks that went on with
-        #: the last summary while another worker listed done/
+        #: finished.json read in place of a listing of done/, brought up to date from the
+        #: ``.done`` markers in place of one, and full looks that went on with the last
+        #: summary while another worker listed done/
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
-        self.deferred = 0
+        self.updates = self.deferred = 0
+        #: shards believed free found finished (misses), or taken by another worker
+        #: (collisions), over this claimer's life
+        self.missed = self.collided = 0
         self._summary_used: datetime | None = None  # when the summary it last read was written
         #: the shard the worker runs while a claim is made ahead (not a candidate of it)
         self._current: int | None = None
@@ -542,16 +588,36 @@ class Claimer:
         self.listings += 1
         found = self.book.leases()
         self._full = self.listings == 1 or self._look_in_full or \
-            self._misses >= MISSES_BEFORE_LISTING
+            self._misses >= MISSES_BEFORE_LISTING or self._summary_due(found)
+        seen = found.done | self.book.seen_done  # finished: markers the store showed
         if self._full:  # what the store says, in place of what was inferred
             missed = self._misses >= MISSES_BEFORE_LISTING
-            self._done = found.done | self._finished(found, missed) | self.book.seen_done
+            # added to what earlier looks found (a shard once finished stays finished): a
+            # look that goes on with an old summary while another worker lists done/ would
+            # otherwise lose what this worker knew, and check finished shards anew (misses,
+            # and sooner still another full look)
+            self._verified |= seen | self._finished(found, missed)
+            self._done = set(self._verified)
             self._misses, self._look_in_full = 0, False
         else:
+            self._verified |= seen
             gone = set(self._held) - set(found.held) - found.released
-            self._done |= found.done | gone | self.book.seen_done
+            self._done |= seen | gone
         self._held, self._released = found.held, found.released
         return self._done, self._held
+
+    def _summary_due(self, found: LeaseListing) -> bool:
+        """Whether this look, past this worker's own shards (in the tail of the run, when
+        workers take full looks), brings ``finished.json`` up to date: it is older than
+        :attr:`summary_seconds` but young enough to be brought up to date from the ``.done``
+        markers (half the time they are kept, by the store's clock; see :meth:`_update`),
+        and nobody is at it. So the summary stays cheap to bring up to date in the tail,
+        instead of growing too old for it between two full looks and being listed anew
+        (at 256 workers, nine pages of ``done/`` each time)."""
+        if not self._beyond_own or found.summary_at is None or found.refresh_at is not None:
+            return False
+        age = (datetime.now(UTC) - found.summary_at).total_seconds()
+        return self.summary_seconds < age <= 0.5 * self.book.keep_done
 
     def _finished(self, found: LeaseListing, missed: bool = False) -> set[int]:
         """The finished shards: as another worker listed them less than
@@ -582,15 +648,41 @@ class Claimer:
             self.deferred += 1
             return (self.book.published() if found.summary_at is not None else None) or set()
         try:
-            self.done_listings += 1
-            self.book.settle()  # its own last shard is in the listing it publishes
-            done = self.book.finished()
-            if 0 < len(done) < self.shards:  # nothing to tell (a new run), or a finished run
-                self.book.publish(done)      # (a rerun): left as it is, no write
+            self.book.settle()  # its own last shard is in what it publishes
+            done = self._update(found)
+            listed_at: datetime | None
+            if done is None:
+                self.done_listings += 1
+                listed_at = datetime.now(UTC)
+                done = self.book.finished()
+            else:
+                self.updates += 1
+                listed_at = found.listed_at
+            # nothing to tell (a new run), or a finished run that this worker did nothing of (a
+            # rerun): left as it is, no write; a run that ends now is published finished, so
+            # that the other workers see it with one request and leave
+            if done and (len(done) < self.shards or self.claims):
+                self.book.publish(done, listed_at)
         finally:
             if begun:
                 self.book.end_refresh()
         return done
+
+    def _update(self, found: LeaseListing) -> set[int] | None:
+        """The published summary brought up to date from the ``.done`` markers of ``found``
+        (one request, not a listing of every finished shard: in the tail of a run of 8,192
+        shards, nine pages each time); None when there is no summary, or it is too old for
+        the markers to cover every shard finished since (three quarters of the time they are
+        kept: a margin for the clocks of the workers). This worker's own finished shards are
+        added whether or not the listing showed their markers."""
+        if found.summary_at is None or found.listed_at is None:
+            return None
+        summary = self.book.summary()
+        if summary is None or summary.listed_at is None or \
+                found.listed_at - summary.listed_at > \
+                timedelta(seconds=0.75 * self.book.keep_done):
+            return None
+        return summary.shards() | found.done | self.book.seen_done
 
     @property
     def summary_seconds(self) -> float:
@@ -600,7 +692,7 @@ class Claimer:
         after finished shard (at 256 workers, a summary half a lease old made half of the
         idle workers' candidates finished ones, and their checks saturated the store); one
         worker at a time lists ``done/`` anew instead (``finished.refresh``)."""
-        return max(2.0, min(self.book.seconds / 2, self.poll))
+        return summary_seconds(self.book.seconds, self.poll)
 
     def _refresh(self) -> bool:
         """List the candidates again; False when every shard is finished."""
@@ -698,12 +790,14 @@ class Claimer:
                 return claim, _CLAIMED
             if shard in self.book.seen_done:  # finished while this worker looked away
                 self._misses += 1
+                self.missed += 1
                 if self._misses < MISSES_BEFORE_LISTING:
                     continue
                 self._candidates.clear()  # too many: list done/ again
                 return None, _RELIST
             if shard in self._free:  # it was free when listed: another worker was first
                 self._collisions += 1
+                self.collided += 1
                 if self._collisions < COLLISIONS_BEFORE_LISTING:
                     continue
                 self._candidates.clear()  # too many: the list is out of date

@@ -74,8 +74,8 @@ def leases(out: Path, m: Manifest, folder: str = "leases") -> list[str]:
 
 
 def finished(out: Path, m: Manifest, shards: int) -> bool:
-    """Every shard marked finished, and no lease left behind (``<shard>.done``: the shard a
-    worker finished last)."""
+    """Every shard marked finished, and no lease left behind (``<shard>.done``: the shards a
+    worker finished of late)."""
     return (leases(out, m, "done") == [str(s) for s in range(shards)]
             and [n for n in leases(out, m) if not n.endswith(".done")] == [])
 

@@ -201,6 +201,7 @@ def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_sum
     twice. A marker left by a worker that died is taken over after half a lease."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-g", seconds=4.0)
+    book.keep_done = 0  # it keeps the marker of its last finished shard only: gaps to meet
     for shard in (0, 1):
         book.finish(book.try_claim(shard))
     first = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=0, workers=2)
@@ -244,12 +245,14 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     second = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert second.state()[0] >= {0, 1, 2, 5} and (second.done_listings, second.summaries) == (0, 1)
     second._misses = MISSES_BEFORE_LISTING  # its candidates were finished: the summary it
-    second.state()  # read lacks shards, and reading it again would not help: it lists done/
-    assert (second.done_listings, second.summaries) == (1, 1)
-    time.sleep(3.1)  # older than 2 s (S3 times are to the second): listed anew
-    book.finish(book.try_claim(6))
+    second.state()  # read lacks shards, and reading it again would not help: it brings it up
+    # to date (the .done markers, and the shards it found finished) and publishes it
+    assert (second.done_listings, second.summaries, second.updates) == (0, 1, 1)
+    time.sleep(3.1)  # older than 2 s (S3 times are to the second): brought up to date, here
+    book.finish(book.try_claim(6))  # from the .done marker of 6
     third = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
-    assert 6 in third.state()[0] and (third.done_listings, third.summaries) == (1, 0)
+    assert 6 in third.state()[0]
+    assert (third.done_listings, third.summaries, third.updates) == (0, 0, 1)
     assert book.published() == {0, 1, 2, 5, 6}
     store.write("_relit/relit-f/leases/finished.json", b"{not json")
     fourth = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
@@ -266,6 +269,74 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     last.book.finish(got)
     assert last.next() is None and last.claims == 1  # 7 was checked: finished
     assert FinishedSummary.of({0, 1, 2, 5, 6, 9}).ranges == [(0, 3), (5, 7), (9, 10)]
+
+
+def test_an_old_summary_is_brought_up_to_date_from_the_done_markers_without_listing_done(
+        store_uri):
+    """A summary older than a poll interval but younger than the ``.done`` markers are kept
+    is brought up to date from one listing of ``leases/`` (the markers of every shard finished
+    since), not by listing every finished shard; older than that, ``done/`` is listed. Either
+    way it names every finished shard and no other."""
+    store = open_storage(store_uri)
+    book = LeaseBook(store, "relit-u", seconds=4.0)  # poll 2 s, markers kept 6 s
+    assert book.keep_done == 6.0
+    for shard in (0, 1, 2):
+        book.finish(book.try_claim(shard))
+    first = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=0, workers=3)
+    assert first.state()[0] == {0, 1, 2} and first.done_listings == 1
+    for shard in (3, 4):  # finished after the summary: their markers are still there
+        book.finish(book.try_claim(shard))
+    held = book.try_claim(5)  # held, not finished: never named
+    time.sleep(2.2)  # older than a poll (2 s), well within the markers' 6 s
+    second = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=1, workers=3)
+    assert second.state()[0] == {0, 1, 2, 3, 4}
+    assert (second.updates, second.done_listings, second.summaries) == (1, 0, 0)
+    assert book.published() == {0, 1, 2, 3, 4}
+    assert not store.exists("_relit/relit-u/leases/finished.refresh")
+    book.finish(held)
+    time.sleep(4.7)  # the summary is older than three quarters of the markers' time: listed
+    third = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=2, workers=3)
+    assert third.state()[0] == {0, 1, 2, 3, 4, 5}
+    assert (third.updates, third.done_listings) == (0, 1)
+    # a shard whose marker is gone (its worker finished another one since) is not in the
+    # update: it costs a check later, and the next listing of done/ names it
+    lone = LeaseBook(store, "relit-u", seconds=4.0)
+    lone.keep_done = 0
+    for shard in (6, 7):
+        lone.finish(lone.try_claim(shard))
+    time.sleep(2.2)
+    fourth = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=0, workers=3)
+    assert fourth.state()[0] == {0, 1, 2, 3, 4, 5, 7} and fourth.updates == 1
+    assert fourth.book.published() == {0, 1, 2, 3, 4, 5, 7}
+    got = fourth.next()  # 6 checked (finished), 8 claimed
+    assert got.shard == 8 and 6 in fourth.book.seen_done
+
+
+def test_in_the_tail_a_look_brings_the_summary_up_to_date_before_it_is_too_old_for_it(
+        tmp_path):
+    """Past its own shards, a worker whose look finds ``finished.json`` older than a poll
+    interval, but young enough for the ``.done`` markers to cover, brings it up to date then
+    (a few requests), so that the full looks of the tail never find it too old and list every
+    finished shard anew. A worker still on its own shards does not."""
+    store = LocalStorage(tmp_path / "out")
+    book = LeaseBook(store, "relit-t", seconds=60)
+    for shard in (0, 1):
+        book.finish(book.try_claim(shard))
+
+    def claimer(index: int) -> Claimer:  # poll 4 s: summary taken 4 s, markers kept 12 s
+        return Claimer(LeaseBook(store, "relit-t", seconds=60), shards=8, index=index,
+                       workers=2, poll=4.0)
+
+    first = claimer(0)
+    assert first.state()[0] == {0, 1} and first.done_listings == 1
+    tail, busy = claimer(1), claimer(0)
+    tail.state(), busy.state()  # both read the summary
+    tail._beyond_own = True
+    book.finish(book.try_claim(3))
+    time.sleep(4.6)  # older than a poll, within half the markers' time
+    assert 3 in busy.state()[0] and busy.updates == 0  # on its own shards: leases/ only
+    assert 3 in tail.state()[0] and (tail.updates, tail.done_listings) == (1, 0)
+    assert book.published() == {0, 1, 3}
 
 
 def test_claim_order_takes_own_shards_first_then_the_rest_in_an_order_of_its_own():
@@ -390,8 +461,9 @@ def test_a_finished_shard_is_recorded_while_the_worker_claims_and_runs_its_next(
 
 def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_lease(tmp_path):
     """In the tail of a large run hundreds of shards finish a minute: a summary kept for half a
-    lease (30 s) made idle workers check shard after finished shard; it is listed anew once it
-    is older than the poll interval."""
+    lease (30 s) made idle workers check shard after finished shard; it is brought up to date
+    once it is older than the poll interval (here from the ``.done`` markers, see
+    test_an_old_summary_is_brought_up_to_date_from_the_done_markers_without_listing_done)."""
     store = LocalStorage(tmp_path / "out")
     book = LeaseBook(store, "relit-p", seconds=60)
     for shard in (0, 1):
@@ -407,7 +479,7 @@ def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_
     book.finish(book.try_claim(3))
     later = Claimer(LeaseBook(store, "relit-p", seconds=60), shards=4, index=1, workers=2,
                     poll=2.0)
-    assert (later.state()[0], later.summaries, later.done_listings) == ({0, 1, 2, 3}, 0, 1)
+    assert (later.state()[0], later.summaries, later.updates) == ({0, 1, 2, 3}, 0, 1)
 
 
 def _wait_for_lease(book: LeaseBook, shard: int, timeout: float = 10) -> tuple:
