@@ -23,7 +23,10 @@ worker.
 ideal = total work / total worker speed. Printed per row, side by side: makespan / ideal for
 both, units lost (must be 0), units processed twice (with leases only after a steal, and their
 outputs byte-identical), claims per second the store sustained, S3 requests and their latency
-(over the row, and in its tail: from 90% of the ideal makespan on), and the share of
+(over the row, and in its tail: from 90% of the ideal makespan on; the tail's requests by
+operation, and listings by folder, up to the last output written), what the claimers did
+(listings of ``leases/`` and of ``done/``, summaries read and brought up to date, misses and
+collisions), and the share of
 the workers' time spent waiting for claims (between shards; scaled time makes shards short, the
 store's latency is not scaled: at 16 workers a shard is about 2 s, on a real fleet minutes).
 

@@ -23,9 +23,9 @@ Under ``<output>/_relit/<run>/leases/``:
   marked there: two requests, whatever the run's size), else by listing ``done/`` (one
   request per 1,000 shards). A summary only ever names shards whose ``done/`` marker exists,
   so a stale one costs a wasted check, never a skipped shard.
-* ``finished.refresh``: a worker is listing ``done/`` to publish ``finished.json`` (a
-  create-only write: of the workers that need the full picture at one moment, one lists and
-  the others go on with the last summary, instead of all listing every finished shard at once).
+* ``finished.refresh``: a worker is bringing ``finished.json`` up to date (a create-only
+  write: of the workers that need the full picture at one moment, one does it and the others go
+  on with the last summary, instead of all listing every finished shard at once).
 
 and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
 its lease is deleted); a finished shard is never claimed again.
