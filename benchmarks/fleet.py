@@ -26,7 +26,8 @@ outputs byte-identical), claims per second the store sustained, S3 requests and 
 (over the row, and in its tail: from 90% of the ideal makespan on; the tail's requests by
 operation, and listings by folder, up to the last output written), what the claimers did
 (listings of ``leases/`` and of ``done/``, summaries read and brought up to date, misses and
-collisions), and the share of
+collisions, idle reads of ``finished.json``, listings by why), the requests, listings and
+median latency per tenth of the ideal makespan (when the store saturated), and the share of
 the workers' time spent waiting for claims (between shards; scaled time makes shards short, the
 store's latency is not scaled: at 16 workers a shard is about 2 s, on a real fleet minutes).
 
@@ -117,9 +118,12 @@ class Row:
     killed: int = 0
     ops: dict = field(default_factory=dict)  # S3 requests by operation
     tail_ops: dict = field(default_factory=dict)  # the same, in the tail
+    #: per tenth of the ideal makespan: requests, listings, latency's median
+    timeline: list = field(default_factory=list)
     #: what the claimers did, summed: listings of leases/, of done/, summaries read in place
     #: of one, summaries brought up to date from the .done markers in place of one, full
-    #: looks deferred to another worker's listing, misses and collisions
+    #: looks deferred to another worker's listing, misses, collisions, and reads of
+    #: finished.json by idle workers to see the run finished
     claimers: dict = field(default_factory=dict)
 
     @property
@@ -233,6 +237,20 @@ class Store:
         return {"all": pct([d for _, d, _ in self.calls]),
                 "tail": pct([d for t, d, _ in self.calls if t >= after])}
 
+    def timeline(self, step: float) -> list[dict]:
+        """Per ``step`` seconds of the row: requests, listings, and the latency's median (ms):
+        when the store saturated, not only whether."""
+        rows: dict[int, list[tuple[float, str]]] = {}
+        for t, d, op in self.calls:
+            rows.setdefault(int(t // step), []).append((d, op))
+        out = []
+        for i in sorted(rows):
+            ds = sorted(d for d, _ in rows[i])
+            out.append({"from_s": round(i * step), "requests": len(ds),
+                        "listings": sum(op.startswith("ListObjectsV2") for _, op in rows[i]),
+                        "p50_ms": round(1000 * ds[len(ds) // 2], 1)})
+        return out
+
     def tail_ops(self, after: float, until: float) -> dict:
         """Requests by operation from ``after`` seconds on to ``until`` (the tail, up to the
         last output written: not the workers' last looks before they leave)."""
@@ -339,6 +357,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
     start = time.monotonic()
     stolen: set[int] = set()
     totals = Counter()
+    looks: Counter[str] = Counter()  # the claimers' listings of leases/, by why
     lock = threading.Lock()
 
     def worker(w: int) -> None:
@@ -401,8 +420,10 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
                 totals["claims"] += claimer.claims
                 totals["steals"] += claimer.steals
                 for k in ("listings", "done_listings", "summaries", "updates", "deferred",
-                          "missed", "collided"):
+                          "missed", "collided", "end_checks"):
                     totals[k] += getattr(claimer, k)
+                for why, n in claimer.looks.items():
+                    looks[why] += n
             if not dead:
                 return
             time.sleep(fleet.lease_seconds)  # the replacement pod starts, on another node
@@ -417,7 +438,8 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
               killed=len(fleet.kills),
               claims=totals["claims"], steals=totals["steals"],
               claimers={k: totals[k] for k in ("listings", "done_listings", "summaries",
-                                                "updates", "deferred", "missed", "collided")})
+                                                "updates", "deferred", "missed", "collided",
+                                                "end_checks")} | {"looks": dict(looks)})
     row.makespan_s = round(store.last_write - start, 2)
     row.claiming_s, row.finishing_s = (round(totals[k], 1) for k in ("claiming_s",
                                                                      "finishing_s"))
@@ -440,6 +462,7 @@ def check_outputs(fleet: Fleet, store: Store, row: Row) -> None:
     row.latency_ms = store.latency_ms(after=0.9 * fleet.seconds)
     row.tail_ops = store.tail_ops(after=0.9 * fleet.seconds,
                                   until=store.last_write - store.created)
+    row.timeline = store.timeline(step=fleet.seconds / 10)
 
 
 def _ms(pct: dict) -> str:
@@ -513,7 +536,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"requests={row.requests} claiming={row.as_dict()['claiming_share']:.1%} "
                       f"of worker time; store latency p50/p90 {_ms(row.latency_ms['all'])}, "
                       f"in the tail {_ms(row.latency_ms['tail'])}; in the tail {row.tail_ops}; "
-                      f"claimers {row.claimers}", flush=True)
+                      f"claimers {row.claimers}; per tenth of ideal: requests "
+                      f"{[t['requests'] for t in row.timeline]}, listings "
+                      f"{[t['listings'] for t in row.timeline]}, p50 ms "
+                      f"{[round(t['p50_ms']) for t in row.timeline]}", flush=True)
                 save()
     finally:
         proc.kill()

@@ -52,7 +52,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -528,8 +528,9 @@ class Claimer:
     stops. When a listing yields nothing free (every unfinished shard is held by a live
     worker), the worker waits, then looks again: ``poll`` seconds times the idle workers over
     :data:`IDLE_POLLERS` (so that a thousand idle workers do not ask the store a thousand
-    times as often as eight), up to the lease time, jittered. Iteration ends when every shard
-    is finished, or on ``stop``.
+    times as often as eight), up to the lease time, jittered; while it waits it reads
+    ``finished.json`` every half lease time, to leave soon after the run ends. Iteration ends
+    when every shard is finished, or on ``stop``.
     """
 
     def __init__(self, book: LeaseBook, shards: int, index: int, workers: int,
@@ -569,6 +570,16 @@ class Claimer:
         #: shards believed free found finished (misses), or taken by another worker
         #: (collisions), over this claimer's life
         self.missed = self.collided = 0
+        #: reads of ``finished.json`` by this worker while idle, to see the run finished
+        #: (:meth:`_wait_idle`), and whether one did
+        self.end_checks = 0
+        self._ended = False
+        #: the listings of ``leases/`` this worker made, by why: its first look, its list of
+        #: candidates used up, past its own shards, too many misses, too many
+        #: collisions, after an idle wait, the check before it stops (``benchmarks/fleet.py``
+        #: prints them)
+        self.looks: Counter[str] = Counter()
+        self._why = "first"
         self._summary_used: datetime | None = None  # when the summary it last read was written
         #: the shard the worker runs while a claim is made ahead (not a candidate of it)
         self._current: int | None = None
@@ -586,6 +597,8 @@ class Claimer:
         marker was finished (and a shard this worker never saw held may have been claimed and
         finished in between: its claim finds that out)."""
         self.listings += 1
+        self.looks[self._why] += 1
+        self._why = "used up"  # unless told otherwise before the next one
         found = self.book.leases()
         self._full = self.listings == 1 or self._look_in_full or \
             self._misses >= MISSES_BEFORE_LISTING or self._summary_due(found)
@@ -696,12 +709,15 @@ class Claimer:
 
     def _refresh(self) -> bool:
         """List the candidates again; False when every shard is finished."""
+        if self._ended:  # finished.json named every shard while this worker waited
+            return False
         first = self.listings == 0
         done, held = self.state()
         if len(done) >= self.shards and not self._full:
             # before it stops, the worker checks what it inferred: a lease deleted by hand
             # (not finished, no .free marker) must not leave a shard undone
             self._look_in_full = True
+            self._why = "before stopping"
             done, held = self.state()
         if len(done) >= self.shards:
             return False
@@ -729,11 +745,36 @@ class Claimer:
     def _idle_wait(self) -> float:
         """How long an idle worker waits before it looks again: ``poll`` seconds times the
         idle workers over :data:`IDLE_POLLERS`, so that together they look about that many
-        times per ``poll`` however many they are, up to the lease time (how late an idle
-        worker may notice that the run is finished, and leave)."""
+        times per ``poll`` however many they are, up to the lease time (each idle worker
+        looks that often at least, for stragglers to take over: without that cap, 256 idle
+        workers waited five minutes each, and ``benchmarks/fleet.py`` measured 1.29x of ideal
+        against 1.22x, one run each).
+        Meanwhile it notices the end of the run from ``finished.json`` (:meth:`_wait_idle`)."""
         idle = max(1, self.workers - len(self._held))
         return min(max(self.poll, self.book.seconds),
                    self.poll * max(1.0, idle / IDLE_POLLERS))
+
+    @property
+    def end_check_seconds(self) -> float:
+        """How often an idle worker that waits reads ``finished.json`` to see whether the run
+        is finished (half a lease time, a poll interval at least): a worker leaves that soon
+        after the run ends, whatever its wait between looks."""
+        return max(self.poll, self.book.seconds / 2)
+
+    def _wait_idle(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next look (or until stopped), reading ``finished.json``
+        (one small object) every :attr:`end_check_seconds`: when it names every shard, the
+        run is finished (a summary names only shards whose ``done/`` marker exists) and the
+        next look is not made (:attr:`_ended`)."""
+        end = time.monotonic() + seconds
+        while not self._ended:
+            left = end - time.monotonic()
+            if left <= 0 or self.stop.wait(min(left, self.end_check_seconds)) or \
+                    time.monotonic() >= end:
+                return
+            self.end_checks += 1
+            published = self.book.published()
+            self._ended = published is not None and len(published) >= self.shards
 
     def next(self) -> Claim | None:
         """The next shard this worker holds; None when every shard is finished (or stopped).
@@ -751,7 +792,8 @@ class Claimer:
             if outcome == _FINISHED:
                 break
             if outcome == _IDLE:  # nothing to take now: others hold every unfinished shard
-                self.stop.wait(self._idle_wait() * self._rng.uniform(0.75, 1.25))
+                self._wait_idle(self._idle_wait() * self._rng.uniform(0.75, 1.25))
+                self._why = "idle"
         self.close()  # this worker's last finish is written before it leaves
         return None
 
@@ -777,6 +819,7 @@ class Claimer:
                 if not self._full:
                     self._look_in_full = True
                     self._candidates.clear()
+                    self._why = "past own"
                     return None, _RELIST
             claim = self.book.try_claim(shard, faster_than=self.own_rate,
                                         released=shard in self._released,
@@ -794,6 +837,7 @@ class Claimer:
                 if self._misses < MISSES_BEFORE_LISTING:
                     continue
                 self._candidates.clear()  # too many: list done/ again
+                self._why = "misses"
                 return None, _RELIST
             if shard in self._free:  # it was free when listed: another worker was first
                 self._collisions += 1
@@ -801,6 +845,7 @@ class Claimer:
                 if self._collisions < COLLISIONS_BEFORE_LISTING:
                     continue
                 self._candidates.clear()  # too many: the list is out of date
+                self._why = "collisions"
                 return None, _RELIST
         return None, (_IDLE if fresh else _RELIST)
 

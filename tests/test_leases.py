@@ -8,6 +8,7 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from fault_proxy import FaultProxy
@@ -192,6 +193,34 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     # checked before it stops, with the finished shards its first look listed and published
     # (leases/finished.json, younger than a poll) and a check of each one not in there
     assert listed.count("done") == 1 and idle.done_listings == 1 and idle.summaries >= 1
+
+
+def test_an_idle_worker_of_a_large_fleet_leaves_soon_after_the_run_ends_without_listing(
+        store_uri):
+    """Idle workers of a large fleet look seldom each (together about eight looks per poll
+    interval, each once a lease time at least: here 256 workers, a look every 9 to 15 s each),
+    so that they do not saturate the store; meanwhile each reads ``finished.json`` every half
+    lease time, and leaves once it names every shard, without another listing."""
+    store = open_storage(store_uri)
+    busy = LeaseBook(store, "relit-e", seconds=12.0)
+    held = [busy.try_claim(s) for s in range(2)]
+    idle = Claimer(LeaseBook(store, "relit-e", seconds=12.0), shards=2, index=7, workers=256,
+                   poll=0.5)
+    assert idle.end_check_seconds == 6.0 and idle._idle_wait() == 12.0  # 0.5 s x 256 / 8
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(idle.next()))
+    began = time.monotonic()
+    waiting.start()
+    time.sleep(0.5)  # it looked (both shards held by a live worker) and waits
+    assert waiting.is_alive() and idle.listings == 1
+    for claim in held:
+        busy.finish(claim)
+    busy.publish({0, 1}, datetime.now(UTC))  # as the worker that finished the last shard does
+    waiting.join(20)
+    assert not waiting.is_alive() and got == [None]
+    # at its first check (6 s), before its next look was due (9 s at the earliest)
+    assert time.monotonic() - began < 8.5
+    assert idle.listings == 1 and idle.end_checks == 1
 
 
 def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_summary(store_uri):
