@@ -746,9 +746,9 @@ class Claimer:
         """How long an idle worker waits before it looks again: ``poll`` seconds times the
         idle workers over :data:`IDLE_POLLERS`, so that together they look about that many
         times per ``poll`` however many they are, up to the lease time (each idle worker
-        looks that often at least, for stragglers to take over: without that cap, 256 idle
-        workers waited five minutes each, and ``benchmarks/fleet.py`` measured 1.29x of ideal
-        against 1.22x, one run each).
+        looks that often at least, for stragglers to take over: without that cap 256 idle
+        workers waited five minutes each, and ``benchmarks/fleet.py`` measured no gain, 1.29x
+        of ideal against 1.22x and 1.26x with it).
         Meanwhile it notices the end of the run from ``finished.json`` (:meth:`_wait_idle`)."""
         idle = max(1, self.workers - len(self._held))
         return min(max(self.poll, self.book.seconds),
