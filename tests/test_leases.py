@@ -206,7 +206,8 @@ def test_an_idle_worker_of_a_large_fleet_leaves_soon_after_the_run_ends_without_
     held = [busy.try_claim(s) for s in range(2)]
     idle = Claimer(LeaseBook(store, "relit-e", seconds=12.0), shards=2, index=7, workers=256,
                    poll=0.5)
-    assert idle.end_check_seconds == 6.0 and idle._idle_wait() == 12.0  # 0.5 s x 256 / 8
+    # 0.5 s x 256 / 8 = 16 s, up to the lease time (12 s); checks every half lease
+    assert idle.end_check_seconds == 6.0 and idle._idle_wait() == 12.0
     got: list = []
     waiting = threading.Thread(target=lambda: got.append(idle.next()))
     began = time.monotonic()
