@@ -12,23 +12,29 @@ Under ``<output>/_relit/<run>/leases/``:
 * ``<shard>.done``: a shard finished a moment ago: its worker keeps the marker of its last
   finished shard, and of the others it finished less than :attr:`LeaseBook.keep_done` seconds
   ago (three summary ages), so that workers that list ``leases/`` about once a shard see it
-  finished, and ``finished.json`` is brought up to date from them.
+  finished.
 * ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
   lease, so that another claims the shard at once (and deletes the marker).
 * ``finished.json``: the finished shards as of a moment (``listed_at``), published for the
   others: a worker that needs the full picture reads it (one request) when the listing of
   ``leases/`` shows it younger than a poll interval (:attr:`Claimer.summary_seconds`), and
-  brings it up to date otherwise: from the ``.done`` markers of its listing of ``leases/``
-  when the summary is younger than the markers are kept (every shard finished since is
-  marked there: two requests, whatever the run's size), else by listing ``done/`` (one
-  request per 1,000 shards). A summary only ever names shards whose ``done/`` marker exists,
-  so a stale one costs a wasted check, never a skipped shard.
+  brings it up to date otherwise, from the journal of finished shards (below): one listing of
+  what was finished since the summary was listed, however old it is. A summary only ever
+  names shards whose ``done/`` marker exists, so a stale one costs a wasted check, never a
+  skipped shard.
 * ``finished.refresh``: a worker is bringing ``finished.json`` up to date (a create-only
   write: of the workers that need the full picture at one moment, one does it and the others go
   on with the last summary, instead of all listing every finished shard at once).
 
 and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
-its lease is deleted); a finished shard is never claimed again.
+its lease is deleted); a finished shard is never claimed again; and under
+``<output>/_relit/<run>/finished/``, ``<UTC time>-<shard>``, written right after it: the
+journal of finished shards, whose names sort by the time they were finished, so that the
+shards finished since a moment are one listing from that moment on (S3 ``StartAfter``), a
+page per 1,000 of them, however many were finished before. (Without it an old summary was
+brought up to date by listing all of ``done/``: at 256 workers, nine pages at a time when the
+store was slowest, while every other worker went on with the old summary and checked shard
+after finished shard.)
 
 So a lease that goes away without a ``.free`` marker in its place was finished: a worker lists
 ``done/`` (one object per finished shard, one request per 1,000) when it starts, and from then
@@ -231,10 +237,14 @@ class LeaseBook:
         #: shard is finished, the last one is kept
         self._recent: deque[tuple[int, float]] = deque()
         #: how long this book keeps its ``.done`` markers: three times as long as
-        #: ``finished.json`` is taken as it is, so that a summary that old is brought up to
-        #: date from a listing of ``leases/`` (its :class:`Claimer` sets it from its poll
-        #: interval)
+        #: ``finished.json`` is taken as it is (a poll interval), so that workers that look
+        #: at ``leases/`` about once a poll or once a shard see the shard finished (its
+        #: :class:`Claimer` sets it from its poll interval)
         self.keep_done = 3 * summary_seconds(self.seconds, default_poll(self.seconds))
+        #: how far before a summary's ``listed_at`` the journal is read to bring it up to
+        #: date: a quarter lease time, for the clocks of the workers and for journal entries
+        #: written just before the summary was listed but seen by the store only after
+        self.journal_margin = self.seconds / 4
         #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
         self._bookkeeper: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -255,6 +265,23 @@ class LeaseBook:
 
     def done_key(self, shard: int) -> str:
         return f"{self.done_folder}/{shard}"
+
+    @property
+    def journal_folder(self) -> str:
+        return f"{META_DIR}/{self.run_id}/finished"
+
+    def journal_key(self, shard: int, at: datetime) -> str:
+        return f"{self.journal_folder}/{_stamp(at)}-{shard}"
+
+    def finished_since(self, since: datetime) -> set[int]:
+        """The shards the journal says were finished after ``since`` (one listing from that
+        moment on: a request per 1,000 of them, whatever was finished before)."""
+        shards = set()
+        for name in self.storage.list_names(self.journal_folder, after=_stamp(since)):
+            shard = name.rpartition("-")[2]
+            if shard.isdigit():
+                shards.add(int(shard))
+        return shards
 
     def _lease(self, shard: int, previous: Lease | None = None) -> Lease:
         now = datetime.now(UTC)
@@ -450,15 +477,17 @@ class LeaseBook:
         return Claim(claim.shard, version, lease)
 
     def finish(self, claim: Claim) -> None:
-        """The shard is finished: mark it done (never claimed again), leave a ``.done``
-        marker in ``leases/`` (kept until this worker finishes a shard ``keep_done`` seconds
-        later: workers that look at ``leases/`` only, about once a shard, see it finished, and
-        ``finished.json`` is brought up to date from it), then drop the lease (a thief's too:
-        it learns at its next renewal that there is nothing left to do)."""
+        """The shard is finished: mark it done (never claimed again), add it to the journal
+        (``finished.json`` is brought up to date from it), leave a ``.done`` marker in
+        ``leases/`` (kept until this worker finishes a shard ``keep_done`` seconds later:
+        workers that look at ``leases/`` only, about once a shard, see it finished), then drop
+        the lease (a thief's too: it learns at its next renewal that there is nothing left to
+        do)."""
         try:
             self.storage.create(self.done_key(claim.shard), b"")
-        except WriteConflict:  # a thief finished it too
-            pass
+        except WriteConflict:  # a thief finished it too (written again: it may have died
+            pass  # before its journal entry; two entries of a shard are harmless)
+        self.storage.write(self.journal_key(claim.shard, datetime.now(UTC)), b"")
         self.seen_done.add(claim.shard)
         self.storage.write(self.recent_key(claim.shard), b"")
         self.storage.delete(self.key(claim.shard))
@@ -563,8 +592,8 @@ class Claimer:
         self._full = False  # whether the last look read the finished shards too
         #: claims made, steals among them, listings of leases/ made, of done/ made,
         #: finished.json read in place of a listing of done/, brought up to date from the
-        #: ``.done`` markers in place of one, and full looks that went on with the last
-        #: summary while another worker listed done/
+        #: journal in place of one, and full looks that went on with the last summary while
+        #: another worker brought it up to date
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
         self.updates = self.deferred = 0
         #: shards believed free found finished (misses), or taken by another worker
@@ -622,15 +651,13 @@ class Claimer:
     def _summary_due(self, found: LeaseListing) -> bool:
         """Whether this look, past this worker's own shards (in the tail of the run, when
         workers take full looks), brings ``finished.json`` up to date: it is older than
-        :attr:`summary_seconds` but young enough to be brought up to date from the ``.done``
-        markers (half the time they are kept, by the store's clock; see :meth:`_update`),
-        and nobody is at it. So the summary stays cheap to bring up to date in the tail,
-        instead of growing too old for it between two full looks and being listed anew
-        (at 256 workers, nine pages of ``done/`` each time)."""
+        :attr:`summary_seconds` and nobody is at it. So the summary the others read in the
+        tail stays a poll interval old or so, and bringing it up to date stays a listing of
+        the last few seconds' journal (:meth:`_update`)."""
         if not self._beyond_own or found.summary_at is None or found.refresh_at is not None:
             return False
         age = (datetime.now(UTC) - found.summary_at).total_seconds()
-        return self.summary_seconds < age <= 0.5 * self.book.keep_done
+        return age > self.summary_seconds
 
     def _finished(self, found: LeaseListing, missed: bool = False) -> set[int]:
         """The finished shards: as another worker listed them less than
@@ -662,15 +689,14 @@ class Claimer:
             return (self.book.published() if found.summary_at is not None else None) or set()
         try:
             self.book.settle()  # its own last shard is in what it publishes
-            done = self._update(found)
-            listed_at: datetime | None
-            if done is None:
+            update = self._update(found)
+            if update is None:
                 self.done_listings += 1
                 listed_at = datetime.now(UTC)
                 done = self.book.finished()
             else:
                 self.updates += 1
-                listed_at = found.listed_at
+                done, listed_at = update
             # nothing to tell (a new run), or a finished run that this worker did nothing of (a
             # rerun): left as it is, no write; a run that ends now is published finished, so
             # that the other workers see it with one request and leave
@@ -681,21 +707,22 @@ class Claimer:
                 self.book.end_refresh()
         return done
 
-    def _update(self, found: LeaseListing) -> set[int] | None:
-        """The published summary brought up to date from the ``.done`` markers of ``found``
-        (one request, not a listing of every finished shard: in the tail of a run of 8,192
-        shards, nine pages each time); None when there is no summary, or it is too old for
-        the markers to cover every shard finished since (three quarters of the time they are
-        kept: a margin for the clocks of the workers). This worker's own finished shards are
-        added whether or not the listing showed their markers."""
-        if found.summary_at is None or found.listed_at is None:
+    def _update(self, found: LeaseListing) -> tuple[set[int], datetime] | None:
+        """The published summary brought up to date from the journal (the shards finished
+        since it was listed, less :attr:`LeaseBook.journal_margin`: one listing of those, not
+        of every finished shard: in the tail of a run of 8,192 shards, nine pages each time),
+        with when that listing began; None when there is no summary, or it does not say when
+        it was listed (a summary of an older version: ``done/`` is listed). The ``.done``
+        markers of ``found`` and this worker's own finished shards are added too."""
+        if found.summary_at is None:
             return None
         summary = self.book.summary()
-        if summary is None or summary.listed_at is None or \
-                found.listed_at - summary.listed_at > \
-                timedelta(seconds=0.75 * self.book.keep_done):
+        if summary is None or summary.listed_at is None:
             return None
-        return summary.shards() | found.done | self.book.seen_done
+        listed_at = datetime.now(UTC)
+        since = self.book.finished_since(
+            summary.listed_at - timedelta(seconds=self.book.journal_margin))
+        return summary.shards() | since | found.done | self.book.seen_done, listed_at
 
     @property
     def summary_seconds(self) -> float:
@@ -959,6 +986,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def _stamp(at: datetime) -> str:
+    """A journal name's time: UTC, to the microsecond, sorting as the times do."""
+    return at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _bytes(lease: Lease) -> bytes:

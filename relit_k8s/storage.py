@@ -125,14 +125,17 @@ class Storage(ABC):
     def walk(self, prefix: str = "") -> Iterable[str]:
         """Every key under ``prefix``, in any order, hidden ones and ``_relit/`` included."""
 
-    def list_names(self, folder: str) -> set[str]:
-        """Names of the objects directly inside ``folder`` (one request, not one per file)."""
-        return set(self.list_modified(folder))
+    def list_names(self, folder: str, after: str = "") -> set[str]:
+        """Names of the objects directly inside ``folder`` (one request, not one per file);
+        with ``after``, only the names that sort after it (see :meth:`list_modified`)."""
+        return set(self.list_modified(folder, after))
 
     @abstractmethod
-    def list_modified(self, folder: str) -> dict[str, datetime]:
+    def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
         """Name -> last-modified time (UTC) of the objects directly inside ``folder``, from the
-        same single listing (one request per 1,000 objects on S3)."""
+        same single listing (one request per 1,000 objects on S3); with ``after``, only the
+        names that sort after it (S3 ``StartAfter``: a folder of time-ordered names is read
+        from a moment on, whatever came before)."""
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -197,12 +200,12 @@ class LocalStorage(Storage):
             for name in filenames:
                 yield name if rel == "." else f"{rel}/{name}"
 
-    def list_modified(self, folder: str) -> dict[str, datetime]:
+    def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
         path = self._path(folder) if folder else self.root
         try:
             with os.scandir(path) as it:
                 return {e.name: datetime.fromtimestamp(e.stat().st_mtime, UTC) for e in it
-                        if e.is_file() and not e.name.startswith(".")}
+                        if e.name > after and e.is_file() and not e.name.startswith(".")}
         except (FileNotFoundError, NotADirectoryError):
             return {}
         except OSError as e:
@@ -344,12 +347,14 @@ class S3Storage(Storage):
                     if not obj["Key"].endswith("/"):
                         yield obj["Key"][strip:]
 
-    def list_modified(self, folder: str) -> dict[str, datetime]:
+    def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
         start = self._folder(folder)
         names: dict[str, datetime] = {}
         paginator = self._client.get_paginator("list_objects_v2")
+        since = {"StartAfter": start + after} if after else {}
         with _s3_errors(self.bucket, start):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/",
+                                           **since):
                 names.update((o["Key"][len(start):], o["LastModified"])
                              for o in page.get("Contents", []))
         return {n: t for n, t in names.items() if n and not n.startswith(".")}

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fault_proxy import FaultProxy
@@ -167,9 +167,9 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     listed: list[str] = []
 
     class Counting(LocalStorage):
-        def list_modified(self, folder):
+        def list_modified(self, folder, after=""):
             listed.append(folder.rsplit("/", 1)[-1])
-            return super().list_modified(folder)
+            return super().list_modified(folder, after)
 
     store = Counting(tmp_path / "out")
     busy = LeaseBook(store, "relit-i")
@@ -224,11 +224,12 @@ def test_an_idle_worker_of_a_large_fleet_leaves_soon_after_the_run_ends_without_
     assert idle.listings == 1 and idle.end_checks == 1
 
 
-def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_summary(store_uri):
+def test_while_one_worker_brings_the_summary_up_to_date_the_others_go_on_with_the_last_one(
+        store_uri):
     """Workers that need the full picture when the summary is old: the one that creates
-    ``finished.refresh`` lists ``done/`` and publishes; the others do not list at once but go
-    on with the last summary, whose gaps cost a check each, never a shard skipped or done
-    twice. A marker left by a worker that died is taken over after half a lease."""
+    ``finished.refresh`` brings it up to date and publishes; the others do not all do it at
+    once but go on with the last summary, whose gaps cost a check each, never a shard skipped
+    or done twice. A marker left by a worker that died is taken over after half a lease."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-g", seconds=4.0)
     book.keep_done = 0  # it keeps the marker of its last finished shard only: gaps to meet
@@ -241,7 +242,7 @@ def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_sum
         book.finish(book.try_claim(shard))
     time.sleep(3.1)  # the summary is old (over 2 s, the least; S3 times are to the second)
     lister = LeaseBook(store, "relit-g", seconds=4.0)
-    assert lister.take_refresh(lister.leases())  # another worker is listing done/ now
+    assert lister.take_refresh(lister.leases())  # another worker is at it now
     assert not LeaseBook(store, "relit-g", seconds=4.0).take_refresh(lister.leases())
     waiting = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=1, workers=2)
     assert waiting.state()[0] == {0, 1, 3}
@@ -251,7 +252,8 @@ def test_while_one_worker_lists_done_for_the_others_they_go_on_with_the_last_sum
     waiting.book.finish(got)
     time.sleep(3.1)  # the lister died: its marker is older than half a lease
     last = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=0, workers=2)
-    assert last.state()[0] == {0, 1, 2, 3, 4} and last.done_listings == 1
+    assert last.state()[0] == {0, 1, 2, 3, 4}  # from the journal: 2 has no marker left
+    assert (last.updates, last.done_listings) == (1, 0)
     assert last.next() is None
     assert not store.exists("_relit/relit-g/leases/finished.refresh")
 
@@ -301,53 +303,77 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     assert FinishedSummary.of({0, 1, 2, 5, 6, 9}).ranges == [(0, 3), (5, 7), (9, 10)]
 
 
-def test_an_old_summary_is_brought_up_to_date_from_the_done_markers_without_listing_done(
+def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_done(
         store_uri):
-    """A summary older than a poll interval but younger than the ``.done`` markers are kept
-    is brought up to date from one listing of ``leases/`` (the markers of every shard finished
-    since), not by listing every finished shard; older than that, ``done/`` is listed. Either
-    way it names every finished shard and no other."""
+    """A summary older than a poll interval is brought up to date from the journal of finished
+    shards (``finished/<time>-<shard>``), read from the moment the summary was listed on (less
+    a quarter lease for the clocks): one listing of the shards finished since, however old the
+    summary is and however many were finished before, not a listing of every finished shard.
+    It names every finished shard and no other, whether or not the ``.done`` markers are
+    still there."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-u", seconds=4.0)  # poll 2 s, markers kept 6 s
-    assert book.keep_done == 6.0
+    assert (book.keep_done, book.journal_margin) == (6.0, 1.0)
     for shard in (0, 1, 2):
         book.finish(book.try_claim(shard))
     first = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=0, workers=3)
     assert first.state()[0] == {0, 1, 2} and first.done_listings == 1
-    for shard in (3, 4):  # finished after the summary: their markers are still there
+    for shard in (3, 4):  # finished after the summary
         book.finish(book.try_claim(shard))
     held = book.try_claim(5)  # held, not finished: never named
-    time.sleep(2.2)  # older than a poll (2 s), well within the markers' 6 s
+    time.sleep(2.2)  # older than a poll (2 s)
     second = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=1, workers=3)
     assert second.state()[0] == {0, 1, 2, 3, 4}
     assert (second.updates, second.done_listings, second.summaries) == (1, 0, 0)
     assert book.published() == {0, 1, 2, 3, 4}
     assert not store.exists("_relit/relit-u/leases/finished.refresh")
     book.finish(held)
-    time.sleep(4.7)  # the summary is older than three quarters of the markers' time: listed
-    third = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=2, workers=3)
-    assert third.state()[0] == {0, 1, 2, 3, 4, 5}
-    assert (third.updates, third.done_listings) == (0, 1)
-    # a shard whose marker is gone (its worker finished another one since) is not in the
-    # update: it costs a check later, and the next listing of done/ names it
+    # the markers of 6 are gone as soon as 7 is finished, and the summary is older than the
+    # markers are kept: the journal names them all the same
     lone = LeaseBook(store, "relit-u", seconds=4.0)
     lone.keep_done = 0
     for shard in (6, 7):
         lone.finish(lone.try_claim(shard))
-    time.sleep(2.2)
-    fourth = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=0, workers=3)
-    assert fourth.state()[0] == {0, 1, 2, 3, 4, 5, 7} and fourth.updates == 1
-    assert fourth.book.published() == {0, 1, 2, 3, 4, 5, 7}
-    got = fourth.next()  # 6 checked (finished), 8 claimed
-    assert got.shard == 8 and 6 in fourth.book.seen_done
+    assert not store.exists("_relit/relit-u/leases/6.done")
+    time.sleep(6.5)
+    third = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=2, workers=3)
+    assert third.state()[0] == {0, 1, 2, 3, 4, 5, 6, 7}
+    assert (third.updates, third.done_listings) == (1, 0)
+    assert third.book.published() == {0, 1, 2, 3, 4, 5, 6, 7}
+    got = third.next()  # 8, without a check of a finished shard
+    assert got.shard == 8 and third.missed == 0
 
 
-def test_in_the_tail_a_look_brings_the_summary_up_to_date_before_it_is_too_old_for_it(
-        tmp_path):
+def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks(store_uri):
+    """An entry stamped a moment before the summary was listed (a worker's clock a little
+    behind, or its write seen by the store after the listing) is read; entries from long
+    before it are not read again (the listing starts after them: S3 ``StartAfter``). So a
+    summary is brought up to date with a listing of what is new, not of the whole run."""
+    store = open_storage(store_uri)
+    book = LeaseBook(store, "relit-j", seconds=8.0)  # margin 2 s
+    listed_at = datetime.now(UTC)
+    book.publish({0}, listed_at)
+    store.write(book.journal_key(1, listed_at - timedelta(seconds=1.5)), b"")  # within
+    store.write(book.journal_key(2, listed_at - timedelta(hours=1)), b"")  # long before
+    store.write(book.journal_key(3, listed_at + timedelta(seconds=1)), b"")
+    assert book.finished_since(listed_at - timedelta(seconds=2)) == {1, 3}
+    assert book.finished_since(listed_at - timedelta(hours=2)) == {1, 2, 3}
+    claimer = Claimer(book, shards=5, index=0, workers=1, poll=2.0)
+    time.sleep(2.2)  # the summary is older than a poll
+    done, at = claimer._update(book.leases())
+    assert done == {0, 1, 3} and at > listed_at
+    # the shards a worker finishes are in the journal, in the order they were finished
+    for shard in (4, 2):
+        book.finish(book.try_claim(shard))
+    names = sorted(store.list_names(book.journal_folder))
+    assert [n.rpartition("-")[2] for n in names[-2:]] == ["4", "2"]
+
+
+def test_in_the_tail_a_look_brings_an_old_summary_up_to_date(tmp_path):
     """Past its own shards, a worker whose look finds ``finished.json`` older than a poll
-    interval, but young enough for the ``.done`` markers to cover, brings it up to date then
-    (a few requests), so that the full looks of the tail never find it too old and list every
-    finished shard anew. A worker still on its own shards does not."""
+    interval brings it up to date then (a few requests), so that the full looks of the tail
+    read a summary a poll interval old or so, and bringing it up to date stays a listing of
+    the last few seconds' journal. A worker still on its own shards does not."""
     store = LocalStorage(tmp_path / "out")
     book = LeaseBook(store, "relit-t", seconds=60)
     for shard in (0, 1):
@@ -363,7 +389,7 @@ def test_in_the_tail_a_look_brings_the_summary_up_to_date_before_it_is_too_old_f
     tail.state(), busy.state()  # both read the summary
     tail._beyond_own = True
     book.finish(book.try_claim(3))
-    time.sleep(4.6)  # older than a poll, within half the markers' time
+    time.sleep(4.6)  # older than a poll
     assert 3 in busy.state()[0] and busy.updates == 0  # on its own shards: leases/ only
     assert 3 in tail.state()[0] and (tail.updates, tail.done_listings) == (1, 0)
     assert book.published() == {0, 1, 3}
@@ -492,8 +518,8 @@ def test_a_finished_shard_is_recorded_while_the_worker_claims_and_runs_its_next(
 def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_lease(tmp_path):
     """In the tail of a large run hundreds of shards finish a minute: a summary kept for half a
     lease (30 s) made idle workers check shard after finished shard; it is brought up to date
-    once it is older than the poll interval (here from the ``.done`` markers, see
-    test_an_old_summary_is_brought_up_to_date_from_the_done_markers_without_listing_done)."""
+    once it is older than the poll interval (from the journal, see
+    test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_done)."""
     store = LocalStorage(tmp_path / "out")
     book = LeaseBook(store, "relit-p", seconds=60)
     for shard in (0, 1):
