@@ -121,8 +121,8 @@ class Row:
     #: per tenth of the ideal makespan: requests, listings, latency's median
     timeline: list = field(default_factory=list)
     #: what the claimers did, summed: listings of leases/, of done/, summaries read in place
-    #: of one, summaries brought up to date from the .done markers in place of one, full
-    #: looks deferred to another worker's listing, misses, collisions, and reads of
+    #: of one, summaries brought up to date from the journal in place of one, full looks
+    #: deferred to another worker bringing it up to date, misses, collisions, and reads of
     #: finished.json by idle workers to see the run finished
     claimers: dict = field(default_factory=dict)
 

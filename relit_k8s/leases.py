@@ -9,10 +9,6 @@ Under ``<output>/_relit/<run>/leases/``:
   (``RELIT_LEASE_SECONDS``, default 60) may be stolen: the thief's write is conditional on the
   stale version, so exactly one thief wins, and the old holder's next renewal (or report write)
   fails with :class:`LeaseLost`: it stops working on that shard.
-* ``<shard>.done``: a shard finished a moment ago: its worker keeps the marker of its last
-  finished shard, and of the others it finished less than :attr:`LeaseBook.keep_done` seconds
-  ago (three summary ages), so that workers that list ``leases/`` about once a shard see it
-  finished.
 * ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
   lease, so that another claims the shard at once (and deletes the marker).
 * ``finished.json``: the finished shards as of a moment (``listed_at``), published for the
@@ -36,12 +32,13 @@ brought up to date by listing all of ``done/``: at 256 workers, nine pages at a 
 store was slowest, while every other worker went on with the old summary and checked shard
 after finished shard.)
 
-So a lease that goes away without a ``.free`` marker in its place was finished: a worker lists
-``done/`` (one object per finished shard, one request per 1,000) when it starts, and from then
-on ``leases/`` only (about two objects per worker), and follows the shards' fate from what
-appears and goes there; it looks at ``done/`` again (through ``finished.json`` when another
-worker listed it a moment ago) only when it goes past its own shards, when it finds several
-shards it believed free already finished, and before it stops. Clocks: staleness
+So a lease that goes away without a ``.free`` marker in its place was finished: a worker reads
+the finished shards (``finished.json`` and the journal since it was listed, or ``done/``: one
+object per finished shard, one request per 1,000) when it starts, and from then on
+``leases/`` (about one lease per busy worker) and the journal since its last look (the
+shards finished since), and follows the shards' fate from that; it takes a full look again
+(through ``finished.json``) when its last look is too long ago for the journal to be a short
+listing (when it goes past its own shards), and before it stops. Clocks: staleness
 compares the lease's ``heartbeat_at`` (the holder's clock) with the thief's; a cluster's clocks
 agree within a second or so, far inside 60 s.
 
@@ -140,8 +137,8 @@ REFRESH = "finished.refresh"
 #: Leases an idle worker reads per look, in the tail of a run, to find stragglers (each idle
 #: worker reads others, so together they read them all every few seconds).
 TAIL_SAMPLE = 4
-#: Shards believed free but found finished (claimed and finished by others between two looks
-#: of this worker) before a worker lists ``done/`` again.
+#: Shards believed free but found finished (claimed and finished by others since this worker's
+#: last look) before it lists again.
 MISSES_BEFORE_LISTING = 16
 #: Shards listed as free that another worker claimed first before a worker lists again.
 COLLISIONS_BEFORE_LISTING = 4
@@ -162,7 +159,8 @@ TAKEOVER_FACTOR = 2.0
 class LeaseListing:
     """What one listing of ``leases/`` shows."""
 
-    #: shards finished a moment ago (``<shard>.done``)
+    #: finished shards: none from :meth:`LeaseBook.leases` (a claimer reads the journal,
+    #: :meth:`LeaseBook.finished_since`), every one from :meth:`LeaseBook.listing`
     done: set[int]
     #: held shard -> when its lease was last written
     held: dict[int, datetime]
@@ -201,6 +199,13 @@ def summary_seconds(lease_seconds: float, poll: float) -> float:
     return max(2.0, min(lease_seconds / 2, poll))
 
 
+def journal_margin(lease_seconds: float, poll: float) -> float:
+    """How far before a moment the journal of finished shards is read (see
+    :attr:`LeaseBook.journal_margin`): ``poll`` seconds, 2 at least, a quarter lease at
+    most."""
+    return min(lease_seconds / 4, max(2.0, poll))
+
+
 def own_shards(index: int, workers: int, shards: int) -> range:
     """Worker ``index``'s own shards: ``index``, ``index + workers``, ... (the static split)."""
     return range(index % shards, shards, max(1, workers))
@@ -232,19 +237,12 @@ class LeaseBook:
         self.seconds = WorkerSettings.from_env().lease_seconds if seconds is None else seconds
         #: shards this book saw finished: by its owner, or when a claim found them finished
         self.seen_done: set[int] = set()
-        #: the shards whose ``leases/<shard>.done`` marker this book left, oldest first, with
-        #: when (monotonic); markers older than ``keep_done`` seconds are deleted as the next
-        #: shard is finished, the last one is kept
-        self._recent: deque[tuple[int, float]] = deque()
-        #: how long this book keeps its ``.done`` markers: three times as long as
-        #: ``finished.json`` is taken as it is (a poll interval), so that workers that look
-        #: at ``leases/`` about once a poll or once a shard see the shard finished (its
-        #: :class:`Claimer` sets it from its poll interval)
-        self.keep_done = 3 * summary_seconds(self.seconds, default_poll(self.seconds))
-        #: how far before a summary's ``listed_at`` the journal is read to bring it up to
-        #: date: a quarter lease time, for the clocks of the workers and for journal entries
-        #: written just before the summary was listed but seen by the store only after
-        self.journal_margin = self.seconds / 4
+        #: how far before a moment the journal is read for the shards finished since (a
+        #: summary's ``listed_at``, a worker's last look): for the clocks of the workers and
+        #: for entries written just before that moment but seen by the store only after. A
+        #: poll interval (2 s at least), a quarter lease at most (its :class:`Claimer` sets
+        #: it from its poll interval); an entry missed costs a check, never a skipped shard.
+        self.journal_margin = journal_margin(self.seconds, default_poll(self.seconds))
         #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
         self._bookkeeper: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -302,10 +300,11 @@ class LeaseBook:
 
     def listing(self) -> LeaseListing:
         """The whole picture, for ``status`` and the CLI (not the claiming loop, which
-        follows ``leases/`` alone): one listing of ``leases/`` and one of ``done/``, with
-        ``done`` every finished shard and ``held`` and ``released`` only unfinished ones."""
+        follows ``leases/`` and the journal): one listing of ``leases/`` and one of ``done/``,
+        with ``done`` every finished shard and ``held`` and ``released`` only unfinished
+        ones."""
         found = self.leases()
-        done = found.done | self.finished()
+        done = self.finished()
         return LeaseListing(done, {s: t for s, t in found.held.items() if s not in done},
                             found.released - done, found.summary_at)
 
@@ -340,8 +339,8 @@ class LeaseBook:
             return None
 
     def leases(self) -> LeaseListing:
-        """One listing of ``leases/``: about one object per busy worker."""
-        done: set[int] = set()
+        """One listing of ``leases/``: about one object per busy worker (``done`` empty: see
+        :meth:`finished_since`)."""
         held: dict[int, datetime] = {}
         released: set[int] = set()
         summary_at = refresh_at = None
@@ -358,15 +357,14 @@ class LeaseBook:
                 held[int(stem)] = modified
             elif ext == "free":
                 released.add(int(stem))
-            elif ext == "done":  # finished a moment ago
-                done.add(int(stem))
-        return LeaseListing(done, held, released, summary_at, refresh_at, listed_at)
+        return LeaseListing(set(), held, released, summary_at, refresh_at, listed_at)
 
     def take_refresh(self, found: LeaseListing) -> bool:
-        """Whether this worker lists ``done/`` for the others now: True when it created the
-        ``finished.refresh`` marker (create-only: one of the workers asking at one moment);
-        a marker older than half a lease time (its worker died or stalled) is deleted first,
-        so at worst two workers list at once. :meth:`end_refresh` deletes it."""
+        """Whether this worker brings ``finished.json`` up to date for the others now (from
+        the journal, or by listing ``done/``): True when it created the ``finished.refresh``
+        marker (create-only: one of the workers asking at one moment); a marker older than
+        half a lease time (its worker died or stalled) is deleted first, so at worst two
+        workers are at it at once. :meth:`end_refresh` deletes it."""
         key = f"{self.folder}/{REFRESH}"
         if found.refresh_at is not None and \
                 datetime.now(UTC) - found.refresh_at > timedelta(seconds=self.seconds / 2):
@@ -478,27 +476,20 @@ class LeaseBook:
 
     def finish(self, claim: Claim) -> None:
         """The shard is finished: mark it done (never claimed again), add it to the journal
-        (``finished.json`` is brought up to date from it), leave a ``.done`` marker in
-        ``leases/`` (kept until this worker finishes a shard ``keep_done`` seconds later:
-        workers that look at ``leases/`` only, about once a shard, see it finished), then drop
-        the lease (a thief's too: it learns at its next renewal that there is nothing left to
-        do)."""
+        (where the other workers see it finished at their next look, and from which
+        ``finished.json`` is brought up to date), then drop the lease (a thief's too: it
+        learns at its next renewal that there is nothing left to do)."""
         try:
             self.storage.create(self.done_key(claim.shard), b"")
         except WriteConflict:  # a thief finished it too (written again: it may have died
             pass  # before its journal entry; two entries of a shard are harmless)
         self.storage.write(self.journal_key(claim.shard, datetime.now(UTC)), b"")
         self.seen_done.add(claim.shard)
-        self.storage.write(self.recent_key(claim.shard), b"")
         self.storage.delete(self.key(claim.shard))
-        now = time.monotonic()
-        while self._recent and now - self._recent[0][1] > self.keep_done:
-            self.storage.delete(self.recent_key(self._recent.popleft()[0]))
-        self._recent.append((claim.shard, now))
 
     def finish_soon(self, claim: Claim) -> None:
         """:meth:`finish` in this book's bookkeeping thread: the worker goes on to claim and
-        run its next shard while the shard's four requests are made (they overlap with work
+        run its next shard while the shard's three requests are made (they overlap with work
         instead of adding to every shard's time: ``benchmarks/fleet.py`` measured 90 ms a
         shard at 16 workers on moto, a GPU idle between shards). The shard counts as finished
         for this worker at once (:attr:`seen_done`). Finishes are made one at a time, in
@@ -519,9 +510,6 @@ class LeaseBook:
             pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
-
-    def recent_key(self, shard: int) -> str:
-        return f"{self.folder}/{shard}.done"
 
     def release(self, claim: Claim) -> None:
         """Stopped before the end: the shard is free to claim at once. The ``.free`` marker
@@ -550,23 +538,25 @@ class Claimer:
     list is out of date). Others' shards are checked first (one request when finished).
 
     A worker reads the finished shards (``done/``, one object per finished shard, or
-    ``finished.json``, see :meth:`_finished`) at its first look; after that ``leases/`` only
-    (about one lease per busy worker): a look costs a small listing, not one of every finished
-    shard (see :meth:`state`); it takes a full look again when it goes past its own shards,
-    after :data:`MISSES_BEFORE_LISTING` shards believed free turned out finished, and before it
-    stops. When a listing yields nothing free (every unfinished shard is held by a live
-    worker), the worker waits, then looks again: ``poll`` seconds times the idle workers over
-    :data:`IDLE_POLLERS` (so that a thousand idle workers do not ask the store a thousand
-    times as often as eight), up to the lease time, jittered; while it waits it reads
-    ``finished.json`` every half lease time, to leave soon after the run ends. Iteration ends
-    when every shard is finished, or on ``stop``.
+    ``finished.json``, see :meth:`_finished`) at its first look; after that ``leases/`` and
+    the journal since its look before (about one lease per busy worker, one entry per shard
+    finished since): a look costs two small listings, not one of every finished shard (see
+    :meth:`state`); it takes a full look again when its look before is too long ago (when it
+    goes past its own shards), and before it stops; it lists again after
+    :data:`MISSES_BEFORE_LISTING` shards believed free turned out finished. When a listing
+    yields nothing free (every unfinished shard is held by a live worker), the worker waits,
+    then looks again: ``poll`` seconds times the idle workers over :data:`IDLE_POLLERS` (so
+    that a thousand idle workers do not ask the store a thousand times as often as eight), up
+    to the lease time, jittered; while it waits it reads ``finished.json`` every half lease
+    time, to leave soon after the run ends. Iteration ends when every shard is finished, or on
+    ``stop``.
     """
 
     def __init__(self, book: LeaseBook, shards: int, index: int, workers: int,
                  poll: float | None = None, stop: threading.Event | None = None):
         self.book, self.shards, self.index, self.workers = book, shards, index, workers
         self.poll = poll if poll is not None else default_poll(book.seconds)
-        book.keep_done = 3 * self.summary_seconds  # see LeaseBook.keep_done
+        book.journal_margin = journal_margin(book.seconds, self.poll)
         self.stop = stop or threading.Event()
         self.order = list(claim_order(index, workers, shards))
         self._candidates: deque[int] = deque()
@@ -582,7 +572,7 @@ class Claimer:
         self._verified: set[int] = set()
         self._held: dict[int, datetime] = {}
         self._released: set[int] = set()
-        #: shards believed free that were found finished since ``done/`` was last listed
+        #: shards believed free that were found finished since the last listing
         self._misses = 0
         self._look_in_full = False  # whether the next look reads the finished shards
         #: shards listed as free found taken by another worker since the last listing
@@ -609,7 +599,10 @@ class Claimer:
         #: prints them)
         self.looks: Counter[str] = Counter()
         self._why = "first"
-        self._summary_used: datetime | None = None  # when the summary it last read was written
+        #: the moment up to which this worker knows the finished shards (the journal is read
+        #: from there on at its next look); None before its first look
+        self._known_at: datetime | None = None
+        self._looked_at = 0.0  # when it last listed (monotonic)
         #: the shard the worker runs while a claim is made ahead (not a candidate of it)
         self._current: int | None = None
         #: a claim made ahead (:meth:`claim_ahead`), in its thread
@@ -622,71 +615,94 @@ class Claimer:
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as listed now:
         ``leases/`` and the finished shards (:meth:`_finished`) at the first look and when a
-        full look is due; otherwise ``leases/`` only, where a lease gone without a ``.free``
-        marker was finished (and a shard this worker never saw held may have been claimed and
-        finished in between: its claim finds that out)."""
+        full look is due; otherwise ``leases/`` and the journal since the look before (the
+        shards finished since), where a lease gone without a ``.free`` marker was finished
+        too (a lease deleted by hand is checked before the worker stops)."""
         self.listings += 1
         self.looks[self._why] += 1
         self._why = "used up"  # unless told otherwise before the next one
         found = self.book.leases()
-        self._full = self.listings == 1 or self._look_in_full or \
-            self._misses >= MISSES_BEFORE_LISTING or self._summary_due(found)
-        seen = found.done | self.book.seen_done  # finished: markers the store showed
+        self._looked_at = time.monotonic()
+        assert found.listed_at is not None
+        self._full = self._known_at is None or self._look_in_full or \
+            (found.listed_at - self._known_at).total_seconds() > self.journal_seconds
         if self._full:  # what the store says, in place of what was inferred
-            missed = self._misses >= MISSES_BEFORE_LISTING
+            finished, known_at = self._finished(found)
             # added to what earlier looks found (a shard once finished stays finished): a
-            # look that goes on with an old summary while another worker lists done/ would
-            # otherwise lose what this worker knew, and check finished shards anew (misses,
-            # and sooner still another full look)
-            self._verified |= seen | self._finished(found, missed)
+            # look that goes on with an old summary while another worker brings it up to date
+            # would otherwise lose what this worker knew, and check finished shards anew
+            self._verified |= self.book.seen_done | finished
             self._done = set(self._verified)
-            self._misses, self._look_in_full = 0, False
+            self._look_in_full = False
+            if known_at is not None:  # what it knew stays known (a deferred look's summary
+                # may be older than its last look)
+                self._known_at = max(known_at, self._known_at or known_at)
         else:
+            assert self._known_at is not None
+            seen = self.book.seen_done | self.book.finished_since(
+                self._known_at - timedelta(seconds=self.book.journal_margin))
+            self._known_at = found.listed_at
+            if self._summary_due(found):
+                seen |= self._bring_up_to_date(found)
             self._verified |= seen
             gone = set(self._held) - set(found.held) - found.released
             self._done |= seen | gone
+        self._misses = 0
         self._held, self._released = found.held, found.released
         return self._done, self._held
 
+    @property
+    def journal_seconds(self) -> float:
+        """A look reads the journal since the look before when that is at most this long ago
+        (three poll intervals: about a poll's worth of finished shards, a short listing), and
+        takes a full look otherwise (``finished.json``, a poll interval old, and the journal
+        since then: a worker back from its own shards does not list every shard finished
+        while it worked on them)."""
+        return 3 * self.summary_seconds
+
     def _summary_due(self, found: LeaseListing) -> bool:
         """Whether this look, past this worker's own shards (in the tail of the run, when
-        workers take full looks), brings ``finished.json`` up to date: it is older than
-        :attr:`summary_seconds` and nobody is at it. So the summary the others read in the
-        tail stays a poll interval old or so, and bringing it up to date stays a listing of
-        the last few seconds' journal (:meth:`_update`)."""
+        workers come back from their own shards and take full looks), brings
+        ``finished.json`` up to date for the others (:meth:`_bring_up_to_date`): it is older
+        than :attr:`summary_seconds` and nobody is at it. So the summary they read stays a
+        poll interval old or so, and bringing it up to date stays a listing of the last few
+        seconds' journal (:meth:`_update`)."""
         if not self._beyond_own or found.summary_at is None or found.refresh_at is not None:
             return False
         age = (datetime.now(UTC) - found.summary_at).total_seconds()
         return age > self.summary_seconds
 
-    def _finished(self, found: LeaseListing, missed: bool = False) -> set[int]:
-        """The finished shards: as another worker listed them less than
-        :attr:`summary_seconds` ago (``finished.json``, one request; after ``missed``:
-        not the summary this worker read last, which lacked them), else as this worker
-        lists them in ``done/`` (and publishes them); but while another worker is doing that
-        (``finished.refresh``), as it last published them, or none: a summary only ever names
-        finished shards, so what it lacks costs checks (misses, which bring the next full look
-        sooner), never a skipped shard. Without it, the hundreds of workers that run out of
-        their own shards at about the same moment would all list every finished shard at once
-        (at 256 workers, 8 pages each: a moto server saturated for minutes)."""
-        lacking = missed and found.summary_at == self._summary_used
-        if found.summary_at is not None and not lacking and \
+    def _finished(self, found: LeaseListing) -> tuple[set[int], datetime | None]:
+        """(The finished shards, the moment up to which they are complete): as another worker
+        published them less than :attr:`summary_seconds` ago (``finished.json``, one request)
+        and the journal since (one short listing); else brought up to date by this worker
+        (:meth:`_update`, or by listing ``done/`` when there is no summary) and published;
+        but while another worker is doing that (``finished.refresh``), as it last published
+        them (complete as of its ``listed_at``), or none: a summary only ever names finished
+        shards, so what it lacks costs checks, never a skipped shard. Without it, the hundreds
+        of workers that run out of their own shards at about the same moment would all list
+        every finished shard at once (at 256 workers, 8 pages each: a moto server saturated
+        for minutes)."""
+        if found.summary_at is not None and \
                 datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.summary_seconds):
-            published = self.book.published()
-            if published is not None:
+            summary = self.book.summary()
+            if summary is not None and summary.listed_at is not None:
                 self.summaries += 1
-                self._summary_used = found.summary_at
-                return published
-        # none, an old one, or the one whose gaps this worker just met (in the tail of a
-        # large run, hundreds of shards finish a minute)
-        # An empty leases/ is a run nobody has finished a shard of yet (each worker's last
-        # finished shard leaves its .done marker there): its done/ is empty, listed without
-        # the marker (two requests fewer for each of the workers starting at once).
-        begun = bool(found.held or found.done or found.released or found.summary_at
-                     or found.refresh_at)
+                known_at = datetime.now(UTC)
+                since = self.book.finished_since(
+                    summary.listed_at - timedelta(seconds=self.book.journal_margin))
+                return summary.shards() | since, known_at
+        # none, an old one, or one of an older version (without listed_at)
+        # An empty leases/ is a run nobody is working on: a new one (its done/ is empty),
+        # listed without the marker (two requests fewer for each of the workers starting at
+        # once), or one whose workers all left (a rerun).
+        begun = bool(found.held or found.released or found.summary_at or found.refresh_at)
         if begun and not self.book.take_refresh(found):
             self.deferred += 1
-            return (self.book.published() if found.summary_at is not None else None) or set()
+            summary = self.book.summary() if found.summary_at is not None else None
+            if summary is None:
+                return set(), None
+            return summary.shards(), summary.listed_at
         try:
             self.book.settle()  # its own last shard is in what it publishes
             update = self._update(found)
@@ -705,15 +721,31 @@ class Claimer:
         finally:
             if begun:
                 self.book.end_refresh()
-        return done
+        return done, listed_at
+
+    def _bring_up_to_date(self, found: LeaseListing) -> set[int]:
+        """Bring ``finished.json`` up to date and publish it, unless another worker is at it
+        (``finished.refresh``); the shards it names (none when it did not)."""
+        if not self.book.take_refresh(found):
+            return set()
+        try:
+            self.book.settle()
+            update = self._update(found)
+            if update is None:
+                return set()
+            self.updates += 1
+            self.book.publish(*update)
+            return update[0]
+        finally:
+            self.book.end_refresh()
 
     def _update(self, found: LeaseListing) -> tuple[set[int], datetime] | None:
         """The published summary brought up to date from the journal (the shards finished
         since it was listed, less :attr:`LeaseBook.journal_margin`: one listing of those, not
         of every finished shard: in the tail of a run of 8,192 shards, nine pages each time),
         with when that listing began; None when there is no summary, or it does not say when
-        it was listed (a summary of an older version: ``done/`` is listed). The ``.done``
-        markers of ``found`` and this worker's own finished shards are added too."""
+        it was listed (a summary of an older version: ``done/`` is listed). This worker's own
+        finished shards are added too."""
         if found.summary_at is None:
             return None
         summary = self.book.summary()
@@ -722,7 +754,7 @@ class Claimer:
         listed_at = datetime.now(UTC)
         since = self.book.finished_since(
             summary.listed_at - timedelta(seconds=self.book.journal_margin))
-        return summary.shards() | since | found.done | self.book.seen_done, listed_at
+        return summary.shards() | since | self.book.seen_done, listed_at
 
     @property
     def summary_seconds(self) -> float:
@@ -841,10 +873,12 @@ class Claimer:
             shard = self._candidates.popleft()
             if not self._beyond_own and shard in self._free and shard not in self._own:
                 # out of its own shards: what it listed before may be long out of date
-                # (others finished most of theirs meanwhile): list in full, once
+                # (its first look, before it worked through its own shards, while others
+                # finished most of theirs: at 256 workers each then checked 16 finished shards
+                # before it listed again): list again, once, unless it listed a moment ago
+                # (in full when that is too long ago for the journal since, see state())
                 self._beyond_own = True
-                if not self._full:
-                    self._look_in_full = True
+                if time.monotonic() - self._looked_at > self.summary_seconds:
                     self._candidates.clear()
                     self._why = "past own"
                     return None, _RELIST
@@ -863,7 +897,7 @@ class Claimer:
                 self.missed += 1
                 if self._misses < MISSES_BEFORE_LISTING:
                     continue
-                self._candidates.clear()  # too many: list done/ again
+                self._candidates.clear()  # too many: the list is out of date
                 self._why = "misses"
                 return None, _RELIST
             if shard in self._free:  # it was free when listed: another worker was first

@@ -68,6 +68,10 @@ def tree(out: Path) -> list[str]:
         return " ".join(names) if len(names) <= 4 else f"{names[0]} {names[1]} ... {names[-1]}"
 
     if (run / "leases").is_dir():
+        journal = len([p for p in (run / "finished").iterdir() if not p.name.startswith(".")])
+        lines.append(f"    ├── done/{listed('done')}")
+        lines.append(f"    ├── finished/<UTC time>-<shard> ({journal}: the journal of finished "
+                     "shards)")
         lines.append(f"    ├── leases/{listed('leases')}")
     lines.append(f"    └── shards/{listed('shards')}")
     return lines

@@ -74,10 +74,11 @@ def leases(out: Path, m: Manifest, folder: str = "leases") -> list[str]:
 
 
 def finished(out: Path, m: Manifest, shards: int) -> bool:
-    """Every shard marked finished, and no lease left behind (``<shard>.done``: the shards a
-    worker finished of late)."""
+    """Every shard marked finished and in the journal of finished shards (``finished/``,
+    ``<time>-<shard>``), and no lease left behind."""
+    journal = {int(n.rpartition("-")[2]) for n in leases(out, m, "finished")}
     return (leases(out, m, "done") == [str(s) for s in range(shards)]
-            and [n for n in leases(out, m) if not n.endswith(".done")] == [])
+            and journal == set(range(shards)) and leases(out, m) == [])
 
 
 def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path):

@@ -232,23 +232,24 @@ def test_while_one_worker_brings_the_summary_up_to_date_the_others_go_on_with_th
     or done twice. A marker left by a worker that died is taken over after half a lease."""
     store = open_storage(store_uri)
     book = LeaseBook(store, "relit-g", seconds=4.0)
-    book.keep_done = 0  # it keeps the marker of its last finished shard only: gaps to meet
     for shard in (0, 1):
         book.finish(book.try_claim(shard))
     first = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=0, workers=2)
     assert first.state()[0] >= {0, 1} and first.done_listings == 1
     assert not store.exists("_relit/relit-g/leases/finished.refresh")  # ended with the listing
-    for shard in (2, 3):  # finished after the summary; leases/ shows 3.done, not 2
+    for shard in (2, 3):  # finished after the summary
         book.finish(book.try_claim(shard))
     time.sleep(3.1)  # the summary is old (over 2 s, the least; S3 times are to the second)
     lister = LeaseBook(store, "relit-g", seconds=4.0)
     assert lister.take_refresh(lister.leases())  # another worker is at it now
     assert not LeaseBook(store, "relit-g", seconds=4.0).take_refresh(lister.leases())
     waiting = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=1, workers=2)
-    assert waiting.state()[0] == {0, 1, 3}
+    assert waiting.state()[0] == {0, 1}  # the last summary: 2 and 3 are not in it
     assert (waiting.done_listings, waiting.deferred) == (0, 1)
-    got = waiting.next()  # 2 is checked (finished: a miss), 4 claimed
+    # its next look reads the journal since that summary: 2 and 3 finished, 4 claimed
+    got = waiting.next()
     assert got is not None and got.shard == 4 and waiting.claims == 1
+    assert waiting.missed == 0 and waiting.listings == 2
     waiting.book.finish(got)
     time.sleep(3.1)  # the lister died: its marker is older than half a lease
     last = Claimer(LeaseBook(store, "relit-g", seconds=4.0), shards=5, index=0, workers=2)
@@ -276,25 +277,24 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     assert store.exists("_relit/relit-f/leases/finished.json")
     second = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert second.state()[0] >= {0, 1, 2, 5} and (second.done_listings, second.summaries) == (0, 1)
-    second._misses = MISSES_BEFORE_LISTING  # its candidates were finished: the summary it
-    second.state()  # read lacks shards, and reading it again would not help: it brings it up
-    # to date (the .done markers, and the shards it found finished) and publishes it
-    assert (second.done_listings, second.summaries, second.updates) == (0, 1, 1)
-    time.sleep(3.1)  # older than 2 s (S3 times are to the second): brought up to date, here
-    book.finish(book.try_claim(6))  # from the .done marker of 6
+    book.finish(book.try_claim(6))  # seen at its next look, in the journal since its last
+    assert 6 in second.state()[0]
+    assert (second.listings, second.done_listings, second.summaries) == (2, 0, 1)
+    time.sleep(3.1)  # older than 2 s (S3 times are to the second): brought up to date
     third = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
-    assert 6 in third.state()[0]
+    assert third.state()[0] >= {0, 1, 2, 5, 6}
     assert (third.done_listings, third.summaries, third.updates) == (0, 0, 1)
     assert book.published() == {0, 1, 2, 5, 6}
     store.write("_relit/relit-f/leases/finished.json", b"{not json")
     fourth = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert fourth.state()[0] >= {0, 1, 2, 5, 6} and fourth.done_listings == 1
-    # a shard the summary does not name is checked: claimed if unfinished, never skipped
-    store.write("_relit/relit-f/leases/finished.json", FinishedSummary.of({0, 1, 2, 5, 6})
-                .model_dump_json().encode())
+    # a shard that neither the summary nor the journal names is checked: claimed if
+    # unfinished, never skipped
+    store.write("_relit/relit-f/leases/finished.json", FinishedSummary.of(
+        {0, 1, 2, 5, 6}, datetime.now(UTC)).model_dump_json().encode())
     other = LeaseBook(store, "relit-f", seconds=4.0)
-    other.finish(other.try_claim(7))  # finished, in neither the summary nor leases/
-    other.finish(other.try_claim(4))
+    other.finish(other.try_claim(4))  # in the journal
+    store.write("_relit/relit-f/done/7", b"")  # its worker died before its journal entry
     last = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     got = last.next()
     assert got.shard == 3 and last.summaries == 1 and last.done_listings == 0
@@ -312,8 +312,8 @@ def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_d
     It names every finished shard and no other, whether or not the ``.done`` markers are
     still there."""
     store = open_storage(store_uri)
-    book = LeaseBook(store, "relit-u", seconds=4.0)  # poll 2 s, markers kept 6 s
-    assert (book.keep_done, book.journal_margin) == (6.0, 1.0)
+    book = LeaseBook(store, "relit-u", seconds=4.0)
+    assert book.journal_margin == 1.0  # a quarter lease (less than a poll, 2 s at least)
     for shard in (0, 1, 2):
         book.finish(book.try_claim(shard))
     first = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=0, workers=3)
@@ -328,14 +328,9 @@ def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_d
     assert book.published() == {0, 1, 2, 3, 4}
     assert not store.exists("_relit/relit-u/leases/finished.refresh")
     book.finish(held)
-    # the markers of 6 are gone as soon as 7 is finished, and the summary is older than the
-    # markers are kept: the journal names them all the same
-    lone = LeaseBook(store, "relit-u", seconds=4.0)
-    lone.keep_done = 0
     for shard in (6, 7):
-        lone.finish(lone.try_claim(shard))
-    assert not store.exists("_relit/relit-u/leases/6.done")
-    time.sleep(6.5)
+        book.finish(book.try_claim(shard))
+    time.sleep(6.5)  # the summary is three polls old
     third = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=2, workers=3)
     assert third.state()[0] == {0, 1, 2, 3, 4, 5, 6, 7}
     assert (third.updates, third.done_listings) == (1, 0)
@@ -393,6 +388,25 @@ def test_in_the_tail_a_look_brings_an_old_summary_up_to_date(tmp_path):
     assert 3 in busy.state()[0] and busy.updates == 0  # on its own shards: leases/ only
     assert 3 in tail.state()[0] and (tail.updates, tail.done_listings) == (1, 0)
     assert book.published() == {0, 1, 3}
+
+
+def test_a_worker_that_meets_many_finished_shards_it_believed_free_lists_again(tmp_path):
+    """Shards finished without a journal entry (their worker died between the two writes) are
+    believed free: each costs one check, and after MISSES_BEFORE_LISTING of them the worker
+    lists again instead of checking its whole list one by one."""
+    store = LocalStorage(tmp_path / "out")
+    busy = LeaseBook(store, "relit-m")
+    held = [busy.try_claim(s) for s in range(0, 40, 2)]  # its own shards: held by another
+    assert all(held)
+    worker = Claimer(LeaseBook(store, "relit-m"), shards=40, index=0, workers=2)
+    assert worker._refresh()  # its first look: nothing finished, the odd shards free
+    for shard in range(1, 40, 2):  # finished since, without their journal entries
+        store.write(f"_relit/relit-m/done/{shard}", b"")
+    claim, outcome = worker._round()
+    assert claim is None and outcome == "relist"
+    assert worker.missed == MISSES_BEFORE_LISTING and worker.claims == 0
+    worker._round()
+    assert worker.looks["misses"] == 1 and worker.missed == 20
 
 
 def test_claim_order_takes_own_shards_first_then_the_rest_in_an_order_of_its_own():
