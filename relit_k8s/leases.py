@@ -12,12 +12,12 @@ Under ``<output>/_relit/<run>/leases/``:
 * ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
   lease, so that another claims the shard at once (and deletes the marker).
 * ``finished.json``: the finished shards as of a moment (``listed_at``), published for the
-  others: a worker that needs the full picture reads it (one request) when the listing of
-  ``leases/`` shows it younger than a poll interval (:attr:`Claimer.summary_seconds`), and
-  brings it up to date otherwise, from the journal of finished shards (below): one listing of
-  what was finished since the summary was listed, however old it is. A summary only ever
-  names shards whose ``done/`` marker exists, so a stale one costs a wasted check, never a
-  skipped shard.
+  others: a worker that needs the full picture reads it and the journal since it (two
+  requests) when the listing of ``leases/`` shows it younger than a poll interval
+  (:attr:`Claimer.summary_seconds`), and brings it up to date otherwise, from the journal of
+  finished shards (below): one listing of what was finished since the summary was listed,
+  however old it is. A summary only ever names shards whose ``done/`` marker exists, so a
+  stale one costs a wasted check, never a skipped shard.
 * ``finished.refresh``: a worker is bringing ``finished.json`` up to date (a create-only
   write: of the workers that need the full picture at one moment, one does it and the others go
   on with the last summary, instead of all listing every finished shard at once).
