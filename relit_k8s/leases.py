@@ -281,6 +281,11 @@ class LeaseBook:
                 shards.add(int(shard))
         return shards
 
+    def finished_after(self, moment: datetime) -> set[int]:
+        """:meth:`finished_since` ``moment`` less :attr:`journal_margin` (for the workers'
+        clocks, and entries the store saw after that moment)."""
+        return self.finished_since(moment - timedelta(seconds=self.journal_margin))
+
     def _lease(self, shard: int, previous: Lease | None = None) -> Lease:
         now = datetime.now(UTC)
         return Lease(run_id=self.run_id, shard=shard, owner=self.owner, claimed_at=now,
@@ -639,8 +644,7 @@ class Claimer:
                 self._known_at = max(known_at, self._known_at or known_at)
         else:
             assert self._known_at is not None
-            seen = self.book.seen_done | self.book.finished_since(
-                self._known_at - timedelta(seconds=self.book.journal_margin))
+            seen = self.book.seen_done | self.book.finished_after(self._known_at)
             self._known_at = found.listed_at
             if self._summary_due(found):
                 seen |= self._bring_up_to_date(found)
@@ -688,10 +692,7 @@ class Claimer:
             summary = self.book.summary()
             if summary is not None and summary.listed_at is not None:
                 self.summaries += 1
-                known_at = datetime.now(UTC)
-                since = self.book.finished_since(
-                    summary.listed_at - timedelta(seconds=self.book.journal_margin))
-                return summary.shards() | since, known_at
+                return self._with_journal(summary.shards(), summary.listed_at)
         # none, an old one, or one of an older version (without listed_at)
         # An empty leases/ is a run nobody is working on: a new one (its done/ is empty),
         # listed without the marker (two requests fewer for each of the workers starting at
@@ -751,10 +752,14 @@ class Claimer:
         summary = self.book.summary()
         if summary is None or summary.listed_at is None:
             return None
-        listed_at = datetime.now(UTC)
-        since = self.book.finished_since(
-            summary.listed_at - timedelta(seconds=self.book.journal_margin))
-        return summary.shards() | since | self.book.seen_done, listed_at
+        done, listed_at = self._with_journal(summary.shards(), summary.listed_at)
+        return done | self.book.seen_done, listed_at
+
+    def _with_journal(self, shards: set[int], listed_at: datetime) -> tuple[set[int], datetime]:
+        """A summary's ``shards`` (complete as of ``listed_at``) and the journal since then:
+        the finished shards, with when the journal's listing began (complete as of then)."""
+        at = datetime.now(UTC)
+        return shards | self.book.finished_after(listed_at), at
 
     @property
     def summary_seconds(self) -> float:
