@@ -25,9 +25,11 @@ both, units lost (must be 0), units processed twice (with leases only after a st
 outputs byte-identical), claims per second the store sustained, S3 requests and their latency
 (over the row, and in its tail: from 90% of the ideal makespan on; the tail's requests by
 operation, and listings by folder, up to the last output written), what the claimers did
-(listings of ``leases/`` and of ``done/``, summaries read and brought up to date, misses and
-collisions, idle reads of ``finished.json``, listings by why), the requests, listings and
-median latency per tenth of the ideal makespan (when the store saturated), and the share of
+(looks, and those that read ``finished.json`` in place of listing ``leases/``, listings of
+``done/``, summaries read and brought up to date, misses and collisions, idle reads of
+``finished.json``, looks by why), the requests, listings, median latency and the claimers'
+looks (by why and how) per tenth of the ideal makespan (when the store saturated), and the
+share of
 the workers' time spent waiting for claims (between shards; scaled time makes shards short, the
 store's latency is not scaled: at 16 workers a shard is about 2 s, on a real fleet minutes).
 
@@ -68,6 +70,9 @@ UNITS_PER_WORKER = 64
 ITEMS_PER_UNIT = 32
 SLOW_FRACTION, SLOW_FACTOR = 0.10, 3.0
 KILLED_FRACTION = 0.05
+#: What the claimers did, summed over the row (Claimer's counters of the same names).
+CLAIMER_COUNTS = ("listings", "summary_looks", "done_listings", "summaries", "updates",
+                  "deferred", "missed", "collided", "end_checks")
 
 
 def _free_port() -> int:
@@ -120,11 +125,14 @@ class Row:
     tail_ops: dict = field(default_factory=dict)  # the same, in the tail
     #: per tenth of the ideal makespan: requests, listings, latency's median
     timeline: list = field(default_factory=list)
-    #: what the claimers did, summed: listings of leases/, of done/, summaries read in place
-    #: of one, summaries brought up to date from the journal in place of one, full looks
-    #: deferred to another worker bringing it up to date, misses, collisions, and reads of
-    #: finished.json by idle workers to see the run finished
+    #: what the claimers did, summed (CLAIMER_COUNTS): looks (each a listing of leases/, or a
+    #: read of finished.json with the leases another worker listed: summary_looks), listings
+    #: of done/, summaries read in place of one, summaries brought up to date from the
+    #: journal in place of one, full looks deferred to another worker bringing it up to date,
+    #: misses, collisions, and reads of finished.json by idle workers to see the run finished
     claimers: dict = field(default_factory=dict)
+    #: the claimers' looks as (seconds into the row, why, how), folded into the timeline
+    look_log: list = field(default_factory=list, repr=False)
 
     @property
     def ratio(self) -> float:
@@ -132,6 +140,7 @@ class Row:
 
     def as_dict(self) -> dict:
         d = self.__dict__.copy()
+        d.pop("look_log")
         d["makespan_over_ideal"] = self.ratio
         d["claims_per_second"] = round(self.claims / self.makespan_s, 2) if self.claims else 0
         d["claiming_share"] = round(self.claiming_s / (self.workers * self.ideal_s), 3)
@@ -354,7 +363,21 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
     nears its end (``ahead``, as the worker does: Claimer.near_end), or only once it ended."""
     from relit_k8s.leases import Claimer, LeaseBook, LeaseLost
 
+    class TimedClaimer(Claimer):
+        """A claimer that notes when it looked, why, and how (a read of finished.json with
+        the leases another worker listed; a listing with the finished shards, "full"; or a
+        listing of leases/ and the journal since its look before), for the row's timeline."""
+
+        def state(self):
+            why, read = self._why, self.summary_looks
+            found = super().state()
+            how = "summary" if self.summary_looks > read else "full" if self._full else ""
+            with lock:
+                look_log.append((time.monotonic() - start, why, how))
+            return found
+
     start = time.monotonic()
+    look_log: list[tuple[float, str, str]] = []
     stolen: set[int] = set()
     totals = Counter()
     looks: Counter[str] = Counter()  # the claimers' listings of leases/, by why
@@ -364,7 +387,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
         speed, killed = fleet.speeds[w], _kill_timer(fleet, w, start)
         while True:
             book = LeaseBook(store.storage, "fleet", seconds=fleet.lease_seconds)
-            claimer = Claimer(book, shards, w, fleet.workers)  # a kill lands mid-unit
+            claimer = TimedClaimer(book, shards, w, fleet.workers)  # a kill lands mid-unit
             dead, written_items, busy = False, 0, 0.0
             asked = time.monotonic()
             for claim in claimer:
@@ -419,8 +442,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
             with lock:
                 totals["claims"] += claimer.claims
                 totals["steals"] += claimer.steals
-                for k in ("listings", "done_listings", "summaries", "updates", "deferred",
-                          "missed", "collided", "end_checks"):
+                for k in CLAIMER_COUNTS:
                     totals[k] += getattr(claimer, k)
                 for why, n in claimer.looks.items():
                     looks[why] += n
@@ -437,15 +459,14 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
     row = Row("leases" if ahead else "leases-no-ahead", fleet.workers, shards, fleet.seconds,
               killed=len(fleet.kills),
               claims=totals["claims"], steals=totals["steals"],
-              claimers={k: totals[k] for k in ("listings", "done_listings", "summaries",
-                                                "updates", "deferred", "missed", "collided",
-                                                "end_checks")} | {"looks": dict(looks)})
+              claimers={k: totals[k] for k in CLAIMER_COUNTS} | {"looks": dict(looks)})
     row.makespan_s = round(store.last_write - start, 2)
     row.claiming_s, row.finishing_s = (round(totals[k], 1) for k in ("claiming_s",
                                                                      "finishing_s"))
     twice = [u for u, n in store.processed.items() if n > 1]
     shard_of = {u: s for s in range(shards) for u in fleet.shard_units(shards, s)}
     row.twice_without_steal = sum(1 for u in twice if shard_of[u] not in stolen)
+    row.look_log = look_log
     return row
 
 
@@ -463,6 +484,15 @@ def check_outputs(fleet: Fleet, store: Store, row: Row) -> None:
     row.tail_ops = store.tail_ops(after=0.9 * fleet.seconds,
                                   until=store.last_write - store.created)
     row.timeline = store.timeline(step=fleet.seconds / 10)
+    step = fleet.seconds / 10
+    for t, why, how in row.look_log:  # the claimers' looks per tenth, by why and how
+        tenth = int(t // step)
+        while len(row.timeline) <= tenth:
+            row.timeline.append({"from_s": round(len(row.timeline) * step), "requests": 0,
+                                 "listings": 0, "p50_ms": 0.0})
+        looks = row.timeline[tenth].setdefault("looks", {})
+        key = why + (f" ({how})" if how else "")
+        looks[key] = looks.get(key, 0) + 1
 
 
 def _ms(pct: dict) -> str:

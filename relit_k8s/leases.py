@@ -11,13 +11,16 @@ Under ``<output>/_relit/<run>/leases/``:
   fails with :class:`LeaseLost`: it stops working on that shard.
 * ``<shard>.free``: a released shard. A worker stopped by SIGTERM writes it, then deletes its
   lease, so that another claims the shard at once (and deletes the marker).
-* ``finished.json``: the finished shards as of a moment (``listed_at``), published for the
-  others: a worker that needs the full picture reads it and the journal since it (two
-  requests) when the listing of ``leases/`` shows it younger than a poll interval
-  (:attr:`Claimer.summary_seconds`), and brings it up to date otherwise, from the journal of
-  finished shards (below): one listing of what was finished since the summary was listed,
-  however old it is. A summary only ever names shards whose ``done/`` marker exists, so a
-  stale one costs a wasted check, never a skipped shard.
+* ``finished.json``: the finished shards as of a moment (``listed_at``) and the leases
+  listed just before, published for the others: while it is younger than a poll interval
+  (:attr:`Claimer.summary_seconds`) a worker's look reads it (one small read) instead of
+  listing ``leases/`` and the journal; past its own shards, a worker whose look finds it
+  older brings it up to date, from a listing of ``leases/`` and the journal of finished
+  shards (below): one listing of what was finished since the summary was listed, however
+  old it is. So in the tail of a large run, when hundreds of workers look every few
+  seconds, one of them lists per poll interval for all. A summary only ever names shards
+  whose ``done/`` marker exists, and what it lacks (shards claimed or finished since) costs
+  a collision or a check, never a skipped shard.
 * ``finished.refresh``: a worker is bringing ``finished.json`` up to date (a create-only
   write: of the workers that need the full picture at one moment, one does it and the others go
   on with the last summary, instead of all listing every finished shard at once).
@@ -34,11 +37,12 @@ after finished shard.)
 
 So a lease that goes away without a ``.free`` marker in its place was finished: a worker reads
 the finished shards (``finished.json`` and the journal since it was listed, or ``done/``: one
-object per finished shard, one request per 1,000) when it starts, and from then on
-``leases/`` (about one lease per busy worker) and the journal since its last look (the
-shards finished since), and follows the shards' fate from that; it takes a full look again
-(through ``finished.json``) when its last look is too long ago for the journal to be a short
-listing (when it goes past its own shards), and before it stops. Clocks: staleness
+object per finished shard, one request per 1,000) when it starts, and from then on a fresh
+``finished.json``, or ``leases/`` (about one lease per busy worker) and the journal since its
+last look (the shards finished since), and follows the shards' fate from that; it takes a
+full look again (through ``finished.json``) when its last look is too long ago for the
+journal to be a short listing (when it goes past its own shards), and before it stops
+unless a summary named every shard. Clocks: staleness
 compares the lease's ``heartbeat_at`` (the holder's clock) with the thief's; a cluster's clocks
 agree within a second or so, far inside 60 s.
 
@@ -108,27 +112,46 @@ class Lease(BaseModel):
 
 class FinishedSummary(BaseModel):
     """``<output>/_relit/<run>/leases/finished.json``: the shards finished when a worker
-    listed ``done/``, as ``[first, last + 1)`` ranges."""
+    listed ``done/`` (or brought the last summary up to date from the journal), as
+    ``[first, last + 1)`` ranges, and the leases as that worker listed them a moment before:
+    the picture of the run that a look needs, published by one worker per poll interval for
+    all of them (:meth:`Claimer.state`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # fields added later are ignored by older readers, not a reason to list done/ again
+    model_config = ConfigDict(extra="ignore")
 
     ranges: list[tuple[int, int]]
     #: every shard finished before this moment is named (the publisher's clock; None in
     #: summaries written before it was recorded: those are not brought up to date, but listed)
     listed_at: datetime | None = None
+    #: the leases listed just before ``listed_at``: held shard -> when its lease was last
+    #: written, and the released shards (None: not recorded; a look lists ``leases/``)
+    held: dict[int, datetime] | None = None
+    released: list[int] = []
 
     @classmethod
-    def of(cls, shards: set[int], listed_at: datetime | None = None) -> FinishedSummary:
+    def of(cls, shards: set[int], listed_at: datetime | None = None,
+           leases: LeaseListing | None = None) -> FinishedSummary:
         ranges: list[tuple[int, int]] = []
         for s in sorted(shards):
             if ranges and ranges[-1][1] == s:
                 ranges[-1] = (ranges[-1][0], s + 1)
             else:
                 ranges.append((s, s + 1))
-        return cls(ranges=ranges, listed_at=listed_at)
+        if leases is None:
+            return cls(ranges=ranges, listed_at=listed_at)
+        return cls(ranges=ranges, listed_at=listed_at,
+                   held={s: t for s, t in leases.held.items() if s not in shards},
+                   released=sorted(leases.released - shards))
 
     def shards(self) -> set[int]:
         return {s for first, end in self.ranges for s in range(first, end)}
+
+    def leases(self) -> LeaseListing:
+        """The leases it records, as a listing of ``leases/`` made at ``listed_at`` shows them
+        (a fresh summary, ``refresh_at`` unknown)."""
+        return LeaseListing(set(), dict(self.held or {}), set(self.released), self.listed_at,
+                            None, self.listed_at)
 
 
 SUMMARY = "finished.json"
@@ -317,11 +340,13 @@ class LeaseBook:
         """The finished shards (one listing of ``done/``)."""
         return {int(n) for n in self.storage.list_names(self.done_folder) if n.isdigit()}
 
-    def publish(self, done: set[int], listed_at: datetime | None = None) -> None:
+    def publish(self, done: set[int], listed_at: datetime | None = None,
+                leases: LeaseListing | None = None) -> None:
         """Write ``finished.json`` for the other workers: ``done``, every shard finished
-        before ``listed_at``."""
-        self.storage.write(self.summary_key,
-                           FinishedSummary.of(done, listed_at).model_dump_json().encode())
+        before ``listed_at``, and the ``leases`` listed just before (the held and released
+        shards but the finished ones)."""
+        self.storage.write(self.summary_key, FinishedSummary.of(
+            done, listed_at, leases).model_dump_json().encode())
 
     @property
     def summary_key(self) -> str:
@@ -364,14 +389,15 @@ class LeaseBook:
                 released.add(int(stem))
         return LeaseListing(set(), held, released, summary_at, refresh_at, listed_at)
 
-    def take_refresh(self, found: LeaseListing) -> bool:
+    def take_refresh(self, found: LeaseListing | None = None) -> bool:
         """Whether this worker brings ``finished.json`` up to date for the others now (from
         the journal, or by listing ``done/``): True when it created the ``finished.refresh``
         marker (create-only: one of the workers asking at one moment); a marker older than
         half a lease time (its worker died or stalled) is deleted first, so at worst two
-        workers are at it at once. :meth:`end_refresh` deletes it."""
+        workers are at it at once (that needs a listing, ``found``). :meth:`end_refresh`
+        deletes it."""
         key = f"{self.folder}/{REFRESH}"
-        if found.refresh_at is not None and \
+        if found is not None and found.refresh_at is not None and \
                 datetime.now(UTC) - found.refresh_at > timedelta(seconds=self.seconds / 2):
             self.storage.delete(key)
         try:
@@ -421,30 +447,32 @@ class LeaseBook:
         showed it held: its lease is read first (a create would fail). ``check_first``: the
         shard may well be finished (another worker's, listed a while ago): its ``done/``
         marker is checked first, so that a shard found finished costs one request, not a
-        create, a check and a delete."""
-        claim = self._try_claim(shard, faster_than, held, check_first)
-        if released and (claim is not None or shard in self.seen_done):
+        create, a check and a delete. A shard claimed after its lease was found gone (released
+        since the caller looked, by a summary a moment old) has its marker deleted too."""
+        claim, gone = self._try_claim(shard, faster_than, held, check_first)
+        if released and (claim is not None or shard in self.seen_done) or \
+                gone and claim is not None:
             self.storage.delete(self.free_key(shard))
         return claim
 
     def _try_claim(self, shard: int, faster_than: float | None, held: bool,
-                   check_first: bool) -> Claim | None:
-        """:meth:`try_claim` but for the ``.free`` marker; a shard found finished is added to
-        :attr:`seen_done`."""
+                   check_first: bool) -> tuple[Claim | None, bool]:
+        """:meth:`try_claim` but for the ``.free`` marker, and whether its lease was found
+        gone; a shard found finished is added to :attr:`seen_done`."""
         if check_first and not held and self.is_done(shard):
             self.seen_done.add(shard)
-            return None
-        claim = None if held else self._create(shard)
+            return None, False
+        claim, gone = None if held else self._create(shard), False
         if claim is None:
             found = self.read(shard)
             if found is None:  # released (or finished) a moment ago
-                claim = self._create(shard)
+                claim, gone = self._create(shard), True
             elif self.stale(found[0]) or self._straggler(found[0], faster_than):
                 lease = self._lease(shard, found[0])
                 try:
                     version = self.storage.replace(self.key(shard), _bytes(lease), found[1])
                 except WriteConflict:  # another thief was first, or the holder came back
-                    return None
+                    return None, False
                 claim = Claim(shard, version, lease)
                 why = (f"no heartbeat for {self.seconds:.0f} s" if self.stale(found[0]) else
                        f"{found[0].seconds_left(at=datetime.now(UTC)):.0f} s left at its rate")
@@ -454,8 +482,8 @@ class LeaseBook:
         if claim is not None and self.is_done(shard):  # finished while we looked
             self.seen_done.add(shard)
             self.storage.delete(self.key(shard))  # gone without a .free marker: finished
-            return None
-        return claim
+            return None, gone
+        return claim, gone
 
     def _create(self, shard: int) -> Claim | None:
         lease = self._lease(shard)
@@ -543,11 +571,13 @@ class Claimer:
     list is out of date). Others' shards are checked first (one request when finished).
 
     A worker reads the finished shards (``done/``, one object per finished shard, or
-    ``finished.json``, see :meth:`_finished`) at its first look; after that ``leases/`` and
-    the journal since its look before (about one lease per busy worker, one entry per shard
-    finished since): a look costs two small listings, not one of every finished shard (see
-    :meth:`state`); it takes a full look again when its look before is too long ago (when it
-    goes past its own shards), and before it stops; it lists again after
+    ``finished.json``, see :meth:`_finished`) at its first look; after that a
+    ``finished.json`` younger than a poll interval (the finished shards and the leases
+    another worker listed: one read), or else ``leases/`` and the journal since its look
+    before (about one lease per busy worker, one entry per shard finished since): a look
+    costs a read or two small listings, not one of every finished shard (see :meth:`state`);
+    it takes a full look again when its look before is too long ago (when it goes past its
+    own shards), and before it stops; it looks again after
     :data:`MISSES_BEFORE_LISTING` shards believed free turned out finished. When a listing
     yields nothing free (every unfinished shard is held by a live worker), the worker waits,
     then looks again: ``poll`` seconds times the idle workers over :data:`IDLE_POLLERS` (so
@@ -585,12 +615,15 @@ class Claimer:
         self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
-        #: claims made, steals among them, listings of leases/ made, of done/ made,
+        #: claims made, steals among them, looks made (listings of leases/, or reads of a
+        #: fresh finished.json: :attr:`summary_looks`), listings of done/ made,
         #: finished.json read in place of a listing of done/, brought up to date from the
         #: journal in place of one, and full looks that went on with the last summary while
         #: another worker brought it up to date
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
         self.updates = self.deferred = 0
+        #: looks made from a fresh ``finished.json`` with its leases, without a listing
+        self.summary_looks = 0
         #: shards believed free found finished (misses), or taken by another worker
         #: (collisions), over this claimer's life
         self.missed = self.collided = 0
@@ -618,16 +651,77 @@ class Claimer:
         self.claim_seconds = AHEAD_MIN_SECONDS / AHEAD_CLAIMS
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
-        """(finished shards, held shard -> when its lease was last written), as listed now:
-        ``leases/`` and the finished shards (:meth:`_finished`) at the first look and when a
-        full look is due; otherwise ``leases/`` and the journal since the look before (the
-        shards finished since), where a lease gone without a ``.free`` marker was finished
-        too (a lease deleted by hand is checked before the worker stops)."""
+        """(finished shards, held shard -> when its lease was last written), as looked at now:
+        from ``finished.json`` when another worker published it less than
+        :attr:`summary_seconds` ago with the leases it listed (one small read:
+        :meth:`_from_summary`); otherwise listed (:meth:`_listed`)."""
         self.listings += 1
         self.looks[self._why] += 1
         self._why = "used up"  # unless told otherwise before the next one
-        found = self.book.leases()
+        found = None
+        if self._known_at is not None and not self._look_in_full:
+            found = self._summary_look()
+        if found is None:
+            found = self._listed()
         self._looked_at = time.monotonic()
+        self._misses = 0
+        self._held, self._released = found.held, found.released
+        return self._done, self._held
+
+    def _summary_look(self) -> LeaseListing | None:
+        """A look from ``finished.json`` (:meth:`_from_summary`) when it records the leases
+        and was listed less than :attr:`summary_seconds` ago (by the publisher's clock: a
+        cluster's agree within a second or so). Past its own shards, a worker also takes one
+        younger than :attr:`journal_seconds`: it brings it up to date for the others (a listing
+        of ``leases/`` and one of the journal since it), or, while another worker is at it
+        (``finished.refresh``), goes on with it; so hundreds of workers that find it old at
+        once do not all list. None: this look lists (:meth:`_listed`)."""
+        summary = self.book.summary()
+        if summary is None or summary.held is None or summary.listed_at is None:
+            return None
+        age = (datetime.now(UTC) - summary.listed_at).total_seconds()
+        if age <= self.summary_seconds:
+            return self._from_summary(summary)
+        if not self._beyond_own or age > self.journal_seconds:
+            return None
+        if not self.book.take_refresh():
+            self.deferred += 1
+            return self._from_summary(summary)
+        try:
+            self.book.settle()  # its own last shard is in what it publishes
+            found = self.book.leases()
+            done, listed_at = self._with_journal(summary.shards(), summary.listed_at)
+            done |= self.book.seen_done
+            self.updates += 1
+            self.book.publish(done, listed_at, found)
+        finally:
+            self.book.end_refresh()
+        return self._from_summary(FinishedSummary.of(done, listed_at, found))
+
+    def _from_summary(self, summary: FinishedSummary) -> LeaseListing:
+        """A look at the run as another worker listed it a moment ago: the finished shards
+        (complete as of its ``listed_at``) and the leases. In the tail of a large run hundreds
+        of workers look every few seconds; each listing ``leases/`` (a lease per busy worker,
+        two with the claims made ahead) and the journal since its last look saturated the
+        store (``benchmarks/fleet.py`` at 256 workers: ~900 listings in the tail, each worth
+        ten to twenty small requests on moto); with one worker listing for all per
+        :attr:`summary_seconds`, a look is one read. What it lacks, shards claimed or finished
+        since, costs a collision or a check (conditional writes and ``done/`` markers are the
+        truth), never a shard skipped or done twice."""
+        assert summary.listed_at is not None
+        self.summary_looks += 1
+        self._verified |= self.book.seen_done | summary.shards()
+        self._done = set(self._verified)  # nothing inferred: no check before stopping
+        self._full = True
+        self._known_at = max(summary.listed_at, self._known_at or summary.listed_at)
+        return summary.leases()
+
+    def _listed(self) -> LeaseListing:
+        """A look that lists ``leases/`` and reads the finished shards (:meth:`_finished`)
+        at the first look and when a full look is due; otherwise the journal since the look
+        before (the shards finished since), where a lease gone without a ``.free`` marker was
+        finished too (a lease deleted by hand is checked before the worker stops)."""
+        found = self.book.leases()
         assert found.listed_at is not None
         self._full = self._known_at is None or self._look_in_full or \
             (found.listed_at - self._known_at).total_seconds() > self.journal_seconds
@@ -651,9 +745,7 @@ class Claimer:
             self._verified |= seen
             gone = set(self._held) - set(found.held) - found.released
             self._done |= seen | gone
-        self._misses = 0
-        self._held, self._released = found.held, found.released
-        return self._done, self._held
+        return found
 
     @property
     def journal_seconds(self) -> float:
@@ -718,7 +810,7 @@ class Claimer:
             # rerun): left as it is, no write; a run that ends now is published finished, so
             # that the other workers see it with one request and leave
             if done and (len(done) < self.shards or self.claims):
-                self.book.publish(done, listed_at)
+                self.book.publish(done, listed_at, found)
         finally:
             if begun:
                 self.book.end_refresh()
@@ -735,7 +827,7 @@ class Claimer:
             if update is None:
                 return set()
             self.updates += 1
-            self.book.publish(*update)
+            self.book.publish(*update, found)
             return update[0]
         finally:
             self.book.end_refresh()

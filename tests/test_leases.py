@@ -127,7 +127,11 @@ def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri
     nxt = claimer.next()
     assert nxt is not None and nxt.shard == 2
     assert claimer.next().shard == 1
-    assert set(claimer.state()[1]) == {1, 2}  # held, by a
+    # a look within a poll interval of the summary its first look published reads that
+    # summary (one read, no listing): it predates the claims of 1 and 2
+    looks = claimer.summary_looks
+    assert claimer.state() == ({0}, {}) and claimer.summary_looks == looks + 1
+    assert set(a.leases().held) == {1, 2}  # held, by a
     a.finish(nxt)
     waiting = threading.Thread(target=lambda: setattr(claimer, "last", claimer.next()))
     waiting.start()  # shard 1 is held (by a itself, but fresh): the claimer waits ...
@@ -158,12 +162,17 @@ def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_al
     assert thief.steals == 2 and thief.claims == 4
 
 
-def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path):
-    """In the tail a worker with nothing to claim looks again and again: it lists the small
-    ``leases/`` folder, never the ``done/`` folder (one marker per shard, millions of pairs'
-    worth) again: a lease gone without a ``.free`` marker was finished. It still sees a
-    released shard at once (and deletes its marker when it claims it), and stops when every
-    shard is finished."""
+def test_an_idle_worker_reads_the_published_picture_and_never_lists_every_finished_shard(
+        tmp_path):
+    """In the tail a worker with nothing to claim looks again and again. It never lists the
+    ``done/`` folder (one marker per shard, millions of pairs' worth) again; while the
+    ``finished.json`` its first look published is younger than a poll interval (2 s at
+    least), a look reads it (the finished shards and the leases listed with them: one small
+    read), and after that it lists the small ``leases/`` folder (a lease gone without a
+    ``.free`` marker was finished). It sees a released shard (and deletes its marker when it
+    claims it), and stops when every shard is finished. (Released shards seen from a summary
+    that predates them: see test_the_next_shard_is_claimed_ahead_and_released_when_the_worker_
+    stops, on S3 too.)"""
     listed: list[str] = []
 
     class Counting(LocalStorage):
@@ -176,23 +185,27 @@ def test_an_idle_worker_lists_only_the_leases_not_every_finished_shard(tmp_path)
     held = {s: busy.try_claim(s) for s in range(4)}
     busy.finish(held.pop(0))
     idle = Claimer(LeaseBook(store, "relit-i"), shards=4, index=1, workers=2, poll=0.02)
+    assert idle.summary_seconds == 2.0
     got: list = []
     waiting = threading.Thread(target=lambda: got.append(idle.next()))
     waiting.start()
     time.sleep(0.3)  # several looks, nothing to take: 1, 2 and 3 are held by a live worker
-    assert waiting.is_alive() and listed.count("done") == 1 and listed.count("leases") >= 4
+    assert waiting.is_alive() and idle.listings >= 4  # looks, all but the first from the
+    assert idle.summary_looks == idle.listings - 1  # summary its first look published
+    assert listed.count("done") == 1 and listed.count("leases") == 1
+    assert busy.published() == {0} and busy.summary().held.keys() == {1, 2, 3}
     busy.finish(held.pop(2))
     busy.release(held.pop(1))  # stopped: shard 1 is free again
     assert store.exists("_relit/relit-i/leases/1.free")
-    waiting.join(10)
+    waiting.join(10)  # on a local folder a look reads the leases it was told are held
     assert got[0].shard == 1 and listed.count("done") == 1
     assert not store.exists("_relit/relit-i/leases/1.free")
     idle.book.finish(got[0])
     busy.finish(held.pop(3))
-    assert idle.next() is None  # every shard finished: seen without listing done/, and
-    # checked before it stops, with the finished shards its first look listed and published
-    # (leases/finished.json, younger than a poll) and a check of each one not in there
-    assert listed.count("done") == 1 and idle.done_listings == 1 and idle.summaries >= 1
+    assert idle.next() is None  # every shard finished: seen without listing done/ again
+    # (from the done/ markers of the shards it was told are held, on a local folder, or from
+    # the summary brought up to date: never a lease gone taken for finished unchecked)
+    assert listed.count("done") == 1 and idle.done_listings == 1
 
 
 def test_an_idle_worker_of_a_large_fleet_leaves_soon_after_the_run_ends_without_listing(
@@ -277,10 +290,14 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     assert store.exists("_relit/relit-f/leases/finished.json")
     second = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert second.state()[0] >= {0, 1, 2, 5} and (second.done_listings, second.summaries) == (0, 1)
-    book.finish(book.try_claim(6))  # seen at its next look, in the journal since its last
-    assert 6 in second.state()[0]
+    book.finish(book.try_claim(6))
+    # its next look, while the summary is younger than a poll, reads the summary again (with
+    # the leases listed with it): 6, finished since, is not in it (a check if tried)
+    assert 6 not in second.state()[0] and second.summary_looks == 1
     assert (second.listings, second.done_listings, second.summaries) == (2, 0, 1)
     time.sleep(3.1)  # older than 2 s (S3 times are to the second): brought up to date
+    # its next look lists leases/ and the journal since the summary's time: 6 is in it
+    assert 6 in second.state()[0] and second.summary_looks == 1
     third = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert third.state()[0] >= {0, 1, 2, 5, 6}
     assert (third.done_listings, third.summaries, third.updates) == (0, 0, 1)
@@ -364,19 +381,28 @@ def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks
     assert [n.rpartition("-")[2] for n in names[-2:]] == ["4", "2"]
 
 
-def test_in_the_tail_a_look_brings_an_old_summary_up_to_date(tmp_path):
+def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_published(tmp_path):
     """Past its own shards, a worker whose look finds ``finished.json`` older than a poll
-    interval brings it up to date then (a few requests), so that the full looks of the tail
-    read a summary a poll interval old or so, and bringing it up to date stays a listing of
-    the last few seconds' journal. A worker still on its own shards does not."""
-    store = LocalStorage(tmp_path / "out")
+    interval brings it up to date then (a listing of ``leases/`` and one of the last few
+    seconds' journal), with the leases it listed; the others' looks read that (one small read
+    each, no listing) while it is younger than a poll interval, and while another worker is
+    bringing it up to date (``finished.refresh``) they go on with the last one. A worker still
+    on its own shards does not bring it up to date."""
+    listed: list[str] = []
+
+    class Counting(LocalStorage):
+        def list_modified(self, folder, after=""):
+            listed.append(folder.rsplit("/", 1)[-1])
+            return super().list_modified(folder, after)
+
+    store = Counting(tmp_path / "out")
     book = LeaseBook(store, "relit-t", seconds=60)
     for shard in (0, 1):
         book.finish(book.try_claim(shard))
 
-    def claimer(index: int) -> Claimer:  # poll 4 s: summary taken 4 s, markers kept 12 s
+    def claimer(index: int) -> Claimer:  # summary taken 2 s, journal since a look 6 s
         return Claimer(LeaseBook(store, "relit-t", seconds=60), shards=8, index=index,
-                       workers=2, poll=4.0)
+                       workers=2, poll=2.0)
 
     first = claimer(0)
     assert first.state()[0] == {0, 1} and first.done_listings == 1
@@ -384,10 +410,25 @@ def test_in_the_tail_a_look_brings_an_old_summary_up_to_date(tmp_path):
     tail.state(), busy.state()  # both read the summary
     tail._beyond_own = True
     book.finish(book.try_claim(3))
-    time.sleep(4.6)  # older than a poll
+    time.sleep(2.3)  # older than a poll
     assert 3 in busy.state()[0] and busy.updates == 0  # on its own shards: leases/ only
+    held = book.try_claim(5)
+    del listed[:]
     assert 3 in tail.state()[0] and (tail.updates, tail.done_listings) == (1, 0)
+    assert sorted(listed) == ["finished", "leases"]  # the journal since the summary, leases/
     assert book.published() == {0, 1, 3}
+    # with the leases it listed: the others' looks read that instead of each listing
+    assert book.summary().held.keys() == {5} and book.summary().released == []
+    del listed[:]
+    done, seen_held = busy.state()
+    assert busy.summary_looks == 1 and 3 in done and seen_held.keys() == {5}
+    assert busy.state()[0] == done and busy.summary_looks == 2 and listed == []
+    time.sleep(2.3)  # older than a poll again, younger than three
+    assert LeaseBook(store, "relit-t", seconds=60).take_refresh()  # another worker is at it
+    book.finish(held)
+    looks = tail.summary_looks
+    assert 5 not in tail.state()[0] and listed == []  # the last summary: 5 is checked if tried
+    assert (tail.deferred, tail.summary_looks, tail.updates) == (1, looks + 1, 1)
 
 
 def test_a_worker_that_meets_many_finished_shards_it_believed_free_lists_again(tmp_path):
