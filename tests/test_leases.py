@@ -386,7 +386,8 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     interval brings it up to date then (a listing of ``leases/`` and one of the last few
     seconds' journal), with the leases it listed; the others' looks read that (one small read
     each, no listing) while it is younger than a poll interval, and while another worker is
-    bringing it up to date (``finished.refresh``) they go on with the last one. A worker still
+    bringing it up to date (``finished.refresh``), or for a random part of a poll interval
+    more, they go on with the last one. A worker still
     on its own shards does not bring it up to date."""
     listed: list[str] = []
 
@@ -410,7 +411,8 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     tail.state(), busy.state()  # both read the summary
     tail._beyond_own = True
     book.finish(book.try_claim(3))
-    time.sleep(2.3)  # older than a poll
+    time.sleep(4.3)  # older than two polls (past its own shards, a worker waits a random
+    # part of a poll more before it brings it up to date), younger than three
     assert 3 in busy.state()[0] and busy.updates == 0  # on its own shards: leases/ only
     held = book.try_claim(5)
     del listed[:]
@@ -423,12 +425,34 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     done, seen_held = busy.state()
     assert busy.summary_looks == 1 and 3 in done and seen_held.keys() == {5}
     assert busy.state()[0] == done and busy.summary_looks == 2 and listed == []
-    time.sleep(2.3)  # older than a poll again, younger than three
+    time.sleep(4.3)  # older than two polls again, younger than three
     assert LeaseBook(store, "relit-t", seconds=60).take_refresh()  # another worker is at it
     book.finish(held)
     looks = tail.summary_looks
     assert 5 not in tail.state()[0] and listed == []  # the last summary: 5 is checked if tried
     assert (tail.deferred, tail.summary_looks, tail.updates) == (1, looks + 1, 1)
+
+
+def test_a_shard_listed_free_that_another_worker_claimed_since_costs_no_read_of_its_lease(
+        tmp_path):
+    """A create that fails on a shard a look showed free means another worker claimed it
+    since: its lease is new (neither stale nor a straggler's), so it is not read; the worker
+    goes on to its next candidate."""
+    reads: list[str] = []
+
+    class Counting(LocalStorage):
+        def read_versioned(self, key):
+            reads.append(key.rsplit("/", 1)[-1])
+            return super().read_versioned(key)
+
+    store = Counting(tmp_path / "out")
+    worker = Claimer(LeaseBook(store, "relit-l"), shards=4, index=0, workers=2)
+    assert worker._refresh()  # its first look: every shard free, its own (0, 2) first
+    other = LeaseBook(store, "relit-l")
+    assert other.try_claim(0) and other.try_claim(2)  # claimed by another since
+    claim = worker.next()
+    assert claim.shard in (1, 3) and worker.collided == 2 and reads == []
+    assert other.try_claim(claim.shard) is None and reads == [f"{claim.shard}.json"]
 
 
 def test_a_worker_that_meets_many_finished_shards_it_believed_free_lists_again(tmp_path):
