@@ -162,6 +162,18 @@ def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_al
     assert thief.steals == 2 and thief.claims == 4
 
 
+class ListingCounter(LocalStorage):
+    """A local folder that notes the last part of each folder listed (``listed``)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.listed: list[str] = []
+
+    def list_modified(self, folder, after=""):
+        self.listed.append(folder.rsplit("/", 1)[-1])
+        return super().list_modified(folder, after)
+
+
 def test_an_idle_worker_reads_the_published_picture_and_never_lists_every_finished_shard(
         tmp_path):
     """In the tail a worker with nothing to claim looks again and again. It never lists the
@@ -173,14 +185,8 @@ def test_an_idle_worker_reads_the_published_picture_and_never_lists_every_finish
     claims it), and stops when every shard is finished. (Released shards seen from a summary
     that predates them: see test_the_next_shard_is_claimed_ahead_and_released_when_the_worker_
     stops, on S3 too.)"""
-    listed: list[str] = []
-
-    class Counting(LocalStorage):
-        def list_modified(self, folder, after=""):
-            listed.append(folder.rsplit("/", 1)[-1])
-            return super().list_modified(folder, after)
-
-    store = Counting(tmp_path / "out")
+    store = ListingCounter(tmp_path / "out")
+    listed = store.listed
     busy = LeaseBook(store, "relit-i")
     held = {s: busy.try_claim(s) for s in range(4)}
     busy.finish(held.pop(0))
@@ -389,14 +395,8 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     bringing it up to date (``finished.refresh``), or for a random part of a poll interval
     more, they go on with the last one. A worker still
     on its own shards does not bring it up to date."""
-    listed: list[str] = []
-
-    class Counting(LocalStorage):
-        def list_modified(self, folder, after=""):
-            listed.append(folder.rsplit("/", 1)[-1])
-            return super().list_modified(folder, after)
-
-    store = Counting(tmp_path / "out")
+    store = ListingCounter(tmp_path / "out")
+    listed = store.listed
     book = LeaseBook(store, "relit-t", seconds=60)
     for shard in (0, 1):
         book.finish(book.try_claim(shard))
