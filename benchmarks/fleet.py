@@ -72,7 +72,7 @@ SLOW_FRACTION, SLOW_FACTOR = 0.10, 3.0
 KILLED_FRACTION = 0.05
 #: What the claimers did, summed over the row (Claimer's counters of the same names).
 CLAIMER_COUNTS = ("listings", "summary_looks", "done_listings", "summaries", "updates",
-                  "deferred", "missed", "collided", "end_checks")
+                  "background", "deferred", "missed", "collided", "end_checks")
 
 
 def _free_port() -> int:
@@ -128,7 +128,8 @@ class Row:
     #: what the claimers did, summed (CLAIMER_COUNTS): looks (each a listing of leases/, or a
     #: read of finished.json with the leases another worker listed: summary_looks), listings
     #: of done/, summaries read in place of one, summaries brought up to date from the
-    #: journal in place of one, full looks deferred to another worker bringing it up to date,
+    #: journal in place of one (those published in the background between shards among them:
+    #: background), full looks deferred to another worker bringing it up to date,
     #: misses, collisions, and reads of finished.json by idle workers to see the run finished
     claimers: dict = field(default_factory=dict)
     #: the claimers' looks as (seconds into the row, why, how), folded into the timeline

@@ -18,7 +18,10 @@ Under ``<output>/_relit/<run>/leases/``:
   older brings it up to date, from a listing of ``leases/`` and the journal of finished
   shards (below): one listing of what was finished since the summary was listed, however
   old it is. So in the tail of a large run, when hundreds of workers look every few
-  seconds, one of them lists per poll interval for all. A summary only ever names shards
+  seconds, one of them lists per poll interval for all. Before that, while the workers of a
+  large fleet are on their own shards and nobody looks, one of them publishes it about once
+  per poll interval too, in the background (:meth:`Claimer._maybe_publish`), so that it is
+  fresh when they run out of their own shards at about one moment. A summary only ever names shards
   whose ``done/`` marker exists, and what it lacks (shards claimed or finished since) costs
   a collision or a check, never a skipped shard.
 * ``finished.refresh``: a worker is bringing ``finished.json`` up to date (a create-only
@@ -345,8 +348,11 @@ class LeaseBook:
         """Write ``finished.json`` for the other workers: ``done``, every shard finished
         before ``listed_at``, and the ``leases`` listed just before (the held and released
         shards but the finished ones)."""
-        self.storage.write(self.summary_key, FinishedSummary.of(
-            done, listed_at, leases).model_dump_json().encode())
+        self.publish_summary(FinishedSummary.of(done, listed_at, leases))
+
+    def publish_summary(self, summary: FinishedSummary) -> None:
+        """Write ``summary`` as ``finished.json`` (see :meth:`publish`)."""
+        self.storage.write(self.summary_key, summary.model_dump_json().encode())
 
     @property
     def summary_key(self) -> str:
@@ -624,7 +630,8 @@ class Claimer:
         #: claims made, steals among them, looks made (listings of leases/, or reads of a
         #: fresh finished.json: :attr:`summary_looks`), listings of done/ made,
         #: finished.json read in place of a listing of done/, brought up to date from the
-        #: journal in place of one, and full looks that went on with the last summary while
+        #: journal in place of one (those published in the background among them:
+        #: :attr:`background`), and full looks that went on with the last summary while
         #: another worker brought it up to date
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
         self.updates = self.deferred = 0
@@ -651,6 +658,11 @@ class Claimer:
         self._current: int | None = None
         #: a claim made ahead (:meth:`claim_ahead`), in its thread
         self._ahead: Future | None = None
+        #: a summary being published in that thread (:meth:`_publish_in_background`), and
+        #: how many this worker published so
+        self._publishing: Future | None = None
+        self.background = 0
+        self._claimed_at = 0.0  # when it took its current shard (monotonic)
         self._ahead_pool: ThreadPoolExecutor | None = None
         self._ahead_lock = threading.Lock()
         #: seconds a claim took of late (moving average), from the look to the lease written
@@ -702,14 +714,33 @@ class Claimer:
             return self._from_summary(summary)
         try:
             self.book.settle()  # its own last shard is in what it publishes
-            found = self.book.leases()
-            done, listed_at = self._with_journal(summary.shards(), summary.listed_at)
-            done |= self.book.seen_done
-            self.updates += 1
-            self.book.publish(done, listed_at, found)
+            fresh = self._brought_up_to_date(summary, mine=True)
+            self.book.publish_summary(fresh)
+            return self._from_summary(fresh)
         finally:
             self.book.end_refresh()
-        return self._from_summary(FinishedSummary.of(done, listed_at, found))
+
+    def _brought_up_to_date(self, summary: FinishedSummary | None, mine: bool = False,
+                            found: LeaseListing | None = None) -> FinishedSummary:
+        """``summary`` brought up to date, for the caller to publish: ``leases/`` as
+        ``found`` (listed now when None), and the shards finished since ``summary`` was
+        listed (the journal since then: a short listing; ``done/`` when there is no summary,
+        or one of an older version), with this worker's own finished shards when ``mine``
+        (settled first: their ``done/`` markers exist). The caller holds
+        ``finished.refresh``, or publishes in the background
+        (:meth:`_publish_in_background`): two workers at it at once publish two pictures a
+        moment apart, each true as of its ``listed_at``."""
+        found = self.book.leases() if found is None else found
+        if summary is None or summary.listed_at is None:
+            self.done_listings += 1
+            listed_at = datetime.now(UTC)
+            done = self.book.finished()
+        else:
+            self.updates += 1
+            done, listed_at = self._with_journal(summary.shards(), summary.listed_at)
+        if mine:
+            done |= self.book.seen_done
+        return FinishedSummary.of(done, listed_at, found)
 
     def _from_summary(self, summary: FinishedSummary) -> LeaseListing:
         """A look at the run as another worker listed it a moment ago: the finished shards
@@ -775,7 +806,7 @@ class Claimer:
         ``finished.json`` up to date for the others (:meth:`_bring_up_to_date`): it is older
         than :attr:`summary_seconds` and nobody is at it. So the summary they read stays a
         poll interval old or so, and bringing it up to date stays a listing of the last few
-        seconds' journal (:meth:`_update`)."""
+        seconds' journal (:meth:`_brought_up_to_date`)."""
         if not self._beyond_own or found.summary_at is None or found.refresh_at is not None:
             return False
         age = (datetime.now(UTC) - found.summary_at).total_seconds()
@@ -785,13 +816,13 @@ class Claimer:
         """(The finished shards, the moment up to which they are complete): as another worker
         published them less than :attr:`summary_seconds` ago (``finished.json``, one request)
         and the journal since (one short listing); else brought up to date by this worker
-        (:meth:`_update`, or by listing ``done/`` when there is no summary) and published;
-        but while another worker is doing that (``finished.refresh``), as it last published
-        them (complete as of its ``listed_at``), or none: a summary only ever names finished
-        shards, so what it lacks costs checks, never a skipped shard. Without it, the hundreds
-        of workers that run out of their own shards at about the same moment would all list
-        every finished shard at once (at 256 workers, 8 pages each: a moto server saturated
-        for minutes)."""
+        (:meth:`_brought_up_to_date`: the journal, or ``done/`` when there is no summary) and
+        published; but while another worker is doing that (``finished.refresh``), as it last
+        published them (complete as of its ``listed_at``), or none: a summary only ever names
+        finished shards, so what it lacks costs checks, never a skipped shard. Without it, the
+        hundreds of workers that run out of their own shards at about the same moment would
+        all list every finished shard at once (at 256 workers, 8 pages each: a moto server
+        saturated for minutes)."""
         if found.summary_at is not None and \
                 datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.summary_seconds):
             summary = self.book.summary()
@@ -811,23 +842,17 @@ class Claimer:
             return summary.shards(), summary.listed_at
         try:
             self.book.settle()  # its own last shard is in what it publishes
-            update = self._update(found)
-            if update is None:
-                self.done_listings += 1
-                listed_at = datetime.now(UTC)
-                done = self.book.finished()
-            else:
-                self.updates += 1
-                done, listed_at = update
+            fresh = self._brought_up_to_date(self._summary(found), mine=True, found=found)
+            done = fresh.shards()
             # nothing to tell (a new run), or a finished run that this worker did nothing of (a
             # rerun): left as it is, no write; a run that ends now is published finished, so
             # that the other workers see it with one request and leave
             if done and (len(done) < self.shards or self.claims):
-                self.book.publish(done, listed_at, found)
+                self.book.publish_summary(fresh)
         finally:
             if begun:
                 self.book.end_refresh()
-        return done, listed_at
+        return done, fresh.listed_at
 
     def _bring_up_to_date(self, found: LeaseListing) -> set[int]:
         """Bring ``finished.json`` up to date and publish it, unless another worker is at it
@@ -836,29 +861,25 @@ class Claimer:
             return set()
         try:
             self.book.settle()
-            update = self._update(found)
-            if update is None:
+            summary = self._summary(found)
+            if summary is None:
                 return set()
-            self.updates += 1
-            self.book.publish(*update, found)
-            return update[0]
+            fresh = self._brought_up_to_date(summary, mine=True, found=found)
+            self.book.publish_summary(fresh)
+            return fresh.shards()
         finally:
             self.book.end_refresh()
 
-    def _update(self, found: LeaseListing) -> tuple[set[int], datetime] | None:
-        """The published summary brought up to date from the journal (the shards finished
-        since it was listed, less :attr:`LeaseBook.journal_margin`: one listing of those, not
-        of every finished shard: in the tail of a run of 8,192 shards, nine pages each time),
-        with when that listing began; None when there is no summary, or it does not say when
-        it was listed (a summary of an older version: ``done/`` is listed). This worker's own
-        finished shards are added too."""
+    def _summary(self, found: LeaseListing) -> FinishedSummary | None:
+        """The published summary when ``found`` shows one that says when it was listed (it
+        is brought up to date from the journal: the shards finished since then, less
+        :attr:`LeaseBook.journal_margin`: one listing of those, not of every finished shard:
+        in the tail of a run of 8,192 shards, nine pages each time); None otherwise (none, or
+        one of an older version: ``done/`` is listed)."""
         if found.summary_at is None:
             return None
         summary = self.book.summary()
-        if summary is None or summary.listed_at is None:
-            return None
-        done, listed_at = self._with_journal(summary.shards(), summary.listed_at)
-        return done | self.book.seen_done, listed_at
+        return None if summary is None or summary.listed_at is None else summary
 
     def _with_journal(self, shards: set[int], listed_at: datetime) -> tuple[set[int], datetime]:
         """A summary's ``shards`` (complete as of ``listed_at``) and the journal since then:
@@ -948,6 +969,8 @@ class Claimer:
     def next(self) -> Claim | None:
         """The next shard this worker holds; None when every shard is finished (or stopped).
         A claim made ahead (:meth:`claim_ahead`) is taken first."""
+        if self._current is not None:  # a shard of this worker's is over
+            self._maybe_publish(time.monotonic() - self._claimed_at)
         claim = self._take_ahead()
         if claim is not None:
             return self._holding(claim)
@@ -968,7 +991,49 @@ class Claimer:
 
     def _holding(self, claim: Claim) -> Claim:
         self._current = claim.shard
+        self._claimed_at = time.monotonic()
         return claim
+
+    def _maybe_publish(self, seconds: float) -> None:
+        """After a shard that took this worker ``seconds``: publish ``finished.json`` in the
+        background with a chance of ``seconds`` over ``workers`` x :attr:`summary_seconds`, so
+        that the fleet together publishes about once per :attr:`summary_seconds` while its
+        workers are on their own shards (a listing of ``leases/`` and one of the last few
+        seconds' journal: a few requests per poll interval for the whole fleet), whatever
+        their speeds. Nobody looks then, so nothing else would publish it; and when hundreds
+        of workers run out of their own shards at about one moment, each reads it instead
+        of listing ``leases/`` (at 256 workers on moto, ~200 listings of a summary minutes
+        old at that moment, which saturated the store: ``benchmarks/fleet.py``). Not on a
+        local folder, nor for a few workers (at most :data:`IDLE_POLLERS`): their looks are
+        cheap, or few."""
+        if self._known_at is None or self.workers <= IDLE_POLLERS or \
+                isinstance(self.book.storage, LocalStorage) or \
+                self._rng.random() >= seconds / (self.workers * self.summary_seconds):
+            return
+        with self._ahead_lock:
+            if self.stop.is_set() or self._publishing is not None and \
+                    not self._publishing.done():
+                return
+            self._publishing = self._pool().submit(self._publish_in_background)
+
+    def _publish_in_background(self) -> None:
+        """:meth:`_maybe_publish`'s publishing (in this claimer's thread, while the worker
+        runs its next shard), without ``finished.refresh`` (see :meth:`_brought_up_to_date`)
+        nor this worker's last shard (its ``done/`` marker may not be written yet: the
+        journal has it once it is). An error leaves the summary as it was: older."""
+        try:
+            fresh = self._brought_up_to_date(self.book.summary())
+            self.book.publish_summary(fresh)
+            self.background += 1
+        except RelitError as e:
+            log.warning("could not publish %s: %s", self.book.summary_key, e)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """This claimer's thread (claims made ahead, summaries published), under
+        ``_ahead_lock``."""
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="relit-claim")
+        return self._ahead_pool
 
     def _round(self) -> tuple[Claim | None, str]:
         """One try: the candidates listed (listing again when there are none left), tried in
@@ -1045,9 +1110,7 @@ class Claimer:
         with self._ahead_lock:  # told from the worker's write threads
             if self._ahead is not None or self.stop.is_set():
                 return
-            if self._ahead_pool is None:
-                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="relit-claim")
-            self._ahead = self._ahead_pool.submit(self._claim_once)
+            self._ahead = self._pool().submit(self._claim_once)
 
     def _claim_once(self) -> Claim | None:
         for _ in range(3):  # a list found out of date is made again, at most twice

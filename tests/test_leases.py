@@ -378,8 +378,11 @@ def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks
     assert book.finished_since(listed_at - timedelta(hours=2)) == {1, 2, 3}
     claimer = Claimer(book, shards=5, index=0, workers=1, poll=2.0)
     time.sleep(2.2)  # the summary is older than a poll
-    done, at = claimer._update(book.leases())
-    assert done == {0, 1, 3} and at > listed_at
+    found = book.leases()
+    summary = claimer._summary(found)
+    assert summary is not None
+    fresh = claimer._brought_up_to_date(summary, found=found)
+    assert fresh.shards() == {0, 1, 3} and fresh.listed_at > listed_at
     # the shards a worker finishes are in the journal, in the order they were finished
     for shard in (4, 2):
         book.finish(book.try_claim(shard))
@@ -431,6 +434,44 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     looks = tail.summary_looks
     assert 5 not in tail.state()[0] and listed == []  # the last summary: 5 is checked if tried
     assert (tail.deferred, tail.summary_looks, tail.updates) == (1, looks + 1, 1)
+
+
+def test_a_large_fleet_on_its_own_shards_publishes_the_picture_in_the_background(
+        bucket, tmp_path):
+    """Nobody looks while the workers of a large fleet (more than IDLE_POLLERS) are on their
+    own shards; so after a shard a worker publishes ``finished.json`` in its claimer's thread,
+    with a chance of the shard's time over workers x poll (the fleet together: once per
+    poll): the last summary, the journal since and the leases, for the moment hundreds of
+    them run out of their own shards and look at once. Not for a few workers, nor on a local
+    folder (their looks are cheap, or few)."""
+    def claimer(store, index: int, workers: int = 16) -> Claimer:  # summary taken 2 s
+        return Claimer(LeaseBook(store, "relit-b", seconds=60), shards=64, index=index,
+                       workers=workers, poll=2.0)
+
+    store = open_storage(f"s3://{bucket}/out")
+    book = LeaseBook(store, "relit-b", seconds=60)
+    worker = claimer(store, 0)
+    first = worker.next()  # its first look: a new run, nothing published
+    assert first.shard == 0 and book.summary() is None
+    book.finish(book.try_claim(1))  # another worker finished a shard, and holds one
+    other = book.try_claim(2)
+    worker.book.finish(first)
+    worker._claimed_at -= 16 * 2.0  # the shard took workers x poll: it publishes, surely
+    assert worker.next().shard == 16
+    worker._publishing.result()
+    summary = book.summary()
+    assert summary.shards() == {0, 1} and 2 in summary.held and worker.background == 1
+    assert summary.listed_at > other.lease.claimed_at
+    # a shard of a moment's work: a chance well under 1% (and the rng is seeded by index)
+    worker.book.finish(worker.next())
+    assert worker.background == 1
+    worker.close()
+    for few in (claimer(store, 1, workers=8), claimer(LocalStorage(tmp_path / "o"), 1)):
+        few.next()
+        few._claimed_at -= 16 * 2.0
+        few.next()
+        assert few._publishing is None and few.background == 0
+        few.close()
 
 
 def test_a_shard_listed_free_that_another_worker_claimed_since_costs_no_read_of_its_lease(
