@@ -624,6 +624,10 @@ class Claimer:
         self._look_in_full = False  # whether the next look reads the finished shards
         #: shards listed as free found taken by another worker since the last listing
         self._collisions = 0
+        #: those shards, with when: not candidates while this worker's picture of the leases
+        #: (listed at ``_held_at``) is older than that (:meth:`_refresh`)
+        self._taken: dict[int, datetime] = {}
+        self._held_at: datetime | None = None
         self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
@@ -684,6 +688,7 @@ class Claimer:
         self._looked_at = time.monotonic()
         self._misses = 0
         self._held, self._released = found.held, found.released
+        self._held_at = found.listed_at
         return self._done, self._held
 
     def _summary_look(self) -> LeaseListing | None:
@@ -912,7 +917,13 @@ class Claimer:
         if len(done) >= self.shards:
             return False
         old = datetime.now(UTC) - timedelta(seconds=self.book.seconds)
-        mine = {self._current}  # held by this worker: not a candidate (of a claim ahead)
+        # held by this worker (not a candidate of a claim ahead), or found taken by another
+        # since the leases were listed: a look that reads the same summary again (at 256
+        # workers, after a round of collisions, a moment later) would otherwise try the
+        # same shards again, and again, until another worker published a newer one
+        seen = self._held_at
+        self._taken = {s: at for s, at in self._taken.items() if seen is None or at > seen}
+        mine = {self._current} | self._taken.keys()
         free = [s for s in self.order if s not in done and s not in held and s not in mine]
         stale = [s for s in self.order if s not in done and s in held and held[s] < old
                  and s not in mine]
@@ -1060,7 +1071,8 @@ class Claimer:
             claim = self.book.try_claim(shard, faster_than=self.own_rate,
                                         released=shard in self._released,
                                         held=shard in self._held,
-                                        check_first=shard not in self._own,
+                                        check_first=shard not in self._own and
+                                        not self._fresh(),
                                         free=shard in self._free)
             if claim is not None:
                 self.claims += 1
@@ -1077,6 +1089,7 @@ class Claimer:
                 self._why = "misses"
                 return None, _RELIST
             if shard in self._free:  # it was free when listed: another worker was first
+                self._taken[shard] = datetime.now(UTC)
                 self._collisions += 1
                 self.collided += 1
                 if self._collisions < COLLISIONS_BEFORE_LISTING:
@@ -1085,6 +1098,17 @@ class Claimer:
                 self._why = "collisions"
                 return None, _RELIST
         return None, (_IDLE if fresh else _RELIST)
+
+    def _fresh(self) -> bool:
+        """Whether this worker's picture of the run is at most :attr:`summary_seconds` old:
+        then a shard it shows free is claimed without checking its ``done/`` marker first
+        (finished within a poll interval of a look: seldom; the check after the create finds
+        it). In the tail of a 256-worker run each claim of another's shard, and each
+        collision, cost that check: a fifth of the requests on a saturated store. An older
+        picture's free shards may well be finished: each is checked first (one request, not a
+        create, a check and a delete)."""
+        return self._known_at is not None and \
+            (datetime.now(UTC) - self._known_at).total_seconds() <= self.summary_seconds
 
     # --- claiming ahead ----------------------------------------------------------------------
     @property
