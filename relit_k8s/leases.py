@@ -580,16 +580,19 @@ class Claimer:
     (:meth:`LeaseBook.try_claim`). The worker claims from that list, so a claim usually costs
     a create and a check, not a listing; it lists again after
     :data:`COLLISIONS_BEFORE_LISTING` shards listed as free turned out taken by others (the
-    list is out of date). Others' shards are checked first (one request when finished).
+    list is out of date), and does not try again a shard it found taken until a look newer
+    than that. Others' shards are checked first (one request when finished) unless the look
+    is fresh (:meth:`_fresh`).
 
-    A worker reads the finished shards (``done/``, one object per finished shard, or
-    ``finished.json``, see :meth:`_finished`) at its first look; after that a
-    ``finished.json`` younger than a poll interval (the finished shards and the leases
-    another worker listed: one read), or else ``leases/`` and the journal since its look
-    before (about one lease per busy worker, one entry per shard finished since): a look
-    costs a read or two small listings, not one of every finished shard (see :meth:`state`);
-    it takes a full look again when its look before is too long ago (when it goes past its
-    own shards), and before it stops; it looks again after
+    A look, a worker's first too, reads a ``finished.json`` younger than a poll interval (the
+    finished shards and the leases another worker listed: one read); without one, a worker
+    reads the finished shards (``done/``, one object per finished shard, or an older
+    ``finished.json`` and the journal since, see :meth:`_finished`) at its first look, and
+    after that ``leases/`` and the journal since its look before (about one lease per busy
+    worker, one entry per shard finished since): a look costs a read or two small listings,
+    not one of every finished shard (see :meth:`state`); it takes a full look again when its
+    look before is too long ago (when it goes past its own shards), and before it stops
+    (unless a summary named every shard); it looks again after
     :data:`MISSES_BEFORE_LISTING` shards believed free turned out finished. When a listing
     yields nothing free (every unfinished shard is held by a live worker), the worker waits,
     then looks again: ``poll`` seconds times the idle workers over :data:`IDLE_POLLERS` (so
@@ -676,13 +679,13 @@ class Claimer:
         """(finished shards, held shard -> when its lease was last written), as looked at now:
         from ``finished.json`` when another worker published it less than
         :attr:`summary_seconds` ago with the leases it listed (one small read:
-        :meth:`_from_summary`); otherwise listed (:meth:`_listed`)."""
+        :meth:`_from_summary`), at a worker's first look too (at 256 workers, most of them
+        first looked when there was no summary yet, so they listed ``leases/`` when they ran
+        out of their own shards at about one moment); otherwise listed (:meth:`_listed`)."""
         self.listings += 1
         self.looks[self._why] += 1
         self._why = "used up"  # unless told otherwise before the next one
-        found = None
-        if self._known_at is not None and not self._look_in_full:
-            found = self._summary_look()
+        found = None if self._look_in_full else self._summary_look()
         if found is None:
             found = self._listed()
         self._looked_at = time.monotonic()
@@ -1017,8 +1020,7 @@ class Claimer:
         old at that moment, which saturated the store: ``benchmarks/fleet.py``). Not on a
         local folder, nor for a few workers (at most :data:`IDLE_POLLERS`): their looks are
         cheap, or few."""
-        if self._known_at is None or self.workers <= IDLE_POLLERS or \
-                isinstance(self.book.storage, LocalStorage) or \
+        if self.workers <= IDLE_POLLERS or isinstance(self.book.storage, LocalStorage) or \
                 self._rng.random() >= seconds / (self.workers * self.summary_seconds):
             return
         with self._ahead_lock:
