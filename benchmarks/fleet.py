@@ -382,6 +382,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
     stolen: set[int] = set()
     totals = Counter()
     looks: Counter[str] = Counter()  # the claimers' listings of leases/, by why
+    misses: Counter[str] = Counter()  # their misses, by whose shard and how fresh the look
     lock = threading.Lock()
 
     def worker(w: int) -> None:
@@ -445,8 +446,8 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
                 totals["steals"] += claimer.steals
                 for k in CLAIMER_COUNTS:
                     totals[k] += getattr(claimer, k)
-                for why, n in claimer.looks.items():
-                    looks[why] += n
+                looks.update(claimer.looks)
+                misses.update(claimer.misses)
             if not dead:
                 return
             time.sleep(fleet.lease_seconds)  # the replacement pod starts, on another node
@@ -460,7 +461,8 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
     row = Row("leases" if ahead else "leases-no-ahead", fleet.workers, shards, fleet.seconds,
               killed=len(fleet.kills),
               claims=totals["claims"], steals=totals["steals"],
-              claimers={k: totals[k] for k in CLAIMER_COUNTS} | {"looks": dict(looks)})
+              claimers={k: totals[k] for k in CLAIMER_COUNTS} | {"looks": dict(looks),
+                                                                  "misses": dict(misses)})
     row.makespan_s = round(store.last_write - start, 2)
     row.claiming_s, row.finishing_s = (round(totals[k], 1) for k in ("claiming_s",
                                                                      "finishing_s"))

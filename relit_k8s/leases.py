@@ -176,6 +176,8 @@ AHEAD_CLAIMS = 4
 AHEAD_MIN_SECONDS = 0.5
 #: What a round of claiming ended with (:meth:`Claimer._round`).
 _CLAIMED, _FINISHED, _IDLE, _RELIST = "claimed", "finished", "idle", "relist"
+#: ... or the look brought the same picture again, whose free shards proved taken by others
+_STALE = "stale"
 #: An idle worker takes a live worker's shard over only when that worker would need more than
 #: this many times as long as the idle one to finish it (a 3x slower node: yes; noise: no).
 TAKEOVER_FACTOR = 2.0
@@ -631,6 +633,9 @@ class Claimer:
         #: (listed at ``_held_at``) is older than that (:meth:`_refresh`)
         self._taken: dict[int, datetime] = {}
         self._held_at: datetime | None = None
+        #: the picture (``_held_at``) whose list was given up after too many collisions: a
+        #: look that brings it again waits for a newer one (:meth:`_round`)
+        self._lost_on: datetime | None = None
         self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
@@ -647,6 +652,9 @@ class Claimer:
         #: shards believed free found finished (misses), or taken by another worker
         #: (collisions), over this claimer's life
         self.missed = self.collided = 0
+        #: the misses by whose shard (this worker's own, or others') and whether the look was
+        #: fresh (:meth:`_fresh`: then a miss costs a create, a check and a delete)
+        self.misses: Counter[str] = Counter()
         #: reads of ``finished.json`` by this worker while idle, to see the run finished
         #: (:meth:`_wait_idle`), and whether one did
         self.end_checks = 0
@@ -1000,6 +1008,9 @@ class Claimer:
             if outcome == _IDLE:  # nothing to take now: others hold every unfinished shard
                 self._wait_idle(self._idle_wait() * self._rng.uniform(0.75, 1.25))
                 self._why = "idle"
+            elif outcome == _STALE:  # until another worker publishes a newer picture
+                self._wait_idle(self.summary_seconds * self._rng.uniform(0.5, 1.5))
+                self._why = "stale"
         self.close()  # this worker's last finish is written before it leaves
         return None
 
@@ -1052,11 +1063,18 @@ class Claimer:
         """One try: the candidates listed (listing again when there are none left), tried in
         turn; (the claim, :data:`_CLAIMED`), or (None, why: :data:`_FINISHED`, :data:`_IDLE`
         when a fresh list had nothing to take, :data:`_RELIST` when the list proved out of
-        date)."""
+        date, :data:`_STALE` when the look brought the picture of a list given up again)."""
         started = time.monotonic()
         fresh = not self._candidates
         if fresh and not self._refresh():
             return None, _FINISHED
+        if fresh and self._lost_on is not None and self._held_at == self._lost_on:
+            # the look read the summary whose free shards proved taken by others a moment
+            # ago: at 256 workers, in the race for the last shards, hundreds of workers went
+            # through the rest of it, a create that fails after another, on a store already
+            # saturated; the worker waits for a newer one instead
+            self._candidates.clear()
+            return None, _STALE
         while self._candidates and not self.stop.is_set():
             shard = self._candidates.popleft()
             if not self._beyond_own and shard in self._free and shard not in self._own:
@@ -1070,11 +1088,11 @@ class Claimer:
                     self._candidates.clear()
                     self._why = "past own"
                     return None, _RELIST
+            recent = self._fresh()
             claim = self.book.try_claim(shard, faster_than=self.own_rate,
                                         released=shard in self._released,
                                         held=shard in self._held,
-                                        check_first=shard not in self._own and
-                                        not self._fresh(),
+                                        check_first=shard not in self._own and not recent,
                                         free=shard in self._free)
             if claim is not None:
                 self.claims += 1
@@ -1085,6 +1103,8 @@ class Claimer:
             if shard in self.book.seen_done:  # finished while this worker looked away
                 self._misses += 1
                 self.missed += 1
+                self.misses[("own" if shard in self._own else "others") +
+                            (", fresh look" if recent else "")] += 1
                 if self._misses < MISSES_BEFORE_LISTING:
                     continue
                 self._candidates.clear()  # too many: the list is out of date
@@ -1098,6 +1118,7 @@ class Claimer:
                     continue
                 self._candidates.clear()  # too many: the list is out of date
                 self._why = "collisions"
+                self._lost_on = self._held_at
                 return None, _RELIST
         return None, (_IDLE if fresh else _RELIST)
 

@@ -527,27 +527,45 @@ def test_a_shard_a_fresh_look_showed_free_is_claimed_without_a_check_first(tmp_p
 def test_a_worker_does_not_try_again_the_shards_it_lost_while_its_picture_predates_that(
         tmp_path):
     """Shards a summary showed free that another worker claimed since cost a collision each;
-    the worker's next look, a moment later, reads the same summary: it does not try those
-    shards again (each time another create that fails, until a newer summary: in the tail of
-    a large run, hundreds of workers at it), but the others; once a picture is newer than
-    its try, a shard is a candidate again (here, released)."""
+    after a few, the worker looks again, a moment later: when that brings the same summary,
+    it neither tries those shards again nor the rest of that list (in the tail of a large
+    run, hundreds of workers went through it, a create that fails after another, on a
+    saturated store), but waits for a newer summary; there a shard it found taken is a
+    candidate again once the picture is newer than its try (here, released)."""
     store = LocalStorage(tmp_path / "out")
     other = LeaseBook(store, "relit-c", seconds=60)
     own = [other.try_claim(s) for s in range(0, 12, 2)]  # the worker's own shards are held
     worker = Claimer(LeaseBook(store, "relit-c", seconds=60), shards=12, index=0, workers=2,
-                     poll=10.0)  # a summary is taken for 10 s
+                     poll=2.0)  # a summary is taken for 2 s
     worker.state()  # its first look
     other.publish(set(), datetime.now(UTC), other.leases())
     order = [s for s in worker.order if s % 2]
     lost = [other.try_claim(s) for s in order[:4]]  # claimed since the summary
-    got = worker.next()
-    assert got.shard == order[4] and worker.collided == 4 and worker.looks["collisions"] == 1
-    assert worker.summary_looks == 2 and worker.listings == 3  # both read the summary
-    assert worker.next().shard == order[5]  # the last of its list
+    assert worker._round() == (None, "relist") and worker.collided == 4
+    assert worker._round() == (None, "stale") and worker.collided == 4  # the same summary
+    assert worker.summary_looks == 2 and worker.claims == 0
+    other.publish(set(), datetime.now(UTC), other.leases())  # a newer one
+    claim, outcome = worker._round()
+    assert claim.shard == order[4] and outcome == "claimed" and worker.collided == 4
+    assert worker._round()[0].shard == order[5]  # the last of its list
     other.release(lost[0])
     other.publish(set(), datetime.now(UTC), other.leases())  # newer than the tries
-    assert worker.next().shard == order[0] and worker.collided == 4
+    assert worker._round()[0].shard == order[0] and worker.collided == 4
     assert all(own)
+
+
+def test_a_worker_whose_list_is_used_up_looks_again_at_once(tmp_path):
+    """A list tried to its end without a claim (each candidate taken since: fewer collisions
+    than make a worker give a list up) is followed by another look at once, not by an idle
+    worker's wait: only a look that finds nothing free makes a worker wait."""
+    store = LocalStorage(tmp_path / "out")
+    other = LeaseBook(store, "relit-u", seconds=60)
+    assert other.try_claim(0) and other.try_claim(2)  # the worker's own shards
+    worker = Claimer(LeaseBook(store, "relit-u", seconds=60), shards=4, index=0, workers=2)
+    assert worker._refresh() and set(worker._candidates) == {1, 3}
+    assert other.try_claim(1) and other.try_claim(3)  # claimed since
+    assert worker._round() == (None, "relist") and worker.collided == 2
+    assert worker._round() == (None, "idle")  # the next look: nothing free
 
 
 def test_a_worker_that_meets_many_finished_shards_it_believed_free_lists_again(tmp_path):
