@@ -164,16 +164,27 @@ def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_al
     assert thief.steals == 2 and thief.claims == 4
 
 
-class ListingCounter(LocalStorage):
-    """A local folder that notes the last part of each folder listed (``listed``)."""
+class RequestCounter(LocalStorage):
+    """A local folder that notes the last part of each folder listed (``listed``), of each
+    object read with its version (``reads``) and of each one checked (``checked``)."""
 
     def __init__(self, root):
         super().__init__(root)
         self.listed: list[str] = []
+        self.reads: list[str] = []
+        self.checked: list[str] = []
 
     def list_modified(self, folder, after=""):
         self.listed.append(folder.rsplit("/", 1)[-1])
         return super().list_modified(folder, after)
+
+    def read_versioned(self, key):
+        self.reads.append(key.rsplit("/", 1)[-1])
+        return super().read_versioned(key)
+
+    def exists(self, key):
+        self.checked.append(key.rsplit("/", 1)[-1])
+        return super().exists(key)
 
 
 def test_an_idle_worker_reads_the_published_picture_and_never_lists_every_finished_shard(
@@ -187,7 +198,7 @@ def test_an_idle_worker_reads_the_published_picture_and_never_lists_every_finish
     claims it), and stops when every shard is finished. (Released shards seen from a summary
     that predates them: see test_the_next_shard_is_claimed_ahead_and_released_when_the_worker_
     stops, on S3 too.)"""
-    store = ListingCounter(tmp_path / "out")
+    store = RequestCounter(tmp_path / "out")
     listed = store.listed
     busy = LeaseBook(store, "relit-i")
     held = {s: busy.try_claim(s) for s in range(4)}
@@ -401,7 +412,7 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     bringing it up to date (``finished.refresh``), or for a random part of a poll interval
     more, they go on with the last one. A worker still
     on its own shards does not bring it up to date."""
-    store = ListingCounter(tmp_path / "out")
+    store = RequestCounter(tmp_path / "out")
     listed = store.listed
     book = LeaseBook(store, "relit-t", seconds=60)
     for shard in (0, 1):
@@ -483,14 +494,8 @@ def test_a_shard_listed_free_that_another_worker_claimed_since_costs_no_read_of_
     """A create that fails on a shard a look showed free means another worker claimed it
     since: its lease is new (neither stale nor a straggler's), so it is not read; the worker
     goes on to its next candidate."""
-    reads: list[str] = []
-
-    class Counting(LocalStorage):
-        def read_versioned(self, key):
-            reads.append(key.rsplit("/", 1)[-1])
-            return super().read_versioned(key)
-
-    store = Counting(tmp_path / "out")
+    store = RequestCounter(tmp_path / "out")
+    reads = store.reads
     worker = Claimer(LeaseBook(store, "relit-l"), shards=4, index=0, workers=2)
     assert worker._refresh()  # its first look: every shard free, its own (0, 2) first
     other = LeaseBook(store, "relit-l")
@@ -504,14 +509,8 @@ def test_a_shard_a_fresh_look_showed_free_is_claimed_without_a_check_first(tmp_p
     """Another worker's shard that a look a moment ago showed free is seldom finished: it
     is claimed with a create and the check after it, not a check before too; a shard
     finished meanwhile all the same is found by that check, and not run."""
-    checked: list[str] = []
-
-    class Counting(LocalStorage):
-        def exists(self, key):
-            checked.append(key.rsplit("/", 1)[-1])
-            return super().exists(key)
-
-    store = Counting(tmp_path / "out")
+    store = RequestCounter(tmp_path / "out")
+    checked = store.checked
     other = LeaseBook(store, "relit-f")
     assert all(other.try_claim(s) for s in (0, 2, 4))  # the worker's own, held by another
     worker = Claimer(LeaseBook(store, "relit-f"), shards=6, index=0, workers=2)
