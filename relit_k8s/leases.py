@@ -725,16 +725,11 @@ class Claimer:
             # others' tries do not each cost a create that fails
             self.deferred += 1
             return self._from_summary(summary)
-        if not self.book.take_refresh():
+        fresh = self._republished(summary=summary)
+        if fresh is None:  # another worker is at it
             self.deferred += 1
             return self._from_summary(summary)
-        try:
-            self.book.settle()  # its own last shard is in what it publishes
-            fresh = self._brought_up_to_date(summary, mine=True)
-            self.book.publish_summary(fresh)
-            return self._from_summary(fresh)
-        finally:
-            self.book.end_refresh()
+        return self._from_summary(fresh)
 
     def _brought_up_to_date(self, summary: FinishedSummary | None, mine: bool = False,
                             found: LeaseListing | None = None) -> FinishedSummary:
@@ -873,16 +868,26 @@ class Claimer:
     def _bring_up_to_date(self, found: LeaseListing) -> set[int]:
         """Bring ``finished.json`` up to date and publish it, unless another worker is at it
         (``finished.refresh``); the shards it names (none when it did not)."""
+        fresh = self._republished(found=found)
+        return set() if fresh is None else fresh.shards()
+
+    def _republished(self, found: LeaseListing | None = None,
+                     summary: FinishedSummary | None = None) -> FinishedSummary | None:
+        """``summary`` (by default the one ``found`` shows, :meth:`_summary`) brought up to
+        date with this worker's settled shards (:meth:`_brought_up_to_date`, with the leases
+        ``found`` when given) and published, holding ``finished.refresh``; None when another
+        worker holds it, or there is no summary to bring up to date."""
         if not self.book.take_refresh(found):
-            return set()
+            return None
         try:
-            self.book.settle()
-            summary = self._summary(found)
+            self.book.settle()  # its own last shard is in what it publishes
+            if summary is None and found is not None:
+                summary = self._summary(found)
             if summary is None:
-                return set()
+                return None
             fresh = self._brought_up_to_date(summary, mine=True, found=found)
             self.book.publish_summary(fresh)
-            return fresh.shards()
+            return fresh
         finally:
             self.book.end_refresh()
 
