@@ -15,6 +15,7 @@ The same code runs in a Kubernetes pod (``relit-k8s worker``, index from
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -61,6 +62,11 @@ LOOKAHEAD = 2
 #: Unexpected relighter errors in a row (no success between them) that end the shard with
 #: exit 1: fewer are recorded as failed items, since one odd input must not stop a shard.
 UNEXPECTED_LIMIT = 3
+#: Seconds an abandoned shard (the grace period after SIGTERM is over) waits for the outputs
+#: being written to land before it saves its report: every output it counts exists, and none
+#: lands after it unless its write outlasts this (the pod's SIGKILL comes at least a second
+#: after the worker's grace, kube.job.stop_grace_for).
+ABANDON_WRITES_SECONDS = 2.0
 
 ProgressFn = Callable[[int, int, int], None]  # (done, skipped, failed) increments
 
@@ -172,6 +178,9 @@ class _Reporter:
         self._last_log = self._started
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="relit-report", daemon=True)
+        #: outputs being written now (:meth:`writing`), and whether no more may be (:meth:`close`)
+        self._writing, self._closed = 0, False
+        self._written = threading.Condition(self.lock)
 
     def start(self) -> None:
         self.write()
@@ -275,6 +284,31 @@ class _Reporter:
         if self.near_end is not None and (written or left <= 0):
             elapsed = time.monotonic() - self._started  # at the rate of the items written
             self.near_end(max(0, left - self.batch) * elapsed / written if written else 0.0)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around the write of one output, which counts it as done on success: refused
+        (:class:`Stopped`, nothing written) once the report is :meth:`close`-d, so that a
+        saved report counts every output that exists."""
+        with self.lock:
+            if self._closed:
+                raise Stopped("the grace period is over: output not written")
+            self._writing += 1
+        try:
+            yield
+            self.add(done=1)
+        finally:
+            with self.lock:
+                self._writing -= 1
+                self._written.notify_all()
+
+    def close(self, timeout: float) -> int:
+        """No output is written from now on; waits up to ``timeout`` seconds for those being
+        written, and returns how many still are."""
+        with self.lock:
+            self._closed = True
+            self._written.wait_for(lambda: self._writing == 0, timeout)
+            return self._writing
 
     def abandon(self) -> None:
         """The lease was lost: stop the heartbeat and write nothing more."""
@@ -646,16 +680,16 @@ class _ShardPass:
     def _write_one(self, key: str, pixels: np.ndarray) -> None:
         with self._timed("encode"):
             data = images.encode(pixels, key, self.runner.settings.png_level)
-        with self._timed("write"):
+        with self._timed("write"), self.report.writing():
             self.output.write(key, data)
 
     def _written(self, fut: Future[None], *, w: _PairWork, it: int, seed: int,
                  nbytes: int) -> None:
         self.backlog.give(nbytes)
-        exc = fut.exception()
+        exc = fut.exception()  # a written output was counted by _write_one
         if exc is None:
-            self.report.add(done=1)
-        elif isinstance(exc, ItemError):
+            return
+        if isinstance(exc, ItemError):
             self._fail(w, [(it, seed)], exc)
         else:
             self.errors.append(exc)
@@ -670,21 +704,34 @@ class _ShardPass:
 
 
 def abandon(runner: ShardRunner | None) -> None:
-    """The grace period after SIGTERM ran out: save the report as it stands and exit 143 now.
-
-    Outputs being written are lost, never half-written (atomic writes); a rerun redoes them.
-    """
-    reporter = runner._reporter if runner is not None else None
-    if reporter is not None and reporter.report.state == "running":
-        try:
-            reporter.finish("stopped", "stopped by a signal; the grace period ran out, so the "
-                            "current batch was abandoned (nothing half-written): run the "
-                            "index again to finish it", Stopped.exit_code)
-        except BaseException:  # noqa: BLE001 - exiting regardless
-            log.exception("could not save the report before exiting")
+    """The grace period after SIGTERM ran out: save the report as it stands and exit 143 now."""
+    save_abandoned(runner)
     log.warning("grace period over: exiting with %d", Stopped.exit_code)
     logging.shutdown()
     os._exit(Stopped.exit_code)
+
+
+def save_abandoned(runner: ShardRunner | None) -> None:
+    """Save the report of ``runner``'s shard, if it is running, as stopped with its batch
+    abandoned (:func:`abandon`, before the process ends).
+
+    Outputs not yet written are lost, never half-written (atomic writes); a rerun redoes them.
+    Those being written get :data:`ABANDON_WRITES_SECONDS` to land, and no other starts, so
+    that the report counts every output that exists.
+    """
+    reporter = runner._reporter if runner is not None else None
+    if reporter is None or reporter.report.state != "running":
+        return
+    try:
+        left = reporter.close(ABANDON_WRITES_SECONDS)
+        if left:
+            log.warning("%d outputs were still being written: they may exist without being "
+                        "counted in the report (a rerun skips them)", left)
+        reporter.finish("stopped", "stopped by a signal; the grace period ran out, so the "
+                        "current batch was abandoned (nothing half-written): run the index "
+                        "again to finish it", Stopped.exit_code)
+    except BaseException:  # noqa: BLE001 - exiting regardless
+        log.exception("could not save the report before exiting")
 
 
 def install_stop_handlers(stop: threading.Event, overdue: Callable[[], None] | None = None,

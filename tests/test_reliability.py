@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,10 +29,13 @@ from PIL import Image
 from test_images import bomb_png
 
 from relit_k8s import images
-from relit_k8s.errors import EXIT_CONFIG, EXIT_OK, EXIT_SIGTERM, EXIT_TEMPORARY
+from relit_k8s.errors import EXIT_CONFIG, EXIT_OK, EXIT_SIGTERM, EXIT_TEMPORARY, Stopped
 from relit_k8s.manifest import Manifest, ShardReport, pair_seeds
 from relit_k8s.planner import PlanSettings, list_sources, plan, write_manifest
 from relit_k8s.run import RunPaths
+from relit_k8s.settings import WorkerSettings
+from relit_k8s.storage import LocalStorage
+from relit_k8s.worker import ShardRunner, save_abandoned
 
 TESTS = Path(__file__).parent
 WORKER = [sys.executable, "-m", "relit_k8s", "worker", "--device", "cpu"]
@@ -177,6 +181,44 @@ def test_sigterm_abandons_a_batch_that_outlasts_the_grace_period(tmp_path):
     assert report.state == "stopped" and report.exit_code == EXIT_SIGTERM
     assert "grace period" in report.error
     assert local_outputs(out) == {} and not list(out.rglob(".*.tmp-*"))
+
+
+class SlowOutputs(LocalStorage):
+    """A local folder whose outputs take 0.3 s each to write (an upload); reports do not."""
+
+    def write(self, key: str, data: bytes) -> None:
+        if not key.startswith("_relit/"):
+            time.sleep(0.3)
+        super().write(key, data)
+
+
+def test_a_shard_abandoned_after_the_grace_period_counts_every_output_that_exists(tmp_path):
+    """The grace period runs out with outputs queued and being written: none starts after the
+    report is saved, those being written land first, and the report counts exactly what
+    exists (status and a rerun's skips agree with the files)."""
+    in_dir, refs_dir = one_image_dataset(tmp_path, size=(24, 32))
+    out = tmp_path / "out"
+    m, _ = planned(in_dir, refs_dir, out, iterations=24, shards=1, balance="static")
+    runner = ShardRunner(m, device="cpu", settings=WorkerSettings(write_threads=2))
+    runner.output = SlowOutputs(out)  # the relighter outpaces the writes: a backlog builds
+    ended: list[BaseException] = []
+
+    def shard() -> None:
+        try:
+            runner.run(0)
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            ended.append(e)
+
+    thread = threading.Thread(target=shard)
+    thread.start()
+    wait_for(lambda: len(local_outputs(out)) >= 2)
+    runner.stop.set()  # SIGTERM, and at once the grace period is over
+    save_abandoned(runner)
+    saved = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
+    thread.join(60)  # in a worker the process ends here; the backlog must not be written
+    assert saved.state == "stopped" and "grace period" in saved.error
+    assert 2 <= saved.items_done == len(local_outputs(out)) < m.items
+    assert [type(e) for e in ended] == [Stopped]
 
 
 def test_the_job_keeps_the_worker_grace_below_the_pod_grace():
