@@ -583,7 +583,9 @@ class Claimer:
     a create and a check, not a listing; it lists again after
     :data:`COLLISIONS_BEFORE_LISTING` shards listed as free turned out taken by others (the
     list is out of date), and does not try again a shard it found taken until a look newer
-    than that. Others' shards are checked first (one request when finished) unless the look
+    than that. It claims another worker's shard listed as free only from a look younger than
+    a poll interval (after a shard of its own, it looks again first). Others' shards are
+    checked first (one request when finished) unless the look
     is fresh (:meth:`_fresh`).
 
     A look, a worker's first too, reads a ``finished.json`` younger than a poll interval (the
@@ -659,10 +661,10 @@ class Claimer:
         #: (:meth:`_wait_idle`), and whether one did
         self.end_checks = 0
         self._ended = False
-        #: the listings of ``leases/`` this worker made, by why: its first look, its list of
-        #: candidates used up, past its own shards, too many misses, too many
-        #: collisions, after an idle wait, the check before it stops (``benchmarks/fleet.py``
-        #: prints them)
+        #: the looks this worker made, by why: its first look, its list of candidates used
+        #: up, past its own shards, another's shard next on a list older than a poll interval
+        #: (``old list``), too many misses, too many collisions, after an idle wait, the check
+        #: before it stops (``benchmarks/fleet.py`` prints them)
         self.looks: Counter[str] = Counter()
         self._why = "first"
         #: the moment up to which this worker knows the finished shards (the journal is read
@@ -1082,16 +1084,18 @@ class Claimer:
             return None, _STALE
         while self._candidates and not self.stop.is_set():
             shard = self._candidates.popleft()
-            if not self._beyond_own and shard in self._free and shard not in self._own:
-                # out of its own shards: what it listed before may be long out of date
-                # (its first look, before it worked through its own shards, while others
-                # finished most of theirs: at 256 workers each then checked 16 finished shards
-                # before it listed again): list again, once, unless it listed a moment ago
-                # (in full when that is too long ago for the journal since, see state())
-                self._beyond_own = True
+            if shard in self._free and shard not in self._own:
+                # another's shard, listed as free: claimed only from a look younger than a
+                # poll interval. What a worker looked at before it worked through its own
+                # shards, or before its last shard (half a minute or more), is out of date:
+                # at 256 workers each first checked 16 finished shards before it listed
+                # again, and later 9 of 10 misses came from going on with a list after a
+                # shard. A look again costs a read of a fresh finished.json, mostly; in full
+                # when the last one is too long ago for the journal since (see state())
+                first, self._beyond_own = not self._beyond_own, True
                 if time.monotonic() - self._looked_at > self.summary_seconds:
                     self._candidates.clear()
-                    self._why = "past own"
+                    self._why = "past own" if first else "old list"
                     return None, _RELIST
             recent = self._fresh()
             claim = self.book.try_claim(shard, faster_than=self.own_rate,
