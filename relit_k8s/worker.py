@@ -62,10 +62,11 @@ LOOKAHEAD = 2
 #: Unexpected relighter errors in a row (no success between them) that end the shard with
 #: exit 1: fewer are recorded as failed items, since one odd input must not stop a shard.
 UNEXPECTED_LIMIT = 3
-#: Seconds an abandoned shard (the grace period after SIGTERM is over) waits for the outputs
-#: being written to land before it saves its report: every output it counts exists, and none
-#: lands after it unless its write outlasts this (the pod's SIGKILL comes at least a second
-#: after the worker's grace, kube.job.stop_grace_for).
+#: Seconds at most an abandoned shard (the grace period after SIGTERM is over) waits for the
+#: outputs being written to land before it saves its report (it waits only while some are):
+#: every output it counts exists, and none lands after it unless its write outlasts this. The
+#: pod's SIGKILL comes a quarter of the pod's grace, 15 s at most, after the worker's
+#: (kube.job.stop_grace_for): 15 s with the default grace, room for this and the report.
 ABANDON_WRITES_SECONDS = 2.0
 
 ProgressFn = Callable[[int, int, int], None]  # (done, skipped, failed) increments
