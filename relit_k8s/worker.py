@@ -181,7 +181,7 @@ class _Reporter:
         self._thread = threading.Thread(target=self._beat, name="relit-report", daemon=True)
         #: outputs being written now (:meth:`writing`), and whether no more may be (:meth:`close`)
         self._writing, self._closed = 0, False
-        self._written = threading.Condition(self.lock)
+        self._landed = threading.Condition(self.lock)
 
     def start(self) -> None:
         self.write()
@@ -301,14 +301,14 @@ class _Reporter:
         finally:
             with self.lock:
                 self._writing -= 1
-                self._written.notify_all()
+                self._landed.notify_all()
 
     def close(self, timeout: float) -> int:
         """No output is written from now on; waits up to ``timeout`` seconds for those being
         written, and returns how many still are."""
         with self.lock:
             self._closed = True
-            self._written.wait_for(lambda: self._writing == 0, timeout)
+            self._landed.wait_for(lambda: self._writing == 0, timeout)
             return self._writing
 
     def abandon(self) -> None:
