@@ -18,6 +18,8 @@ import functools
 import logging
 import os
 import posixpath
+import socket
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -172,9 +174,51 @@ class Storage(ABC):
     def size(self, key: str) -> int:
         """The object's size in bytes; :class:`NotFoundError` if there is none."""
 
+    def remove_partial_writes(self, folder: str, names: Iterable[str]) -> int:
+        """Remove what writes of ``folder``/``names`` left behind when their writer died (a
+        killed worker), and return how many; a write still in progress is left alone.
+
+        The worker calls it for the outputs of a shard it is about to write. S3 writes are
+        single PUTs that leave nothing behind, so only local folders have anything to remove.
+        """
+        return 0
+
 
 #: errnos of a local write that every other write would meet too: configuration, not chance.
 _UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+
+
+#: A local write's temporary file is older than this (seconds) only when its writer died (a
+#: write takes milliseconds): :meth:`LocalStorage.remove_partial_writes` removes such files
+#: of writers on other hosts of a shared folder, whose processes it cannot see.
+PARTIAL_WRITE_SECONDS = 3600.0
+
+_HOST = socket.gethostname()
+
+
+def _temporary(path: Path) -> Path:
+    """The hidden name a local write goes through: ``.<name>.tmp-<pid>-<random>-<host>``, so
+    that a writer that finds it later can tell whether the process that made it still lives."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}-{_HOST}")
+
+
+def _writer_gone(name: str, age: float) -> bool:
+    """Whether the temporary file ``name`` (of :func:`_temporary`), ``age`` seconds old, belongs
+    to a writer that died: a process of this host that no longer runs, or any file older than
+    :data:`PARTIAL_WRITE_SECONDS` (another host's, or a name of an older release)."""
+    if age > PARTIAL_WRITE_SECONDS:
+        return True
+    pid, _, rest = name.rpartition(".tmp-")[2].partition("-")
+    host = rest.partition("-")[2]
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's process)
+        return False
+    return False
 
 
 class LocalStorage(Storage):
@@ -226,7 +270,7 @@ class LocalStorage(Storage):
 
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp = _temporary(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -247,6 +291,30 @@ class LocalStorage(Storage):
         except FileNotFoundError as e:
             raise NotFoundError(f"no file {self._path(key)}") from e
 
+    def remove_partial_writes(self, folder: str, names: Iterable[str]) -> int:
+        path = self._path(folder) if folder else self.root
+        prefixes = tuple(f".{n}.tmp-" for n in names)
+        if not prefixes:
+            return 0
+        removed = 0
+        now = time.time()
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    if not e.name.startswith(prefixes) or not e.is_file(follow_symlinks=False):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if _writer_gone(e.name, now - e.stat().st_mtime):
+                            os.unlink(e.path)
+                            removed += 1
+        except (FileNotFoundError, NotADirectoryError):
+            return removed
+        except OSError as e:
+            raise StorageError(f"cannot clean up {path}: {e}") from e
+        if removed:
+            log.info("removed %d unfinished write(s) of a stopped writer in %s", removed, path)
+        return removed
+
     # A local object's version is the hash of its bytes (the writers of conditional objects
     # put a token of their own in them, so two writes never look alike).
     def read_versioned(self, key: str) -> tuple[bytes, str]:
@@ -255,7 +323,7 @@ class LocalStorage(Storage):
 
     def create(self, key: str, data: bytes) -> str:
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp = _temporary(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+import posixpath
 import signal
 import socket
 import threading
@@ -581,12 +582,17 @@ class _ShardPass:
             return self.loader.normal_map(key)
 
     def _pairs(self, units: list[Unit]) -> Iterator[_PairWork]:
-        """Group the shard's units by pair and drop the items already written."""
+        """Group the shard's units by pair and drop the items already written; what an
+        earlier, killed attempt of the shard left half-written of the others is removed."""
+        m = self.manifest
         for unit, todo in self.runner.relit_run.missing(units):
             skipped = unit.items - len(todo)
             if skipped:
                 self.report.add(skipped=skipped)
             if todo:
+                self.runner.output.remove_partial_writes(
+                    m.pair_folder(unit.image, unit.ref),
+                    [posixpath.basename(m.output_key(unit.image, unit.ref, s)) for _, s in todo])
                 yield _PairWork(unit.image, unit.ref, todo)
 
     def run(self, units: list[Unit]) -> None:

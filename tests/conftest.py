@@ -25,6 +25,24 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+def shared_fixture(name: str, variable: str) -> Path:
+    """Where the golden fixture folder ``name`` made by the original LumiNet code is read in
+    place: ``$variable`` when set, else ``../shared/fixtures/<name>`` beside the repository.
+    It comes with the project's workspace, not with a clone: see :func:`require_fixture`."""
+    return Path(os.environ.get(variable) or ROOT.parent / "shared" / "fixtures" / name)
+
+
+def require_fixture(folder: Path) -> None:
+    """Skip the test, with the reason, when the golden fixture ``folder`` is missing (a user's
+    clone has none); fail it instead when ``CI`` is set (``.ci/run`` sets it), so that CI never
+    skips a golden test."""
+    if not folder.is_dir():
+        where = f"no golden fixture at {folder}"
+        if os.environ.get("CI"):
+            pytest.fail(where)
+        pytest.skip(where + " (it comes with the project's workspace, not with a clone)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slowest tests (``@pytest.mark.slow``, a minute or more on 2 cores) first: xdist
     hands the first tests out in turn, so they run side by side at the start instead of

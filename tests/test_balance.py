@@ -117,6 +117,9 @@ def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
     assert b.returncode == EXIT_OK, stderr
     assert "took shard 0 from" in stderr  # its own shard first, then the dead worker's
     assert written(out) == expected(m)  # every output, each once (outputs are named by seed)
+    # what the killed worker left half-written (a hidden temporary file, if the kill came
+    # inside a write) was removed by the worker that took its shard over
+    assert not [p for p in out.rglob(".*.tmp-*") if "_relit" not in p.parts]
     assert finished(out, m, 2)
     report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "done" and report.attempt == 2 and report.items_skipped >= 8

@@ -10,14 +10,13 @@ are FACTS.md's: 1e-4 (denoiser), 5e-4 (latents), 1e-3 (decoded), 1 (8 bits).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import cli
+from conftest import cli, require_fixture, shared_fixture
 from PIL import Image
 
 from relit_k8s import images
@@ -31,18 +30,16 @@ from relit_k8s.relighters.luminet.text import empty_prompt_context, empty_prompt
 from relit_k8s.relighters.luminet.vae import BypassAutoencoderKL, VAEConfig
 
 #: ``../shared/fixtures/luminet`` next to the repository, read in place (never copied in).
-FIXTURE = Path(os.environ.get("RELIT_LUMINET_FIXTURE",
-                              Path(__file__).resolve().parents[2] / "shared/fixtures/luminet"))
+FIXTURE = shared_fixture("luminet", "RELIT_LUMINET_FIXTURE")
 SEEDS = (20250915, 42)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _fixture_present():
-    if not FIXTURE.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"the LumiNet golden fixture is not at {FIXTURE} (set "
-                        "RELIT_LUMINET_FIXTURE)")
-        pytest.skip(f"no LumiNet golden fixture at {FIXTURE} (set RELIT_LUMINET_FIXTURE)")
+    """Module-scoped, so that it runs before the module-scoped fixtures that read the folder
+    (autouse fixtures come first within their scope): without the fixture every test of the
+    module skips (fails under ``CI``), and none errors."""
+    require_fixture(FIXTURE)
 
 
 def tensors(name: str) -> dict[str, torch.Tensor]:

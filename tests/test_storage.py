@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 
 import pytest
@@ -92,6 +93,43 @@ def test_local_write_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatc
     monkeypatch.setattr(os, "replace", real_replace)
     assert store.read("f.bin") == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_unfinished_writes_of_a_killed_writer_are_removed_and_live_ones_kept(tmp_path):
+    """A writer SIGKILLed between its temporary file and the rename leaves a hidden
+    ``.<name>.tmp-*`` file; the next writer of that name removes it, but never the temporary
+    file of a write still in progress (a living process), nor anything of another name."""
+    import subprocess
+    import sys
+    import time
+
+    store = LocalStorage(tmp_path)
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    # a real writer, stopped for good inside its write (the rename never comes)
+    code = ("import os, signal, sys; from relit_k8s.storage import LocalStorage; "
+            "os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL); "
+            "LocalStorage(sys.argv[1]).write('pair/1_a.png', b'half')")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60)
+    assert killed.returncode == -9
+    left = [p.name for p in folder.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".1_a.png.tmp-"), left
+    # this process's own write in progress, and another output's leftover: both stay
+    live = folder / f".2_a.png.tmp-{os.getpid()}-0123456789ab-{socket.gethostname()}"
+    live.write_bytes(b"being written")
+    other = folder / left[0].replace("1_a.png", "3_a.png")
+    other.write_bytes(b"not asked about")
+    assert store.remove_partial_writes("pair", ["1_a.png", "2_a.png"]) == 1
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, other.name])
+    # another host's (or an older release's) temporary file goes once it is an hour old
+    remote = folder / ".2_a.png.tmp-1-0123456789ab-another-host"
+    remote.write_bytes(b"?")
+    assert store.remove_partial_writes("pair", ["2_a.png"]) == 0
+    hour_ago = time.time() - 3601
+    os.utime(remote, (hour_ago, hour_ago))
+    assert store.remove_partial_writes("pair", ["2_a.png"]) == 1
+    assert live.exists() and not remote.exists()
+    assert store.remove_partial_writes("no/such/folder", ["x.png"]) == 0
 
 
 def test_local_concurrent_writers_leave_one_whole_file(tmp_path):

@@ -98,6 +98,26 @@ def test_only_missing_outputs_are_redone(small_dataset):
     assert (out / victim).read_bytes() == before  # same seed, same output
 
 
+def test_a_killed_attempts_unfinished_write_is_removed_when_the_shard_runs_again(small_dataset):
+    """A worker killed inside a write leaves a hidden temporary file beside the output it was
+    writing; the next attempt of the shard removes it as it writes that output."""
+    import socket
+
+    images_dir, refs_dir, out = small_dataset
+    m, _ = planned(images_dir, refs_dir, out, shards=1)
+    run_all(m)
+    victim = out / sorted(written(out))[3]
+    victim.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    leftover = victim.with_name(f".{victim.name}.tmp-{int(dead.stdout)}-0123456789ab-"
+                                f"{socket.gethostname()}")
+    leftover.write_bytes(victim.name.encode()[:3])  # a write cut short
+    [report] = run_all(m)
+    assert report.items_done == 1 and victim.is_file() and not leftover.exists()
+    assert not list(out.rglob(".*.tmp-*"))
+
+
 @pytest.mark.parametrize("name,data", [
     ("corrupt.jpg", png_bytes(photo(), "JPEG")[:400]),
     ("empty.png", b""),
