@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import torch
@@ -44,31 +46,113 @@ def header(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def run_fields(name: str, m: dict, seed_rate: float | None) -> dict:
-    """The result fields every relighter measurement has, prefixed ``name_``: samples/s, the
-    speed-up over the seed's loop, the batch, the load seconds and phases, the first sample."""
+def add_seed_loop_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--seed-pairs", type=int, default=2,
+                    help="pairs the seed's loop relights (after its one model load)")
+    ap.add_argument("--seed-iterations", type=int, default=2,
+                    help="samples per pair in the seed's loop, one at a time")
+    ap.add_argument("--run-samples", type=int, default=1000,
+                    help="samples per worker of the whole run the whole-run ratio stands "
+                    "for (each side pays its one load and first batch, then its steady rate) "
+                    "[default: 1000, 20 pairs x the seed's 50 iterations]")
+
+
+def seed_loop(load: Callable[[], object], sample: Callable[[object, int], None], pairs: int,
+              iterations: int, device: torch.device) -> dict:
+    """The seed's loop as its launcher runs it: one model load per (GPU) process, timed on its
+    own, then ``pairs`` pairs of ``iterations`` samples, one sample per call of ``sample(model,
+    seed)``. Returns the ``seed_loop_*`` result fields; ``seed_loop_model_loads`` counts the
+    relighters created meanwhile (``relit_k8s.relighters.create`` calls), load and samples
+    together: one, as in the seed, or the loop is not the seed's."""
+    import relit_k8s.relighters as relighters
+
+    real_create, loads = relighters.create, []
+
+    def counted(*args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("name"))
+        return real_create(*args, **kwargs)
+
+    relighters.create = counted
+    try:
+        sync(device)
+        start = time.perf_counter()
+        model = load()
+        sync(device)
+        loaded = time.perf_counter() - start
+        seconds = []
+        for n in range(pairs * iterations):
+            t = time.perf_counter()
+            sample(model, n)
+            sync(device)
+            seconds.append(time.perf_counter() - t)
+    finally:
+        relighters.create = real_create
     return {
+        "seed_loop_model_loads": len(loads),
+        "seed_loop_load_seconds": round(loaded, 3),
+        "seed_loop_pairs": pairs,
+        "seed_loop_iterations": iterations,
+        "seed_loop_samples_per_s": round(len(seconds) / sum(seconds), 4),
+        "seed_loop_sample_seconds": {"min": round(min(seconds), 3),
+                                     "median": round(statistics.median(seconds), 3),
+                                     "max": round(max(seconds), 3)},
+    }
+
+
+def run_fields(name: str, m: dict, seed: dict | None, run_samples: int) -> dict:
+    """The result fields every relighter measurement has, prefixed ``name_``: samples/s, the
+    batch, the load seconds and phases, the first batch; beside the seed's loop (``seed``, its
+    fields) the steady-state ratio (``_speedup``: samples/s over samples/s, each side's load
+    left out) and the whole-run ratio (``_whole_run_speedup``: ``run_samples`` samples on one
+    worker, each side paying its one load: the seed's load plus its samples at its steady rate,
+    against the relighter's time to its first batch, load, compile and probe included, plus the
+    rest at its steady rate)."""
+    fields = {
         f"{name}_samples_per_s": round(m["rate"], 4),
-        f"{name}_speedup": round(m["rate"] / seed_rate, 2) if seed_rate else None,
+        f"{name}_speedup": None,
+        f"{name}_whole_run_speedup": None,
         f"{name}_batch": m["batch"],
         f"{name}_load_seconds": round(m["load_seconds"], 2),
         f"{name}_load_phases": m["load_phases"],
         f"{name}_first_sample_seconds": round(m["first"], 2),
+        f"{name}_batch_seconds": m.get("batch_seconds"),
     }
+    if seed:
+        seed_rate = seed["seed_loop_samples_per_s"]
+        seed_run = seed["seed_loop_load_seconds"] + run_samples / seed_rate
+        our_run = m["first"] + max(0, run_samples - m["batch"]) / m["rate"]
+        fields[f"{name}_speedup"] = round(m["rate"] / seed_rate, 2)
+        fields[f"{name}_whole_run_speedup"] = round(seed_run / our_run, 2)
+    return fields
+
+
+def print_ratios(result: dict, names: tuple[str, ...] = ("relit", "compiled")) -> None:
+    """One line per measured relighter: its steady-state and whole-run ratios to the seed."""
+    seed = result.get("seed_loop_samples_per_s")
+    for name in names:
+        if seed and result.get(f"{name}_samples_per_s"):
+            print(f"seed loop {seed:.4f} samples/s (1 load, {result['seed_loop_load_seconds']} "
+                  f"s), relit-k8s {name} {result[f'{name}_samples_per_s']:.4f} samples/s: "
+                  f"{result[f'{name}_speedup']}x steady, "
+                  f"{result[f'{name}_whole_run_speedup']}x over a run of "
+                  f"{result['run_samples']} samples per worker")
 
 
 def relight_timings(r, image, ref, batch: int, batches: int, device,
-                    started: float) -> tuple[float, float]:
-    """(seconds from ``started`` to the end of a first batch, then samples/s over ``batches``
-    more batches of ``batch`` seeds each) of relighter ``r`` on one pair."""
+                    started: float) -> tuple[float, float, list[float]]:
+    """(seconds from ``started`` to the end of a first batch, samples/s over ``batches`` more
+    batches of ``batch`` seeds each, and those batches' seconds) of relighter ``r`` on one
+    pair."""
     r.relight(image, ref, list(range(batch)))
     sync(device)
     first = time.perf_counter() - started
-    start = time.perf_counter()
+    seconds = []
     for k in range(batches):
+        t = time.perf_counter()
         r.relight(image, ref, list(range(batch * (k + 1), batch * (k + 2))))
-    sync(device)
-    return first, batch * batches / (time.perf_counter() - start)
+        sync(device)
+        seconds.append(round(time.perf_counter() - t, 4))
+    return first, batch * batches / sum(seconds), seconds
 
 
 def profile_step(step, device: torch.device, reps: int = 3, top: int = 15) -> dict:

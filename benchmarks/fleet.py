@@ -1,39 +1,43 @@
 """Fleet balance: static shards against leases, as makespan / ideal at W simulated workers.
 
-The real claiming code (relit_k8s.leases: LeaseBook, Claimer) runs against a real S3 endpoint
-(moto in server mode, in a process of its own on 127.0.0.1). W worker threads stand for W GPU
-pods; their "relighter" sleeps for each unit's time (scaled time), and each unit's output is a
-real object written to the store. The fleet is unkind on purpose:
+The real claiming code (relit_k8s.leases: LeaseBook, Claimer) runs against a real S3 server in
+a process of its own on 127.0.0.1: SeaweedFS by default (``--store moto``: moto's server, a
+mock, kept as a stress row). W worker threads stand for W GPU pods; their "relighter" keeps
+to each item's scaled time, and each unit's output is a real object written to the store.
 
-* item times are heavy-tailed (lognormal, sigma 1); a unit is 32 items (an input-reference pair
-  and its seeds: one output object here, to keep the store's load within what a moto server
-  sharing 2 cores with every simulated worker serves), and the holder's heartbeat reports
-  progress per item, as a worker's does;
-* 10% of the workers are 3x slower (a slow node, an older GPU);
-* 5% of the workers are killed mid-shard (kill -9: no report, no release); Kubernetes starts a
-  replacement pod for their index after the restart delay (= the lease time here).
+Time is scaled: a row's ideal makespan (``--seconds``) stands for ``--real-minutes`` of a real
+run, and every real cost is scaled the same way:
 
-static: shard i is Job index i (4 shards per worker, the static default); a free pod slot takes
-the next pending index, as the Job controller does; a killed pod's index is retried by its
-replacement, which skips the units already written.
-leases: 32 shards per worker (the default, LEASE_SHARDS_PER_WORKER) claimed through leases; a
-killed worker's shard is taken over once its lease is stale; the replacement claims like any
-worker.
+* pods: every pod pays a start before its first item (scheduling, image, model load): a cold
+  start (93 s, measured on an H200 node without the image) for the first pod of a slot and for
+  a replacement (a killed pod's node is gone), a warm start (53 s, the measured warm worker
+  start) for later pods of the same slot; a killed pod's index is retried after the Job
+  controller's backoff (10 s, doubling per failure of that index, 6 minutes at most);
+* static (one Job index per shard, ``completions`` = shards, at most ``parallelism`` = W pods
+  at once): every index is a pod of its own, so a shard pays a start; swept over 1, 2, 4, 8,
+  16 and 32 shards per worker;
+* leases: W pods, one start each (a replacement: backoff + cold start), claiming 32 shards per
+  worker (the planner's default) through leases; the lease time is the real default (60 s);
+* the store's latency per request: drawn from a lognormal with p50 20 ms and p99 150 ms
+  (``--latency-p50-ms``, ``--latency-p99-ms``; S3's first-byte latency for small objects, see
+  benchmarks/README.md), scaled like the work and added in the client before each request is
+  sent (a sleep: no CPU), on top of the local server's own.
 
-ideal = total work / total worker speed. Printed per row, side by side: makespan / ideal for
-both, units lost (must be 0), units processed twice (with leases only after a steal, and their
-outputs byte-identical), claims per second the store sustained, S3 requests and their latency
-(over the row, and in its tail: from 90% of the ideal makespan on; the tail's requests by
-operation, and listings by folder, up to the last output written), what the claimers did
-(looks, and those that read ``finished.json`` in place of listing ``leases/``, listings of
-``done/``, summaries read and brought up to date, misses and collisions, idle reads of
-``finished.json``, looks by why), the requests, listings, median latency and the claimers'
-looks (by why and how) per tenth of the ideal makespan (when the store saturated), and the
-share of
-the workers' time spent waiting for claims (between shards; scaled time makes shards short, the
-store's latency is not scaled: at 16 workers a shard is about 2 s, on a real fleet minutes).
+Scenarios (``--scenario``, repeatable; each on its own seeds): ``uniform`` (every item takes
+the same time), ``heavy-tail`` (lognormal item times, sigma 1), ``stragglers-1.5x``,
+``stragglers-3x``, ``stragglers-10x`` (heavy-tailed items, 10% of the workers that much
+slower), ``kills`` (heavy-tailed items, 5% of the workers killed mid-shard: kill -9, no report,
+no release), ``mixed`` (heavy-tailed, 10% 3x slower, 5% killed: the one scenario of earlier
+runs). ideal = total work / total worker speed, without pod starts.
 
-Usage: python benchmarks/fleet.py [--workers 16 64 256] [--out benchmarks/results/fleet_cpu.json]
+Per row: makespan / ideal, units lost (must be 0), units processed twice (with leases only
+after a steal, outputs byte-identical), claims, S3 requests and their latency. Then, per
+workers and scenario over the seeds, the median and the range (min-max) of each balance, the
+best static row beside leases, and "better" only where the ranges do not overlap.
+
+Usage: python benchmarks/fleet.py --quick --out benchmarks/results/fleet_cpu.json  (~15 min)
+       python benchmarks/fleet.py --workers 16 64 256 --seeds 1,2,3,4,5   (hours)
+       python benchmarks/fleet.py --workers 16 --seeds 1,2 --scenario kills --out F.json
        python benchmarks/fleet.py --smoke     (a few seconds: the CI's check that it runs)
 """
 
@@ -46,55 +50,94 @@ import math
 import os
 import platform
 import random
-import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from multiprocessing import get_context
 
+from s3_servers import STORES, Server
+
+from relit_k8s.leases import MECHANISMS
 from relit_k8s.planner import LEASE_SHARDS_PER_WORKER
 
-#: Seconds of ideal makespan per row: 3.75 s times the workers, so that every row asks the
-#: store for about the same requests per second (about 8 claims/s, 60 requests/s in steady
-#: state), which a moto server sharing this machine's 2 cores with every simulated worker keeps
-#: up with. At 64 workers in 120 s (17 claims/s) the moto process ran at 0.7 of a core in
-#: steady state and saturated in the tail: the row measured moto (1.17), not the claiming (1.08
-#: at 240 s). Time is scaled: a unit of 32 items takes W x 3.75 / 64 s at full speed, a lease
-#: ideal / 8.
+#: Seconds of ideal makespan per row by default: 3.75 s times the workers, so that every row
+#: asks the store for about the same requests per second.
 DEFAULT_SECONDS = {16: 60.0, 64: 240.0, 256: 960.0}
 UNITS_PER_WORKER = 64
 ITEMS_PER_UNIT = 32
-SLOW_FRACTION, SLOW_FACTOR = 0.10, 3.0
-KILLED_FRACTION = 0.05
+#: Static shards per worker, swept (the Job's completions = this x W).
+STATIC_SWEEP = (1, 2, 4, 8, 16, 32)
 #: What the claimers did, summed over the row (Claimer's counters of the same names).
 CLAIMER_COUNTS = ("listings", "summary_looks", "done_listings", "summaries", "updates",
                   "background", "deferred", "missed", "collided", "end_checks")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(frozen=True)
+class Scenario:
+    """How unkind a fleet is: item times, slow workers, killed workers."""
+
+    items: str  # "uniform" or "lognormal" (sigma 1)
+    slow_fraction: float = 0.0
+    slow_factor: float = 1.0
+    killed_fraction: float = 0.0
 
 
-def start_store() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server in its own process."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
+SCENARIOS = {
+    "uniform": Scenario("uniform"),
+    "heavy-tail": Scenario("lognormal"),
+    "stragglers-1.5x": Scenario("lognormal", 0.10, 1.5),
+    "stragglers-3x": Scenario("lognormal", 0.10, 3.0),
+    "stragglers-10x": Scenario("lognormal", 0.10, 10.0),
+    "kills": Scenario("lognormal", killed_fraction=0.05),
+    "mixed": Scenario("lognormal", 0.10, 3.0, 0.05),
+}
+
+
+@dataclass(frozen=True)
+class Pods:
+    """What Kubernetes charges, in real seconds, and the real run a row stands for."""
+
+    #: the real ideal makespan one row stands for (minutes): sets the time scale
+    real_minutes: float = 30.0
+    #: a pod's start on a node without the image (scheduling, pull, model load), and with it
+    cold_seconds: float = 93.0
+    warm_seconds: float = 53.0
+    #: the Job controller's retry delay for a failed index: first, doubling, at most
+    backoff_seconds: float = 10.0
+    backoff_cap_seconds: float = 360.0
+    #: the lease time (RELIT_LEASE_SECONDS's default)
+    lease_seconds: float = 60.0
+    #: ... but at least this many sim seconds: the lease protocol has costs that do not scale
+    #: (request latency of the local server, thread wake-ups on 2 shared cores, the claim
+    #: ahead's half second), and a lease of 1 sim second measured those (3.3x ideal, half the
+    #: claims steals of live shards); a longer lease only makes a killed worker's shard wait
+    #: longer, which favours static in the kill scenarios
+    min_lease_sim_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Latency:
+    """The store's latency per request (real milliseconds): lognormal through p50 and p99."""
+
+    p50_ms: float = 20.0
+    p99_ms: float = 150.0
+
+    def sampler(self, scale: float, seed: int):
+        """Seconds to wait before a request, scaled like the row's time (thread-safe)."""
+        mu = math.log(self.p50_ms / 1000)
+        sigma = math.log(self.p99_ms / self.p50_ms) / 2.3263  # z of the 99th percentile
+        rng, lock = random.Random(seed), threading.Lock()
+
+        def draw() -> float:
+            with lock:
+                return rng.lognormvariate(mu, sigma) * scale
+        return draw
 
 
 @dataclass
@@ -103,6 +146,16 @@ class Row:
     workers: int
     shards: int
     ideal_s: float
+    scenario: str = "mixed"
+    seed: int = 0
+    shards_per_worker: int = 0
+    #: sim seconds per real second (the row's ideal over --real-minutes)
+    time_scale: float = 1.0
+    #: what each pod paid to start (sim seconds): cold and warm, and how many pods started
+    pod_start_seconds: dict = field(default_factory=dict)
+    pods_started: int = 0
+    #: leases: the mechanism switched off in this row (the ablation), or None
+    disabled: str | None = None
     makespan_s: float = 0.0
     units: int = 0
     units_lost: int = 0
@@ -150,26 +203,31 @@ class Row:
 
 @dataclass
 class Fleet:
-    """One simulated run: its units, workers and the store."""
+    """One simulated run: its units, workers, kills and what pods cost, in scaled time."""
 
     workers: int
     seconds: float
     seed: int
+    scenario: str
+    pods: Pods
     items: list[list[float]] = field(default_factory=list)  # per unit: seconds per item
     speeds: list[float] = field(default_factory=list)
     kills: dict[int, float] = field(default_factory=dict)  # worker -> seconds into the run
 
     @classmethod
-    def make(cls, workers: int, seconds: float, seed: int = 0) -> Fleet:
-        rng = random.Random(seed)
+    def make(cls, workers: int, seconds: float, seed: int, scenario: str,
+             pods: Pods) -> Fleet:
+        sc, rng = SCENARIOS[scenario], random.Random(seed)
         n = workers * UNITS_PER_WORKER
-        raw = [[rng.lognormvariate(0, 1.0) for _ in range(ITEMS_PER_UNIT)] for _ in range(n)]
-        slow = set(rng.sample(range(workers), max(1, round(SLOW_FRACTION * workers))))
-        speeds = [1 / SLOW_FACTOR if w in slow else 1.0 for w in range(workers)]
+        raw = [[rng.lognormvariate(0, 1.0) if sc.items == "lognormal" else 1.0
+                for _ in range(ITEMS_PER_UNIT)] for _ in range(n)]
+        slow = set(rng.sample(range(workers), round(sc.slow_fraction * workers)))
+        speeds = [1 / sc.slow_factor if w in slow else 1.0 for w in range(workers)]
         scale = seconds * sum(speeds) / sum(map(sum, raw))  # total work / speed = seconds
-        killed = rng.sample(range(workers), max(1, math.ceil(KILLED_FRACTION * workers)))
+        killed = rng.sample(range(workers), math.ceil(sc.killed_fraction * workers))
         kills = {w: rng.uniform(0.2, 0.6) * seconds for w in killed}
-        return cls(workers, seconds, seed, [[t * scale for t in u] for u in raw], speeds, kills)
+        return cls(workers, seconds, seed, scenario, pods, [[t * scale for t in u] for u in raw],
+                   speeds, kills)
 
     @property
     def units(self) -> list[float]:
@@ -177,9 +235,26 @@ class Fleet:
         return [sum(u) for u in self.items]
 
     @property
+    def time_scale(self) -> float:
+        """Sim seconds per real second."""
+        return self.seconds / (self.pods.real_minutes * 60)
+
+    @property
     def lease_seconds(self) -> float:
-        """The lease time, and a replacement pod's start delay: scaled like the work."""
-        return self.seconds / 8
+        return max(self.pods.lease_seconds * self.time_scale, self.pods.min_lease_sim_seconds)
+
+    @property
+    def cold_start(self) -> float:
+        return self.pods.cold_seconds * self.time_scale
+
+    @property
+    def warm_start(self) -> float:
+        return self.pods.warm_seconds * self.time_scale
+
+    def backoff(self, failures: int) -> float:
+        """The Job controller's delay before an index's ``failures``-th retry."""
+        real = min(self.pods.backoff_cap_seconds, self.pods.backoff_seconds * 2 ** (failures - 1))
+        return real * self.time_scale
 
     def shard_units(self, shards: int, index: int) -> range:
         n = len(self.items)
@@ -191,16 +266,17 @@ def expected_bytes(unit: int) -> bytes:
 
 
 class Store:
-    """The output store of one row: outputs written, and who processed what."""
+    """The output store of one row (a bucket of its own): outputs written, who processed what,
+    and every request's latency as the workers saw it."""
 
-    def __init__(self, endpoint: str, bucket: str):
+    def __init__(self, endpoint: str, keys: tuple[str, str], bucket: str, latency=None):
         import boto3
         from botocore.config import Config
 
         from relit_k8s.storage import S3Storage
 
         self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                   aws_access_key_id="bench", aws_secret_access_key="bench",
+                                   aws_access_key_id=keys[0], aws_secret_access_key=keys[1],
                                    config=Config(max_pool_connections=512,
                                                  retries={"max_attempts": 10,
                                                           "mode": "standard"}))
@@ -210,6 +286,9 @@ class Store:
         self._lock = threading.Lock()
         self.client.meta.events.register("before-call.s3.*", self._count)
         self.client.meta.events.register("after-call.s3.*", self._timed)
+        if latency is not None:  # the network and a real store's own time, in scaled time
+            self.client.meta.events.register("before-send.s3.*",
+                                             lambda **_: time.sleep(latency()))
         self._began = threading.local()  # per worker thread: when its call began
         self.created = time.monotonic()
         #: (seconds into the row, seconds the call took (retries included), operation) per
@@ -327,16 +406,42 @@ def _kill_timer(fleet: Fleet, w: int, start: float) -> threading.Event:
     return killed
 
 
+class _PodStarts:
+    """The pods a row started and what they paid (sim seconds), across worker threads."""
+
+    def __init__(self, fleet: Fleet):
+        self.fleet, self.count, self._lock = fleet, 0, threading.Lock()
+
+    def start(self, cold: bool, killed: threading.Event) -> bool:
+        """A pod starts (cold or warm); False when its slot was killed meanwhile."""
+        with self._lock:
+            self.count += 1
+        return not killed.wait(self.fleet.cold_start if cold else self.fleet.warm_start)
+
+    def record(self, row: Row) -> None:
+        row.pods_started = self.count
+        row.time_scale = round(self.fleet.time_scale, 6)
+        row.pod_start_seconds = {"cold": round(self.fleet.cold_start, 3),
+                                 "warm": round(self.fleet.warm_start, 3),
+                                 "cold_real": self.fleet.pods.cold_seconds,
+                                 "warm_real": self.fleet.pods.warm_seconds}
+
+
 def run_static(fleet: Fleet, store: Store, shards: int) -> Row:
-    """Indexes handed to free pod slots in order (the Job controller); a killed pod's index is
-    retried by a replacement pod after the restart delay."""
+    """Static shards as Kubernetes runs them: every index is a pod, handed to a free slot in
+    order (at most W at once, as ``parallelism``), which pays a pod start (cold for the slot's
+    first pod, warm after) before the shard's work; a killed pod's index is retried after the
+    controller's backoff by a pod on another node (cold start, speed 1)."""
     pending = list(range(shards))
+    failures: Counter[int] = Counter()
     lock = threading.Lock()
+    pods = _PodStarts(fleet)
     start = time.monotonic()
 
     def slot(w: int) -> None:
         speed, killed = fleet.speeds[w], _kill_timer(fleet, w, start)
         retry: int | None = None
+        cold = True
         while True:
             if retry is not None:
                 index, retry = retry, None
@@ -345,9 +450,15 @@ def run_static(fleet: Fleet, store: Store, shards: int) -> Row:
                     if not pending:
                         return
                     index = pending.pop(0)
-            if not _work(fleet, store, fleet.shard_units(shards, index), speed, killed):
-                time.sleep(fleet.lease_seconds)  # the replacement pod starts
-                killed, speed, retry = threading.Event(), 1.0, index
+            alive = pods.start(cold, killed)
+            cold = False
+            if alive and _work(fleet, store, fleet.shard_units(shards, index), speed, killed):
+                continue
+            with lock:
+                failures[index] += 1
+                n = failures[index]
+            time.sleep(fleet.backoff(n))  # the controller's delay, then a pod elsewhere
+            killed, speed, retry, cold = threading.Event(), 1.0, index, True
 
     threads = [threading.Thread(target=slot, args=(w,)) for w in range(fleet.workers)]
     for t in threads:
@@ -356,12 +467,14 @@ def run_static(fleet: Fleet, store: Store, shards: int) -> Row:
         t.join()
     row = Row("static", fleet.workers, shards, fleet.seconds, killed=len(fleet.kills))
     row.makespan_s = round(store.last_write - start, 2)
+    pods.record(row)
     return row
 
 
-def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> Row:
+def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
     """Workers claim shards through leases, each its next shard ahead as its current one
-    nears its end (``ahead``, as the worker does: Claimer.near_end), or only once it ended."""
+    nears its end (as the worker does: Claimer.near_end, unless the ablation switched it
+    off); a pod per worker, each paying one start, a killed one replaced after the backoff."""
     from relit_k8s.leases import Claimer, LeaseBook, LeaseLost
 
     class TimedClaimer(Claimer):
@@ -385,9 +498,17 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
     misses: Counter[str] = Counter()  # their misses, by whose shard and how fresh the look
     lock = threading.Lock()
 
+    pods = _PodStarts(fleet)
+
     def worker(w: int) -> None:
         speed, killed = fleet.speeds[w], _kill_timer(fleet, w, start)
+        failures = 0
         while True:
+            if not pods.start(True, killed):  # killed while it started: no claim made
+                failures += 1
+                time.sleep(fleet.backoff(failures))
+                killed, speed = threading.Event(), 1.0
+                continue
             book = LeaseBook(store.storage, "fleet", seconds=fleet.lease_seconds)
             claimer = TimedClaimer(book, shards, w, fleet.workers)  # a kill lands mid-unit
             dead, written_items, busy = False, 0, 0.0
@@ -426,7 +547,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
                 heart = threading.Thread(target=beat, daemon=True)
                 heart.start()
                 finished = _work(fleet, store, units, speed, killed, lost, progress,
-                                 claimer.near_end if ahead else None)
+                                 claimer.near_end)
                 beat_stop.set()
                 if killed.is_set():
                     dead = True
@@ -450,7 +571,8 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
                 misses.update(claimer.misses)
             if not dead:
                 return
-            time.sleep(fleet.lease_seconds)  # the replacement pod starts, on another node
+            failures += 1
+            time.sleep(fleet.backoff(failures))  # the controller's delay, then a pod elsewhere
             killed, speed = threading.Event(), 1.0
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(fleet.workers)]
@@ -458,12 +580,13 @@ def run_leases(fleet: Fleet, store: Store, shards: int, ahead: bool = True) -> R
         t.start()
     for t in threads:
         t.join()
-    row = Row("leases" if ahead else "leases-no-ahead", fleet.workers, shards, fleet.seconds,
+    row = Row("leases", fleet.workers, shards, fleet.seconds,
               killed=len(fleet.kills),
               claims=totals["claims"], steals=totals["steals"],
               claimers={k: totals[k] for k in CLAIMER_COUNTS} | {"looks": dict(looks),
                                                                   "misses": dict(misses)})
     row.makespan_s = round(store.last_write - start, 2)
+    pods.record(row)
     row.claiming_s, row.finishing_s = (round(totals[k], 1) for k in ("claiming_s",
                                                                      "finishing_s"))
     twice = [u for u, n in store.processed.items() if n > 1]
@@ -502,88 +625,291 @@ def _ms(pct: dict) -> str:
     return f"{pct['p50']:.0f}/{pct['p90']:.0f} ms" if pct else "-"
 
 
-def main(argv: list[str] | None = None) -> dict:
+@dataclass(frozen=True)
+class RowSpec:
+    """One row to run: which balance, fleet and shards per worker."""
+
+    balance: str  # "static" or "leases"
+    workers: int
+    seconds: float
+    scenario: str
+    seed: int
+    shards_per_worker: int
+    #: leases: the mechanism switched off (relit_k8s.leases.MECHANISMS), for the ablation
+    disabled: str | None = None
+
+
+def run_row(spec: RowSpec, endpoint: str, keys: tuple[str, str], pods: Pods,
+            latency: Latency | None) -> dict:
+    """One row, in a process of its own (the pool's), against the store at ``endpoint``."""
+    from relit_k8s import leases
+
+    leases.DISABLED = frozenset([spec.disabled] if spec.disabled else [])
+    fleet = Fleet.make(spec.workers, spec.seconds, spec.seed, spec.scenario, pods)
+    bucket = f"fleet-{spec.balance}-{spec.workers}-{spec.scenario}-{spec.seed}-" \
+             f"{spec.shards_per_worker}-{spec.disabled or ''}-{os.getpid()}".lower() \
+        .replace(".", "-").replace("_", "-")
+    draw = latency.sampler(fleet.time_scale, spec.seed) if latency else None
+    store = Store(endpoint, keys, bucket[:63], draw)
+    shards = spec.shards_per_worker * spec.workers
+    if spec.balance == "static":
+        row = run_static(fleet, store, shards)
+    else:
+        row = run_leases(fleet, store, shards)
+    row.scenario, row.seed, row.shards_per_worker = spec.scenario, spec.seed, \
+        spec.shards_per_worker
+    row.disabled = spec.disabled
+    check_outputs(fleet, store, row)
+    row.ops = dict(store.ops)
+    return row.as_dict()
+
+
+def describe(row: dict) -> str:
+    return (f"W={row['workers']:4d} {row['scenario']:15s} seed={row['seed']:<3d} "
+            f"{row['balance'] + (' -' + row['disabled'] if row['disabled'] else ''):25s} "
+            f"shards/worker={row['shards_per_worker']:3d} makespan/ideal="
+            f"{row['makespan_over_ideal']:6.3f} pods={row['pods_started']:4d} "
+            f"lost={row['units_lost']} twice={row['units_twice']} (without a steal: "
+            f"{row['twice_without_steal']}, not identical: {row['twice_not_identical']}) "
+            f"claims={row['claims']} steals={row['steals']} requests={row['requests']} "
+            f"latency p50/p90 {_ms(row['latency_ms']['all'])}")
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": min(values),
+            "max": max(values), "seeds": len(values)}
+
+
+#: Seeds a side needs before a verdict is given (fewer: "too few seeds").
+VERDICT_SEEDS = 3
+
+
+def _verdict(a: dict, b: dict, below: str, above: str) -> str:
+    """``below`` when every seed of ``a`` is under every seed of ``b``, ``above`` when over,
+    else "within the noise" (the ranges overlap); no verdict on fewer than
+    :data:`VERDICT_SEEDS` seeds a side."""
+    if min(a["seeds"], b["seeds"]) < VERDICT_SEEDS:
+        return "too few seeds"
+    return below if a["max"] < b["min"] else above if a["min"] > b["max"] else \
+        "within the noise"
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Over the seeds: per workers and scenario, static at each shards per worker and leases
+    (median and range of makespan / ideal), the best static (lowest median) beside leases,
+    "better" only where the ranges do not overlap; and the ablation: leases with each
+    mechanism switched off beside leases with all, makespan / ideal and store requests."""
+    ratio: dict[tuple, list[float]] = {}
+    requests: dict[tuple, list[float]] = {}
+    for r in rows:
+        key = (r["workers"], r["scenario"], r["balance"], r["shards_per_worker"],
+               r.get("disabled"))
+        ratio.setdefault(key, []).append(r["makespan_over_ideal"])
+        requests.setdefault(key, []).append(r["requests"])
+    scenarios, ablation = [], []
+    for w, scenario in sorted({(k[0], k[1]) for k in ratio}):
+        static = {k[3]: _stats(v) for k, v in ratio.items()
+                  if k[:3] == (w, scenario, "static")}
+        full = [k for k in ratio if k[:3] == (w, scenario, "leases") and k[4] is None]
+        leases = _stats(ratio[full[0]]) if full else None
+        entry: dict = {"workers": w, "scenario": scenario, "leases": leases,
+                       "static_by_shards_per_worker": {str(n): v for n, v in
+                                                       sorted(static.items())}}
+        if static:
+            best = min(static, key=lambda n: static[n]["median"])
+            entry |= {"static_best_shards_per_worker": best, "static_best": static[best]}
+            if leases:
+                entry["leases_vs_static_best"] = _verdict(leases, static[best], "better",
+                                                          "worse")
+        if static or leases:
+            scenarios.append(entry)
+        for k, v in sorted((k, v) for k, v in ratio.items()
+                           if k[:3] == (w, scenario, "leases") and k[4]):
+            if not full:
+                continue
+            without, base = _stats(v), leases
+            ablation.append({
+                "workers": w, "scenario": scenario, "disabled": k[4],
+                "without": without, "with_all": base,
+                "requests_without": _stats(requests[k]),
+                "requests_with_all": _stats(requests[full[0]]),
+                "verdict": _verdict(without, base, "faster without it", "earns its keep")})
+    return {"scenarios": scenarios, "ablation": ablation}
+
+
+def _range(v: dict | None) -> str:
+    if not v:
+        return "-"
+    return f"{v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
+
+
+def print_summary(summary: dict) -> None:
+    print("\nmakespan / ideal: median (range) over the seeds")
+    print(f"{'W':>4}  {'scenario':15s}  {'static, best':>30s}  {'leases':>22s}  "
+          f"{'verdict':16s}  static by shards per worker (median)")
+    for e in summary["scenarios"]:
+        sweep = " ".join(f"{n}:{v['median']:.2f}" for n, v in
+                         e["static_by_shards_per_worker"].items())
+        best = f"{_range(e.get('static_best'))} @{e.get('static_best_shards_per_worker', '-')}"
+        print(f"{e['workers']:4d}  {e['scenario']:15s}  {best:>30s}  "
+              f"{_range(e.get('leases')):>22s}  {e.get('leases_vs_static_best', '-'):16s}  "
+              f"{sweep}")
+    if summary["ablation"]:
+        print("\nablation: leases with one mechanism switched off, against all on")
+        print(f"{'W':>4}  {'scenario':15s}  {'switched off':19s}  {'without':>22s}  "
+              f"{'with all':>22s}  {'requests without / with':>24s}  verdict")
+    for a in summary["ablation"]:
+        req = f"{a['requests_without']['median']:.0f} / {a['requests_with_all']['median']:.0f}"
+        print(f"{a['workers']:4d}  {a['scenario']:15s}  {a['disabled']:19s}  "
+              f"{_range(a['without']):>22s}  {_range(a['with_all']):>22s}  {req:>24s}  "
+              f"{a['verdict']}")
+
+
+def plan_rows(args) -> list[RowSpec]:
+    """The rows asked for: per workers, scenario and seed, static at each swept shards per
+    worker and leases; the ablation's rows (leases with one mechanism off) in the ablation's
+    scenarios."""
+    specs = []
+    for w in args.workers:
+        seconds = args.seconds or DEFAULT_SECONDS.get(w, 30.0)
+        for scenario in sorted(set(args.scenario) | set(args.ablation_scenario)):
+            for seed in args.seeds:
+                if scenario in args.scenario and args.only != "leases":
+                    specs += [RowSpec("static", w, seconds, scenario, seed, n)
+                              for n in args.static_shards]
+                if args.only != "static":
+                    specs.append(RowSpec("leases", w, seconds, scenario, seed,
+                                         args.lease_shards))
+                if scenario in args.ablation_scenario:
+                    specs += [RowSpec("leases", w, seconds, scenario, seed, args.lease_shards,
+                                      off) for off in args.ablate]
+    # the largest rows first, so that the pool's last rows are short ones
+    return sorted(specs, key=lambda r: -r.workers * r.seconds)
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--seconds", type=float, help="ideal makespan per row [default: 60, 240, "
-                    "960 s for 16, 64, 256 workers: W x 3.75 s]")
-    ap.add_argument("--static-shards", type=int, default=4, help="static shards per worker")
+    ap.add_argument("--seconds", type=float, help="ideal makespan per row, sim seconds "
+                    "[default: 60, 240, 960 s for 16, 64, 256 workers: W x 3.75 s]")
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated fleet seeds, each a "
+                    "row of its own [default: %(default)s]")
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                    help="repeatable [default: every scenario]")
+    ap.add_argument("--static-shards", type=int, nargs="+", default=list(STATIC_SWEEP),
+                    help="static shards per worker, swept [default: %(default)s]")
     ap.add_argument("--lease-shards", type=int, default=LEASE_SHARDS_PER_WORKER,
                     help="lease shards per worker [default: %(default)s, the planner's]")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real-minutes", type=float, default=Pods.real_minutes,
+                    help="the real ideal makespan a row stands for, minutes: sets the scale "
+                    "of pod starts, backoff and the lease time [default: %(default)s]")
+    ap.add_argument("--cold-start", type=float, default=Pods.cold_seconds,
+                    help="a pod's cold start, real seconds [default: %(default)s]")
+    ap.add_argument("--warm-start", type=float, default=Pods.warm_seconds,
+                    help="a pod's warm start, real seconds [default: %(default)s]")
+    ap.add_argument("--store", choices=sorted(STORES), default="seaweedfs",
+                    help="the S3 server, in its own process [default: %(default)s; moto: a "
+                    "mock, for the stress row]")
+    ap.add_argument("--latency-p50-ms", type=float, default=Latency.p50_ms)
+    ap.add_argument("--latency-p99-ms", type=float, default=Latency.p99_ms)
+    ap.add_argument("--no-latency", action="store_true",
+                    help="no added latency: the local server's own only")
     ap.add_argument("--only", choices=["static", "leases"], help="run one balance only")
-    ap.add_argument("--no-ahead-too", action="store_true", help="add a row of leases claimed "
-                    "only once the previous shard ended (no claim ahead), for comparison")
+    ap.add_argument("--ablate", nargs="+", default=[], metavar="MECHANISM",
+                    help="rows of leases with this mechanism switched off, one at a time "
+                    f"(or 'all': {', '.join(MECHANISMS)})")
+    ap.add_argument("--ablation-scenario", action="append", choices=sorted(SCENARIOS),
+                    help="the scenarios of the ablation's rows, repeatable [default: mixed]")
+    ap.add_argument("--jobs", type=int, default=4, help="rows run at once, each in a process "
+                    "of its own [default: %(default)s]")
+    ap.add_argument("--quick", action="store_true", help="16 workers, 30 s rows, seeds 1-3, "
+                    "every scenario, static at 1, 4 and 32 shards per worker, leases, and the "
+                    "ablation of every mechanism in the mixed scenario: about 20 minutes on "
+                    "2 cores")
     ap.add_argument("--smoke", action="store_true", help="4 workers, 4 s: a check that it runs")
     ap.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.workers, args.seconds, args.seeds = [16], 30.0, "1,2,3"
+        args.static_shards, args.ablate = [1, 4, 32], ["all"]
     if args.smoke:
-        args.workers, args.seconds = [4], 4.0
-    proc, endpoint = start_store()
-    rows: list[Row] = []
+        args.workers, args.seconds, args.seeds = [4], 4.0, "1"
+        args.scenario, args.static_shards, args.jobs = ["mixed"], [4], 1
+    args.seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    args.scenario = args.scenario or list(SCENARIOS)
+    args.ablation_scenario = (args.ablation_scenario or ["mixed"]) if args.ablate else []
+    args.ablate = list(MECHANISMS) if "all" in args.ablate else args.ablate
+    unknown = set(args.ablate) - set(MECHANISMS)
+    if unknown:
+        ap.error(f"no mechanism {', '.join(sorted(unknown))}: {', '.join(MECHANISMS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    pods = Pods(args.real_minutes, args.cold_start, args.warm_start)
+    latency = None if args.no_latency else Latency(args.latency_p50_ms, args.latency_p99_ms)
+    server: Server = STORES[args.store]()
+    specs = plan_rows(args)
     result = {
         "benchmark": "fleet",
         "date": datetime.now(UTC).date().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores; store: moto server",
+        "commit": _commit(),
+        "command": " ".join(["python", "benchmarks/fleet.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "store": f"{server.name} server in its own process on 127.0.0.1 (sharing the "
+                 f"{os.cpu_count()} cores with the simulated workers)",
+        "latency": asdict(latency) | {"scaled": "like the work (time_scale)",
+                                      "added": "in the client, before each request"}
+        if latency else None,
+        "pods": asdict(pods),
+        "seeds": args.seeds,
+        "scenarios": {n: asdict(SCENARIOS[n]) for n in args.scenario},
         "fleet": {"units_per_worker": UNITS_PER_WORKER, "items_per_unit": ITEMS_PER_UNIT,
                   "lease_shards_per_worker": args.lease_shards,
                   "static_shards_per_worker": args.static_shards,
-                  "item_time": "lognormal, sigma 1", "slow": f"{SLOW_FRACTION:.0%} of "
-                  f"workers {SLOW_FACTOR:g}x slower", "killed": f"{KILLED_FRACTION:.0%} of "
-                  "workers mid-shard, replaced after the lease time",
-                  "lease_seconds": "ideal / 8"},
+                  "killed": "mid-shard at 20-60% of the ideal makespan; the pod is replaced "
+                            "after the Job controller's backoff, on another node (cold start)"},
         "rows": [],
+        "ablation": {m: MECHANISMS[m] for m in args.ablate},
+        "summary": {},
     }
 
     def save() -> None:
         """The rows so far, written after each row: a run stopped part-way keeps them."""
-        result["rows"] = [r.as_dict() for r in rows]
+        result["rows"].sort(key=lambda r: (r["workers"], r["scenario"], r["seed"],
+                                           r["balance"], r["shards_per_worker"],
+                                           r["disabled"] or ""))
+        result["summary"] = summarise(result["rows"])
         if args.out:
             partial = f"{args.out}.partial"
             with open(partial, "w") as f:
                 json.dump(result, f, indent=1)
             os.replace(partial, args.out)
 
+    keys = (server.access_key, server.secret_key)
     try:
-        for w in args.workers:
-            seconds = args.seconds or DEFAULT_SECONDS.get(w, 30.0)
-            fleet = Fleet.make(w, seconds, args.seed)
-            for balance, per_worker, run in (
-                    ("static", args.static_shards, run_static),
-                    ("leases", args.lease_shards, run_leases),
-                    ("leases-no-ahead", args.lease_shards,
-                     lambda f, st, n: run_leases(f, st, n, ahead=False))):
-                if args.only and not balance.startswith(args.only) or \
-                        balance == "leases-no-ahead" and not args.no_ahead_too:
-                    continue
-                store = Store(endpoint, f"fleet-{balance}-{w}-{os.getpid()}")
-                row = run(fleet, store, per_worker * w)
-                check_outputs(fleet, store, row)
-                row.ops = dict(store.ops)
-                rows.append(row)
-                print(f"W={w:4d} {balance:6s} shards={row.shards:5d} makespan/ideal="
-                      f"{row.ratio:5.3f} ({row.makespan_s:.1f} s / {row.ideal_s:.1f} s) "
-                      f"lost={row.units_lost} twice={row.units_twice} "
-                      f"(without a steal: {row.twice_without_steal}, not identical: "
-                      f"{row.twice_not_identical}) claims={row.claims} steals={row.steals} "
-                      f"requests={row.requests} claiming={row.as_dict()['claiming_share']:.1%} "
-                      f"of worker time; store latency p50/p90 {_ms(row.latency_ms['all'])}, "
-                      f"in the tail {_ms(row.latency_ms['tail'])}; in the tail {row.tail_ops}; "
-                      f"claimers {row.claimers}; per tenth of ideal: requests "
-                      f"{[t['requests'] for t in row.timeline]}, listings "
-                      f"{[t['listings'] for t in row.timeline]}, p50 ms "
-                      f"{[round(t['p50_ms']) for t in row.timeline]}", flush=True)
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_row, spec, server.endpoint, keys, pods, latency)
+                       for spec in specs]
+            for fut in futures:
+                row = fut.result()
+                result["rows"].append(row)
+                print(describe(row), flush=True)
                 save()
     finally:
-        proc.kill()
-        proc.wait()
-    print("\n  W   static   leases  (makespan / ideal)   lost  twice  claims/s  claiming")
-    for w in ([] if args.only else args.workers):
-        s, le = (next(r for r in rows if r.workers == w and r.balance == b)
-                 for b in ("static", "leases"))
-        print(f"{w:4d}  {s.ratio:6.3f}   {le.ratio:6.3f}   {' ' * 19}"
-              f"{s.units_lost + le.units_lost:4d}  {le.units_twice:5d}  "
-              f"{le.as_dict()['claims_per_second']:8.2f}  {le.as_dict()['claiming_share']:8.1%}")
+        server.stop()
+    save()
+    print_summary(result["summary"])
     return result
 
 

@@ -1,8 +1,9 @@
 """The ``luminet`` half of relighter_throughput.py: LumiNet's original loop style against the
 ``luminet`` relighter, on the same random-weight model (``make-model --kind luminet``).
 
-* seed loop style (the original scripts' way, driven by the seed's launcher): fp32, one sample
-  at a time, the model re-loaded for every pair, and at every DDIM step two denoiser passes
+* seed loop style (the original scripts' way, driven by the seed's launcher): the model loaded
+  once per process (timed on its own), then fp32, one sample at a time, and at every DDIM step
+  two denoiser passes
   (the conditional and the unconditional branch of guidance, identical inputs here as in
   LumiNet, whose prompt is empty for both), each recomputing the lighting prior from the hint;
 * relit-k8s: the ``luminet`` relighter (bf16 on a GPU, all seeds of a pair in one batch, one
@@ -18,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+import common
 import torch
 from common import profile_step, relight_timings, run_fields, sync
 
@@ -34,37 +36,34 @@ def inputs(res: int):
     return torch.rand(3, res, res, generator=g), torch.rand(3, res // 2, res, generator=g) * 4
 
 
-def _seed_style_sample(folder: str, steps: int, seed: int, image, ref, device) -> None:
-    """One sample as the original makes it: the model loaded for it, two passes per step."""
+def seed_loop(folder: str, steps: int, pairs: int, iterations: int, device) -> dict:
+    """The original loop style (see the module docstring): :func:`common.seed_loop`'s
+    fields."""
     from relit_k8s.relighters.luminet.sampler import ddim_sample
 
-    r = _create(folder, device, dtype="fp32", ddim_steps=steps, batch_size=1)
-    with torch.inference_mode():
-        hint = r.hint(image, ref).to(r.device)
-        context = r.context.to(r.device)
-        scale = r.options.guidance_scale
-        side = r.cfg.prior.hint_spatial
-        x = torch.randn(1, r.cfg.unet.in_channels, side, side,
-                        generator=torch.Generator().manual_seed(seed)).to(r.device)
-
-        def guided(x, t):
-            cond = r.model.apply_model(x, t, hint, context)
-            uncond = r.model.apply_model(x, t, hint, context)
-            return uncond + scale * (cond - uncond)
-
-        latents = ddim_sample(guided, x, r.alphas_cumprod, steps)
-        r.model.first_stage_model.decode(latents / r.cfg.scale_factor)
-
-
-def seed_loop(folder: str, steps: int, samples: int, device) -> float:
-    """Samples/s of the original loop style (see the module docstring)."""
     image, ref = inputs(256)
-    sync(device)
-    start = time.perf_counter()
-    for s in range(samples):
-        _seed_style_sample(folder, steps, s, image, ref, device)
-        sync(device)
-    return samples / (time.perf_counter() - start)
+
+    def sample(r, seed: int) -> None:
+        """One sample as the original makes it: two passes per step, the prior in each."""
+        with torch.inference_mode():
+            hint = r.hint(image, ref).to(r.device)
+            context = r.context.to(r.device)
+            scale = r.options.guidance_scale
+            side = r.cfg.prior.hint_spatial
+            x = torch.randn(1, r.cfg.unet.in_channels, side, side,
+                            generator=torch.Generator().manual_seed(seed)).to(r.device)
+
+            def guided(x, t):
+                cond = r.model.apply_model(x, t, hint, context)
+                uncond = r.model.apply_model(x, t, hint, context)
+                return uncond + scale * (cond - uncond)
+
+            latents = ddim_sample(guided, x, r.alphas_cumprod, steps)
+            r.model.first_stage_model.decode(latents / r.cfg.scale_factor)
+
+    return common.seed_loop(
+        lambda: _create(folder, device, dtype="fp32", ddim_steps=steps, batch_size=1),
+        sample, pairs, iterations, device)
 
 
 def ours(folder: str, steps: int, batch: int | None, batches: int, device,
@@ -77,9 +76,11 @@ def ours(folder: str, steps: int, batch: int | None, batches: int, device,
     r = _create(folder, device, **options)
     sync(device)
     loaded = time.perf_counter() - start
-    first, rate = relight_timings(r, image, ref, r.batch_size, batches, device, start)
+    first, rate, batch_seconds = relight_timings(r, image, ref, r.batch_size, batches, device,
+                                                 start)
     return {"batch": r.batch_size, "load_seconds": loaded, "load_phases": r.load_timings,
-            "first": first, "rate": rate, "dtype": str(r.dtype).removeprefix("torch.")}
+            "first": first, "rate": rate, "batch_seconds": batch_seconds,
+            "dtype": str(r.dtype).removeprefix("torch.")}
 
 
 def _step_inputs(r, b: int) -> tuple:
@@ -142,7 +143,7 @@ def tflop_per_sample(folder: str, steps: int, device) -> float:
 
 def tiny_settings(args) -> None:
     """``--tiny``: a CPU smoke test of a few seconds a sample."""
-    args.steps, args.batch, args.batches, args.seed_samples = 2, 2, 1, 1
+    args.steps, args.batch, args.batches = 2, 2, 1
 
 
 def run(args, device, peak: float | None) -> dict:
@@ -158,10 +159,12 @@ def run(args, device, peak: float | None) -> dict:
             folder = str(make_luminet(Path(tmp) / "luminet", "tiny" if args.tiny else "full",
                                       device=str(device)))
             made = round(time.perf_counter() - t, 1)
-        seed_rate = None if args.skip_seed_loop else seed_loop(folder, args.steps,
-                                                                args.seed_samples, device)
-        if seed_rate:
-            print(f"seed loop style: {seed_rate:.4f} samples/s", flush=True)
+        seed = None if args.skip_seed_loop else seed_loop(
+            folder, args.steps, args.seed_pairs, args.seed_iterations, device)
+        if seed:
+            print(f"seed loop style: {seed['seed_loop_samples_per_s']:.4f} samples/s after "
+                  f"{seed['seed_loop_model_loads']} model load(s) of "
+                  f"{seed['seed_loop_load_seconds']} s", flush=True)
         sweep = batch_sweep(folder, device) if args.sweep else None
         if sweep:
             print("denoising-step samples/s by batch size (eager):", sweep, flush=True)
@@ -185,7 +188,8 @@ def run(args, device, peak: float | None) -> dict:
         "model": "random, " + ("tiny (the golden fixture's sizes)" if args.tiny
                                else "full (the official checkpoint's sizes)"),
         "model_made_seconds": made,
-        "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
+        **(seed or {"seed_loop_samples_per_s": None}),
+        "run_samples": args.run_samples,
         "step_samples_per_s_by_batch": sweep,
         "step_profile": profiled,
         "tflop_per_sample": round(tflop, 4),
@@ -194,7 +198,8 @@ def run(args, device, peak: float | None) -> dict:
     for name, found in (("relit", m), ("compiled", compiled)):
         if not found:
             continue
-        result |= run_fields(name, found, seed_rate) | {f"{name}_dtype": found["dtype"]}
+        result |= (run_fields(name, found, seed, args.run_samples)
+                   | {f"{name}_dtype": found["dtype"]})
         if peak and not args.tiny:
             result[f"{name}_model_flop_utilisation"] = round(found["rate"] * tflop / peak, 3)
     return result

@@ -2,15 +2,18 @@
 
 Both run the same random-weight model, side by side in one process on one device:
 
-* seed loop style: fp32, one sample at a time, two UNet + ControlNet passes per step (the
-  conditional and unconditional branches, identical inputs), the model re-loaded from disk for
-  every pair;
+* seed loop style, as the seed's launcher runs it: the model loaded once per process (timed
+  and reported on its own, and counted: ``seed_loop_model_loads``), then pairs of K iterations,
+  fp32, one sample at a time, two UNet + ControlNet passes per step (the conditional and
+  unconditional branches, identical inputs);
 * relit-k8s: the ``diffusion`` relighter (bf16 on a GPU, SDPA, one pass per step when the
   branches are identical, all seeds of a pair in one batch), loaded once.
 
-It prints samples/s of each and their ratio; on a GPU also the bf16 matmul peak measured in the
-same run and the model FLOP utilisation (from the per-step and per-decode FLOPs of SD2.1 sizes),
-and the time from worker start to the first finished sample with the weights on local disk.
+It prints samples/s of each and two ratios: steady state (samples/s over samples/s) and a
+whole run of ``--run-samples`` samples per worker, each side paying its one load; on a GPU
+also the bf16 matmul peak measured in the same run and the model FLOP utilisation (from the
+per-step and per-decode FLOPs of SD2.1 sizes), and the time from worker start to the first
+finished sample with the weights on local disk.
 
     python benchmarks/relighter_throughput.py --tiny            # CPU smoke test (CI)
     python benchmarks/relighter_throughput.py --out benchmarks/results/h200.json   # on a GPU
@@ -28,11 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 from common import (
+    add_seed_loop_flags,
     device_for,
     header,
     parser,
+    print_ratios,
     profile_step,
     relight_timings,
     run_fields,
@@ -68,20 +74,22 @@ def inputs(res: int, device):
     return image, ref
 
 
-def seed_loop(model: str, res: int, steps: int, samples: int, device) -> float:
-    """Samples/s of the seed's loop style (see the module docstring)."""
-    from relit_k8s.relighters import create
+def seed_loop(model: str, res: int, steps: int, pairs: int, iterations: int, device) -> dict:
+    """The seed's loop style (see the module docstring): :func:`common.seed_loop`'s fields."""
+
+    def load():
+        from relit_k8s.relighters import create
+
+        return create("diffusion", {"model": model, "dtype": "fp32", "ddim_steps": steps,
+                                    "resolution": res, "batch_size": 1},  # no memory probe
+                      device)
 
     image, ref = inputs(res, device)
-    sync(device)
-    start = time.perf_counter()
-    for s in range(samples):
-        r = create("diffusion", {"model": model, "dtype": "fp32", "ddim_steps": steps,
-                                 "resolution": res, "batch_size": 1},  # no memory probe
-                   device)  # re-loaded for every pair
+
+    def sample(r, seed: int) -> None:
         with torch.inference_mode():
             hint = r._hint(image, ref)[None]
-            latents = r._noise([s]).float()
+            latents = r._noise([seed]).float()
             r.scheduler.set_timesteps(steps, device=r.device)
             for t in r.scheduler.timesteps:
                 x = r.scheduler.scale_model_input(latents, t)
@@ -90,8 +98,8 @@ def seed_loop(model: str, res: int, steps: int, samples: int, device) -> float:
                 pred = uncond + r.options.guidance_scale * (cond - uncond)
                 latents = r.scheduler.step(pred, t, latents).prev_sample
             r.vae.decode(latents / r.vae.config.scaling_factor)
-        sync(device)
-    return samples / (time.perf_counter() - start)
+
+    return common.seed_loop(load, sample, pairs, iterations, device)
 
 
 def ours(model: str, res: int, steps: int, batch: int | None, batches: int, device,
@@ -111,7 +119,7 @@ def ours(model: str, res: int, steps: int, batch: int | None, batches: int, devi
     sync(device)
     loaded = time.perf_counter() - start
     b = r.batch_size
-    first, rate = relight_timings(r, image, ref, b, batches, device, start)
+    first, rate, batch_seconds = relight_timings(r, image, ref, b, batches, device, start)
     side = res // r.scale
     latents = torch.randn(b, r.latent_channels, side, side, device=device, dtype=r.dtype)
     with torch.inference_mode():
@@ -127,7 +135,7 @@ def ours(model: str, res: int, steps: int, batch: int | None, batches: int, devi
         alone = torch.cat([r.relight(image, ref, [s]) for s in (1, 2, 3)])
         diff = (together - alone).abs().max().item()
     return {"batch": b, "load_seconds": loaded, "load_phases": r.load_timings,
-            "first": first, "rate": rate,
+            "first": first, "rate": rate, "batch_seconds": batch_seconds,
             "decode_seconds_per_sample": decode, "one_pass": r.one_pass, "diff": diff}
 
 
@@ -191,7 +199,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="seeds per batch (relit-k8s) [default: the "
                     "relighter's automatic choice]")
     ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--seed-samples", type=int, default=2, help="samples, seed loop style")
+    add_seed_loop_flags(ap)
     ap.add_argument("--compile", action="store_true",
                     help="also measure the relighter with torch.compile (first run compiles; "
                     "a second run with the same TORCHINDUCTOR_CACHE_DIR shows the warm start)")
@@ -215,12 +223,13 @@ def main() -> None:
         result["command"] = " ".join(["python", "benchmarks/relighter_throughput.py",
                                       *sys.argv[1:]])
         print(json.dumps(result, indent=1))
+        print_ratios(result)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         return
     if args.tiny:
-        args.steps, args.batch, args.batches, args.seed_samples = 4, 4, 2, 2
+        args.steps, args.batch, args.batches = 4, 4, 2
     res = 32 if args.tiny else 512
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -239,10 +248,12 @@ def main() -> None:
         profiled = step_profile(model, res, device) if args.profile else None
         if profiled:
             print("one denoising step, profiled:", json.dumps(profiled, indent=1), flush=True)
-        seed_rate = None if args.skip_seed_loop else seed_loop(model, res, args.steps,
-                                                                args.seed_samples, device)
-        if seed_rate:
-            print(f"seed loop style: {seed_rate:.4f} samples/s", flush=True)
+        seed = None if args.skip_seed_loop else seed_loop(
+            model, res, args.steps, args.seed_pairs, args.seed_iterations, device)
+        if seed:
+            print(f"seed loop style: {seed['seed_loop_samples_per_s']:.4f} samples/s after "
+                  f"{seed['seed_loop_model_loads']} model load(s) of "
+                  f"{seed['seed_loop_load_seconds']} s", flush=True)
         extra = dict(o.split("=", 1) for o in args.option)
         eager = None if args.skip_eager else ours(model, res, args.steps, args.batch,
                                                   args.batches, device, extra=extra)
@@ -259,12 +270,13 @@ def main() -> None:
         "bf16_matmul_peak_tflops": round(peak, 1) if peak else None,
         "step_samples_per_s_by_batch": sweep,
         "step_profile": profiled,
-        "seed_loop_samples_per_s": round(seed_rate, 4) if seed_rate else None,
+        **(seed or {"seed_loop_samples_per_s": None}),
+        "run_samples": args.run_samples,
     }
     for name, m in (("relit", eager), ("compiled", compiled)):
         if not m:
             continue
-        result.update(run_fields(name, m, seed_rate))
+        result.update(run_fields(name, m, seed, args.run_samples))
         result.update({
             f"{name}_one_pass": m["one_pass"],
             f"{name}_decode_seconds_per_sample": round(m["decode_seconds_per_sample"], 4),
@@ -276,10 +288,7 @@ def main() -> None:
     result["relit_dtype"] = "bf16" if device.type == "cuda" else "fp32"
     result["command"] = " ".join(["python", "benchmarks/relighter_throughput.py", *sys.argv[1:]])
     print(json.dumps(result, indent=1))
-    for name, m in (("eager", eager), ("compiled", compiled)):
-        if seed_rate and m:
-            print(f"seed loop {seed_rate:.3f} samples/s, relit-k8s {name} {m['rate']:.3f} "
-                  f"samples/s: {m['rate'] / seed_rate:.1f}x")
+    print_ratios(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

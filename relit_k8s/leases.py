@@ -182,6 +182,23 @@ _STALE = "stale"
 #: this many times as long as the idle one to finish it (a 3x slower node: yes; noise: no).
 TAKEOVER_FACTOR = 2.0
 
+#: The mechanisms of the protocol that ``benchmarks/fleet.py`` can switch off, one at a time,
+#: to measure what each earns (its ablation rows); not a user option: only the benchmark sets
+#: :data:`DISABLED`, in its own processes.
+MECHANISMS = {
+    "claim_ahead": "the next shard is claimed while the current one ends (Claimer.near_end)",
+    "summary": "finished.json: a look reads one summary instead of listing leases/ and done/",
+    "journal": "finished/<time>-<shard>: the shards finished since a moment, one listing",
+    "refresh_marker": "finished.refresh: one worker at a time brings finished.json up to date",
+    "background_publish": "finished.json published in the background while all work on "
+                          "their own shards",
+    "takeover": "an idle worker takes a live straggler's shard over (TAKEOVER_FACTOR)",
+    "idle_backoff": "idle workers look the less often the more of them there are",
+    "random_order": "past its own shards a worker tries the others in a random order",
+}
+#: The mechanisms switched off (names of :data:`MECHANISMS`); empty outside the benchmark.
+DISABLED: frozenset[str] = frozenset()
+
 
 @dataclass(frozen=True)
 class LeaseListing:
@@ -251,7 +268,8 @@ def claim_order(index: int, workers: int, shards: int) -> Iterator[int]:
     yield from own
     mine = set(own)
     others = [s for s in range(shards) if s not in mine]
-    random.Random(index).shuffle(others)
+    if "random_order" not in DISABLED:
+        random.Random(index).shuffle(others)
     yield from others
 
 
@@ -302,7 +320,9 @@ class LeaseBook:
     def finished_since(self, since: datetime) -> set[int]:
         """The shards the journal says were finished after ``since`` (one listing from that
         moment on: a request per 1,000 of them, whatever was finished before)."""
-        shards = set()
+        shards: set[int] = set()
+        if "journal" in DISABLED:
+            return shards
         for name in self.storage.list_names(self.journal_folder, after=_stamp(since)):
             shard = name.rpartition("-")[2]
             if shard.isdigit():
@@ -404,6 +424,8 @@ class LeaseBook:
         half a lease time (its worker died or stalled) is deleted first, so at worst two
         workers are at it at once (that needs a listing, ``found``). :meth:`end_refresh`
         deletes it."""
+        if "refresh_marker" in DISABLED:
+            return True
         key = f"{self.folder}/{REFRESH}"
         if found is not None and found.refresh_at is not None and \
                 datetime.now(UTC) - found.refresh_at > timedelta(seconds=self.seconds / 2):
@@ -415,7 +437,8 @@ class LeaseBook:
         return True
 
     def end_refresh(self) -> None:
-        self.storage.delete(f"{self.folder}/{REFRESH}")
+        if "refresh_marker" not in DISABLED:
+            self.storage.delete(f"{self.folder}/{REFRESH}")
 
     def is_done(self, shard: int) -> bool:
         return self.storage.exists(self.done_key(shard))
@@ -530,7 +553,8 @@ class LeaseBook:
             self.storage.create(self.done_key(claim.shard), b"")
         except WriteConflict:  # a thief finished it too (written again: it may have died
             pass  # before its journal entry; two entries of a shard are harmless)
-        self.storage.write(self.journal_key(claim.shard, datetime.now(UTC)), b"")
+        if "journal" not in DISABLED:
+            self.storage.write(self.journal_key(claim.shard, datetime.now(UTC)), b"")
         self.seen_done.add(claim.shard)
         self.storage.delete(self.key(claim.shard))
 
@@ -713,6 +737,8 @@ class Claimer:
         (``finished.refresh``) or for a random part of a poll interval more, goes on with it;
         so hundreds of workers that find it old at once do not all list, nor all try. None:
         this look lists (:meth:`_listed`)."""
+        if "summary" in DISABLED:
+            return None
         summary = self.book.summary()
         if summary is None or summary.held is None or summary.listed_at is None:
             return None
@@ -820,7 +846,8 @@ class Claimer:
         than :attr:`summary_seconds` and nobody is at it. So the summary they read stays a
         poll interval old or so, and bringing it up to date stays a listing of the last few
         seconds' journal (:meth:`_brought_up_to_date`)."""
-        if not self._beyond_own or found.summary_at is None or found.refresh_at is not None:
+        if not self._beyond_own or found.summary_at is None or found.refresh_at is not None \
+                or "summary" in DISABLED:
             return False
         age = (datetime.now(UTC) - found.summary_at).total_seconds()
         return age > self.summary_seconds
@@ -836,6 +863,10 @@ class Claimer:
         hundreds of workers that run out of their own shards at about the same moment would
         all list every finished shard at once (at 256 workers, 8 pages each: a moto server
         saturated for minutes)."""
+        if "summary" in DISABLED:
+            self.done_listings += 1
+            at = datetime.now(UTC)
+            return self.book.finished(), at
         if found.summary_at is not None and \
                 datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.summary_seconds):
             summary = self.book.summary()
@@ -908,6 +939,9 @@ class Claimer:
         """A summary's ``shards`` (complete as of ``listed_at``) and the journal since then:
         the finished shards, with when the journal's listing began (complete as of then)."""
         at = datetime.now(UTC)
+        if "journal" in DISABLED:  # every finished shard, listed
+            self.done_listings += 1
+            return self.book.finished(), at
         return shards | self.book.finished_after(listed_at), at
 
     @property
@@ -952,7 +986,7 @@ class Claimer:
                 # elsewhere on a worker's first look (a run started again after `kill -9`
                 # takes its dead processes' shards now)
                 stale = live
-            elif self.own_rate:
+            elif self.own_rate and "takeover" not in DISABLED:
                 # the tail: look for a straggler among a few of them (each idle worker looks
                 # at others, so together they see them all)
                 stale = self._rng.sample(live, min(len(live), TAIL_SAMPLE))
@@ -969,6 +1003,8 @@ class Claimer:
         workers waited five minutes each, and ``benchmarks/fleet.py`` measured no gain, 1.29x
         of ideal against 1.22x and 1.26x with it).
         Meanwhile it notices the end of the run from ``finished.json`` (:meth:`_wait_idle`)."""
+        if "idle_backoff" in DISABLED:
+            return self.poll
         idle = max(1, self.workers - len(self._held))
         return min(max(self.poll, self.book.seconds),
                    self.poll * max(1.0, idle / IDLE_POLLERS))
@@ -986,6 +1022,9 @@ class Claimer:
         run is finished (a summary names only shards whose ``done/`` marker exists) and the
         next look is not made (:attr:`_ended`)."""
         end = time.monotonic() + seconds
+        if "summary" in DISABLED:  # nothing to read: the next look sees the run finished
+            self.stop.wait(seconds)
+            return
         while not self._ended:
             left = end - time.monotonic()
             if left <= 0 or self.stop.wait(min(left, self.end_check_seconds)) or \
@@ -1038,7 +1077,8 @@ class Claimer:
         old at that moment, which saturated the store: ``benchmarks/fleet.py``). Not on a
         local folder, nor for a few workers (at most :data:`IDLE_POLLERS`): their looks are
         cheap, or few."""
-        if self.workers <= IDLE_POLLERS or isinstance(self.book.storage, LocalStorage) or \
+        if {"background_publish", "summary"} & DISABLED or self.workers <= IDLE_POLLERS or \
+                isinstance(self.book.storage, LocalStorage) or \
                 self._rng.random() >= seconds / (self.workers * self.summary_seconds):
             return
         with self._ahead_lock:
@@ -1098,7 +1138,8 @@ class Claimer:
                     self._why = "past own" if first else "old list"
                     return None, _RELIST
             recent = self._fresh()
-            claim = self.book.try_claim(shard, faster_than=self.own_rate,
+            faster = None if "takeover" in DISABLED else self.own_rate
+            claim = self.book.try_claim(shard, faster_than=faster,
                                         released=shard in self._released,
                                         held=shard in self._held,
                                         check_first=shard not in self._own and not recent,
@@ -1153,7 +1194,7 @@ class Claimer:
     def near_end(self, seconds_left: float) -> None:
         """Told by the worker as its shard runs: with ``seconds_left`` under
         :attr:`lead_seconds`, the next shard is claimed ahead (once per shard)."""
-        if seconds_left <= self.lead_seconds:
+        if seconds_left <= self.lead_seconds and "claim_ahead" not in DISABLED:
             self.claim_ahead()
 
     def claim_ahead(self) -> None:

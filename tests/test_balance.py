@@ -251,20 +251,32 @@ def test_a_pod_with_two_slots_runs_two_workers_and_exits_with_the_most_serious_c
 
 
 def test_the_fleet_benchmark_runs_and_loses_nothing(tmp_path):
-    """benchmarks/fleet.py --smoke: the real claiming code against a moto server process, a
-    few simulated workers (one killed mid-shard); its ratios are measured by hand (README)."""
+    """benchmarks/fleet.py --smoke: the real claiming code against a SeaweedFS server process
+    (a real S3 server: signatures and conditional writes checked), a few simulated workers
+    (one killed mid-shard), pods that pay their starts; its ratios are measured by hand
+    (benchmarks/README.md)."""
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "fleet.json"
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "fleet.py"), "--smoke",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["balance"] for r in rows] == ["static", "leases"]
-    for row in rows:
+    result = json.loads(out.read_text())
+    rows = {r["balance"]: r for r in result["rows"]}
+    assert sorted(rows) == ["leases", "static"] and result["seeds"] == [1]
+    for row in rows.values():
         assert row["units_lost"] == 0 and row["units"] == 4 * 64
         assert row["twice_without_steal"] == 0 and row["twice_not_identical"] == 0
         assert row["makespan_over_ideal"] > 0
-    assert rows[1]["claims"] >= rows[1]["shards"] and rows[1]["steals"] >= 1  # one was killed
+        assert (row["workers"], row["scenario"], row["seed"]) == (4, "mixed", 1)
+        assert row["pod_start_seconds"]["warm"] < row["pod_start_seconds"]["cold"]
+    # static: a pod per index (16), and one more for the killed pod's index; leases: a pod per
+    # worker and one replacement
+    assert rows["static"]["shards_per_worker"] == 4 and rows["static"]["pods_started"] == 17
+    assert rows["leases"]["pods_started"] == 5
+    assert rows["leases"]["claims"] >= rows["leases"]["shards"] and rows["leases"]["steals"] >= 1
+    [summary] = result["summary"]["scenarios"]
+    assert summary["static_best_shards_per_worker"] == 4
+    assert summary["leases_vs_static_best"] == "too few seeds"  # one seed: no verdict
     assert "makespan / ideal" in done.stdout
 
 

@@ -280,6 +280,10 @@ def test_make_model_command_and_the_tiny_benchmark(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["seed_loop_samples_per_s"] > 0 and data["relit_samples_per_s"] > 0
     assert data["relit_one_pass"] is True and data["relit_speedup"] > 0
+    # the seed's loop as the seed runs it: one model load for all its samples (2 pairs x 2)
+    assert data["seed_loop_model_loads"] == 1, data["seed_loop_model_loads"]
+    assert data["seed_loop_pairs"] * data["seed_loop_iterations"] == 4
+    assert data["seed_loop_load_seconds"] > 0 and data["relit_whole_run_speedup"] > 0
 
 
 def test_the_tiny_worker_pipeline_benchmark(tmp_path):

@@ -442,3 +442,6 @@ def test_the_tiny_luminet_throughput_benchmark(tmp_path):
     assert data["relighter"] == "luminet" and data["steps"] == 2
     assert data["seed_loop_samples_per_s"] > 0 and data["relit_samples_per_s"] > 0
     assert data["tflop_per_sample"] > 0  # counted on the model, not estimated
+    assert data["seed_loop_model_loads"] == 1  # once per process, as the seed's launcher does
+    assert data["seed_loop_pairs"] * data["seed_loop_iterations"] == 4
+    assert data["relit_whole_run_speedup"] > 0

@@ -25,13 +25,18 @@ def contract_options(name: str, request) -> dict:
         # fp32: the contract's tolerances are for fp32 (bf16 is checked by the benchmark)
         return {"model": request.getfixturevalue("tiny_model"), "ddim_steps": 3,
                 "resolution": 32, "dtype": "fp32"}
-    if name == "luminet":  # the golden fixture's tiny checkpoint (tests/test_luminet.py)
-        from test_luminet import FIXTURE, tiny_options
-
-        if not FIXTURE.is_dir():
-            pytest.skip(f"no LumiNet golden fixture at {FIXTURE}")
-        return tiny_options(request.getfixturevalue("tmp_path"), ddim_steps=2, dtype="fp32")
+    if name == "luminet":  # a random LumiNet of the golden fixture's tiny sizes, made here
+        return {**request.getfixturevalue("tiny_luminet"), "ddim_steps": "2", "dtype": "fp32"}
     return {}
+
+
+@pytest.fixture(scope="session")
+def tiny_luminet(tmp_path_factory) -> dict:
+    """``make-model --kind luminet --size tiny``'s options: what a user's clone can run (the
+    golden fixture, beside the workspace only, is tests/test_luminet.py's)."""
+    from relit_k8s.relighters.luminet.make import make_luminet, run_options
+
+    return run_options(make_luminet(tmp_path_factory.mktemp("luminet") / "tiny", "tiny"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
