@@ -35,9 +35,12 @@ def device_for(args: argparse.Namespace) -> torch.device:
 
 def header(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """The first fields of a result: what ran, when, where."""
+    import provenance
+
     return {
         "benchmark": name,
         "date": datetime.now(UTC).date().isoformat(),
+        "commit": provenance.commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,

@@ -51,8 +51,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -61,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
 
+import provenance
 from s3_servers import STORES, Server
 
 from relit_k8s.leases import MECHANISMS
@@ -156,6 +155,8 @@ class Row:
     pods_started: int = 0
     #: leases: the mechanism switched off in this row (the ablation), or None
     disabled: str | None = None
+    #: the machine's 1-minute load average as the row ended (rows run side by side)
+    load_average: float = 0.0
     makespan_s: float = 0.0
     units: int = 0
     units_lost: int = 0
@@ -661,6 +662,7 @@ def run_row(spec: RowSpec, endpoint: str, keys: tuple[str, str], pods: Pods,
     row.disabled = spec.disabled
     check_outputs(fleet, store, row)
     row.ops = dict(store.ops)
+    row.load_average = round(os.getloadavg()[0], 2)  # the machine's, as the row ended
     return row.as_dict()
 
 
@@ -783,17 +785,13 @@ def plan_rows(args) -> list[RowSpec]:
                 if scenario in args.ablation_scenario:
                     specs += [RowSpec("leases", w, seconds, scenario, seed, args.lease_shards,
                                       off) for off in args.ablate]
-    # the largest rows first, so that the pool's last rows are short ones
+    # the largest rows first, so that the pool's last rows are short ones; rows of one size in
+    # a random order (seeded): rows run side by side share the 2 cores, and a fixed order ran
+    # the ablation's rows together, each slowed by the others, against a leases row run beside
+    # light static ones (seed 1 of a first quick run: 1.11 with every mechanism, 1.15-1.36
+    # with any one switched off, even the ones that cannot act at 16 workers)
+    random.Random(0).shuffle(specs)
     return sorted(specs, key=lambda r: -r.workers * r.seconds)
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def parse_args(argv: list[str] | None):
@@ -863,8 +861,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "fleet",
         "date": datetime.now(UTC).date().isoformat(),
-        "commit": _commit(),
-        "command": " ".join(["python", "benchmarks/fleet.py", *(argv or sys.argv[1:])]),
+        "commit": provenance.commit(),
+        "command": provenance.command("fleet.py", argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "store": f"{server.name} server in its own process on 127.0.0.1 (sharing the "
                  f"{os.cpu_count()} cores with the simulated workers)",

@@ -20,8 +20,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-#: The identity every client of :func:`start_seaweedfs` signs with.
+#: The identity every client of :func:`start_seaweedfs` signs with, unless told otherwise.
 ACCESS_KEY, SECRET_KEY = "relit-bench", "relit-bench-secret"
+#: What an identity may do (SeaweedFS's action names): everything.
+ALL_ACTIONS = ("Admin", "Read", "List", "Tagging", "Write")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One SeaweedFS identity: its keys and what it may do."""
+
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...] = ALL_ACTIONS
 
 
 def free_port() -> int:
@@ -93,16 +104,18 @@ def weed_binary() -> str:
     return found
 
 
-def start_seaweedfs(timeout: float = 30.0) -> Server:
-    """``weed mini`` on free loopback ports with one identity (:data:`ACCESS_KEY`), its data in
-    a temporary folder; AWS_* variables are kept out of its environment (it would take them as
-    admin keys)."""
+def start_seaweedfs(timeout: float = 30.0, others: tuple[Identity, ...] = ()) -> Server:
+    """``weed mini`` on free loopback ports with one identity of every right
+    (:data:`ACCESS_KEY`, the server's client's) and ``others``, its data in a temporary folder;
+    AWS_* variables are kept out of its environment (it would take them as admin keys)."""
     folder = tempfile.mkdtemp(prefix="relit-weed-")
     identities = os.path.join(folder, "identities.json")
     with open(identities, "w") as f:
-        json.dump({"identities": [{"name": "relit", "credentials": [
-            {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
+        json.dump({"identities": [
+            {"name": f"identity{i}", "credentials": [{"accessKey": who.access_key,
+                                                      "secretKey": who.secret_key}],
+             "actions": list(who.actions)}
+            for i, who in enumerate((Identity(ACCESS_KEY, SECRET_KEY), *others))]}, f)
     data = os.path.join(folder, "data")
     os.mkdir(data)
     ports = [f"-{part}.{kind}={free_port()}" for part in ("master", "volume", "filer", "s3",

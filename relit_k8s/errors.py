@@ -7,6 +7,7 @@
     │   ├── ManifestError                 manifest missing, invalid, tampered, other version
     │   ├── RelighterError                unknown relighter, bad options
     │   └── StorageConfigError            missing bucket, missing credentials, access denied
+    │       └── Unsupported               the store does not implement a request (HTTP 501)
     ├── TransientError           exit 75  worth retrying later: the Job retries the index
     │   └── StorageUnavailable            endpoint unreachable / throttled after retries
     ├── StorageError             exit 1   base of the storage errors (the two above are too)
@@ -80,6 +81,11 @@ class WriteConflict(StorageError):
 
 class StorageConfigError(StorageError, ConfigError):
     """The storage cannot be used as configured: missing bucket, credentials or permission."""
+
+
+class Unsupported(StorageConfigError):
+    """The store does not implement a request relit-k8s made (S3 ``501 NotImplemented``, or a
+    ``NotImplemented`` error code): conditional writes on some S3-compatible servers."""
 
 
 class StorageUnavailable(StorageError, TransientError):

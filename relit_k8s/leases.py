@@ -50,11 +50,13 @@ compares the lease's ``heartbeat_at`` (the holder's clock) with the thief's; a c
 agree within a second or so, far inside 60 s.
 
 Stores that ignore conditional writes (some S3-compatible servers) would let two workers win
-the same shard: :func:`conditional_writes_work` finds out with one probe, at plan time.
+the same shard: :func:`conditional_write_problem` finds out with one probe, at plan time and
+when a worker starts on S3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -70,7 +72,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import NotFoundError, RelitError, WriteConflict
+from .errors import NotFoundError, RelitError, Unsupported, WriteConflict
 from .settings import WorkerSettings
 from .storage import META_DIR, LocalStorage, Storage
 
@@ -1269,18 +1271,46 @@ class ClaimHooks:
         return None
 
 
-def conditional_writes_work(storage: Storage) -> bool:
-    """Whether ``storage`` honours create-only writes: one probe object, written twice; the
-    second write must lose. Stores that ignore ``If-None-Match`` let it win."""
+def conditional_write_problem(storage: Storage) -> str | None:
+    """What ``storage`` gets wrong about the conditional writes leases stand on, in words, or
+    None when it does them all: a probe object created (``If-None-Match: *``) and created
+    again, which must lose; replaced on its current version (``If-Match``), which must win;
+    replaced on the version it had before, which must lose; then deleted. Stores that ignore
+    the headers let the losers win; some answer ``501 NotImplemented``."""
     key = f"{META_DIR}/probe-{uuid.uuid4().hex}.json"
-    storage.create(key, b"{}")
+    problems = []
     try:
-        storage.create(key, b"{}")
-    except WriteConflict:
-        return True
+        storage.create(key, b'{"probe": 1}')
+        try:
+            storage.create(key, b'{"probe": 2}')
+            problems.append("a second create-only write of one object (If-None-Match: *) won")
+        except WriteConflict:
+            pass
+        stale = storage.read_versioned(key)[1]
+        try:
+            storage.replace(key, b'{"probe": 3}', stale)
+        except WriteConflict:
+            problems.append("a write conditional on the object's current version (If-Match) "
+                            "lost")
+        else:
+            try:  # ``stale`` is the version it had before that write
+                storage.replace(key, b'{"probe": 4}', stale)
+                problems.append("a write conditional on a version the object no longer has "
+                                "(If-Match) won")
+            except WriteConflict:
+                pass
+    except Unsupported as e:
+        problems.append(f"conditional writes are not implemented ({e})")
     finally:
-        storage.delete(key)
-    return False
+        with contextlib.suppress(RelitError):
+            storage.delete(key)
+    return "; ".join(problems) or None
+
+
+def conditional_writes_work(storage: Storage) -> bool:
+    """Whether ``storage`` does the conditional writes leases need
+    (:func:`conditional_write_problem` finds none)."""
+    return conditional_write_problem(storage) is None
 
 
 def _alive(pid: int) -> bool:
@@ -1303,4 +1333,4 @@ def _bytes(lease: Lease) -> bytes:
 
 
 __all__ = ["Claim", "Claimer", "FinishedSummary", "Lease", "LeaseBook", "LeaseLost",
-           "claim_order", "conditional_writes_work"]
+           "claim_order", "conditional_write_problem", "conditional_writes_work"]

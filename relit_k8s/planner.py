@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import images
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError, NotFoundError, StorageConfigError
 from .maker import check_maker, record_maker
 from .manifest import (
     LEASES_MANIFEST_VERSION,
@@ -172,23 +172,32 @@ def default_shards(workers: int = 1, balance: Balance = "static") -> int:
 
 
 def choose_balance(settings: PlanSettings, probe: bool = True) -> tuple[Balance, str | None]:
-    """The balance of a plan, and a warning when ``auto`` falls back to static: ``auto`` is
-    leases where the output store honours conditional writes. A local folder does (exclusive
-    creates); an S3 store is probed with one object, created twice and deleted (``probe=False``,
-    for dry runs, assumes it does)."""
-    if settings.balance != "auto":
-        return settings.balance, None
+    """The balance of a plan, and a warning when ``auto`` falls back to static. Leases need
+    conditional writes: a local folder does them (exclusive creates); an S3 store is probed
+    (:func:`~relit_k8s.leases.conditional_write_problem`: a probe object created twice,
+    replaced on its current and on a stale version, deleted) for ``auto`` and for ``leases``
+    (``probe=False``, for dry runs, assumes it does them). A store that does not makes
+    ``auto`` static, with a warning, and refuses ``leases`` (:class:`StorageConfigError`)."""
+    if settings.balance == "static":
+        return "static", None
     output = open_storage(canonical_uri(settings.output))
     if not probe or not isinstance(output, S3Storage):
         return "leases", None
-    from .leases import conditional_writes_work
+    from .leases import conditional_write_problem
 
-    if conditional_writes_work(output):
+    problem = conditional_write_problem(output)
+    if problem is None:
         return "leases", None
+    if settings.balance == "leases":
+        raise StorageConfigError(
+            f"--balance leases needs conditional writes, and {settings.output} does not do "
+            f"them: {problem}. Two workers could then claim one shard. Use a store that does "
+            "them (AWS S3, MinIO, SeaweedFS), or --balance static (--balance auto falls back "
+            "to it with a warning)")
     return "static", (
-        f"{settings.output} ignores conditional writes (S3 If-None-Match), which leases need: "
+        f"{settings.output} does not do conditional writes ({problem}), which leases need: "
         "shards are split statically (shard i is Job index i), so a slow or lost worker's "
-        "shards wait for it. Use a store that supports them (AWS S3, MinIO) or pass "
+        "shards wait for it. Use a store that does them (AWS S3, MinIO, SeaweedFS) or pass "
         "--balance static to silence this")
 
 

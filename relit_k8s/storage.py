@@ -37,6 +37,7 @@ from .errors import (
     StorageConfigError,
     StorageError,
     StorageUnavailable,
+    Unsupported,
     WriteConflict,
 )
 
@@ -612,6 +613,9 @@ class _s3_errors:
                     f"access denied to {self.where} ({code}): check the credentials and the "
                     "bucket policy"
                 ) from exc
+            if status == 501 or code == "NotImplemented":
+                raise Unsupported(f"{self.where}: the store does not implement this request "
+                                  f"({code or 'HTTP 501'})") from exc
             if status >= 500 or status == 429 or code in (
                 "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
                 "RequestLimitExceeded", "RequestTimeout",

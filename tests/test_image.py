@@ -4,7 +4,7 @@ The Job comes from ``relit-k8s submit --dry-run -o json`` exactly as it would go
 server; :mod:`pod_containers` turns its pod template into one container per index, with the
 pod's user, read-only root filesystem, dropped capabilities, volumes, memory limit, environment
 (the S3 Secret included) and grace period. The containers use the host network and the suite's
-S3 server (moto) on 127.0.0.1.
+S3 server (SeaweedFS) on 127.0.0.1.
 
 Needs a container engine and the image: ``scripts/build-image.sh`` builds it and prints its
 name, which goes in ``RELIT_TEST_IMAGE``. Without them these tests skip and say why; with
@@ -21,12 +21,12 @@ import uuid
 import pytest
 from conftest import EXAMPLES, _free_port, cli, s3_outputs, upload_folder
 from pod_containers import Pod, docker, engine_available, pod_for_index
+from s3_servers import ACCESS_KEY, SECRET_KEY
 
 from relit_k8s.leases import FinishedSummary
 
 IMAGE = os.environ.get("RELIT_TEST_IMAGE", "")
-SECRETS = {"relit-s3": {"AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing-secret"}}
+SECRETS = {"relit-s3": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}}
 #: The CPU image must stay under this (README, "The worker image").
 MAX_IMAGE_BYTES = 2_000_000_000
 
@@ -94,7 +94,7 @@ def report(s3_client, bucket: str, job: dict, index: int) -> dict | None:
 @pytest.mark.slow
 def test_every_index_runs_in_its_pod_and_a_second_run_rewrites_nothing(
         image, pods, bucket, s3_client, s3_endpoint, capsys):
-    """Leases (the default: moto honours conditional writes): two worker pods claim the two
+    """Leases (the default: the server honours conditional writes): two worker pods claim the two
     shards; pods started again find every shard finished and exit 0 without touching an
     output or a report."""
     job = plan_job(image, s3_client, bucket, s3_endpoint)

@@ -24,7 +24,6 @@ from relit_k8s.status import JOB_ENDED
 
 #: Oldest and newest Kubernetes versions relit-k8s supports (README, "Kubernetes").
 K8S_VERSIONS = ["1.31.0", "1.37.0"]
-SECRET = "planted-secret-value-9f8e7d"
 
 
 def validate_strict(obj: dict) -> None:
@@ -156,7 +155,7 @@ def test_tolerations_and_settings_are_checked():
         JobSettings(image="i", memory="lots")
 
 
-# --- the CLI against S3 (moto) and the fake API server -------------------------------------------
+# --- the CLI against S3 (SeaweedFS) and the fake API server --------------------------------------
 @pytest.fixture
 def fake_api(tmp_path, monkeypatch):
     server = FakeApiServer().start()
@@ -174,7 +173,7 @@ def s3_data(bucket, s3_client):
     return bucket
 
 
-#: The S3 endpoint as the pods would see it (this machine's moto server is 127.0.0.1 to us).
+#: The S3 endpoint as the pods would see it (this machine's SeaweedFS server is 127.0.0.1 to us).
 POD_ENDPOINT = "http://minio.relit.svc:9000"
 
 
@@ -224,15 +223,19 @@ def test_a_loopback_s3_endpoint_is_refused_unless_given_for_the_pods(monkeypatch
 
 def test_submit_dry_run_prints_valid_objects_and_touches_nothing(s3_data, s3_client,
                                                                  monkeypatch, tmp_path):
+    from conftest import PLANTED
+
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    # an identity of the suite's server whose secret must appear in nothing printed
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLANTED.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED.secret_key)
     for extra in ([], ["--gpus-per-pod", "0", "--parallelism", "2", "--cpu", "500m"]):
         result = cli(*submit_args(s3_data, "--parallelism", "8", "--dry-run", "-o", "yaml",
                                   *extra), check=True)
         [job] = list(yaml.safe_load_all(result.stdout))
         validate_strict(job)
         assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
-        assert SECRET not in result.stdout and SECRET not in result.stderr
+        assert PLANTED.secret_key not in result.stdout + result.stderr
     as_json = json.loads(cli(*submit_args(s3_data, "--dry-run", "-o", "json"),
                              check=True).stdout)
     validate_strict(as_json)
@@ -267,7 +270,7 @@ def test_submit_creates_the_job_and_status_logs_cancel_follow_it(s3_data, s3_cli
         f"s3://{s3_data}/{manifest_key}"
     stored = Manifest.from_json(s3_client.get_object(Bucket=s3_data, Key=manifest_key)["Body"]
                                 .read())
-    # leases (moto honours conditional writes): one index per worker, each claiming shards
+    # leases (the server honours conditional writes): one index per worker, each claiming shards
     assert stored.balance == "leases" and stored.shards == 24  # 16 x 3 asked; 24 units
     assert sent["spec"]["completions"] == sent["spec"]["parallelism"] == 3
     [env] = [c["env"] for c in sent["spec"]["template"]["spec"]["containers"]]

@@ -1,5 +1,5 @@
 """Leases in the output store (issue 15, the claiming): conditional writes on local folders and
-S3 (moto), claim races between processes, steals of stale leases, release, the probe for
+S3 (SeaweedFS), claim races between processes, steals of stale leases, release, the probe for
 stores that ignore conditional writes."""
 
 from __future__ import annotations
@@ -621,20 +621,35 @@ def test_claim_order_takes_own_shards_first_then_the_rest_in_an_order_of_its_own
     assert sorted(claim_order(0, 4, 10)) == list(range(10))
 
 
-def test_a_store_that_ignores_conditional_writes_is_found_by_the_probe(s3_endpoint, bucket):
-    proxy = FaultProxy(s3_endpoint).start()
+def test_the_probe_finds_each_conditional_write_a_store_gets_wrong(s3_endpoint, bucket):
+    """Against the suite's real server through a proxy: all enforced (no problem); both
+    headers ignored; only If-Match ignored; 501 NotImplemented. Each is named."""
+    from s3_servers import ACCESS_KEY, SECRET_KEY
+
+    from relit_k8s.leases import conditional_write_problem
+
+    proxy = FaultProxy(s3_endpoint, credentials=(ACCESS_KEY, SECRET_KEY)).start()
     try:
-        proxy.drop_headers = {"if-none-match", "if-match"}
         from relit_k8s.storage import S3Settings
 
         client = make_s3_client(S3Settings.from_env().model_copy(
             update={"endpoint_url": proxy.url}))
-        ignoring = S3Storage(bucket, "out", client=client)
-        assert not conditional_writes_work(ignoring)
-        proxy.drop_headers = set()
-        assert conditional_writes_work(ignoring)
+        store = S3Storage(bucket, "out", client=client)
+        assert conditional_write_problem(store) is None and conditional_writes_work(store)
+        proxy.conditional = "ignore"
+        both = conditional_write_problem(store)
+        assert "If-None-Match" in both and "no longer has (If-Match) won" in both
+        assert not conditional_writes_work(store)
+        proxy.conditional_headers = {"if-match"}
+        only = conditional_write_problem(store)
+        assert "If-None-Match" not in only and "no longer has (If-Match) won" in only
+        proxy.conditional, proxy.conditional_headers = "501", {"if-none-match", "if-match"}
+        assert "not implemented" in conditional_write_problem(store)
+        proxy.conditional = None
+        assert conditional_write_problem(store) is None
     finally:
         proxy.stop()
+    assert not S3Storage(bucket, "").list()  # every probe object deleted
 
 
 def test_an_idle_worker_takes_over_a_stragglers_shard_only_when_far_faster(store_uri):

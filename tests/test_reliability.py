@@ -380,23 +380,35 @@ def test_a_manifest_with_unsafe_keys_is_a_configuration_error(tmp_path):
     assert not (tmp_path / "etc").exists()
 
 
-def test_unsafe_s3_keys_are_never_listed(bucket, s3_client):
+def test_unsafe_s3_keys_are_never_listed(moto_endpoint, monkeypatch):
+    """A store may hold keys with ``..``, ``//`` or backslashes (AWS S3 does); a real server of
+    the suite refuses to store ``..``, so this test plants them in moto's server (a mock that
+    stores any key)."""
+    import boto3
+
     from relit_k8s.storage import open_storage
 
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mock")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "mock")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="unsafe-keys")
     for key in ("in/ok.png", "in/../escape.png", "in//double.png", "in/a\\b.png"):
-        s3_client.put_object(Bucket=bucket, Key=key, Body=b"x")
-    assert open_storage(f"s3://{bucket}/in").list() == ["ok.png"]
+        client.put_object(Bucket="unsafe-keys", Key=key, Body=b"x")
+    assert open_storage("s3://unsafe-keys/in").list() == ["ok.png"]
 
 
 # --- 7. secrets ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_planted_secret_appears_in_no_manifest_job_report_or_log(bucket, s3_client, s3_env,
                                                                    monkeypatch, tmp_path):
+    from conftest import PLANTED
     from fake_apiserver import FakeApiServer
 
-    secret = "planted-SECRET-3c1f9a7b"
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any secret
-    monkeypatch.setenv("AWS_SESSION_TOKEN", secret + "-token")
+    secret = PLANTED.secret_key  # an identity of the suite's server: requests signed with it
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLANTED.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
     upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
     flags = ["--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs", "--output",

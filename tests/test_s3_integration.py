@@ -1,4 +1,4 @@
-"""The worker and the local runner against a real S3 endpoint (moto server on 127.0.0.1)."""
+"""The worker and the local runner against a real S3 server (SeaweedFS on 127.0.0.1)."""
 
 from __future__ import annotations
 

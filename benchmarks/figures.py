@@ -1,0 +1,265 @@
+"""The figures of README.md and benchmarks/README.md, generated from the result files.
+
+A block of figures lies between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; its
+text is what ``BLOCKS[NAME]`` renders from its JSON under ``benchmarks/results/``, with the
+command, commit, date and machine that JSON records. No figure of either README lives outside
+such a block.
+
+    python benchmarks/figures.py           # rewrite every block from the JSON files
+    python benchmarks/figures.py --check   # exit 1, naming each block that differs
+                                           # (tests/test_figures.py runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)"
+                   r"(<!-- /figures:(?P=name) -->)", re.S)
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def source(name: str, d: dict) -> str:
+    """The line that says where a block's figures come from."""
+    where = d.get("machine") or d.get("device") or "?"
+    commit = d.get("commit") or "?"
+    return (f"From [`benchmarks/results/{name}`](benchmarks/results/{name}): "
+            f"`{d['command']}`, {d['date']}, commit {commit}, {where}.")
+
+
+def _range(v: dict | None) -> str:
+    if not v:
+        return "-"
+    if v["min"] == v["max"]:
+        return f"{v['median']:.3f}"
+    return f"{v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
+
+
+def fleet_scenarios() -> str:
+    d = load("fleet_cpu.json")
+    rows = ["| workers | scenario | static, best shards per worker | static: makespan / ideal "
+            "| leases: makespan / ideal | leases against the best static |",
+            "|---|---|---|---|---|---|"]
+    for e in d["summary"]["scenarios"]:
+        rows.append(f"| {e['workers']} | {e['scenario']} | "
+                    f"{e.get('static_best_shards_per_worker', '-')} | "
+                    f"{_range(e.get('static_best'))} | {_range(e.get('leases'))} | "
+                    f"{e.get('leases_vs_static_best', '-')} |")
+    pods = d["pods"]
+    latency = d["latency"] or {}
+    return "\n".join([
+        *rows, "",
+        f"Median (range) over seeds {', '.join(map(str, d['seeds']))}; a row stands for a real "
+        f"run of {pods['real_minutes']:g} minutes; pods start in {pods['cold_seconds']:g} s "
+        f"cold and {pods['warm_seconds']:g} s warm; store: {d['store']}, with "
+        f"{latency.get('p50_ms', 0):g} ms p50 / {latency.get('p99_ms', 0):g} ms p99 added "
+        "per request. " + source("fleet_cpu.json", d)])
+
+
+def fleet_sweep() -> str:
+    d = load("fleet_cpu.json")
+    sizes = sorted({int(n) for e in d["summary"]["scenarios"]
+                    for n in e["static_by_shards_per_worker"]})
+    rows = ["| workers | scenario | " + " | ".join(f"static, {n} per worker" for n in sizes)
+            + " | leases |", "|---|---|" + "---|" * (len(sizes) + 1)]
+    for e in d["summary"]["scenarios"]:
+        by = e["static_by_shards_per_worker"]
+        rows.append(f"| {e['workers']} | {e['scenario']} | " + " | ".join(
+            _range(by.get(str(n))) for n in sizes) + f" | {_range(e.get('leases'))} |")
+    return "\n".join(rows)
+
+
+def fleet_ablation() -> str:
+    d = load("fleet_cpu.json")
+    rows = ["| workers | scenario | switched off | makespan / ideal without it | with all | "
+            "store requests without / with (median) | verdict |", "|---|---|---|---|---|---|---|"]
+    for a in d["summary"]["ablation"]:
+        rows.append(f"| {a['workers']} | {a['scenario']} | `{a['disabled']}` | "
+                    f"{_range(a['without'])} | {_range(a['with_all'])} | "
+                    f"{a['requests_without']['median']:,.0f} / "
+                    f"{a['requests_with_all']['median']:,.0f} | {a['verdict']} |")
+    return "\n".join(rows)
+
+
+def relighter_h200() -> str:
+    d = load("relighter_throughput_h200.json")
+    rows = ["| `diffusion`, bf16 | samples/s | batch | model FLOP utilisation | load | first "
+            "batch from creating the relighter |", "|---|---|---|---|---|---|"]
+    for name, label in (("relit", "eager"), ("compiled", "`compile=true`")):
+        rows.append(f"| {label} | {d[f'{name}_samples_per_s']:.2f} | {d[f'{name}_batch']} | "
+                    f"{d[f'{name}_model_flop_utilisation']:.1%} | "
+                    f"{d[f'{name}_load_seconds']:.1f} s | "
+                    f"{d[f'{name}_first_sample_seconds']:.1f} s |")
+    return "\n".join([*rows, "", f"bf16 matmul peak measured in the run: "
+                      f"{d['bf16_matmul_peak_tflops']:.0f} TFLOP/s. {source_b(d)} "
+                      f"Since: {d['changed_since']}"])
+
+
+def source_b(d: dict) -> str:
+    return (f"`{d['command']}` on one {d['device']} (torch {d['torch']}), {d['date']}, "
+            f"commit {d['commit']} ({d['commit_recorded']}).")
+
+
+def pipeline_h200() -> str:
+    d = load("worker_pipeline_h200.json")
+    cold = d["cold_start"]
+    return "\n".join([
+        "| compiled `diffusion`, 4 pairs x 32 seeds, 1024-pixel JPEGs | samples/s | end to end "
+        "/ relighter only |", "|---|---|---|",
+        f"| relighter only | {d['relighter_only_samples_per_s']:.2f} | 1 |",
+        f"| end to end, local disk | {d['local_samples_per_s']:.2f} | {d['local_ratio']:.3f} |",
+        f"| end to end, S3 (moto's server) | {d['s3_samples_per_s']:.2f} | "
+        f"{d['s3_ratio']:.3f} |", "",
+        f"A new `relit-k8s worker` process on a warm node (inductor cache on disk) wrote its "
+        f"{cold['samples']} outputs {cold['worker_seconds']:.1f} s after its start, "
+        f"{cold['report_timings']['model_load']:.1f} s of it loading. {source_b(d)} "
+        f"Since: {d['changed_since']}"])
+
+
+def output_cpu_h200() -> str:
+    d = load("output_cpu_h200.json")
+    total = d["cpu_seconds_per_output_total"]
+    per = d["outputs_per_core_second"]
+    size = d["output_bytes"]
+    names = {"jpeg": "JPEG (quality 95, 4:4:4)", "png0": "PNG, zlib level 0",
+             "png1": "PNG, level 1 (the default)", "png3": "PNG, level 3",
+             "png6": "PNG, level 6 (Pillow's default)"}
+    rows = ["| output, 1024 x 1024 | CPU per output (decode, encode, write) | outputs per "
+            "core-second | bytes |", "|---|---|---|---|"]
+    for k, label in names.items():
+        rows.append(f"| {label} | {1000 * total[k]:.1f} ms | {per[k]:.1f} | {size[k]:,} |")
+    return "\n".join([*rows, "", f"{source_b(d)} Since: {d['changed_since']}"])
+
+
+def pipeline_sh_h200() -> str:
+    rows = ["| `sh` relighter, 64 pairs x 8 seeds | relighter only | end to end | ratio | CPU "
+            "cores used |", "|---|---|---|---|---|"]
+    for fmt in ("jpg", "png"):
+        d = load(f"pipeline_sh_{fmt}_h200.json")
+        rows.append(f"| {fmt.upper()} inputs and outputs | "
+                    f"{d['relighter_only_samples_per_s']:.1f} samples/s | "
+                    f"{d['local_samples_per_s']:.1f} samples/s | {d['local_ratio']:.2f} | "
+                    f"{d['local_timings']['cpu_cores']:.1f} |")
+    d = load("pipeline_sh_jpg_h200.json")
+    return "\n".join([*rows, "", f"{source_b(d)} Since: {d['changed_since']}"])
+
+
+def weights_load_cpu() -> str:
+    rows = ["| model | weight bytes (files / cache) | load from the files | load from the cache "
+            "| ratio | whole process, ratio |", "|---|---|---|---|---|---|"]
+    lines = []
+    for name, label in (("weights_load_sd21_cpu.json", "`diffusion`, SD2.1 sizes"),
+                        ("weights_load_luminet_cpu.json", "`luminet`, official sizes")):
+        d = load(name)
+        rows.append(f"| {label} | {d['model_weight_bytes'] / 1e9:.2f} GB / "
+                    f"{d['cache_bytes'] / 1e9:.2f} GB | "
+                    f"{d['from_files']['load_seconds']:.1f} s | "
+                    f"{d['from_cache']['load_seconds']:.1f} s | {d['load_ratio']:.2f}x | "
+                    f"{d['process_ratio']:.2f}x |")
+        lines.append(f"`{d['command']}`")
+    d = load("weights_load_sd21_cpu.json")
+    return "\n".join([*rows, "", f"{' and '.join(lines)}; {d['date']}, commit {d['commit']} "
+                      f"({d['commit_recorded']}), {d['machine']}, bf16 on the CPU."])
+
+
+def sh_large_images_cpu() -> str:
+    d = load("sh_large_images_cpu.json")
+    rows = ["| image | seconds | seconds per MP | peak memory | the old blur | old / new |",
+            "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        old = f"{r['old_seconds']:.2f} s" if r.get("old_seconds") else "not run"
+        ratio = f"{r['old_over_new']:.1f}x" if r.get("old_over_new") else ""
+        rows.append(f"| {r['megapixels']} MP ({r['side']} x {r['side']}) | {r['seconds']:.2f} "
+                    f"| {r['seconds_per_megapixel']:.2f} | {r['peak_gib']:.2f} GiB | {old} | "
+                    f"{ratio} |")
+    return "\n".join([*rows, "", f"`{d['command']}`, {d['date']}, commit {d['commit']} "
+                      f"({d['commit_recorded']}), {d['device']}, torch {d['torch']}, "
+                      f"{d['threads']} threads."])
+
+
+def plan_scale_cpu() -> str:
+    d = load("plan_scale_cpu.json")
+    return (f"Planning {d['images']:,} images x {d['references']:,} references x "
+            f"{d['iterations']} iterations ({d['items']:,} items, {d['units']:,} units, "
+            f"{d['shards']:,} shards) takes {d['plan_seconds']:.2f} s and gives a manifest of "
+            f"{d['manifest_bytes']:,} bytes; loading it and laying out one shard takes "
+            f"{d['load_and_one_shard_seconds']:.3f} s. `{d['command']}`, {d['date']}, commit "
+            f"{d['commit']}, {d['machine']}.")
+
+
+def step_profile_h200() -> str:
+    d = load("step_profile_h200.json")
+    p = d["step_profile"]
+    rows = ["| operator (own GPU time) | share | ms per step |", "|---|---|---|"]
+    for op in p["ops"][:8]:
+        rows.append(f"| `{op['op']}` | {op['share']:.1%} | {op['ms_per_step']:.1f} |")
+    return "\n".join([
+        f"One eager bf16 UNet + ControlNet step at {p['batch']} seeds: {p['ms_per_step']:.1f} ms "
+        f"of GPU time, {p['tflop_per_step']:.1f} TFLOP counted.", "", *rows, "",
+        f"{source_b(d)} Since: {d['changed_since']}"])
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "fleet-scenarios": fleet_scenarios,
+    "fleet-sweep": fleet_sweep,
+    "fleet-ablation": fleet_ablation,
+    "relighter-h200": relighter_h200,
+    "pipeline-h200": pipeline_h200,
+    "output-cpu-h200": output_cpu_h200,
+    "pipeline-sh-h200": pipeline_sh_h200,
+    "weights-load-cpu": weights_load_cpu,
+    "sh-large-images-cpu": sh_large_images_cpu,
+    "plan-scale-cpu": plan_scale_cpu,
+    "step-profile-h200": step_profile_h200,
+}
+
+
+def render(text: str, path: Path) -> tuple[str, list[str]]:
+    """``text`` with every block rendered anew, and the names of the blocks that changed (a
+    block of an unknown name raises)."""
+    changed = []
+
+    def one(m: re.Match) -> str:
+        name = m["name"]
+        if name not in BLOCKS:
+            raise SystemExit(f"{path}: no renderer for the block {name!r}")
+        body = BLOCKS[name]().rstrip("\n") + "\n"
+        if path.parent != ROOT:  # benchmarks/README.md links relative to its own folder
+            body = body.replace("](benchmarks/results/", "](results/")
+        if body != m["body"]:
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(one, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 if a block differs from its JSON")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in DOCS:
+        text = path.read_text()
+        new, changed = render(text, path)
+        stale += [f"{path.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            path.write_text(new)
+    if stale:
+        print(("differs from its JSON: " if args.check else "rewritten: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
