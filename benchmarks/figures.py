@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,30 @@ def fleet_ablation() -> str:
                     f"{a['requests_without']['median']:,.0f} / "
                     f"{a['requests_with_all']['median']:,.0f} | {a['verdict']} |")
     return "\n".join(rows)
+
+
+def fleet_stores() -> str:
+    """The same rows on SeaweedFS (fleet_cpu.json) and on moto's server (fleet_moto_cpu.json)."""
+    rows = ["| store | scenario | static, 4 per worker | leases | store latency p50 / p90 "
+            "(leases rows) |", "|---|---|---|---|---|"]
+    commands = []
+    for name, label in (("fleet_cpu.json", "SeaweedFS"), ("fleet_moto_cpu.json", "moto")):
+        d = load(name)
+        commands.append(f"`{d['command']}` (commit {d['commit']})")
+        for e in d["summary"]["scenarios"]:
+            if e["scenario"] != "mixed" or e["workers"] != 16:
+                continue
+            lat = [r["latency_ms"]["all"] for r in d["rows"]
+                   if r["balance"] == "leases" and not r.get("disabled")
+                   and r["scenario"] == "mixed"]
+            p50 = statistics.median(x["p50"] for x in lat)
+            p90 = statistics.median(x["p90"] for x in lat)
+            rows.append(f"| {label} | {e['scenario']} | "
+                        f"{_range(e['static_by_shards_per_worker'].get('4'))} | "
+                        f"{_range(e.get('leases'))} | {p50:.0f} / {p90:.0f} ms |")
+    return "\n".join([*rows, "", "16 workers; " + " and ".join(commands) + "; each store in a "
+                      "process of its own on the same 2 cores as the simulated workers, the "
+                      "same latency added in the client."])
 
 
 def relighter_h200() -> str:
@@ -210,10 +235,26 @@ def step_profile_h200() -> str:
         f"{source_b(d)} Since: {d['changed_since']}"])
 
 
+def luminet_fidelity() -> str:
+    d = load("luminet_fidelity_tiny_cpu.json")
+    rows = ["| dtype | mean difference from fp32 (8-bit levels; per seed) | largest | values "
+            "within one level | equal |", "|---|---|---|---|---|"]
+    for dtype in ("fp32", "bf16", "fp16"):
+        r = d["against_fp32"][dtype]
+        seeds = r["mean_levels_per_seed"]
+        rows.append(f"| {dtype} | {r['mean_levels']:.2f} ({min(seeds):.2f}-{max(seeds):.2f}) | "
+                    f"{r['max_levels']} | {r['within_one_level']:.1%} | {r['equal']:.1%} |")
+    return "\n".join([*rows, "", f"{d['model']}, {d['steps']} DDIM steps, seeds "
+                      f"{', '.join(map(str, d['seeds']))}, on the CPU. "
+                      + source("luminet_fidelity_tiny_cpu.json", d)])
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "luminet-fidelity": luminet_fidelity,
     "fleet-scenarios": fleet_scenarios,
     "fleet-sweep": fleet_sweep,
     "fleet-ablation": fleet_ablation,
+    "fleet-stores": fleet_stores,
     "relighter-h200": relighter_h200,
     "pipeline-h200": pipeline_h200,
     "output-cpu-h200": output_cpu_h200,

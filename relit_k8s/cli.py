@@ -100,7 +100,8 @@ OptionOpt = Annotated[list[str] | None, typer.Option(
 DdimOpt = Annotated[int | None, typer.Option("--ddim-steps", min=1, help="Seed parity: sets the "
                                              "relighter option ddim_steps.")]
 NewDecoderOpt = Annotated[bool, typer.Option("--new-decoder", help="Seed parity: sets the "
-                                             "relighter option new_decoder=true.")]
+                                             "relighter option new_decoder=true (luminet: the "
+                                             "new_decoder.ckpt beside the checkpoint).")]
 ShardsOpt = Annotated[int | None, typer.Option(
     "--shards", min=1, help="Number of shards [default: 32 per worker with leases, 4 with "
     "static balance].")]

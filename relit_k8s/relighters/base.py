@@ -59,6 +59,12 @@ class Relighter(ABC):
     #: If set, the worker resizes every reference (area average, linear radiance) to this
     #: (height, width) once, before caching it: keeps thousands of references in memory.
     reference_resolution: ClassVar[tuple[int, int] | None] = None
+    #: If set, outputs are quantized to multiples of ``1 / output_levels`` (255: 8-bit values,
+    #: as a model whose original post-processing truncates to 8 bits before it resizes). A
+    #: batch may then differ from its seeds one by one by one level, where a value computed a
+    #: hair differently in a batch falls on the other side of a level (the contract allows it
+    #: in one value in a thousand at most); None: continuous outputs.
+    output_levels: ClassVar[int | None] = None
     #: Seeds per ``relight`` call the worker uses when the plan sets no ``--batch-size``. A
     #: relighter may set it per instance, from its device (``diffusion`` measures free memory).
     batch_size: int = 8

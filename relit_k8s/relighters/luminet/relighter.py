@@ -28,7 +28,7 @@ from typing import ClassVar, Literal
 import cv2
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ... import images
 from ...errors import NotFoundError, RelighterError
@@ -58,6 +58,9 @@ DECODE_CHUNK = 8
 NO_CHECKPOINT = ("luminet needs the official checkpoint: -O checkpoint=PATH/LumiNet.ckpt or "
                  "s3://bucket/LumiNet.ckpt (Hugging Face xyxingx/LumiNet, gated: accept its "
                  "conditions, then download it)")
+#: What a missing new decoder's error adds.
+NEW_DECODER_HINT = (" (--new-decoder looks beside the checkpoint, where the official download "
+                    "puts new_decoder.ckpt; give another with -O new_decoder=PATH)")
 #: The name of the empty-prompt context in the weights cache (not a model key).
 CONTEXT_KEY = "relit_k8s.empty_prompt_context"
 #: Bumped when the model's code changes what its weights mean (older cache files are unused).
@@ -71,7 +74,9 @@ class LuminetOptions(RelighterOptions):
     checkpoint: str | None = Field(None, description="LumiNet.ckpt (or .safetensors): a file "
                                    "or s3:// URI; required")
     new_decoder: str | None = Field(None, description="new_decoder.ckpt: decode with the "
-                                    "bypass decoder (keeps the photo's details) [default: off]")
+                                    "bypass decoder (keeps the photo's details); true (the "
+                                    "seed's --new-decoder): the new_decoder.ckpt beside the "
+                                    "checkpoint [default: off]")
     config: str | None = Field(None, description="the model's YAML in the original format "
                                "[default: the full-size LumiNet]")
     context: str | None = Field(None, description="a safetensors file whose 'context' (or "
@@ -79,8 +84,14 @@ class LuminetOptions(RelighterOptions):
                                 "context [default: the empty prompt, computed from the "
                                 "checkpoint's text encoder]")
     ddim_steps: int = Field(50, ge=1, le=999, description="DDIM steps (the original's 50)")
-    guidance_scale: float = Field(9.0, ge=0.0, description="classifier-free guidance (no "
-                                  "effect with the default context: both branches are equal)")
+    uncond_context: str | None = Field(None, description="a safetensors file whose 'context' "
+                                       "(or 'context_uncond') tensor is the unconditional "
+                                       "branch's context: guidance then runs both branches "
+                                       "[default: none: both branches are the context, equal, "
+                                       "so one pass per step and guidance has no effect, as in "
+                                       "LumiNet]")
+    guidance_scale: float = Field(9.0, ge=0.0, description="classifier-free guidance, with "
+                                  "uncond_context (without it, both branches are equal)")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
     resolution: int = Field(512, description="the model's image size (LumiNet runs at 512 only;"
                             " a smaller test model at its own)")
@@ -104,6 +115,40 @@ class LuminetOptions(RelighterOptions):
                                                    "cache_weights"})
     LOCATIONS: ClassVar[frozenset[str]] = frozenset()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _new_decoder_beside_the_checkpoint(cls, data: object) -> object:
+        """``new_decoder`` true (the seed's ``--new-decoder`` flag, or ``-O new_decoder=true``)
+        is the official ``new_decoder.ckpt`` beside the checkpoint, where the official
+        download puts both; false is off. A missing file is named when the model loads."""
+        if not isinstance(data, dict) or "new_decoder" not in data:
+            return data
+        flag = data["new_decoder"]
+        if isinstance(flag, str) and flag.lower() in ("true", "false"):
+            flag = flag.lower() == "true"
+        if flag is False:
+            return {**data, "new_decoder": None}
+        if flag is True:
+            checkpoint = data.get("checkpoint")
+            if not checkpoint:
+                raise ValueError("new_decoder=true looks for new_decoder.ckpt beside the "
+                                 "checkpoint: give -O checkpoint=..., or the file itself with "
+                                 "-O new_decoder=PATH")
+            folder = str(checkpoint).rpartition("/")[0]
+            return {**data, "new_decoder": f"{folder}/new_decoder.ckpt" if folder
+                    else "new_decoder.ckpt"}
+        return data
+
+    @model_validator(mode="after")
+    def _guidance_needs_two_branches(self) -> LuminetOptions:
+        """A guidance scale given without ``uncond_context`` would do nothing (both branches
+        would be the same context): say so rather than accept it."""
+        if "guidance_scale" in self.model_fields_set and self.uncond_context is None:
+            raise ValueError("guidance_scale has no effect without uncond_context: both "
+                             "branches of guidance are the same context (as in LumiNet, in "
+                             "evaluation mode); give -O uncond_context=FILE.safetensors too")
+        return self
+
     @field_validator("ddim_steps")
     @classmethod
     def _within_the_schedule(cls, steps: int) -> int:
@@ -118,11 +163,11 @@ class LuminetOptions(RelighterOptions):
         return steps
 
 
-def _local(uri: str, cache_dir: str | None, what: str) -> Path:
+def _local(uri: str, cache_dir: str | None, what: str, hint: str = "") -> Path:
     try:
         return cached_file(uri, model_cache_dir(cache_dir))
     except NotFoundError:
-        raise RelighterError(f"luminet: no {what} at {uri}") from None
+        raise RelighterError(f"luminet: no {what} at {uri}{hint}") from None
 
 
 def tonemap_reference(radiance: np.ndarray) -> np.ndarray:
@@ -136,6 +181,8 @@ class LuminetRelighter(Relighter):
     """LumiNet (a ControlNet on Stable Diffusion 2.1 with lighting tokens); see the module
     docstring."""
 
+    #: outputs are the original's 8-bit values (``finish``)
+    output_levels = 255
     name = "luminet"
     Options = LuminetOptions
     options: LuminetOptions
@@ -147,12 +194,19 @@ class LuminetRelighter(Relighter):
         if not options.checkpoint:
             raise RelighterError(NO_CHECKPOINT)
         if here:
+            try:  # contexts, .safetensors checkpoints and the weights cache are safetensors
+                import safetensors.torch  # noqa: F401
+            except ImportError:
+                raise RelighterError("luminet needs the safetensors package: pip install "
+                                     "'relit-k8s[luminet]'") from None
             for what, uri in (("checkpoint", options.checkpoint),
                               ("new decoder", options.new_decoder),
-                              ("config", options.config), ("context", options.context)):
+                              ("config", options.config), ("context", options.context),
+                              ("unconditional context", options.uncond_context)):
                 if uri and not uri.startswith("s3://") and not Path(
                         uri.removeprefix("file://")).expanduser().is_file():
-                    raise RelighterError(f"luminet: no {what} file at {uri}")
+                    raise RelighterError(f"luminet: no {what} file at {uri}"
+                                         + (NEW_DECODER_HINT if what == "new decoder" else ""))
 
     @classmethod
     def fingerprint(cls, options: RelighterOptions) -> str | None:
@@ -162,7 +216,8 @@ class LuminetRelighter(Relighter):
         import hashlib
 
         parts = []
-        for uri in (options.checkpoint, options.new_decoder, options.config, options.context):
+        for uri in (options.checkpoint, options.new_decoder, options.config, options.context,
+                    options.uncond_context):
             if uri is None:
                 parts.append("-")
                 continue
@@ -196,7 +251,8 @@ class LuminetRelighter(Relighter):
                                  f"broadcast to a fixed {cfg.prior.hint_spatial} x "
                                  f"{cfg.prior.hint_spatial} latent)")
         checkpoint = _local(o.checkpoint, o.cache_dir, "checkpoint")
-        new_decoder = _local(o.new_decoder, o.cache_dir, "new decoder") if o.new_decoder else None
+        new_decoder = _local(o.new_decoder, o.cache_dir, "new decoder", NEW_DECODER_HINT) \
+            if o.new_decoder else None
         lap("fetch")
         self.cfg = cfg
         self.dtype = weights_dtype(o.dtype, self.device)
@@ -217,6 +273,9 @@ class LuminetRelighter(Relighter):
             self.bypass = bypass
         lap("read_weights")
         self.context = self._context(o, checkpoint, text, default_context)
+        #: the unconditional branch's context (``uncond_context``), or None: one pass a step
+        self.uncond_context = self._checked_context(self._context_file(
+            o.uncond_context, ("context", "context_uncond"))) if o.uncond_context else None
         lap("context")
         #: the schedule, in float32 whatever the weights' type
         self.alphas_cumprod = model.alphas_cumprod.float().clone()
@@ -331,17 +390,24 @@ class LuminetRelighter(Relighter):
     def _context(self, o: LuminetOptions, checkpoint: Path, text: dict[str, torch.Tensor] | None,
                  cached: torch.Tensor | None) -> torch.Tensor:
         if o.context:
-            data = load_safetensors(_local(o.context, o.cache_dir, "context"))
-            name = next((k for k in ("context", "context_cond") if k in data), None)
-            if name is None:
-                raise RelighterError(f"luminet: {o.context} has no 'context' tensor "
-                                     f"(it has {sorted(data)})")
-            context = data[name]
+            context = self._context_file(o.context, ("context", "context_cond"))
         elif cached is not None:
             context = cached
         else:
             assert text is not None  # read from the checkpoint when the cache had no context
             context = self._default_context(checkpoint, text)
+        return self._checked_context(context)
+
+    def _context_file(self, uri: str, names: tuple[str, ...]) -> torch.Tensor:
+        """The first tensor of ``names`` in the safetensors file at ``uri``."""
+        data = load_safetensors(_local(uri, self.options.cache_dir, "context"))
+        name = next((k for k in names if k in data), None)
+        if name is None:
+            raise RelighterError(f"luminet: {uri} has no {' or '.join(map(repr, names))} "
+                                 f"tensor (it has {sorted(data)})")
+        return data[name]
+
+    def _checked_context(self, context: torch.Tensor) -> torch.Tensor:
         want = self.cfg.unet.context_dim
         if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != want:
             raise RelighterError(f"luminet: the context has shape {tuple(context.shape)}, "
@@ -378,6 +444,8 @@ class LuminetRelighter(Relighter):
         hint = self.hint(image, reference).to(self.device, self.dtype)
         context = self.context.to(self.device, self.dtype)
         prepared = self.model.lighting(hint, context)
+        unconditional = None if self.uncond_context is None else self.model.lighting(
+            hint, self.uncond_context.to(self.device, self.dtype))
         features = None
         if self.bypass is not None:
             features = self.bypass.photo_features(hint[:, :3] * 2 - 1)
@@ -386,7 +454,8 @@ class LuminetRelighter(Relighter):
             pad = 0
             if self.static_shapes:  # few compiled shapes: pad to a multiple of 8 seeds
                 pad = min(-(-len(chunk) // 8) * 8, self.batch_size) - len(chunk)
-            latents = self.sample(chunk + [chunk[-1]] * pad, prepared)[:len(chunk)]
+            latents = self.sample(chunk + [chunk[-1]] * pad, prepared,
+                                  unconditional)[:len(chunk)]
             for i in range(0, len(chunk), DECODE_CHUNK):
                 part = latents[i:i + DECODE_CHUNK]
                 decoded = self.decode(part, features)
@@ -394,9 +463,10 @@ class LuminetRelighter(Relighter):
                     out[start + i + j] = self.finish(pixels, h, w)
         return out
 
-    def sample(self, seeds: Sequence[int], prepared: tuple[torch.Tensor, torch.Tensor]
-               ) -> torch.Tensor:
-        """The final latents of ``seeds`` for one pair (its prepared hint and context)."""
+    def sample(self, seeds: Sequence[int], prepared: tuple[torch.Tensor, torch.Tensor],
+               unconditional: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The final latents of ``seeds`` for one pair (its prepared hint and context; with
+        ``unconditional``, the unconditional branch's, for guidance)."""
         o, cfg = self.options, self.cfg
         side = cfg.prior.hint_spatial
         b = len(seeds)
@@ -405,11 +475,21 @@ class LuminetRelighter(Relighter):
                          for s in seeds]).to(self.device, self.dtype)
         feature_map, full_context = prepared
         batch = (feature_map.expand(b, -1, -1, -1), full_context.expand(b, -1, -1))
-        # both branches of guidance are the same (same context, same hint): one pass is exact
         gens = [torch.Generator().manual_seed(s + 1) for s in seeds] if o.eta > 0 else None
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # both branches of guidance are the same (same context, same hint): one pass
             return self.model.apply_model(x, t, None, None, prepared=batch)
+
+        if unconditional is not None:  # two contexts: both branches in one batch
+            fm_u, ctx_u = unconditional
+            both = (torch.cat([fm_u.expand(b, -1, -1, -1), batch[0]]),
+                    torch.cat([ctx_u.expand(b, -1, -1), batch[1]]))
+
+            def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # noqa: F811
+                u, c = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), None, None,
+                                              prepared=both).chunk(2)
+                return u + o.guidance_scale * (c - u)
 
         return ddim_sample(denoise, x, self.alphas_cumprod, o.ddim_steps, eta=o.eta,
                            noise=gens, before_step=self.raise_if_stopped)
@@ -426,14 +506,14 @@ class LuminetRelighter(Relighter):
 
     @staticmethod
     def finish(pixels: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """The original's output, kept continuous: (x + 1) / 2 clipped, back to the photo's
-        size with Lanczos-4, less half an 8-bit level, so that the worker's rounding to 8 bits
-        truncates as the original does (which truncates before resizing: within one level).
-        Continuous values keep a batch equal to its seeds one by one."""
+        """The original's output: (x + 1) / 2 clipped, to 8 bits by truncation, then back to
+        the photo's size with Lanczos-4 on the 8-bit image (OpenCV rounds and saturates), as
+        8-bit values / 255, which the worker's rounding to 8 bits keeps exactly. Per image, so
+        a batch equals its seeds one by one; a flat image stays flat (Lanczos on 8 bits)."""
         rgb = ((pixels.float().cpu().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
-        back = cv2.resize((rgb * 255).astype(np.float32), (w, h),
-                          interpolation=cv2.INTER_LANCZOS4)
-        return torch.from_numpy(((back - 0.5) / 255).clip(0, 1)).permute(2, 0, 1)
+        eight = (rgb * 255).astype(np.uint8)  # truncation, as the original's astype
+        back = cv2.resize(eight, (w, h), interpolation=cv2.INTER_LANCZOS4)
+        return torch.from_numpy(back.astype(np.float32) / 255).permute(2, 0, 1)
 
 
 def _load_bypass(bypass: BypassAutoencoderKL, path: Path) -> None:
