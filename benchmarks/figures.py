@@ -132,8 +132,10 @@ def relighter_h200() -> str:
 
 
 def source_b(d: dict) -> str:
-    return (f"`{d['command']}` on one {d['device']} (torch {d['torch']}), {d['date']}, "
-            f"commit {d['commit']} ({d['commit_recorded']}).")
+    where = f"one {d['device']}" if d.get("device") else d["machine"]
+    torch = f" (torch {d['torch']})" if d.get("torch") else ""
+    return (f"`{d['command']}` on {where}{torch}, {d['date']}, commit {d['commit']} "
+            f"({d['commit_recorded']}).")
 
 
 def pipeline_h200() -> str:

@@ -314,7 +314,7 @@ def test_compiled_batches_are_padded_to_eight_seeds_and_the_padding_dropped(tmp_
     plain = r.relight(photo, ref, [1, 2, 3])
     sampled = []
     sample = r.sample
-    r.sample = lambda seeds, prepared: sampled.append(list(seeds)) or sample(seeds, prepared)
+    r.sample = lambda seeds, *rest: sampled.append(list(seeds)) or sample(seeds, *rest)
     r.static_shapes = True  # what compile=true sets, without compiling here
     padded = r.relight(photo, ref, [1, 2, 3])
     assert sampled == [[1, 2, 3, 3, 3, 3, 3, 3]]

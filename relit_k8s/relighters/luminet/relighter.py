@@ -58,6 +58,8 @@ DECODE_CHUNK = 8
 NO_CHECKPOINT = ("luminet needs the official checkpoint: -O checkpoint=PATH/LumiNet.ckpt or "
                  "s3://bucket/LumiNet.ckpt (Hugging Face xyxingx/LumiNet, gated: accept its "
                  "conditions, then download it)")
+#: The original's classifier-free guidance scale.
+GUIDANCE_SCALE = 9.0
 #: What a missing new decoder's error adds.
 NEW_DECODER_HINT = (" (--new-decoder looks beside the checkpoint, where the official download "
                     "puts new_decoder.ckpt; give another with -O new_decoder=PATH)")
@@ -90,8 +92,9 @@ class LuminetOptions(RelighterOptions):
                                        "[default: none: both branches are the context, equal, "
                                        "so one pass per step and guidance has no effect, as in "
                                        "LumiNet]")
-    guidance_scale: float = Field(9.0, ge=0.0, description="classifier-free guidance, with "
-                                  "uncond_context (without it, both branches are equal)")
+    guidance_scale: float = Field(GUIDANCE_SCALE, ge=0.0, description="classifier-free "
+                                  "guidance, with uncond_context (without it, both branches "
+                                  "are equal)")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
     resolution: int = Field(512, description="the model's image size (LumiNet runs at 512 only;"
                             " a smaller test model at its own)")
@@ -141,9 +144,11 @@ class LuminetOptions(RelighterOptions):
 
     @model_validator(mode="after")
     def _guidance_needs_two_branches(self) -> LuminetOptions:
-        """A guidance scale given without ``uncond_context`` would do nothing (both branches
-        would be the same context): say so rather than accept it."""
-        if "guidance_scale" in self.model_fields_set and self.uncond_context is None:
+        """A guidance scale other than the default, without ``uncond_context``, would do
+        nothing (both branches would be the same context): say so rather than accept it. (The
+        default is the original's 9; options are validated again from a plan, with every
+        field set, so it is the value that counts, not whether it was given.)"""
+        if self.guidance_scale != GUIDANCE_SCALE and self.uncond_context is None:
             raise ValueError("guidance_scale has no effect without uncond_context: both "
                              "branches of guidance are the same context (as in LumiNet, in "
                              "evaluation mode); give -O uncond_context=FILE.safetensors too")
