@@ -262,10 +262,9 @@ def claim_order(index: int, workers: int, shards: int) -> Iterator[int]:
     """The shards in the order worker ``index`` of ``workers`` tries them: its own first
     (``index``, ``index + workers``, ...: the static split), then the others in a random order
     of its own (seeded by ``index``), so that workers out of their own shards rarely race for
-    the same shard. (Taking the others from the far ends of their owners' sequences, as a
-    work-stealing scheduler does, made every idle worker race for the same few shards of the
-    slowest workers: ``benchmarks/fleet.py`` measured 1.45x of ideal that way at 64 workers
-    and 1.20x with a random order.)"""
+    the same shard. (In index order they race for the same few: the ablation of
+    ``benchmarks/fleet.py``, in benchmarks/README.md, measured 1.35x of ideal without the
+    random order against 1.09x with it, at 16 workers.)"""
     own = list(own_shards(index, workers, shards))
     yield from own
     mine = set(own)
