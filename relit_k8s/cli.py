@@ -245,7 +245,9 @@ def plan_cmd(
     manifest, uri = write_manifest(manifest, allow_mixed)
     console.plan_summary(manifest, "Plan")
     console.where("manifest", uri)
-    console.command("run a shard with:", f"relit-k8s worker --manifest {uri} --index 0")
+    console.command("start a worker on it with (with leases it claims shards until none is "
+                    "left):" if manifest.balance == "leases" else "run its first shard with:",
+                    ["relit-k8s", "worker", "--manifest", uri, "--index", "0"])
 
 
 @app.command("run")
@@ -322,7 +324,8 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
         status = collect(run)
         console.run_outcome(status, run.uri_of(run.paths.shards) + "/")
         console.command("to find and redo outputs deleted since:",
-                        f"relit-k8s resume {manifest.run_id} --output {manifest.output} --local")
+                        ["relit-k8s", "resume", manifest.run_id, "--output", manifest.output,
+                         "--local"])
         raise typer.Exit(EXIT_FAILED if strict and status.items_failed else EXIT_OK)
     record_launch(run, len(slots))
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
@@ -750,8 +753,8 @@ def gallery_cmd(
     if result["html"].startswith("s3://"):
         console.command("a page in a bucket does not open in a browser as it is; for a copy "
                         "here, with the samples it links to:",
-                        f"relit-k8s gallery {run or ''} --output {output} --to gallery/"
-                        .replace("  ", " "))
+                        ["relit-k8s", "gallery", *([run] if run else []), "--output", output,
+                         "--to", "gallery/"])
 
 
 @app.command("make-model")
@@ -781,6 +784,15 @@ def make_model_cmd(
 
     from . import console
 
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{path} is a file: make-model writes a folder; give the path of a "
+                          "new or empty folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the folder {path}: {e.strerror} (choose a writable "
+                          "path)") from e
     examples = Path("examples")
     images, refs = ((str(examples / "images"), str(examples / "refs"))
                     if (examples / "images").is_dir() and (examples / "refs").is_dir()
@@ -796,9 +808,10 @@ def make_model_cmd(
         folder = make_luminet(path, size, device=device)  # type: ignore[arg-type]  # checked
         out.print(f"model: {escape(str(folder))} (random weights, LumiNet {size}, in the "
                   "official files' format)", highlight=False)
-        opts = " ".join(f"-O {k}={v}" for k, v in run_options(folder).items())
-        console.command("try it:", f"relit-k8s run --input {images} --refs {refs} --output "
-                        f"out-{Path(folder).name} --relighter luminet {opts} --iterations 1")
+        opts = [a for k, v in run_options(folder).items() for a in ("-O", f"{k}={v}")]
+        console.command("try it:", ["relit-k8s", "run", "--input", images, "--refs", refs,
+                                    "--output", f"out-{Path(folder).name}", "--relighter",
+                                    "luminet", *opts, "--iterations", "1"])
         return
     if kind != "diffusion":
         raise ConfigError(f"--kind {kind!r}: use diffusion or luminet")
@@ -813,9 +826,9 @@ def make_model_cmd(
     out.print(f"model: {escape(str(written))} (random weights, {size}; its native resolution, "
               f"{side} x {side} pixels, is in unet/config.json and is what the relighter uses "
               "unless -O resolution=N)", highlight=False)
-    console.command("try it:", f"relit-k8s run --input {images} --refs {refs} --output "
-                    f"out-{Path(written).name} --relighter diffusion -O model={written} "
-                    "--iterations 1")
+    console.command("try it:", ["relit-k8s", "run", "--input", images, "--refs", refs,
+                                "--output", f"out-{Path(written).name}", "--relighter",
+                                "diffusion", "-O", f"model={written}", "--iterations", "1"])
 
 
 @app.command("relighters")

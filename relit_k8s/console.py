@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,7 +65,7 @@ def run_outcome(status: RunStatus, reports_uri: str) -> None:
     where("reports", reports_uri)
     if status.items_failed:
         command("failures are listed in the reports:",
-                f"relit-k8s status {status.run_id} --output {status.output}")
+                ["relit-k8s", "status", status.run_id, "--output", status.output])
 
 
 def where(label: str, path: str) -> None:
@@ -72,10 +73,12 @@ def where(label: str, path: str) -> None:
     out.print(Text(f"{label}: {path}"), highlight=False, soft_wrap=True)
 
 
-def command(intro: str, line: str) -> None:
-    """A command to copy, on its own line and never wrapped by us (the terminal may fold it)."""
+def command(intro: str, argv: Sequence[str]) -> None:
+    """A command to copy, on its own line and never wrapped by us (the terminal may fold it);
+    each argument quoted for a POSIX shell where it needs it (a path with spaces), so that the
+    line pastes as it prints."""
     out.print(intro, highlight=False)
-    out.print(Text("  " + line), highlight=False, soft_wrap=True)
+    out.print(Text("  " + shlex.join(argv)), highlight=False, soft_wrap=True)
 
 
 def warning(message: str) -> None:
@@ -359,8 +362,8 @@ def kubectl_commands(run_id: str, output: str, namespace: str) -> list[str]:
     from .kube.job import INDEX_LABEL, RUN_LABEL
 
     sel = f"-l {RUN_LABEL}={run_id}"
-    return [f"relit-k8s status {run_id} --output {output}",
-            f"relit-k8s logs {run_id} --output {output} --follow",
+    return [shlex.join(["relit-k8s", "status", run_id, "--output", output]),
+            shlex.join(["relit-k8s", "logs", run_id, "--output", output, "--follow"]),
             f"kubectl -n {namespace} get jobs,pods {sel} -L {INDEX_LABEL}",
             f"kubectl -n {namespace} logs {sel} --prefix --tail=-1"]
 

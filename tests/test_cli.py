@@ -79,6 +79,33 @@ def test_failed_items_are_counted_and_strict_turns_them_into_exit_1(tmp_path):
     assert "zero.jpg" in status and "empty file" in status
 
 
+def test_printed_commands_paste_into_a_shell_with_odd_paths(tmp_path):
+    """A path with spaces and non-ASCII letters: each command relit-k8s prints to copy is
+    quoted, and pasted into a shell it names the same output (and runs)."""
+    import shlex
+
+    images = tmp_path / "my in"
+    images.mkdir()
+    (images / "ok.png").write_bytes(png_bytes(photo()))
+    (images / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "my out" / "öut put"
+    args = ["run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--ref-pattern",
+            "sky*", "--output", str(out), "--iterations", "1", "--device", "cpu",
+            "--no-progress"]
+    first = cli(*args, check=True).stdout
+    again = cli(*args, check=True).stdout
+    printed = [line.strip() for text in (first, again) for line in text.splitlines()
+               if line.startswith("  relit-k8s ")]
+    assert {shlex.split(line)[1] for line in printed} == {"status", "resume"}, printed
+    for line in printed:
+        argv = shlex.split(line)
+        assert argv[argv.index("--output") + 1] == str(out)
+        pasted = subprocess.run(["bash", "-c", line.replace("relit-k8s", shlex.quote(
+            str(Path(sys.executable).parent / "relit-k8s")), 1)], capture_output=True,
+            text=True, timeout=120)
+        assert pasted.returncode == 0, (line, pasted.stderr)
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     result = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "3", "--dry-run",

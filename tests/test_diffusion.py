@@ -270,6 +270,18 @@ def test_the_weights_cache_is_loaded_in_place_of_the_model_folder(model, tmp_pat
         assert r.weights_from == "model" and not (cache / "diffusion").exists()
 
 
+def test_make_model_with_a_target_it_cannot_write_says_so_in_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for target, said in ((a_file, "is a file"), ("/proc/relit-nope", "cannot make the folder"),
+                         (a_file / "below", "cannot make the folder")):
+        for kind in ("diffusion", "luminet"):
+            result = cli("make-model", str(target), "--kind", kind)
+            assert result.returncode == 78, result.stderr
+            assert said in result.stderr and "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
 def test_make_model_command_and_the_tiny_benchmark(tmp_path):
     result = cli("make-model", str(tmp_path / "m"), "--size", "tiny", check=True)
     assert "random weights" in result.stdout and (tmp_path / "m" / "unet").is_dir()
