@@ -90,6 +90,8 @@ def seed_loop(load: Callable[[], object], sample: Callable[[object, int], None],
             seconds.append(time.perf_counter() - t)
     finally:
         relighters.create = real_create
+    print(f"seed loop style: {len(seconds) / sum(seconds):.4f} samples/s after {len(loads)} "
+          f"model load(s) of {loaded:.2f} s", flush=True)
     return {
         "seed_loop_model_loads": len(loads),
         "seed_loop_load_seconds": round(loaded, 3),

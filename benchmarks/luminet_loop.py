@@ -161,10 +161,6 @@ def run(args, device, peak: float | None) -> dict:
             made = round(time.perf_counter() - t, 1)
         seed = None if args.skip_seed_loop else seed_loop(
             folder, args.steps, args.seed_pairs, args.seed_iterations, device)
-        if seed:
-            print(f"seed loop style: {seed['seed_loop_samples_per_s']:.4f} samples/s after "
-                  f"{seed['seed_loop_model_loads']} model load(s) of "
-                  f"{seed['seed_loop_load_seconds']} s", flush=True)
         sweep = batch_sweep(folder, device) if args.sweep else None
         if sweep:
             print("denoising-step samples/s by batch size (eager):", sweep, flush=True)

@@ -250,10 +250,6 @@ def main() -> None:
             print("one denoising step, profiled:", json.dumps(profiled, indent=1), flush=True)
         seed = None if args.skip_seed_loop else seed_loop(
             model, res, args.steps, args.seed_pairs, args.seed_iterations, device)
-        if seed:
-            print(f"seed loop style: {seed['seed_loop_samples_per_s']:.4f} samples/s after "
-                  f"{seed['seed_loop_model_loads']} model load(s) of "
-                  f"{seed['seed_loop_load_seconds']} s", flush=True)
         extra = dict(o.split("=", 1) for o in args.option)
         eager = None if args.skip_eager else ours(model, res, args.steps, args.batch,
                                                   args.batches, device, extra=extra)
