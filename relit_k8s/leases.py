@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import NotFoundError, RelitError, Unsupported, WriteConflict
 from .settings import WorkerSettings
-from .storage import META_DIR, LocalStorage, Storage
+from .storage import META_DIR, LocalStorage, Storage, process_alive
 
 log = logging.getLogger("relit_k8s.leases")
 
@@ -464,7 +464,7 @@ class LeaseBook:
             return True
         host, _, rest = lease.owner.partition("/")
         pid = rest.partition("/")[0]
-        return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+        return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
 
     def try_claim(self, shard: int, faster_than: float | None = None,
                   released: bool = False, held: bool = False,
@@ -1310,16 +1310,6 @@ def conditional_writes_work(storage: Storage) -> bool:
     """Whether ``storage`` does the conditional writes leases need
     (:func:`conditional_write_problem` finds none)."""
     return conditional_write_problem(storage) is None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _stamp(at: datetime) -> str:

@@ -211,15 +211,18 @@ def _writer_gone(name: str, age: float) -> bool:
         return True
     pid, _, rest = name.rpartition(".tmp-")[2].partition("-")
     host = rest.partition("-")[2]
-    if host != _HOST or not pid.isdigit():
-        return False
+    return host == _HOST and pid.isdigit() and not process_alive(int(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (another user's counts)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except OSError:  # it exists (another user's process)
         return False
-    return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class LocalStorage(Storage):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -27,6 +26,7 @@ EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(ROOT / "benchmarks"))  # s3_servers: the suite's and the benchmarks'
 
 from s3_servers import ACCESS_KEY, SECRET_KEY, Identity, start_seaweedfs  # noqa: E402
+from s3_servers import free_port as _free_port  # noqa: E402,F401  (tests import it from here)
 
 #: An identity of the suite's server that may list and write but not read (a real "access
 #: denied"), and one whose secret a test plants to find it in no output.
@@ -57,12 +57,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     hands the first tests out in turn, so they run side by side at the start instead of
     one of them ending the run alone (the order of the others is kept)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
