@@ -166,8 +166,11 @@ def test_a_missing_or_tampered_manifest_is_78_and_unreachable_s3_is_75(
 @pytest.mark.slow
 def test_a_pod_stopped_mid_shard_exits_143_in_its_grace_period_and_its_retry_finishes(
         image, pods, bucket, s3_client, s3_endpoint):
-    job = plan_job(image, s3_client, bucket, s3_endpoint, shards=1, iterations=50, grace=30)
-    pod = pods(job, 0).start()
+    # 1,200 items and a heartbeat every 0.5 s: the shard is seen at work long before its end (a
+    # fast machine did 600 items between two 5 s heartbeats, and the stop then found it done)
+    job = plan_job(image, s3_client, bucket, s3_endpoint, shards=1, iterations=100, grace=30)
+    total = 4 * 3 * 100
+    pod = pods(job, 0, RELIT_REPORT_INTERVAL="0.5").start()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         r = report(s3_client, bucket, job, 0)
@@ -182,12 +185,12 @@ def test_a_pod_stopped_mid_shard_exits_143_in_its_grace_period_and_its_retry_fin
     # period would have given 137
     assert pod.wait() == 143, pod.logs()[-2000:]
     stopped = report(s3_client, bucket, job, 0)
-    assert stopped["state"] == "stopped" and 0 < stopped["items_done"] < 600
+    assert stopped["state"] == "stopped" and 0 < stopped["items_done"] < total
     retry = pods(job, 0)  # the Job controller's next pod for the index
     assert retry.run() == 0, retry.logs()[-2000:]
     done = report(s3_client, bucket, job, 0)
-    assert done["state"] == "done" and done["items_done"] + done["items_skipped"] == 600
-    assert len(s3_outputs(s3_client, bucket)) == 600
+    assert done["state"] == "done" and done["items_done"] + done["items_skipped"] == total
+    assert len(s3_outputs(s3_client, bucket)) == total
 
 
 def test_a_memory_limit_too_small_kills_the_pod_and_leaves_nothing_half_written(
