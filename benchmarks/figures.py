@@ -251,8 +251,50 @@ def luminet_fidelity() -> str:
                       + source("luminet_fidelity_tiny_cpu.json", d)])
 
 
+def luminet_scoring() -> str:
+    t, f = load("luminet_scoring_tiny_cpu.json"), load("luminet_scoring_full_cpu.json")
+    ratio = t["throughput_ratio_on_over_off"]
+    on, off = t["items_per_second_score_on"], t["items_per_second_score_off"]
+    step, score = f["denoising_step_seconds_batch_1"], f["score_one_output_seconds"]
+    return "\n".join([
+        "| measured | scoring off | scoring on | scoring's cost |", "|---|---|---|---|",
+        f"| whole shards, tiny LumiNet, {t['steps']} steps, {t['items_per_shard']} outputs "
+        f"each ({ratio['n']} rounds; median, range) | {off['median']:.2f} items/s "
+        f"({off['min']:.2f}-{off['max']:.2f}) | {on['median']:.2f} items/s "
+        f"({on['min']:.2f}-{on['max']:.2f}) | {t['score_cost_percent_median']:.1f}% of "
+        f"throughput (on/off {ratio['min']:.3f}-{ratio['max']:.3f}) |",
+        f"| full-size parts: one denoising step (1 seed) vs scoring one 512 x 512 output "
+        f"({step['n']} each) | {step['median']:.2f} s a step, x {f['steps']} | "
+        f"{score['median']:.3f} s | {f['score_cost_percent_of_one_output']:.2f}% of one "
+        "output |", "",
+        "Random weights, float32, on the CPU. " + source("luminet_scoring_tiny_cpu.json", t),
+        source("luminet_scoring_full_cpu.json", f)])
+
+
+def status_scale() -> str:
+    d = load("status_scale_cpu.json")
+    rows = ["| shards (workers) | `status` | requests | without the summaries (every report "
+            "read, 32 at a time) | requests | `resume --dry-run --trust-reports` | `gallery` |",
+            "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        old = r.get("status_reports_one_by_one")
+        rows.append(
+            f"| {r['shards']:,} ({r['workers']}) | {r['status']['seconds_median']:.2f} s | "
+            f"{r['status']['requests']:,} | "
+            + (f"{old['seconds_median']:.1f} s | {old['requests']:,}" if old else "- | -")
+            + f" | {r['resume_dry_run_trust_reports']['seconds_median']:.2f} s "
+            f"({r['resume_dry_run_trust_reports']['requests']:,} requests) | "
+            f"{r['gallery']['seconds_median']:.1f} s ({r['gallery']['requests']:,} requests) |")
+    return "\n".join([*rows, "", f"A finished leases run ({d['shards_per_worker']} shards per "
+                       f"worker) in SeaweedFS behind a proxy adding {d['delay_ms_per_request']:g}"
+                       f" ms to every request; median of {d['repeats']} (`gallery` and the "
+                       "one-by-one column: one run). " + source("status_scale_cpu.json", d)])
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "status-scale": status_scale,
     "luminet-fidelity": luminet_fidelity,
+    "luminet-scoring": luminet_scoring,
     "fleet-scenarios": fleet_scenarios,
     "fleet-sweep": fleet_sweep,
     "fleet-ablation": fleet_ablation,

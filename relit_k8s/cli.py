@@ -56,6 +56,11 @@ def handles_errors(fn):
             raise _fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", EXIT_INTERRUPTED) from None
+        except BrokenPipeError:  # the reader left (`| head`): no traceback, as the docs advise
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_FAILED) from None
         except (typer.Exit, typer.Abort, click.ClickException, SystemExit):
             raise
         except Exception as e:  # a bug or an unforeseen failure: show where, exit by kind
@@ -65,6 +70,18 @@ def handles_errors(fn):
             raise _fail(f"{type(e).__name__}: {e}", exit_code_for(e)) from None
 
     return wrapper
+
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print how many "
+                                          "requests it sent to S3 (to stderr).")]
+
+
+def _say_requests(verbose: bool) -> None:
+    """``--verbose``: the S3 requests this command sent (none are counted on local folders)."""
+    if verbose:
+        from .storage import S3_REQUESTS
+
+        sys.stderr.write(f"requests to S3: {S3_REQUESTS.value}\n")
 
 
 # --- shared selection flags (plan, run; submit later) -----------------------------------------
@@ -119,6 +136,10 @@ BalanceOpt = Annotated[str, typer.Option(
     "lost worker's shard is taken over; local runs and Jobs can share a run). static: shard i "
     "is Job index i. auto: leases where the output store honours conditional writes (probed "
     "once), else static with a warning.")]
+KeepTopOpt = Annotated[int | None, typer.Option(
+    "--keep-top", min=1, metavar="K", help="Keep only the K best scored outputs of every pair "
+    "(a relighter that scores them: luminet); the others are DELETED once all the pair's seeds "
+    "are written [default: keep all].")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
 MixedOpt = Annotated[bool, typer.Option(
     "--allow-mixed-output", help="Add to an output folder whose outputs were made by another "
@@ -172,6 +193,7 @@ def _plan_settings(
     ref_formats: list[str] | None, relighter: str, option: list[str] | None,
     ddim_steps: int | None, new_decoder: bool, shards: int | None, run_id: str | None,
     batch_size: int | None, max_pixels: int, workers: int, balance: str = "auto",
+    keep_top: int | None = None,
 ):
     """PlanSettings from the shared selection flags of plan, run and submit."""
     from pydantic import ValidationError
@@ -182,7 +204,8 @@ def _plan_settings(
         input=input, refs=refs, output=output, normals=normals, iterations=iterations,
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, relighter=relighter,
         options=_options(option, ddim_steps, new_decoder), shards=shards, run_id=run_id,
-        batch_size=batch_size, max_pixels=max_pixels, workers=workers, balance=balance)
+        batch_size=batch_size, max_pixels=max_pixels, workers=workers, balance=balance,
+        keep_top=keep_top)
     for name, values in (("img_formats", img_formats), ("ref_formats", ref_formats)):
         if parsed := _formats(values):
             data[name] = parsed
@@ -221,6 +244,7 @@ def plan_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, balance: BalanceOpt = "auto",
+    keep_top: KeepTopOpt = None,
     dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     workers: Annotated[int, typer.Option(
@@ -237,7 +261,8 @@ def plan_cmd(
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
         ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
-        max_pixels=max_pixels, workers=workers, balance=balance), dry_run=dry_run)
+        max_pixels=max_pixels, workers=workers, balance=balance, keep_top=keep_top),
+        dry_run=dry_run)
     if dry_run:
         _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
@@ -260,6 +285,7 @@ def run_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, balance: BalanceOpt = "auto",
+    keep_top: KeepTopOpt = None,
     dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
@@ -274,7 +300,8 @@ def run_cmd(
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
         ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
-        max_pixels=max_pixels, workers=len(slots), balance=balance), dry_run=dry_run)
+        max_pixels=max_pixels, workers=len(slots), balance=balance, keep_top=keep_top),
+        dry_run=dry_run)
     if dry_run:
         _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
@@ -375,9 +402,10 @@ def worker_cmd(
     """The pod entrypoint: claim shards until every shard of the run is finished (leases), or
     run shard --index (static). Exit 0 done, 75 retry, 78 config error, 143 stopped."""
     from . import logs
-    from .worker import main
+    from .worker import check_expected_gpus, main
 
     logs.setup(logs.log_format(log_format))
+    check_expected_gpus(device)
     slots = _pod_slots(device, workers)
     if len(slots) > 1:  # a GPU each, or CPU stand-ins: one process per slot, claiming
         from .local import run_pod
@@ -429,6 +457,7 @@ def status_cmd(
                                             "refreshes with --watch.")] = 5.0,
     stall_after: Annotated[float, typer.Option("--stall-after", min=1, help="Flag running "
                                                "shards silent this many seconds.")] = 120.0,
+    verbose: VerboseOpt = False,
 ):
     """Show a run's progress, speed and failures (shard reports), and its Job if submitted."""
     from . import console
@@ -450,9 +479,11 @@ def status_cmd(
     status = snapshot()
     if fmt == "json":
         sys.stdout.write(status.model_dump_json(indent=2) + "\n")
+        _say_requests(verbose)
         return
     if not watch:
         out.print(console.status_view(status))
+        _say_requests(verbose)
         return
     from rich.live import Live
 
@@ -480,6 +511,7 @@ def submit_cmd(
     option: OptionOpt = None, ddim_steps: DdimOpt = None, new_decoder: NewDecoderOpt = False,
     shards: ShardsOpt = None, run_id: RunIdOpt = None, batch_size: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS, balance: BalanceOpt = "auto",
+    keep_top: KeepTopOpt = None,
     dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, max=100_000,
@@ -503,8 +535,8 @@ def submit_cmd(
         "--node-selector", metavar="KEY=VALUE", help="Node label to require (repeatable).")]
     = None,
     toleration: Annotated[list[str] | None, typer.Option(
-        "--toleration", metavar="KEY[=VALUE][:EFFECT]", help="Toleration (repeatable) "
-        "[default with GPUs: nvidia.com/gpu:NoSchedule].")] = None,
+        "--toleration", metavar="KEY[=VALUE][:EFFECT]", help="Toleration (repeatable), added "
+        "to nvidia.com/gpu:NoSchedule, which GPU pods always have.")] = None,
     priority_class: Annotated[str | None, typer.Option(
         "--priority-class", metavar="NAME", help="PriorityClass of the pods (preemption order "
         "on a shared cluster).")] = None,
@@ -535,6 +567,14 @@ def submit_cmd(
         "Security Standards forbid it, and manifests/base enforces restricted, so use a "
         "namespace that allows it; submit refuses it where it can read the namespace's "
         "labels).")] = None,
+    runtime_class: Annotated[str | None, typer.Option(
+        "--runtime-class", metavar="NAME", help="runtimeClassName of the pods: nvidia where "
+        "the NVIDIA runtime is not the nodes' default (k3s, RKE2, some GPU Operator set-ups) "
+        "[default: the nodes' default].")] = None,
+    fixed_ids: Annotated[bool, typer.Option(
+        "--fixed-ids/--no-fixed-ids", help="Run the pods as uid/gid 10001; --no-fixed-ids on "
+        "OpenShift, whose restricted-v2 SCC picks the uid (the image runs as any uid).")]
+    = True,
     active_deadline: Annotated[str | None, typer.Option(
         "--active-deadline", metavar="DURATION", help="A hard stop: the Job fails (reason "
         "DeadlineExceeded) and its pods are stopped this long after it starts, e.g. 6h, 90m, "
@@ -550,7 +590,8 @@ def submit_cmd(
         seed=seed, img_pattern=img_pattern, ref_pattern=ref_pattern, img_formats=img_formats,
         ref_formats=ref_formats, relighter=relighter, option=option, ddim_steps=ddim_steps,
         new_decoder=new_decoder, shards=shards, run_id=run_id, batch_size=batch_size,
-        max_pixels=max_pixels, workers=parallelism, balance=balance), dry_run=dry_run)
+        max_pixels=max_pixels, workers=parallelism, balance=balance, keep_top=keep_top),
+        dry_run=dry_run)
     job_settings = JobSettings.from_flags(
         node_selector=node_selector, toleration=toleration, image=image, namespace=namespace,
         parallelism=parallelism, gpus_per_pod=gpus_per_pod, cpu=cpu, cpu_limit=cpu_limit,
@@ -559,7 +600,8 @@ def submit_cmd(
         ttl_seconds_after_finished=ttl, termination_grace_seconds=grace_period,
         priority_class=priority_class, service_account=service_account, queue=queue,
         image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
-        cache_host_path=cache_host_path, active_deadline_seconds=parse_duration(
+        cache_host_path=cache_host_path, runtime_class=runtime_class, fixed_ids=fixed_ids,
+        active_deadline_seconds=parse_duration(
             active_deadline, "--active-deadline") if active_deadline else None)
     _submit(manifest, job_settings, context, dry_run, fmt, allow_mixed=allow_mixed)
 
@@ -657,7 +699,11 @@ def scale_cmd(
     from .kube.runs import cluster_for, find_submission, scale
 
     cluster = cluster_for(find_submission(output, run, namespace), context, namespace)
-    before, after, elastic = scale(cluster, run, parallelism)
+    before, after, elastic, warning = scale(cluster, run, parallelism)
+    if warning:
+        from .console import warning as warn
+
+        warn(warning)
     what = ("workers (parallelism and completions: each claims shards until none is left)"
             if elastic else "pods at a time (parallelism; one shard per index)")
     out.print(f"Job {run} in namespace {cluster.namespace}: {before} -> {after} {what}",
@@ -687,7 +733,7 @@ def resume_cmd(
         "(cluster runs).")] = None,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
-    strict: StrictOpt = False, progress: ProgressOpt = True,
+    strict: StrictOpt = False, progress: ProgressOpt = True, verbose: VerboseOpt = False,
 ):
     """A new run over only the units not yet written (or failed).
 
@@ -710,6 +756,7 @@ def resume_cmd(
         slots = _slots(device, gpus, workers)
         width = len(slots)
     resumed = plan_resume(the_run, width, shards, trust_reports)
+    _say_requests(verbose)
     if resumed is None:
         out.print(f"run {run}: every output is written; nothing to resume")
         return
@@ -739,12 +786,14 @@ def gallery_cmd(
         "--to", metavar="DIR", help="Write the gallery to this folder instead, with copies of "
         "the samples it links to, so that it opens in a browser without the bucket [default: "
         "next to the run, <output>/_relit/<run>/gallery/].")] = None,
+    verbose: VerboseOpt = False,
 ):
     """Write an HTML contact sheet and a PNG grid of a run's results (thumbnails)."""
     from . import console
     from .gallery import build
 
     result = build(output, run, samples, max_images, max_refs, to=to)
+    _say_requests(verbose)
     console.where("gallery", result["html"])
     console.where("grid", result["png"])
     out.print(f"{result['images']} images x {result['references']} references, "
@@ -755,6 +804,90 @@ def gallery_cmd(
                         "here, with the samples it links to:",
                         ["relit-k8s", "gallery", *([run] if run else []), "--output", output,
                          "--to", "gallery/"])
+
+
+FormatOpt = Annotated[str, typer.Option("--format", "-o", metavar="table|json", help="A table, "
+                                        "or JSON: one object per line, most similar first.")]
+
+
+@app.command("score")
+@handles_errors
+def score_cmd(
+    files: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Relit images: files "
+                                               "or folders (searched for image files), local "
+                                               "or s3://.")],
+    reference: Annotated[str, typer.Option("--reference", help="The reference lighting image "
+                                           "(8-bit, or .hdr/.exr: tone-mapped as LumiNet's "
+                                           "loader does).")],
+    weights: Annotated[str, typer.Option("--weights", help="LumiNet.ckpt (its selector keys), "
+                                         "or the seed selection's last.pth.tar.")],
+    config: Annotated[str | None, typer.Option("--config", help="The LumiNet YAML of a model "
+                                               "of other sizes [default: the full-size "
+                                               "model].")] = None,
+    fmt: FormatOpt = "table",
+    device: Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where the "
+                                        "selector runs (float32 either way).")] = "cpu",
+):
+    """Rank relit images by how close their lighting is to a reference: LumiNet's seed
+    selection (seed_selection.py), most similar first."""
+    from .scores import score_files
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format {fmt!r}: use table or json")
+    ranked = score_files(files, reference, weights, config, device)
+    if fmt == "json":
+        import json
+
+        for file, similarity in ranked:
+            sys.stdout.write(json.dumps({"file": file, "similarity": similarity}) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("rank", "similarity", "file", box=None)
+    table.columns[2].overflow = "fold"  # a path to copy: folded, never cut
+    for i, (file, similarity) in enumerate(ranked, 1):
+        table.add_row(str(i), f"{similarity:.6f}", file)
+    out.print(table)
+
+
+@app.command("select")
+@handles_errors
+def select_cmd(
+    run: Annotated[str | None, typer.Argument(help="Run id [default: the newest run].")] = None,
+    output: OutputOpt = ...,  # type: ignore[assignment]  # typer: required
+    top: Annotated[int, typer.Option("--top", min=1, help="Outputs kept per pair.")] = 5,
+    fmt: FormatOpt = "table",
+    to: Annotated[str | None, typer.Option("--to", metavar="DIR", help="Copy the selected "
+                                           "outputs to this folder (local or s3://), under "
+                                           "their own keys.")] = None,
+    verbose: VerboseOpt = False,
+):
+    """List (or copy) the outputs of every pair whose lighting is closest to the reference,
+    by the scores a luminet run records (LumiNet's seed selection)."""
+    from . import console
+    from .run import Run
+    from .scores import copy_selected, select
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format {fmt!r}: use table or json")
+    the_run = Run.load(output, run)
+    chosen = select(the_run, top)
+    _say_requests(verbose)
+    if to is not None:
+        n = copy_selected(the_run, chosen, to)
+        console.where(f"{n} outputs copied to", to)
+        return
+    if fmt == "json":
+        for r in chosen:
+            sys.stdout.write(r.model_dump_json() + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("image", "reference", "rank", "similarity", "output", box=None)
+    table.columns[4].overflow = "fold"  # a key to copy: folded, never cut
+    for r in chosen:
+        table.add_row(r.image, r.ref, str(r.rank), f"{r.similarity:.6f}", r.key)
+    out.print(table)
 
 
 @app.command("make-model")

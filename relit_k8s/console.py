@@ -166,6 +166,8 @@ _COLUMN_SETS = (
     ("shard", "state", "items"),
 )
 _MIN_HOST = 12
+#: Shards of a large run's table: beyond it, only the shards not done nor pending are listed.
+SHARD_ROWS = 40
 
 
 class StatusView:
@@ -227,6 +229,8 @@ class StatusView:
                 style="yellow" if le.silent else ""))
             if le.holders:
                 parts.append(self.holder_table(le.holders, le.held))
+        for note in status.notes:
+            parts.append(Text(f"note: {note}", style="yellow"))
         if status.stalled_shards:
             parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
                               style="bold red"))
@@ -258,8 +262,20 @@ class StatusView:
         return table
 
     def shard_table(self, width: int) -> Table:
-        """One line per shard: the widest column set that fits ``width``."""
-        cells = [self._cells(sh) for sh in self.status.shards]
+        """One line per shard (of a large run: the shards not done nor pending, at most
+        :data:`SHARD_ROWS`, and a caption that counts the others): the widest column set that
+        fits ``width``."""
+        shards = self.status.shards
+        caption = None
+        if len(shards) > SHARD_ROWS:
+            shards = [sh for sh in shards if sh.state not in ("done", "pending")][:SHARD_ROWS]
+            counts = Counter(sh.state for sh in self.status.shards)
+            caption = (f"{len(shards)} of {len(self.status.shards)} shards shown; not shown: "
+                       + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())
+                                   if state in ("done", "pending"))
+                       + (", and more" if len(shards) == SHARD_ROWS else "")
+                       + " (-o json lists every shard)")
+        cells = [self._cells(sh) for sh in shards]
         for heads in _COLUMN_SETS:
             widths = {h: max([len(h)] + [len(c[h].plain if isinstance(c[h], Text) else c[h])
                                          for c in cells]) for h in heads}
@@ -271,7 +287,7 @@ class StatusView:
                     break
             elif spare >= 0:
                 break
-        table = Table()
+        table = Table(caption=caption, caption_justify="left")
         for head in heads:
             table.add_column(head, no_wrap=True, overflow="ellipsis", width=widths[head],
                              justify="left" if head in ("state", "host / device") else "right")

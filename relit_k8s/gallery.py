@@ -22,6 +22,7 @@ from . import images
 from .errors import ItemError, NotFoundError
 from .manifest import Manifest, pair_seeds
 from .run import Run
+from .scores import read_scores
 from .storage import Storage, join_key, open_storage
 
 THUMB = 160  # pixels, the longer side of a thumbnail
@@ -92,12 +93,16 @@ def build(output: str, run_id: str | None = None, samples: int = 3, max_images: 
             thumbs[f"ref:{key}"] = put_thumb(f"ref-{j}.jpg", pixels)
             grid_tiles[(0, j + 1)] = pixels
 
-    cells: dict[tuple[str, str], list[tuple[str, str]]] = {}  # pair -> [(thumb, full href)]
+    # pair -> [(thumb, full href, score or None)]
+    cells: dict[tuple[str, str], list[tuple[str, str, float | None]]] = {}
+    scored = read_scores(run)  # a run that scores its outputs: the most similar first
     for i, img in enumerate(shown_images):
         for j, ref in enumerate(shown_refs):
             present = run.existing_seeds(img, ref)
-            chosen = [s for s in pair_seeds(m.base_seed, img, ref, m.iterations)
-                      if s in present][:samples]
+            pair_scores = scored.get((img, ref), {})
+            ordered = sorted(pair_seeds(m.base_seed, img, ref, m.iterations),
+                             key=lambda s: -pair_scores.get(s, float("-inf")))
+            chosen = [s for s in ordered if s in present][:samples]
             cells[(img, ref)] = []
             for k, seed in enumerate(chosen):
                 key = m.output_key(img, ref, seed)
@@ -107,7 +112,7 @@ def build(output: str, run_id: str | None = None, samples: int = 3, max_images: 
                 except (ItemError, NotFoundError):
                     continue
                 thumb = put_thumb(f"out-{i}-{j}-{k}.jpg", dec.pixels)
-                cells[(img, ref)].append((thumb, link(key, data)))
+                cells[(img, ref)].append((thumb, link(key, data), pair_scores.get(seed)))
                 if k == 0:
                     grid_tiles[(i + 1, j + 1)] = dec.pixels
 
@@ -148,7 +153,9 @@ def _html(m: Manifest, shown_images, shown_refs, thumbs, cells, failed) -> str:
             elif cells[(img, ref)]:
                 row.append("<td>" + "".join(
                     f'<a href="{esc(href)}">{img_tag(thumb, f"{img} x {ref}", "sample")}</a>'
-                    for thumb, href in cells[(img, ref)]) + "</td>")
+                    + ("" if score is None else
+                       f'<div class="score" title="light-match score">{score:.4f}</div>')
+                    for thumb, href, score in cells[(img, ref)]) + "</td>")
             else:
                 row.append('<td class="missing">not written yet</td>')
         rows.append("<tr>" + "".join(row) + "</tr>")
@@ -156,6 +163,10 @@ def _html(m: Manifest, shown_images, shown_refs, thumbs, cells, failed) -> str:
     if len(shown_images) < len(m.images) or len(shown_refs) < len(m.references):
         more = (f"<p>Showing {len(shown_images)} of {len(m.images)} images and "
                 f"{len(shown_refs)} of {len(m.references)} references.</p>")
+    scores_note = ""
+    if any(score is not None for pair in cells.values() for _, _, score in pair):
+        scores_note = (", the closest lighting first, with its light-match score (LumiNet's "
+                       "seed selection; relit-k8s select)")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>relit-k8s {esc(m.run_id)}</title>
 <style>
@@ -172,7 +183,7 @@ td.missing {{ color: #999; }}
 <h1>{esc(m.run_id)}</h1>
 <p>{len(m.images)} images x {len(m.references)} references x {m.iterations} iterations,
 relighter <code>{esc(m.relighter.name)}</code>. Rows: inputs; columns: references (tone-mapped);
-cells: samples, each linking to the full file.</p>
+cells: samples, each linking to the full file{scores_note}.</p>
 {more}
 <table>
 {chr(10).join(rows)}

@@ -141,6 +141,9 @@ class Manifest(BaseModel):
         None, description="a resumed run's units: ranges [start, stop) of the full numbering")
     balance: Balance = Field("static", description="static: shard i is Job index i; leases: "
                              "workers claim shards from the output store until none is left")
+    keep_top: int | None = Field(None, ge=1, description="outputs kept per pair, the best "
+                                 "scored (a relighter that scores: luminet); the others are "
+                                 "deleted once all the pair's seeds are written")
     checksum: str | None = None
 
     @field_validator("run_id")
@@ -162,6 +165,9 @@ class Manifest(BaseModel):
                 raise ValueError(f"unit range [{a}, {b}) is outside 0..{self.all_units}")
         if (self.balance == "leases") != (self.version == LEASES_MANIFEST_VERSION):
             raise ValueError("balance: leases goes with manifest version 3, and only with it")
+        if self.keep_top is not None and self.keep_top >= self.iterations:
+            raise ValueError(f"keep_top {self.keep_top} keeps every one of the "
+                             f"{self.iterations} iterations: give fewer, or none")
         if self.shards > self.units:
             raise ValueError(f"{self.shards} shards for {self.units} units: some would be empty")
         return self
@@ -216,6 +222,10 @@ class Manifest(BaseModel):
         return Unit(pair, self.images[image], self.references[ref], start,
                     min(self.iterations, start + self.unit_size))
 
+    def unit_number(self, unit: Unit) -> int:
+        """``unit``'s number in the full plan's numbering."""
+        return unit.pair * self.units_per_pair + unit.start // self.unit_size
+
     def shard_range(self, index: int) -> range:
         if not 0 <= index < self.shards:
             raise ManifestError(
@@ -263,10 +273,14 @@ class Manifest(BaseModel):
     # --- serialisation -----------------------------------------------------------------------
     def body(self, exclude: set[str] | None = None) -> dict[str, Any]:
         """The manifest as JSON data without ``exclude``; ``balance`` only where it is not
-        ``static`` (so that a static plan's checksum and run id are what they were before the
-        field existed)."""
-        skip = set(exclude or ()) | ({"balance"} if self.balance == "static" else set())
-        return self.model_dump(mode="json", exclude=skip)
+        ``static`` and ``keep_top`` only where it is set (so that a plan's checksum and run id
+        are what they were before the fields existed)."""
+        return self.model_dump(mode="json", exclude=set(exclude or ()) | self._unset())
+
+    def _unset(self) -> set[str]:
+        """Fields left out of the JSON at their old default (:meth:`body`)."""
+        return ({"balance"} if self.balance == "static" else set()) | (
+            {"keep_top"} if self.keep_top is None else set())
 
     def body_digest(self) -> str:
         body = self.body({"checksum"})
@@ -275,8 +289,8 @@ class Manifest(BaseModel):
 
     def to_json(self) -> bytes:
         sealed = self.model_copy(update={"checksum": self.body_digest()})
-        static = {"balance"} if self.balance == "static" else None  # readable by older workers
-        return sealed.model_dump_json(indent=1, exclude=static).encode()
+        # readable by older workers
+        return sealed.model_dump_json(indent=1, exclude=self._unset()).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
@@ -331,6 +345,29 @@ class Failure(BaseModel):
 ShardState = Literal["running", "done", "failed", "stopped"]
 
 
+class UnitScores(BaseModel):
+    """``<output>/_relit/<run>/scores/<unit>.json``: the scores of one finished unit's outputs
+    (:mod:`relit_k8s.scores`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    image: str
+    ref: str
+    #: seed (as text: JSON keys) -> how close the output's lighting is to the reference's
+    scores: dict[str, float]
+
+    def by_seed(self) -> dict[int, float]:
+        return {int(k): v for k, v in self.scores.items()}
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "score record") -> UnitScores:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise ManifestError(f"{where} is not a valid score record: {e}") from e
+
+
 class ShardReport(BaseModel):
     """``<output>/_relit/<run>/shards/<index>.json``: what one attempt at a shard did."""
 
@@ -370,3 +407,25 @@ class ShardReport(BaseModel):
             return cls.model_validate_json(data)
         except ValidationError as e:
             raise ManifestError(f"{where} is not a valid shard report: {e}") from e
+
+
+class FoldedReports(BaseModel):
+    """``<output>/_relit/<run>/folded/<writer>.json``: the final reports of the shards one
+    worker process finished (``done``: such a report never changes), kept by that process
+    alone, so that a reader of a whole run reads one object per worker instead of one report
+    per shard (:meth:`relit_k8s.run.Run.read_reports`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    writer: str
+    reports: dict[int, ShardReport] = Field(default_factory=dict)
+    #: bytes of each report as written: a report listed with another size was written again
+    sizes: dict[int, int] = Field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "folded reports") -> FoldedReports:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise ManifestError(f"{where} is not a valid summary of shard reports: {e}") from e

@@ -76,6 +76,8 @@ class PlanSettings(BaseModel):
     run_id: str | None = None
     batch_size: int | None = Field(None, ge=1, description="none: the relighter's choice")
     max_pixels: int = Field(images.DEFAULT_MAX_PIXELS, ge=1)
+    keep_top: int | None = Field(None, ge=1, description="outputs kept per pair, the best "
+                                 "scored; none: all")
 
     @field_validator("img_formats", "ref_formats")
     @classmethod
@@ -232,6 +234,9 @@ def plan(
     cls = resolve(settings.relighter)
     options = parse_options(cls, settings.options)
     cls.preflight(options, here=False)
+    if settings.keep_top is not None and not cls.scores(options):
+        raise ConfigError(f"--keep-top needs a relighter that scores its outputs (luminet, "
+                          f"with its score option on); {settings.relighter} does not")
     pairs = len(image_keys) * len(ref_keys)
     if balance is None:
         balance = "leases" if settings.balance == "auto" else settings.balance
@@ -259,6 +264,7 @@ def plan(
         relighter=RelighterSpec(name=settings.relighter, options=options.model_dump(mode="json")),
         batch_size=settings.batch_size,
         max_pixels=settings.max_pixels,
+        keep_top=settings.keep_top,
         balance=balance,
         version=LEASES_MANIFEST_VERSION if balance == "leases" else MANIFEST_VERSION,
     )
@@ -355,4 +361,6 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "units": f"{m.units} ({m.unit_size} iterations each)",
         "shards": f"{m.shards} ({per_shard}-{per_shard + (m.units % m.shards > 0)} units each)",
         "batch_size": m.batch_size or "the relighter's choice",
+        "keep_top": (f"{m.keep_top} best scored of every pair's {m.iterations}: the others "
+                     "are DELETED once the pair is finished" if m.keep_top else "all"),
     }

@@ -33,8 +33,7 @@ def remaining_units(run: Run, trust_reports: bool = False) -> list[int]:
 
     units = (u for index in range(manifest.shards) if not trusted(index)
              for u in manifest.shard_units(index))
-    return [unit.pair * manifest.units_per_pair + unit.start // manifest.unit_size
-            for unit, todo in run.missing(units) if todo]
+    return [manifest.unit_number(unit) for unit, todo in run.missing(units) if todo]
 
 
 def _ranges(units: list[int]) -> tuple[tuple[int, int], ...]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import NamedTuple
 
-from .errors import ConfigError, NotFoundError
-from .manifest import Manifest, ShardReport, Unit, pair_seeds
+from .errors import ConfigError, ManifestError, NotFoundError
+from .manifest import FoldedReports, Manifest, ShardReport, Unit, UnitScores, pair_seeds
 from .storage import META_DIR, Storage, join_key, open_storage
 
 
@@ -42,6 +45,21 @@ class RunPaths:
         return join_key(self.shards, f"{index}.json")
 
     @property
+    def folded(self) -> str:
+        """The folder of the summaries of finished reports, one per worker process
+        (:class:`~relit_k8s.manifest.FoldedReports`)."""
+        return join_key(self.prefix, "folded")
+
+    @property
+    def scores(self) -> str:
+        """The folder of the score records, one per finished unit (:mod:`relit_k8s.scores`)."""
+        return join_key(self.prefix, "scores")
+
+    def unit_scores(self, number: int) -> str:
+        """The score record of unit ``number`` (full numbering)."""
+        return join_key(self.scores, f"{number}.json")
+
+    @property
     def job(self) -> str:
         """The submission record of a run sent to Kubernetes (``kube.runs.Submission``)."""
         return join_key(self.prefix, "job.json")
@@ -56,6 +74,23 @@ class RunPaths:
     def gallery(self) -> str:
         """The folder of the run's gallery (``index.html``, ``grid.png``, ``thumbs/``)."""
         return join_key(self.prefix, "gallery")
+
+
+#: Reports and summaries a reader of a whole run reads at once.
+READ_THREADS = 32
+#: How much later than a folded report's end its report may be listed and still be that copy
+#: (the store's clock against the worker's); listed later, the shard ran again: it is read.
+CLOCK_MARGIN = timedelta(seconds=60)
+
+
+class Reports(NamedTuple):
+    """What :meth:`Run.reports` read: the reports by index, and notes for the reader."""
+
+    by_index: dict[int, ShardReport]
+    notes: list[str]
+    #: reports taken from the workers' summaries, and reports read one by one
+    folded: int
+    read: int
 
 
 @dataclass(frozen=True)
@@ -111,16 +146,80 @@ class Run:
             return None
 
     def read_reports(self) -> dict[int, ShardReport]:
-        """Every shard report written so far, by index (one listing)."""
-        folder = self.paths.shards
-        reports = {}
-        for name in self.output.list_names(folder):
+        """Every shard report written so far, by index (:meth:`reports`)."""
+        return self.reports().by_index
+
+    def reports(self) -> Reports:
+        """Every shard report written so far, in about one request per worker rather than one
+        per shard: a listing of the reports (with their times) and of the workers' summaries
+        of finished reports, the summaries, and only the reports that are in none of them or
+        were written again since (the shard ran again), read in parallel. A summary that
+        cannot be read is skipped, with a note: its shards' reports are read instead."""
+        folded, notes = self._folded()
+        listed = self.output.list_info(self.paths.shards)
+        by_index: dict[int, ShardReport] = {}
+        todo = []
+        for name, (modified, size) in listed.items():
             stem, ext = posixpath.splitext(name)
-            if ext == ".json" and stem.isdigit():
-                key = join_key(folder, name)
-                reports[int(stem)] = ShardReport.from_json(self.output.read(key),
-                                                           self.output.uri_of(key))
-        return reports
+            if ext != ".json" or not stem.isdigit():
+                continue
+            copy, copy_size = folded.get(int(stem), (None, None))
+            if copy is not None and copy.finished_at is not None and size == copy_size \
+                    and modified <= copy.finished_at + CLOCK_MARGIN:
+                by_index[int(stem)] = copy
+            else:
+                todo.append(int(stem))
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for index, report in zip(todo, pool.map(self._report_if_any, todo), strict=True):
+                if report is not None:
+                    by_index[index] = report
+        unfolded = sum(1 for i in todo if i in by_index and by_index[i].state == "done"
+                       and i not in folded)
+        if unfolded:
+            notes.append(f"{unfolded} finished shards are in no summary of finished reports "
+                         "(their workers could not write one, or predate them): their reports "
+                         "were read one by one")
+        return Reports(by_index, notes, len(by_index) - len(todo), len(todo))
+
+    def _report_if_any(self, index: int) -> ShardReport | None:
+        try:
+            return self.read_report(index)
+        except NotFoundError:
+            return None
+
+    def _folded(self) -> tuple[dict[int, tuple[ShardReport, int | None]], list[str]]:
+        """The finished reports the workers' summaries hold, with their sizes as written (the
+        newest copy of a shard finished twice), and a note per summary that cannot be read."""
+        folder = self.paths.folded
+        names = sorted(n for n in self.output.list_names(folder) if n.endswith(".json"))
+        notes: list[str] = []
+
+        def read(name: str) -> FoldedReports | None:
+            key = join_key(folder, name)
+            try:
+                return FoldedReports.from_json(self.output.read(key), self.output.uri_of(key))
+            except (ManifestError, NotFoundError) as e:
+                notes.append(f"skipped a summary of finished reports ({e}): the reports of its "
+                             "shards were read one by one")
+                return None
+
+        reports: dict[int, tuple[ShardReport, int | None]] = {}
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for summary in pool.map(read, names):
+                for index, report in (summary.reports.items() if summary else ()):
+                    old = reports.get(index)
+                    if old is None or (report.finished_at or report.updated_at) > (
+                            old[0].finished_at or old[0].updated_at):
+                        reports[index] = (report, summary.sizes.get(index) if summary else None)
+        return reports, notes
+
+    def read_unit_scores(self, number: int) -> UnitScores | None:
+        """The score record of unit ``number``, or None when the unit has none (yet)."""
+        key = self.paths.unit_scores(number)
+        try:
+            return UnitScores.from_json(self.output.read(key), self.output.uri_of(key))
+        except NotFoundError:
+            return None
 
     def existing_seeds(self, image: str, ref: str) -> set[int]:
         """The seeds of the pair (image, ref) whose outputs are written (one listing)."""
@@ -133,6 +232,8 @@ class Run:
         """Each unit with its (iteration, seed) items whose outputs are not written yet.
 
         The units of a pair are consecutive in a shard, so each pair folder is listed once.
+        With ``keep_top``, a unit whose score record holds all its seeds is finished, whatever
+        its folder lacks: its pair's lesser outputs were deleted on purpose.
         """
         m = self.manifest
         pair, existing = None, set()
@@ -141,8 +242,13 @@ class Run:
                 pair = (unit.image, unit.ref)
                 existing = self.existing_seeds(unit.image, unit.ref)
             seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
-            yield unit, [(it, seeds[it]) for it in range(unit.start, unit.stop)
-                         if seeds[it] not in existing]
+            todo = [(it, seeds[it]) for it in range(unit.start, unit.stop)
+                    if seeds[it] not in existing]
+            if todo and m.keep_top is not None:
+                record = self.read_unit_scores(m.unit_number(unit))
+                if record is not None and {s for _, s in todo} <= record.by_seed().keys():
+                    todo = []
+            yield unit, todo
 
 
 def list_runs(output: str | Storage) -> list[Run]:
@@ -156,4 +262,4 @@ def list_runs(output: str | Storage) -> list[Run]:
     return sorted(runs, key=lambda r: r.manifest.created_at)
 
 
-__all__ = ["Run", "RunPaths", "list_runs"]
+__all__ = ["Reports", "Run", "RunPaths", "list_runs"]

@@ -92,7 +92,9 @@ class WorkerSettings(BaseModel):
 
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU limit (a pod's
-    ``resources.limits.cpu``), rounded up."""
+    ``resources.limits.cpu``), rounded up, and by ``RELIT_CPU_REQUEST`` (the Job sets it to
+    the pod's CPU request through the downward API: without a limit the cgroup says nothing,
+    and a pod that asked for 4 CPUs must not size its threads for a 192-core node)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -103,6 +105,9 @@ def usable_cpus() -> int:
             cpus = min(cpus, -(-int(quota) // int(period)))
     except (OSError, ValueError):
         pass
+    request = os.environ.get("RELIT_CPU_REQUEST", "").strip()
+    if request.isdigit() and int(request) > 0:
+        cpus = min(cpus, int(request))
     return max(cpus, 1)
 
 

@@ -183,6 +183,8 @@ class RunStatus(BaseModel):
     launched_at: datetime | None = None
     balance: str = "static"
     leases: LeaseCounts | None = None
+    #: what the reader of the reports had to do otherwise (a summary it could not read)
+    notes: list[str] = Field(default_factory=list)
 
     @property
     def going(self) -> bool:
@@ -256,7 +258,8 @@ def collect(output: str | Storage | Run, run_id: str | None = None,
     """The status of ``run_id`` (the newest run when None) in ``output``, from its reports."""
     run = output if isinstance(output, Run) else Run.load(output, run_id)
     manifest = run.manifest
-    reports = run.read_reports()
+    read = run.reports()
+    reports = read.by_index
     current = now()
     shards: list[ShardStatus] = []
     for index in range(manifest.shards):
@@ -290,6 +293,7 @@ def collect(output: str | Storage | Run, run_id: str | None = None,
         failure_reasons=failure_reasons([f for sh in shards for f in sh.failures]),
         timings=_merge_timings(shards), shards_total=manifest.shards, shards=shards,
         launched_at=launched_at, balance=manifest.balance, leases=_lease_counts(run),
+        notes=read.notes,
     )
 
 

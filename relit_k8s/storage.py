@@ -19,6 +19,7 @@ import logging
 import os
 import posixpath
 import socket
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -133,12 +134,17 @@ class Storage(ABC):
         with ``after``, only the names that sort after it (see :meth:`list_modified`)."""
         return set(self.list_modified(folder, after))
 
-    @abstractmethod
     def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
         """Name -> last-modified time (UTC) of the objects directly inside ``folder``, from the
         same single listing (one request per 1,000 objects on S3); with ``after``, only the
         names that sort after it (S3 ``StartAfter``: a folder of time-ordered names is read
         from a moment on, whatever came before)."""
+        return {name: modified for name, (modified, _) in self.list_info(folder, after).items()}
+
+    @abstractmethod
+    def list_info(self, folder: str, after: str = "") -> dict[str, tuple[datetime, int]]:
+        """Name -> (last-modified time (UTC), size in bytes) of the objects directly inside
+        ``folder``: :meth:`list_modified`'s listing, with the sizes it gives too."""
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -248,11 +254,12 @@ class LocalStorage(Storage):
             for name in filenames:
                 yield name if rel == "." else f"{rel}/{name}"
 
-    def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
+    def list_info(self, folder: str, after: str = "") -> dict[str, tuple[datetime, int]]:
         path = self._path(folder) if folder else self.root
         try:
             with os.scandir(path) as it:
-                return {e.name: datetime.fromtimestamp(e.stat().st_mtime, UTC) for e in it
+                return {e.name: (datetime.fromtimestamp((st := e.stat()).st_mtime, UTC),
+                                 st.st_size) for e in it
                         if e.name > after and e.is_file() and not e.name.startswith(".")}
         except (FileNotFoundError, NotADirectoryError):
             return {}
@@ -419,15 +426,15 @@ class S3Storage(Storage):
                     if not obj["Key"].endswith("/"):
                         yield obj["Key"][strip:]
 
-    def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
+    def list_info(self, folder: str, after: str = "") -> dict[str, tuple[datetime, int]]:
         start = self._folder(folder)
-        names: dict[str, datetime] = {}
+        names: dict[str, tuple[datetime, int]] = {}
         paginator = self._client.get_paginator("list_objects_v2")
         since = {"StartAfter": start + after} if after else {}
         with _s3_errors(self.bucket, start):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/",
                                            **since):
-                names.update((o["Key"][len(start):], o["LastModified"])
+                names.update((o["Key"][len(start):], (o["LastModified"], o["Size"]))
                              for o in page.get("Contents", []))
         return {n: t for n, t in names.items() if n and not n.startswith(".")}
 
@@ -553,8 +560,30 @@ def make_s3_client(settings: S3Settings | None = None):
         if s.secret_access_key else None,
         aws_session_token=s.session_token.get_secret_value() if s.session_token else None,
     )
-    return session.client("s3", region_name=s.region, endpoint_url=s.endpoint_url,
-                          config=config)
+    client = session.client("s3", region_name=s.region, endpoint_url=s.endpoint_url,
+                            config=config)
+    client.meta.events.register("before-send.s3", _count_request)
+    return client
+
+
+class _RequestCount:
+    """HTTP requests sent to S3 by this process's clients (retries included): what
+    ``--verbose`` prints after the readers of a whole run."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.lock = threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.value += 1
+
+
+S3_REQUESTS = _RequestCount()
+
+
+def _count_request(**_kwargs: object) -> None:
+    S3_REQUESTS.add()
 
 
 class _s3_errors:

@@ -45,11 +45,22 @@ from .errors import (
 )
 from .inputs import InputLoader
 from .leases import Claim, Claimer, ClaimHooks, LeaseBook, LeaseLost, conditional_write_problem
-from .manifest import MAX_FAILURE_RECORDS, Failure, Manifest, ShardReport, Unit, now
+from .manifest import (
+    MAX_FAILURE_RECORDS,
+    Failure,
+    FoldedReports,
+    Manifest,
+    ShardReport,
+    Unit,
+    UnitScores,
+    now,
+    pair_seeds,
+)
 from .relighters import Relighter, create
 from .run import Run
+from .scores import best_seeds
 from .settings import WorkerSettings, cpu_threads
-from .storage import S3Storage, Storage, split_uri
+from .storage import S3Storage, Storage, join_key, split_uri
 
 log = logging.getLogger("relit_k8s.worker")
 
@@ -73,6 +84,11 @@ ABANDON_WRITES_SECONDS = 2.0
 ProgressFn = Callable[[int, int, int], None]  # (done, skipped, failed) increments
 
 
+def _safe_host() -> str:
+    """The host name as a key may hold it (a pod's name: letters, digits, '-', '.')."""
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:63]
+
+
 def load_manifest(uri: str) -> Manifest:
     """Read and validate the manifest at ``uri`` (local path, file:// or s3://)."""
     storage, name = split_uri(uri)
@@ -85,6 +101,28 @@ def load_manifest(uri: str) -> Manifest:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+#: What a pod that requested GPUs and sees none is told (it exits 78: a retry cannot help).
+NO_GPU = ("this pod requested {n} GPU(s) (RELIT_GPUS_EXPECTED) but torch sees no CUDA device, "
+          "so it would relight on the CPU, a thousand times slower. Likely causes: the node's "
+          "NVIDIA driver is older than the image's CUDA build needs (CUDA 13 wheels: driver "
+          "580 or newer; nvidia-smi on the node tells); the NVIDIA container runtime is not "
+          "the node's default (k3s, RKE2, some GPU Operator set-ups: submit with "
+          "--runtime-class nvidia); the device plugin is missing or unhealthy; or the image is "
+          "the CPU build. torch {torch} (CUDA build: {cuda}).")
+
+
+def check_expected_gpus(device: str | None = None) -> None:
+    """A pod that requested GPUs fails closed: :class:`ConfigError` when the Job says it asked
+    for some (``RELIT_GPUS_EXPECTED``) and torch sees none, unless ``--device cpu`` says the
+    CPU is meant."""
+    expected = os.environ.get("RELIT_GPUS_EXPECTED", "").strip()
+    if not expected.isdigit() or int(expected) == 0 or device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(NO_GPU.format(n=expected, torch=torch.__version__,
+                                        cuda=torch.version.cuda or "none"))
 
 
 def device_label(device: str) -> str:
@@ -128,9 +166,25 @@ class _Cache:
 
 @dataclass
 class _PairWork:
-    image: str
-    ref: str
+    """One unit of a shard: its pair, the items to make, and (with a relighter that scores)
+    what its score record gathers."""
+
+    unit: Unit
     todo: list[tuple[int, int]] = field(default_factory=list)  # (iteration, seed)
+    skipped: list[int] = field(default_factory=list)  # seeds written before this pass
+    #: the reference's code for the relighter's selector (computed once the pair is relit)
+    code: torch.Tensor | None = None
+    scores: dict[int, float] = field(default_factory=dict)  # seed -> score of this pass
+    pending: int = 0  # items of ``todo`` not yet written or failed
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def image(self) -> str:
+        return self.unit.image
+
+    @property
+    def ref(self) -> str:
+        return self.unit.ref
 
 
 class _Timer:
@@ -183,6 +237,8 @@ class _Reporter:
         #: outputs being written now (:meth:`writing`), and whether no more may be (:meth:`close`)
         self._writing, self._closed = 0, False
         self._landed = threading.Condition(self.lock)
+        #: bytes of the report's last write (its summary copy is known by them)
+        self.size = 0
 
     def start(self) -> None:
         self.write()
@@ -237,6 +293,7 @@ class _Reporter:
             elapsed = time.monotonic() - self._started
             r.items_per_second = round(r.items_done / elapsed, 3) if elapsed > 0 else None
             data = r.model_dump_json(indent=1).encode()
+            self.size = len(data)
         if self.book is None:
             self.storage.write(self.key, data)
             return
@@ -399,6 +456,9 @@ class ShardRunner:
         self._reporter: _Reporter | None = None
         #: items finished and seconds spent on the shards this runner finished (its rate)
         self._items, self._seconds = 0, 0.0
+        #: the final reports of the shards this process finished, kept in one object of its
+        #: own for the readers of the whole run (Run.reports): one read per worker, not per shard
+        self._folded = FoldedReports(writer=f"{_safe_host()}-{os.getpid()}-{os.urandom(4).hex()}")
 
     # --- running -----------------------------------------------------------------------------
     def run(self, index: int, lease: tuple[LeaseBook, Claim] | None = None,
@@ -460,6 +520,7 @@ class ShardRunner:
         report.finish("done", exit_code=EXIT_OK)
         self._let_go(report, done=True)
         r = report.report
+        self._fold(r, report.size)
         if r.items_done:  # skipped items are quick: they would overstate the rate
             self._items += r.items_done
             self._seconds += time.monotonic() - report._started
@@ -470,6 +531,18 @@ class ShardRunner:
                      "failed": r.items_failed, "total": r.items_total,
                      "items_per_second": r.items_per_second, "timings": r.timings}})
         return r
+
+    def _fold(self, report: ShardReport, size: int) -> None:
+        """Add a finished shard's report to this process's summary and write it (only this
+        process writes it: nothing to merge, nothing lost). A summary not written costs the
+        readers one more request per shard, no more: they read the report itself."""
+        self._folded.reports[report.index] = report.model_copy(deep=True)
+        self._folded.sizes[report.index] = size
+        key = join_key(self.relit_run.paths.folded, f"{self._folded.writer}.json")
+        try:
+            self.output.write(key, self._folded.model_dump_json().encode())
+        except RelitError as e:
+            log.warning("could not write the summary of finished reports %s: %s", key, e)
 
     @staticmethod
     def _let_go(report: _Reporter, done: bool) -> None:
@@ -580,6 +653,9 @@ class _ShardPass:
         self.manifest, self.relighter = runner.manifest, runner.relighter
         self.loader, self.output, self.stop = runner.loader, runner.output, runner.stop
         self.errors: list[BaseException] = []  # from the write threads: they end the pass
+        #: scores every output as it is written (:mod:`relit_k8s.scores`), if the relighter can
+        self.selector = runner.relighter.selector
+        self._codes: OrderedDict[str, torch.Tensor] = OrderedDict()  # reference -> its code
         self.backlog = _Backlog(runner.settings.write_backlog_bytes)
 
     def _timed(self, what: str) -> _Timer:
@@ -609,7 +685,11 @@ class _ShardPass:
                 self.runner.output.remove_partial_writes(
                     m.pair_folder(unit.image, unit.ref),
                     [posixpath.basename(m.output_key(unit.image, unit.ref, s)) for _, s in todo])
-                yield _PairWork(unit.image, unit.ref, todo)
+            if todo or (skipped and self.selector is not None):
+                making = {s for _, s in todo}
+                seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
+                yield _PairWork(unit, todo, [seeds[i] for i in range(unit.start, unit.stop)
+                                             if seeds[i] not in making], pending=len(todo))
 
     def run(self, units: list[Unit]) -> None:
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="relit-decode") as decode, \
@@ -624,6 +704,8 @@ class _ShardPass:
             window: list[_PairWork] = []
             for w in self._pairs(units):
                 window.append(w)
+                if not w.todo:  # only its score record to complete
+                    continue
                 self.images.get(w.image)  # prefetch
                 self.refs.get(w.ref)
                 if self.normals:
@@ -646,12 +728,28 @@ class _ShardPass:
         if self.errors:
             raise self.errors[0]
 
+    def _reference_code(self, key: str, ref: torch.Tensor) -> torch.Tensor:
+        assert self.selector is not None
+        code = self._codes.get(key)
+        if code is None:
+            with self._timed("score"):
+                code = self.selector.reference_code(ref.permute(1, 2, 0).numpy())
+            self._codes[key] = code
+            while len(self._codes) > 4096:  # codes are 16 floats; references recur
+                self._codes.popitem(last=False)
+        return code
+
     def _relight_pair(self, w: _PairWork) -> None:
         self._raise_write_error()
         self._raise_if_stopped()
+        if not w.todo:
+            self._finish_unit(w)
+            return
         try:
             image = self.images.get(w.image).result()
             ref = self.refs.get(w.ref).result()
+            if self.selector is not None:
+                w.code = self._reference_code(w.ref, ref)
             normals = self.normals.get(w.image).result() if self.normals else None
             if normals is not None and normals.shape != image.shape:
                 raise ItemError(f"its normal map is {normals.shape[2]}x{normals.shape[1]}, the "
@@ -659,6 +757,7 @@ class _ShardPass:
                                 "same size", key=w.image)
         except ItemError as e:
             self._fail(w, w.todo, e)
+            self._settled(w, len(w.todo))
             return
         dev = self.relighter.device
         image_d = image.to(dev, non_blocking=True)
@@ -682,6 +781,7 @@ class _ShardPass:
                                     f"{len(batch)} seeds of a {tuple(image.shape)} image")
             except ItemError as e:
                 self._fail(w, batch, e)
+                self._settled(w, len(batch))
                 continue
             except (Stopped, MemoryError, torch.OutOfMemoryError):
                 raise
@@ -691,31 +791,115 @@ class _ShardPass:
                     raise
                 log.exception("relighter failed on %s x %s", w.image, w.ref)
                 self._fail(w, batch, e)
+                self._settled(w, len(batch))
                 continue
             self.runner.unexpected_in_a_row = 0
             for (it, seed), px in zip(batch, pixels, strict=True):
                 self.backlog.take(px.nbytes)
                 key = self.manifest.output_key(w.image, w.ref, seed)
-                fut = self.write_pool.submit(self._write_one, key, px)
+                fut = self.write_pool.submit(self._write_one, key, px, w, seed)
                 fut.add_done_callback(functools.partial(self._written, w=w, it=it, seed=seed,
                                                         nbytes=px.nbytes))
 
-    def _write_one(self, key: str, pixels: np.ndarray) -> None:
+    def _write_one(self, key: str, pixels: np.ndarray, w: _PairWork, seed: int) -> None:
         with self._timed("encode"):
             data = images.encode(pixels, key, self.runner.settings.png_level)
+        score = None
+        if self.selector is not None and w.code is not None:
+            with self._timed("score"):  # the bytes written: a re-score of the file agrees
+                score = self.selector.score(data, key, w.code)
         with self._timed("write"), self.report.writing():
             self.output.write(key, data)
+        if score is not None:
+            with w.lock:
+                w.scores[seed] = score
 
     def _written(self, fut: Future[None], *, w: _PairWork, it: int, seed: int,
                  nbytes: int) -> None:
         self.backlog.give(nbytes)
         exc = fut.exception()  # a written output was counted by _write_one
-        if exc is None:
-            return
         if isinstance(exc, ItemError):
             self._fail(w, [(it, seed)], exc)
-        else:
+        elif exc is not None:
             self.errors.append(exc)
+            return  # the pass ends: the unit is not finished
+        self._settled(w, 1)
+
+    def _settled(self, w: _PairWork, n: int) -> None:
+        """``n`` items of ``w`` are written or failed; the last one finishes the unit."""
+        with w.lock:
+            w.pending -= n
+            last = w.pending == 0
+        if last:
+            try:
+                self._finish_unit(w)
+            except BaseException as e:  # noqa: BLE001 - ends the pass, as a failed write does
+                self.errors.append(e)
+
+    def _finish_unit(self, w: _PairWork) -> None:
+        """Write the unit's score record (with a relighter that scores): this pass's scores,
+        and those of the outputs it skipped, from the record an earlier attempt wrote or, where
+        it has none, scored from the files. With ``keep_top``, then prune the pair."""
+        if self.selector is None:
+            return
+        m, out, run = self.manifest, self.output, self.runner.relit_run
+        number = m.unit_number(w.unit)
+        found: dict[int, float] = {}
+        if w.skipped:
+            old = run.read_unit_scores(number)
+            found = old.by_seed() if old else {}
+            unscored = [s for s in w.skipped if s not in found]
+            if not unscored and not w.scores:
+                return  # the record is complete already
+            if unscored and w.code is None:  # (on the main thread: it reads the cache)
+                try:
+                    w.code = self._reference_code(w.ref, self.refs.get(w.ref).result())
+                except ItemError:  # its items failed for it: nothing to score against
+                    return
+            for seed in unscored:
+                key = m.output_key(w.image, w.ref, seed)
+                try:
+                    data = out.read(key)
+                except NotFoundError:  # removed since the listing: the next attempt makes it
+                    continue
+                assert w.code is not None
+                with self._timed("score"):
+                    found[seed] = self.selector.score(data, key, w.code)
+        with w.lock:
+            found.update(w.scores)
+        record = UnitScores(image=w.image, ref=w.ref,
+                            scores={str(k): v for k, v in sorted(found.items())})
+        out.write(run.paths.unit_scores(number), record.model_dump_json().encode())
+        if m.keep_top is not None:
+            self._keep_top(w.unit, found)
+
+    def _keep_top(self, unit: Unit, scored: dict[int, float]) -> None:
+        """``--keep-top K``: once every seed of the unit's pair is written and scored (all its
+        units have their records), delete the pair's outputs but the K best. Deleting is
+        idempotent, so two units finishing a pair at once both may; a pair with a failed
+        item keeps all its outputs."""
+        m, run = self.manifest, self.runner.relit_run
+        first = unit.pair * m.units_per_pair
+        this = m.unit_number(unit)
+        found = dict(scored)
+        for number in range(first, first + m.units_per_pair):
+            if number == this:
+                continue
+            record = run.read_unit_scores(number)
+            if record is None:
+                return  # the pair is not finished yet: its last unit prunes it
+            found.update(record.by_seed())
+        seeds = pair_seeds(m.base_seed, unit.image, unit.ref, m.iterations)
+        if not set(seeds) <= found.keys():
+            return
+        assert m.keep_top is not None
+        keep = {s for s, _ in best_seeds(m, unit.image, unit.ref, found, m.keep_top)}
+        for seed in seeds:
+            if seed not in keep:
+                self.output.delete(m.output_key(unit.image, unit.ref, seed))
+        log.info("%s x %s: kept the %d best of %d outputs", unit.image, unit.ref, len(keep),
+                 len(seeds), extra={"event": "kept_top", "fields": {
+                     "image": unit.image, "ref": unit.ref, "kept": sorted(keep)}})
 
     def _fail(self, w: _PairWork, items: list[tuple[int, int]], exc: Exception) -> None:
         log.warning("failed %s x %s (%d items): %s", w.image, w.ref, len(items), exc,

@@ -9,6 +9,13 @@ behave as the kubelet's do: 400 ``is waiting to start`` while the container wait
 empty answer while the pod has no node. The official ``kubernetes`` client
 talks to it over HTTP through an ordinary kubeconfig, so request building, label selectors,
 serialisation and error mapping are exercised for real. It records every request.
+
+The API server's rules it enforces (the others are checked against the official schemas in
+test_kube.py): 409 on a second create of a Job; on a patch, ``completions`` changes only
+together with ``parallelism`` while they are equal (elastic Indexed Jobs), and
+``maxFailedIndexes <= completions`` (``validateJobSpec`` runs on every update); 404 for a
+namespace or Job that is not there. Fields it does not know (``successPolicy``) are stored as
+given.
 """
 
 from __future__ import annotations
@@ -223,6 +230,14 @@ class FakeApiServer:
                         return self._send(422, _status(
                             422, "Invalid", f'Job.batch "{name}" is invalid: spec.completions: '
                             "Invalid value: field is immutable"))
+                    merged = {**spec, **change}
+                    if (merged.get("maxFailedIndexes") or 0) > merged["completions"]:
+                        # validateJobSpec, on create and on every update
+                        return self._send(422, _status(
+                            422, "Invalid", f'Job.batch "{name}" is invalid: '
+                            f"spec.maxFailedIndexes: Invalid value: "
+                            f"{merged['maxFailedIndexes']}: must be less than or equal to "
+                            "completions"))
                     spec.update(change)
                     return self._send(200, job)
                 if method == "DELETE":

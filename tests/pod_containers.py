@@ -7,8 +7,9 @@ documentation in test_kube.py). What is carried over, field by field:
 
 * ``command`` / ``args`` -> the entrypoint and its arguments; ``env`` with ``secretKeyRef``
   values taken from the given Secrets (a missing one fails, as the kubelet's
-  ``CreateContainerConfigError`` would); ``JOB_COMPLETION_INDEX`` per index, as the controller
-  sets it;
+  ``CreateContainerConfigError`` would) and ``resourceFieldRef`` values from the container's
+  resources (divided by the divisor, rounded up, as the kubelet does); ``JOB_COMPLETION_INDEX``
+  per index, as the controller sets it;
 * ``securityContext``: ``runAsUser``/``runAsGroup`` (and ``runAsNonRoot`` checked),
   ``fsGroup`` as a supplementary group, ``readOnlyRootFilesystem``, ``capabilities``,
   ``allowPrivilegeEscalation: false`` (no-new-privileges), seccomp ``RuntimeDefault`` (the
@@ -25,6 +26,7 @@ The containers use the host network: the S3 endpoint of the tests is on 127.0.0.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -165,6 +167,12 @@ def pod_for_index(job: dict[str, Any], index: int, secrets: dict[str, dict[str, 
     for var in container.get("env") or []:
         if "value" in var:
             variables[var["name"]] = var["value"]
+        elif "resourceFieldRef" in var["valueFrom"]:  # the downward API, as the kubelet does
+            field_ref = var["valueFrom"]["resourceFieldRef"]
+            kind, _, resource = field_ref["resource"].partition(".")
+            amount = quantity(((container.get("resources") or {}).get(kind) or {})[resource])
+            divisor = quantity(field_ref.get("divisor", "1"))
+            variables[var["name"]] = str(math.ceil(amount / divisor))  # rounded up
         else:
             ref = var["valueFrom"]["secretKeyRef"]
             variables[var["name"]] = secrets[ref["name"]][ref["key"]]

@@ -112,7 +112,7 @@ def test_the_container_runs_the_worker_with_the_manifest_and_s3_settings():
     assert cpu_env["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert "NVIDIA_VISIBLE_DEVICES" not in env  # GPU pods: the device plugin decides
     no_secret = build_job(manifest(), "u", CPU.model_copy(update={"s3_secret": None}))
-    assert not any("valueFrom" in e for e in
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in
                    no_secret["spec"]["template"]["spec"]["containers"][0]["env"])
 
 
@@ -748,3 +748,101 @@ def test_scale_changes_only_parallelism_of_a_static_job(s3_data, fake_api):
     assert (spec["completions"], spec["parallelism"]) == (8, 6)
     missing = cli("scale", "relit-nope", "--parallelism", "6", "--namespace", "relit")
     assert missing.returncode != 0 and "no Job relit-nope" in missing.stderr
+
+
+# --- Kubernetes truths, round two --------------------------------------------------------------
+def test_a_gpu_pod_that_sees_no_cuda_device_exits_78_naming_the_likely_causes(tmp_path):
+    """This machine's torch is the CPU build: a pod that requested a GPU would relight on the
+    CPU, a thousand times slower, unnoticed; it fails closed instead (78: FailJob)."""
+    env = {e["name"]: e.get("value") for e in
+           build_job(manifest(), "u", GPU)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RELIT_GPUS_EXPECTED"] == "1"
+    cpu_env = {e["name"] for e in
+               build_job(manifest(), "u", CPU)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "RELIT_GPUS_EXPECTED" not in cpu_env
+    result = cli("worker", "--manifest", str(tmp_path / "none.json"), "--index", "0",
+                 env={"RELIT_GPUS_EXPECTED": "1"})
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 78, result.stderr
+    assert "requested 1 GPU(s)" in said and "driver 580 or newer" in said
+    assert "--runtime-class nvidia" in said and "device plugin" in said
+    # --device cpu says the CPU is meant: then the manifest is what is missing
+    meant = cli("worker", "--manifest", str(tmp_path / "none.json"), "--index", "0",
+                "--device", "cpu", env={"RELIT_GPUS_EXPECTED": "1"})
+    assert meant.returncode == 78 and "no manifest" in meant.stderr
+
+
+def test_the_runtime_class_and_openshift_ids_are_set_when_asked():
+    job = build_job(manifest(), "u", GPU.model_copy(update={"runtime_class": "nvidia",
+                                                            "fixed_ids": False}))
+    validate_strict(job)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    for context in (pod["securityContext"], pod["containers"][0]["securityContext"]):
+        assert context["runAsNonRoot"] is True  # the SCC's uid is not 0
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & context.keys()
+    fixed = build_job(manifest(), "u", GPU)["spec"]["template"]["spec"]
+    assert fixed["securityContext"]["runAsUser"] == 10001 and "runtimeClassName" not in fixed
+
+
+def test_a_leases_job_succeeds_with_its_first_worker_done_whatever_a_failed_index_says():
+    leases = build_job(manifest(balance="leases"), "u", GPU)
+    validate_strict(leases)
+    assert leases["spec"]["successPolicy"] == {"rules": [{"succeededCount": 1}]}
+    assert "successPolicy" not in build_job(manifest(), "u", GPU)["spec"]  # static: every index
+
+
+def test_threads_follow_the_cpu_request_and_disk_is_requested_for_the_empty_dirs(monkeypatch):
+    from relit_k8s.settings import usable_cpus
+
+    job = build_job(manifest(), "u", GPU)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    ref = next(e for e in container["env"] if e["name"] == "RELIT_CPU_REQUEST")
+    assert ref["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "worker", "resource": "requests.cpu", "divisor": "1"}
+    assert container["resources"]["requests"]["ephemeral-storage"] == "60Gi"  # 10Gi + 50Gi
+    host = build_job(manifest(), "u", GPU.model_copy(update={"cache_host_path": "/var/relit"}))
+    assert host["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"][
+        "ephemeral-storage"] == "10Gi"  # the cache is not an emptyDir there
+    monkeypatch.setenv("RELIT_CPU_REQUEST", "1")
+    assert usable_cpus() == 1  # however many cores this node has
+
+
+def test_quantities_add_up_across_units():
+    from relit_k8s.kube.job import add_quantities
+
+    assert add_quantities("10Gi", "50Gi") == "60Gi"
+    assert add_quantities("512Mi", "1Gi") == "1536Mi"
+    assert add_quantities("1G", "1Gi") == f"{-(-(10**9 + 2**30) // 2**20)}Mi"
+
+
+def test_tolerations_add_to_the_gpu_one_and_static_shards_take_one_gpu_a_pod():
+    mine = parse_toleration("team=ml:NoSchedule")
+    pod = build_job(manifest(), "u", GPU.model_copy(update={"tolerations": (mine,)}))
+    tolerations = pod["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert mine in tolerations and len(tolerations) == 2
+    with pytest.raises(ConfigError, match="one shard on one GPU"):
+        build_job(manifest(), "u", GPU.model_copy(update={"gpus_per_pod": 2}))
+    two = build_job(manifest(balance="leases"), "u", GPU.model_copy(update={"gpus_per_pod": 2}))
+    assert two["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"] == "2"
+
+
+def test_scale_below_max_failed_indexes_keeps_the_job_valid_and_warns_of_kueue(s3_data,
+                                                                              fake_api):
+    """The API server refuses maxFailedIndexes > completions on every update (the fake one
+    too): scaling a 40-worker Job (maxFailedIndexes 4) down to 3 lowers it with them."""
+    from relit_k8s.kube.runs import queued_warning
+
+    cli(*submit_args(s3_data, "--parallelism", "8", "--max-failed-indexes", "4"), check=True)
+    [(ns, name)] = list(fake_api.jobs)
+    spec = fake_api.jobs[(ns, name)]["spec"]
+    assert spec["maxFailedIndexes"] == 4
+    scaled = cli("scale", name, "--parallelism", "3", "--namespace", "relit")
+    assert scaled.returncode == 0, scaled.stderr
+    assert (spec["completions"], spec["parallelism"], spec["maxFailedIndexes"]) == (3, 3, 3)
+    assert "Kueue" not in scaled.stderr  # not queued
+    queued = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}}
+    assert "suspends the Job and queues it again" in queued_warning(queued)
+    assert queued_warning({"metadata": {"labels": {}}}) is None

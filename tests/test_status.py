@@ -80,3 +80,93 @@ def test_watch_waits_for_a_starting_attempt_and_leaves_an_ended_run(tmp_path):
     run.output.write(run.paths.report(1), report.model_dump_json().encode())
     stdout, _ = watch.communicate(timeout=60)  # they reported: the run is done, watch ends
     assert watch.returncode == 0 and "done" in stdout
+
+
+# --- summaries of finished reports: status in about one read per worker ----------------------
+def finished_run(tmp_path, workers: int = 2, shards: int = 12):
+    """A real run of ``workers`` processes (they claim and finish shards at once, each folding
+    its finished reports into its own summary), and its Run."""
+    from conftest import EXAMPLES, cli
+
+    from relit_k8s.run import Run
+
+    out = tmp_path / "out"
+    cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
+        "--output", str(out), "--iterations", "4", "--workers", str(workers), "--shards",
+        str(shards), "--no-progress", check=True)
+    return Run.load(str(out))
+
+
+def test_workers_finishing_shards_at_once_fold_every_report_and_status_reads_no_report(
+        tmp_path):
+    run = finished_run(tmp_path)
+    summaries = run.output.list_names(run.paths.folded)
+    assert len(summaries) == 2  # one per worker process: no two writers share an object
+    read = run.reports()
+    assert read.folded == 12 and read.read == 0 and not read.notes
+    one_by_one = {i: run.read_report(i) for i in range(12)}
+    assert read.by_index == one_by_one  # the same reports, field for field
+    status = collect(run)
+    assert status.items_done == run.manifest.items and status.state == "done"
+
+
+def test_a_corrupt_or_missing_summary_makes_status_read_the_reports_and_say_so(tmp_path):
+    run = finished_run(tmp_path)
+    before = collect(run).model_dump(exclude={"notes"})
+    first, second = sorted(run.output.list_names(run.paths.folded))
+    run.output.write(f"{run.paths.folded}/{first}", b"{not json")
+    status = collect(run)
+    assert status.model_dump(exclude={"notes"}) == before
+    assert any("skipped a summary" in n for n in status.notes)
+    assert any("read one by one" in n for n in status.notes)
+    run.output.delete(f"{run.paths.folded}/{first}")
+    run.output.delete(f"{run.paths.folded}/{second}")
+    status = collect(run)  # no summary at all: every report is read
+    assert status.model_dump(exclude={"notes"}) == before
+    assert status.notes == ["12 finished shards are in no summary of finished reports "
+                            "(their workers could not write one, or predate them): their "
+                            "reports were read one by one"]
+    assert run.reports().read == 12
+
+
+def test_a_shard_run_again_is_read_from_its_report_not_its_old_summary(tmp_path):
+    run = finished_run(tmp_path)
+    again = run.read_report(3).model_copy(update={"state": "running", "attempt": 2,
+                                                   "finished_at": None, "updated_at": now()})
+    run.output.write(run.paths.report(3), again.model_dump_json(indent=1).encode())
+    read = run.reports()
+    assert read.by_index[3].state == "running" and read.read == 1 and read.folded == 11
+    assert collect(run).state == "running"
+
+
+def test_a_large_runs_table_lists_the_shards_at_work_and_counts_the_rest(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from relit_k8s.console import SHARD_ROWS, status_view
+
+    states = ["done"] * 50 + ["running", "failed"] + ["pending"] * 10
+    status = collect(a_run_of(tmp_path, states))
+    buffer = StringIO()
+    Console(file=buffer, width=120).print(status_view(status))
+    text = buffer.getvalue()
+    assert len(status.shards) > SHARD_ROWS
+    assert "2 of 62 shards shown; not shown: 50 done, 10 pending" in text
+    assert text.count("running") >= 1 and " failed " in text
+
+
+def a_run_of(tmp_path, states: list[str]):
+    settings = PlanSettings(input=str(tmp_path / "in"), refs=str(tmp_path / "refs"),
+                            output=str(tmp_path / "out"), iterations=len(states),
+                            shards=len(states))
+    run = write_run(plan(settings, ["a.jpg"], ["r.hdr"]))
+    then = now() - timedelta(seconds=5)
+    for index, state in enumerate(states):
+        if state == "pending":
+            continue
+        report = ShardReport(run_id=run.run_id, index=index, state=state,
+                             items_total=run.manifest.shard_items(index), started_at=then,
+                             updated_at=then, host="h", device="cpu", relighter="sh")
+        run.output.write(run.paths.report(index), report.model_dump_json().encode())
+    return run

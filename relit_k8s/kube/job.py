@@ -76,8 +76,9 @@ class JobSettings(BaseModel):
     termination_grace_seconds: int = Field(
         120, ge=1, description="pod grace period; the worker saves its report well within it")
     node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] | None = Field(
-        None, description="None: the nvidia.com/gpu NoSchedule toleration when GPUs are used")
+    tolerations: tuple[dict[str, Any], ...] = Field(
+        (), description="added to the nvidia.com/gpu NoSchedule toleration the pods have when "
+        "they request GPUs")
     priority_class: str | None = None
     service_account: str | None = Field(None, description="pods need no API access")
     queue: str | None = Field(None, description="Kueue LocalQueue name")
@@ -89,6 +90,12 @@ class JobSettings(BaseModel):
     cache_host_path: str | None = Field(
         None, description="opt-in: a node directory as the model cache, shared by the pods of "
         "a node (hostPath)")
+    runtime_class: str | None = Field(
+        None, description="runtimeClassName of the pods (nvidia on k3s, RKE2 and GPU Operator "
+        "set-ups where the NVIDIA runtime is not the node's default)")
+    fixed_ids: bool = Field(
+        True, description="run as uid/gid 10001 (fsGroup too); off on OpenShift, whose "
+        "restricted-v2 SCC assigns the namespace's own range (the image runs as any uid)")
 
     @field_validator("cpu", "memory", "tmp_size", "cache_size", "shm_size", "cpu_limit")
     @classmethod
@@ -96,6 +103,11 @@ class JobSettings(BaseModel):
         if v is not None and not _QUANTITY.match(v):
             raise ValueError(f"{v!r} is not a Kubernetes quantity (like 500m, 4, 16Gi)")
         return v
+
+    @field_validator("tolerations", mode="before")
+    @classmethod
+    def _no_tolerations(cls, v: Any) -> Any:
+        return () if v is None else v  # submission records of before 0.3 wrote null
 
     @field_validator("queue")
     @classmethod
@@ -142,7 +154,7 @@ class JobSettings(BaseModel):
             fields["s3_secret"] = fields["s3_secret"] or None  # '': pod identity
         try:
             return cls(node_selector=selectors, tolerations=tuple(
-                parse_toleration(t) for t in toleration) if toleration else None, **fields)
+                parse_toleration(t) for t in toleration) if toleration else (), **fields)
         except ValidationError as e:
             raise ConfigError("; ".join(
                 f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}"
@@ -194,6 +206,26 @@ def parse_toleration(text: str) -> dict[str, Any]:
     if effect:
         tol["effect"] = effect
     return tol
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def add_quantities(*quantities: str) -> str:
+    """The sum of byte quantities (``10Gi`` + ``50Gi`` = ``60Gi``), in Mi when they do not all
+    share one binary unit."""
+    amounts = []
+    for q in quantities:
+        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kMGTPE]i?)?", q)
+        if m is None:
+            raise ConfigError(f"{q!r} is not a byte quantity (like 10Gi)")
+        amounts.append((float(m.group(1)), m.group(2) or ""))
+    units = {u for _, u in amounts}
+    if len(units) == 1 and all(a.is_integer() for a, _ in amounts):
+        return f"{int(sum(a for a, _ in amounts))}{units.pop()}"
+    total = sum(a * _UNITS[u] for a, u in amounts)
+    return f"{-(-int(total) // 2**20)}Mi"
 
 
 def job_name(manifest: Manifest) -> str:
@@ -270,8 +302,20 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         limits["cpu"] = s.cpu_limit
     if s.gpus_per_pod:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(s.gpus_per_pod)
-    tolerations = list(s.tolerations) if s.tolerations is not None else (
-        [dict(GPU_TOLERATION)] if s.gpus_per_pod else [])
+    tolerations = ([dict(GPU_TOLERATION)] if s.gpus_per_pod else []) + [
+        t for t in s.tolerations if t != GPU_TOLERATION]
+    if s.gpus_per_pod:
+        # a GPU pod that sees no CUDA device exits 78 instead of relighting on the CPU
+        env.append({"name": "RELIT_GPUS_EXPECTED", "value": str(s.gpus_per_pod)})
+    # torch and the worker's thread pools size themselves from the CPU request, not from the
+    # node's cores (without a CPU limit the cgroup does not say): the downward API gives it,
+    # rounded up to whole cores
+    env.append({"name": "RELIT_CPU_REQUEST", "valueFrom": {"resourceFieldRef": {
+        "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}}})
+    # the disk emptyDirs are node disk: the scheduler must count them (and the kubelet then
+    # evicts a pod that outgrows them, rather than a node running out of disk)
+    requests["ephemeral-storage"] = add_quantities(
+        s.tmp_size, *([] if s.cache_host_path else [s.cache_size]))
     cache_volume: dict[str, Any] = (
         {"name": "model-cache", "hostPath": {"path": s.cache_host_path,
                                              "type": "DirectoryOrCreate"}}
@@ -288,8 +332,7 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         "resources": {"requests": requests, "limits": limits},
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
+            **({"runAsUser": UID, "runAsGroup": UID} if s.fixed_ids else {}),
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "privileged": False,
@@ -309,9 +352,7 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
+            **({"runAsUser": UID, "runAsGroup": UID, "fsGroup": UID} if s.fixed_ids else {}),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -329,8 +370,14 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         pod_spec["tolerations"] = tolerations
     if s.priority_class:
         pod_spec["priorityClassName"] = s.priority_class
+    if s.runtime_class:
+        pod_spec["runtimeClassName"] = s.runtime_class
     if s.image_pull_secret:
         pod_spec["imagePullSecrets"] = [{"name": s.image_pull_secret}]
+    if s.gpus_per_pod > 1 and manifest.balance == "static":
+        raise ConfigError(f"--gpus-per-pod {s.gpus_per_pod} with static shards: a pod runs its "
+                          "one shard on one GPU and would hold the others idle; use leases "
+                          "(a pod runs a worker per GPU), or --gpus-per-pod 1")
     indexes = job_indexes(manifest, s.parallelism)
     if manifest.balance == "leases":
         # the claim order of worker i: its own shards (i, i + workers, ...) first
@@ -359,6 +406,11 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
             "spec": pod_spec,
         },
     }
+    if manifest.balance == "leases":
+        # a leases worker exits 0 only once every shard is finished: one success is the run
+        # done, whatever an index that failed for good says (without this rule the Job ends
+        # Failed, FailedIndexes); the controller then ends the pods still running
+        spec["successPolicy"] = {"rules": [{"succeededCount": 1}]}
     if s.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = s.active_deadline_seconds
     if s.ttl_seconds_after_finished is not None:

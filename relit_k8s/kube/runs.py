@@ -20,7 +20,7 @@ from ..errors import ConfigError, NotFoundError, RelitError
 from ..manifest import Manifest, now
 from ..run import Run
 from ..status import JOB_ENDED, JobCondition, JobEvent, JobSummary
-from .job import JobSettings, build_job, job_name
+from .job import QUEUE_LABEL, JobSettings, build_job, job_name
 
 
 class Submission(BaseModel):
@@ -236,9 +236,9 @@ def add_job_details(cluster, job: dict[str, Any], summary: JobSummary) -> None:
     summary.details_error = "; ".join(problems) or None
 
 
-def scale(cluster, run_id: str, parallelism: int) -> tuple[int, int, bool]:
+def scale(cluster, run_id: str, parallelism: int) -> tuple[int, int, bool, str | None]:
     """Change how many pods of a running Job work at once; returns (parallelism before,
-    after, whether completions changed with it).
+    after, whether completions changed with it, a warning for a Job Kueue admits).
 
     With leases (``completions`` = ``parallelism``: one index per worker) both change
     together, an elastic Indexed Job: new indexes start workers that claim what is left, and
@@ -260,5 +260,21 @@ def scale(cluster, run_id: str, parallelism: int) -> tuple[int, int, bool]:
     change: dict[str, Any] = {"parallelism": parallelism}
     if leases:
         change["completions"] = parallelism
+        # the API server requires maxFailedIndexes <= completions on every update
+        if int(spec.get("maxFailedIndexes") or 0) > parallelism:
+            change["maxFailedIndexes"] = parallelism
     after = cluster.patch_job_spec(run_id, change)["spec"]
-    return int(spec.get("parallelism") or 1), int(after["parallelism"]), leases
+    return (int(spec.get("parallelism") or 1), int(after["parallelism"]), leases,
+            queued_warning(job))
+
+
+def queued_warning(job: dict[str, Any] | None) -> str | None:
+    """What ``scale`` says of a Job that Kueue admits: Kueue suspends and queues again a Job
+    whose parallelism changes, unless its elastic-jobs feature is on for it."""
+    labels = ((job or {}).get("metadata") or {}).get("labels") or {}
+    if QUEUE_LABEL not in labels:
+        return None
+    return (f"the Job is queued by Kueue ({QUEUE_LABEL}={labels[QUEUE_LABEL]}): unless this "
+            "Kueue supports elastic Jobs (workload slices, KEP-77) and has them on for it, it "
+            "suspends the Job and queues it again with the new size: its pods stop (their "
+            "shards are released) and start again once it is admitted")

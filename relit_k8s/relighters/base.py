@@ -19,7 +19,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +36,17 @@ BUILTINS: dict[str, str] = {
     "diffusion": "relit_k8s.relighters.diffusion:DiffusionRelighter",
     "luminet": "relit_k8s.relighters.luminet:LuminetRelighter",
 }
+
+
+class Scorer(Protocol):
+    """What the worker asks of a relighter's ``selector``."""
+
+    def reference_code(self, pixels: np.ndarray) -> torch.Tensor:
+        """What a reference (``H x W x 3``, as :meth:`Relighter.reference_pixels` made it) is
+        compared by; computed once per reference."""
+
+    def score(self, data: bytes, name: str, reference: torch.Tensor) -> float:
+        """The score of a written output (its bytes and name): higher is closer."""
 
 
 class RelighterOptions(BaseModel):
@@ -72,6 +83,10 @@ class Relighter(ABC):
     #: calls take long checks it with :meth:`raise_if_stopped` between steps, so that a stop
     #: need not wait for the whole call (the unfinished batch is redone by the next attempt).
     stop_event: threading.Event | None = None
+    #: Set by a relighter that can score how close an output's lighting is to its reference
+    #: (``luminet``: LumiNet's seed selector): the worker then records a score for every
+    #: output it writes (:mod:`relit_k8s.scores`; ``relit-k8s select`` ranks by it).
+    selector: Scorer | None = None
 
     def __init__(self, options: RelighterOptions | None = None, device: str | torch.device = "cpu"):
         self.options = options if options is not None else self.Options()
@@ -93,6 +108,12 @@ class Relighter(ABC):
         nothing.
         """
         return None
+
+    @classmethod
+    def scores(cls, options: RelighterOptions) -> bool:
+        """Whether, with ``options``, it sets :attr:`selector` (its outputs get scores: what
+        ``--keep-top`` ranks by)."""
+        return False
 
     @classmethod
     def fingerprint(cls, options: RelighterOptions) -> str | None:

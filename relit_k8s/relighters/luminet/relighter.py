@@ -7,8 +7,9 @@ OpenCV's bilinear filter and stacked into the 6-channel hint; the lighting prior
 extended context are computed once per pair. Per seed: the starting latent from the seed's own
 CPU generator, DDIM (50 steps, eta 0, guidance 9), the first stage's decode (or the bypass
 "new decoder" with the photo's encoder features), then the original's post-processing: to
-8 bits by truncation and back to the photo's size with OpenCV's Lanczos-4 filter (here in the
-other order, so that outputs stay continuous: within one level of the original's).
+8 bits by truncation and back to the photo's size with OpenCV's Lanczos-4 filter, in that
+order. With ``score`` (the default) every output is also scored by LumiNet's seed selector
+(:mod:`.selector`), so that ``relit-k8s select`` can keep the seeds whose lighting is closest.
 
 Guidance: the original gives both branches the same empty-prompt context and the same hint, so
 in evaluation mode they are equal and guidance changes nothing; one model pass per step is then
@@ -49,6 +50,7 @@ from ..loading import (
 from .checkpoint import load, load_safetensors, read_state_dict
 from .model import TIMESTEPS, LumiNet, LumiNetConfig, alphas_cumprod
 from .sampler import ddim_sample, ddim_timesteps
+from .selector import Selector
 from .text import empty_prompt_context
 from .vae import BypassAutoencoderKL
 
@@ -109,13 +111,16 @@ class LuminetOptions(RelighterOptions):
     cache_dir: str | None = Field(None, description="where s3:// files are downloaded, and "
                                   "the weights cache kept [default: "
                                   "$XDG_CACHE_HOME/relit-k8s/models]")
+    score: bool = Field(True, description="score every output against its reference with "
+                        "LumiNet's seed selector (the light codes of seed_selection.py; float32, "
+                        "from the bytes written): relit-k8s select ranks a pair's outputs by it")
     cache_weights: bool = Field(True, description="in bf16/fp16 (a GPU's default), keep the "
                                 "weights as served (half the checkpoint's bytes) and the "
                                 "empty-prompt context in cache_dir/luminet, which later workers "
                                 "on the node load instead of the checkpoint")
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset({"batch_size", "compile", "cache_dir",
-                                                   "cache_weights"})
+                                                   "cache_weights", "score"})
     LOCATIONS: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
@@ -175,13 +180,6 @@ def _local(uri: str, cache_dir: str | None, what: str, hint: str = "") -> Path:
         raise RelighterError(f"luminet: no {what} at {uri}{hint}") from None
 
 
-def tonemap_reference(radiance: np.ndarray) -> np.ndarray:
-    """The original loader's HDR mapping: divide by the 95th percentile (over all pixels and
-    channels), clip to [0, 1], raise to 1/2.2."""
-    p95 = float(np.percentile(radiance, 95))
-    return np.clip(radiance / max(p95, 1e-8), 0.0, 1.0) ** (1 / 2.2)
-
-
 class LuminetRelighter(Relighter):
     """LumiNet (a ControlNet on Stable Diffusion 2.1 with lighting tokens); see the module
     docstring."""
@@ -212,6 +210,11 @@ class LuminetRelighter(Relighter):
                         uri.removeprefix("file://")).expanduser().is_file():
                     raise RelighterError(f"luminet: no {what} file at {uri}"
                                          + (NEW_DECODER_HINT if what == "new decoder" else ""))
+
+    @classmethod
+    def scores(cls, options: RelighterOptions) -> bool:
+        assert isinstance(options, LuminetOptions)
+        return options.score
 
     @classmethod
     def fingerprint(cls, options: RelighterOptions) -> str | None:
@@ -290,6 +293,9 @@ class LuminetRelighter(Relighter):
         if self.bypass is not None:
             self.bypass = self.bypass.to(self.device, self.dtype).eval().requires_grad_(False)
         lap("to_device")
+        if o.score:  # float32 from the checkpoint, whatever the serving dtype and the cache
+            self.selector = Selector.load(checkpoint, cfg.prior, self.device)
+            lap("selector")
         if cache is not None and text is not None:
             self._write_cache(cache, checkpoint, text)
             lap("write_cache")
@@ -423,7 +429,7 @@ class LuminetRelighter(Relighter):
         """The reference as the original's loader makes it: HDR tone-mapped (95th
         percentile, clip, 1/2.2), LDR as its plain sRGB values / 255."""
         if decoded.hdr:
-            return tonemap_reference(decoded.pixels).astype(np.float32)
+            return images.tonemap_hdr(decoded.pixels)
         return decoded.pixels
 
     # --- one pair ----------------------------------------------------------------------------
