@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -22,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "luminet.md",
+        ROOT / "docs" / "balancing.md")
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)"
                    r"(<!-- /figures:(?P=name) -->)", re.S)
 
@@ -320,8 +322,9 @@ def render(text: str, path: Path) -> tuple[str, list[str]]:
         if name not in BLOCKS:
             raise SystemExit(f"{path}: no renderer for the block {name!r}")
         body = BLOCKS[name]().rstrip("\n") + "\n"
-        if path.parent != ROOT:  # benchmarks/README.md links relative to its own folder
-            body = body.replace("](benchmarks/results/", "](results/")
+        if path.parent != ROOT:  # a page in a folder links relative to its own folder
+            results = os.path.relpath(RESULTS, path.parent)
+            body = body.replace("](benchmarks/results/", f"]({results}/")
         if body != m["body"]:
             changed.append(name)
         return m.group(1) + body + m.group(4)

@@ -100,17 +100,21 @@ IterationsOpt = Annotated[int, typer.Option("--iterations", min=1,
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Base seed; every output's seed "
                                       "derives from it, the image, the reference and the "
                                       "iteration.")]
-ImgPatternOpt = Annotated[str, typer.Option("--img-pattern", help="Glob on the image file name "
+ImgPatternOpt = Annotated[str, typer.Option("--img-pattern", metavar="GLOB",
+                                            help="Glob on the image file name "
                                             "(or key, if it has a '/').")]
-RefPatternOpt = Annotated[str, typer.Option("--ref-pattern", help="Glob on the reference file "
+RefPatternOpt = Annotated[str, typer.Option("--ref-pattern", metavar="GLOB",
+                                            help="Glob on the reference file "
                                             "name (or key, if it has a '/').")]
 ImgFormatsOpt = Annotated[list[str] | None, typer.Option(
-    "--img-formats", help="Image extensions (repeat, or comma-separated); other files are "
+    "--img-formats", metavar="EXT",
+    help="Image extensions (repeat, or comma-separated); other files are "
     "reported as left out. [default: all it reads, jpg jpeg png bmp webp tif tiff exr hdr]")]
 RefFormatsOpt = Annotated[list[str] | None, typer.Option(
-    "--ref-formats", help="Reference extensions (repeat, or comma-separated). "
+    "--ref-formats", metavar="EXT", help="Reference extensions (repeat, or comma-separated). "
     "[default: png exr hdr]")]
-RelighterOpt = Annotated[str, typer.Option("--relighter", help="Relighter name (see "
+RelighterOpt = Annotated[str, typer.Option("--relighter", metavar="NAME",
+                                           help="Relighter name (see "
                                            "'relit-k8s relighters') or module:attribute.")]
 OptionOpt = Annotated[list[str] | None, typer.Option(
     "-O", "--option", metavar="KEY=VALUE", help="A relighter option (repeatable).")]
@@ -122,7 +126,8 @@ NewDecoderOpt = Annotated[bool, typer.Option("--new-decoder", help="Seed parity:
 ShardsOpt = Annotated[int | None, typer.Option(
     "--shards", min=1, help="Number of shards [default: 32 per worker with leases, 4 with "
     "static balance].")]
-RunIdOpt = Annotated[str | None, typer.Option("--run-id", help="Run id (DNS label, <= 40 chars)"
+RunIdOpt = Annotated[str | None, typer.Option("--run-id", metavar="ID",
+                                              help="Run id (DNS label, <= 40 chars)"
                                               " [default: derived from the plan, so the same "
                                               "command continues the same run].")]
 BatchOpt = Annotated[int | None, typer.Option(
@@ -160,8 +165,10 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress",
 
 # --- cluster flags -----------------------------------------------------------------------------
 NamespaceOpt = Annotated[str | None, typer.Option(
-    "--namespace", "-n", help="Namespace [default: the submission's, else the context's].")]
-ContextOpt = Annotated[str | None, typer.Option("--context", help="kubeconfig context "
+    "--namespace", "-n", metavar="NS",
+    help="Namespace [default: the submission's, else the context's].")]
+ContextOpt = Annotated[str | None, typer.Option("--context", metavar="CONTEXT",
+                                                help="kubeconfig context "
                                                 "[default: the current one].")]
 OutputFindOpt = Annotated[str | None, typer.Option(
     "--output", metavar="URI", help="The run's output, where its submission record is.")]
@@ -383,7 +390,7 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
 def worker_cmd(
     manifest: Annotated[str | None, typer.Option("--manifest", envvar="RELIT_MANIFEST",
                                                  metavar="URI",
-                                                 help="Manifest URI [env: RELIT_MANIFEST].")]
+                                                 help="Manifest URI.")]
     = None,
     index: Annotated[int | None, typer.Option(
         "--index", min=0, help="This worker's index, whose shards it claims first (leases), "
@@ -396,8 +403,7 @@ def worker_cmd(
         "[env: RELIT_LOG_FORMAT; default text; the Job sets json].")] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, envvar="RELIT_POD_WORKERS", help="Worker processes here, each "
-        "claiming shards (leases) [env: RELIT_POD_WORKERS; default: one per visible GPU, "
-        "else 1].")] = None,
+        "claiming shards (leases) [default: one per visible GPU, else 1].")] = None,
 ):
     """The pod entrypoint: claim shards until every shard of the run is finished (leases), or
     run shard --index (static). Exit 0 done, 75 retry, 78 config error, 143 stopped."""
@@ -502,7 +508,8 @@ def status_cmd(
 @handles_errors
 def submit_cmd(
     input: InputOpt, refs: RefsOpt, output: OutputOpt,
-    image: Annotated[str, typer.Option("--image", help="Container image with relit-k8s "
+    image: Annotated[str, typer.Option("--image", metavar="IMAGE",
+                                       help="Container image with relit-k8s "
                                        "(see the Dockerfile).")],
     normals: NormalsOpt = None,
     iterations: IterationsOpt = 50, seed: SeedOpt = 0, img_pattern: ImgPatternOpt = "*",
@@ -517,20 +524,25 @@ def submit_cmd(
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, max=100_000,
                                              help="Pods running at once.")] = 8,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
-    s3_secret: Annotated[str, typer.Option("--s3-secret", help="Secret with AWS_ACCESS_KEY_ID "
+    s3_secret: Annotated[str, typer.Option("--s3-secret", metavar="NAME",
+                                           help="Secret with AWS_ACCESS_KEY_ID "
                                            "and AWS_SECRET_ACCESS_KEY ('' for pod identity)."
                                            )] = "relit-s3",
     s3_endpoint: Annotated[str | None, typer.Option(
-        "--s3-endpoint", help="AWS_ENDPOINT_URL for the pods [default: $AWS_ENDPOINT_URL].")]
+        "--s3-endpoint", metavar="URL",
+        help="AWS_ENDPOINT_URL for the pods [default: $AWS_ENDPOINT_URL].")]
     = None,
     s3_region: Annotated[str | None, typer.Option(
-        "--s3-region", help="AWS_REGION for the pods [default: $AWS_REGION].")] = None,
+        "--s3-region", metavar="REGION",
+        help="AWS_REGION for the pods [default: $AWS_REGION].")] = None,
     gpus_per_pod: Annotated[int, typer.Option("--gpus-per-pod", min=0,
                                               help="nvidia.com/gpu per pod (0: CPU only).")] = 1,
-    cpu: Annotated[str, typer.Option("--cpu", help="CPU request per pod.")] = "4",
-    cpu_limit: Annotated[str | None, typer.Option("--cpu-limit", help="CPU limit per pod.")]
+    cpu: Annotated[str, typer.Option("--cpu", metavar="CPUS", help="CPU request per pod.")] = "4",
+    cpu_limit: Annotated[str | None, typer.Option("--cpu-limit", metavar="CPUS",
+                                                  help="CPU limit per pod.")]
     = None,
-    memory: Annotated[str, typer.Option("--memory", help="Memory request and limit.")] = "16Gi",
+    memory: Annotated[str, typer.Option("--memory", metavar="BYTES",
+                                        help="Memory request and limit.")] = "16Gi",
     node_selector: Annotated[list[str] | None, typer.Option(
         "--node-selector", metavar="KEY=VALUE", help="Node label to require (repeatable).")]
     = None,
@@ -544,15 +556,17 @@ def submit_cmd(
         "--service-account", metavar="NAME", help="ServiceAccount of the pods (for S3 access "
         "through a pod identity; the workers need no Kubernetes API access) [default: the "
         "namespace's default].")] = None,
-    queue: Annotated[str | None, typer.Option("--queue", help="Kueue LocalQueue name.")] = None,
+    queue: Annotated[str | None, typer.Option("--queue", metavar="NAME",
+                                              help="Kueue LocalQueue name.")] = None,
     backoff_limit_per_index: Annotated[int, typer.Option("--backoff-limit-per-index", min=0,
                                                          help="Retries of each index.")] = 3,
     max_failed_indexes: Annotated[int | None, typer.Option(
         "--max-failed-indexes", min=0, help="Stop the Job early past this many failed "
         "indexes (one index that fails for good already makes it end Failed, reason "
         "FailedIndexes, once the others are done) [default: a tenth of the shards].")] = None,
-    ttl: Annotated[int | None, typer.Option("--ttl", min=0, help="Seconds the finished Job "
-                                            "is kept [default: a week].")] = 7 * 24 * 3600,
+    ttl: Annotated[int | None, typer.Option("--ttl", min=0, show_default=False,
+                                            help="Seconds the finished Job is kept [default: "
+                                            "a week, 604800].")] = 7 * 24 * 3600,
     grace_period: Annotated[int, typer.Option("--grace-period", min=1, help="Pod termination "
                                               "grace period, seconds.")] = 120,
     image_pull_policy: Annotated[str, typer.Option(
@@ -582,7 +596,8 @@ def submit_cmd(
     fmt: Annotated[str | None, typer.Option("-o", "--format", metavar="yaml|json",
                                             help="Print the Job as YAML or JSON.")] = None,
 ):
-    """Run on Kubernetes: write the manifest and create one Indexed Job (one pod per shard)."""
+    """Run on Kubernetes: write the manifest and create one Indexed Job (with leases,
+    --parallelism workers claiming shards; with static shards, one index per shard)."""
     from .kube.job import JobSettings, parse_duration
 
     manifest = _make_plan(_plan_settings(
@@ -719,7 +734,8 @@ def resume_cmd(
     local: Annotated[bool, typer.Option("--local", help="Run the rest here, not as a Job.")]
     = False,
     image: Annotated[str | None, typer.Option(
-        "--image", help="Container image of the new Job (cluster runs) [default: the run's].")]
+        "--image", metavar="IMAGE",
+        help="Container image of the new Job (cluster runs) [default: the run's].")]
     = None,
     parallelism: Annotated[int | None, typer.Option(
         "--parallelism", min=1, help="Pods of the new Job running at once (cluster runs) "
@@ -816,12 +832,15 @@ def score_cmd(
     files: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Relit images: files "
                                                "or folders (searched for image files), local "
                                                "or s3://.")],
-    reference: Annotated[str, typer.Option("--reference", help="The reference lighting image "
+    reference: Annotated[str, typer.Option("--reference", metavar="FILE",
+                                           help="The reference lighting image "
                                            "(8-bit, or .hdr/.exr: tone-mapped as LumiNet's "
                                            "loader does).")],
-    weights: Annotated[str, typer.Option("--weights", help="LumiNet.ckpt (its selector keys), "
+    weights: Annotated[str, typer.Option("--weights", metavar="FILE",
+                                         help="LumiNet.ckpt (its selector keys), "
                                          "or the seed selection's last.pth.tar.")],
-    config: Annotated[str | None, typer.Option("--config", help="The LumiNet YAML of a model "
+    config: Annotated[str | None, typer.Option("--config", metavar="YAML",
+                                               help="The LumiNet YAML of a model "
                                                "of other sizes [default: the full-size "
                                                "model].")] = None,
     fmt: FormatOpt = "table",
@@ -906,7 +925,8 @@ def make_model_cmd(
     new_decoder: Annotated[bool, typer.Option("--new-decoder",
                                               help="diffusion: also write vae_new_decoder/.")]
     = False,
-    device: Annotated[str, typer.Option("--device", help="Where to initialise the weights "
+    device: Annotated[str, typer.Option("--device", metavar="cpu|cuda",
+                                        help="Where to initialise the weights "
                                         "(cuda is much faster for sd21 and full).")] = "cpu",
 ):
     """Write a random-weight model for the diffusion or luminet relighter (tests, benchmarks):

@@ -68,6 +68,11 @@ def run_outcome(status: RunStatus, reports_uri: str) -> None:
                 ["relit-k8s", "status", status.run_id, "--output", status.output])
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 item``, ``2 items``."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def where(label: str, path: str) -> None:
     """``label: path``, never wrapped (paths are copied) nor read as markup."""
     out.print(Text(f"{label}: {path}"), highlight=False, soft_wrap=True)
@@ -166,8 +171,8 @@ _COLUMN_SETS = (
     ("shard", "state", "items"),
 )
 _MIN_HOST = 12
-#: Shards of a large run's table: beyond it, only the shards not done nor pending are listed.
-SHARD_ROWS = 40
+#: Shards of a run's table: beyond it, only the shards not done nor pending are listed.
+SHARD_ROWS = 16
 
 
 class StatusView:
@@ -234,7 +239,7 @@ class StatusView:
         if status.stalled_shards:
             parts.append(Text(f"stalled (no heartbeat): shards {status.stalled_shards}",
                               style="bold red"))
-        parts.append(self.shard_table(width))
+        parts.append(self.shard_table(width))  # (a line instead: every shard done or pending)
         if status.timings:
             parts.append(Text("time spent (s, summed over shards and threads): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in status.timings.items())))
@@ -261,19 +266,21 @@ class StatusView:
                           beat, items, Text(h.stolen_from or ""))
         return table
 
-    def shard_table(self, width: int) -> Table:
-        """One line per shard (of a large run: the shards not done nor pending, at most
-        :data:`SHARD_ROWS`, and a caption that counts the others): the widest column set that
-        fits ``width``."""
+    def shard_table(self, width: int) -> Table | Text:
+        """One line per shard (of a run of more than :data:`SHARD_ROWS` shards: the shards
+        not done nor pending, at most that many, and a caption that counts the others; just
+        the count when none is left to show): the widest column set that fits ``width``."""
         shards = self.status.shards
         caption = None
         if len(shards) > SHARD_ROWS:
             shards = [sh for sh in shards if sh.state not in ("done", "pending")][:SHARD_ROWS]
             counts = Counter(sh.state for sh in self.status.shards)
+            rest = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())
+                             if state in ("done", "pending"))
+            if not shards:
+                return Text(f"shards: {rest} (-o json lists every shard)")
             caption = (f"{len(shards)} of {len(self.status.shards)} shards shown; not shown: "
-                       + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())
-                                   if state in ("done", "pending"))
-                       + (", and more" if len(shards) == SHARD_ROWS else "")
+                       + rest + (", and more" if len(shards) == SHARD_ROWS else "")
                        + " (-o json lists every shard)")
         cells = [self._cells(sh) for sh in shards]
         for heads in _COLUMN_SETS:
@@ -347,7 +354,8 @@ def job_summary(job: dict[str, Any]) -> None:
                                .items()),
         "retries": f"{spec['backoffLimitPerIndex']} per index; an index that fails for good "
                    "makes the Job fail in the end (the other indexes still run); past "
-                   f"{spec['maxFailedIndexes']} failed indexes, or on a configuration error, "
+                   f"{plural(spec['maxFailedIndexes'], 'failed index', 'failed indexes')}, "
+                   "or on a configuration error, "
                    "it stops at once",
         "s3 secret": next((e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
                            if "valueFrom" in e), "(none: pod identity)"),

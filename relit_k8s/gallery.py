@@ -43,6 +43,70 @@ def _decode(storage: Storage, key: str, max_pixels: int) -> images.Decoded | Non
         return None
 
 
+class _Sheet:
+    """Where a gallery is written, and what it has drawn so far: the thumbnails of inputs and
+    references, the grid's tiles, and each shown pair's samples."""
+
+    def __init__(self, run: Run, to: str | None):
+        self.run, self.to = run, to
+        self.dest, self.prefix = ((run.output, run.paths.gallery) if to is None
+                                  else (open_storage(to), ""))
+        self.thumbs: dict[str, str] = {}  # source key -> thumbnail file name in the gallery
+        self.tiles: dict[tuple[int, int], np.ndarray] = {}
+        #: pair -> [(thumb, full href, score or None)]
+        self.cells: dict[tuple[str, str], list[tuple[str, str, float | None]]] = {}
+
+    def link(self, key: str, data: bytes) -> str:
+        """The href of a full output from the gallery page (copied when the gallery is not
+        next to the outputs)."""
+        if self.to is None:
+            return "../../../" + quote(key)
+        self.dest.write(join_key(self.prefix, "full", key), data)
+        return "full/" + quote(key)
+
+    def put_thumb(self, name: str, pixels: np.ndarray) -> str:
+        self.dest.write(join_key(self.prefix, "thumbs", name), _thumb(pixels))
+        return f"thumbs/{name}"
+
+    def heads(self, shown_images: list[str], shown_refs: list[str]) -> None:
+        """The row and column heads: the inputs, the references tone-mapped."""
+        m = self.run.manifest
+        inputs, refs = open_storage(m.input), open_storage(m.refs)
+        for i, key in enumerate(shown_images):
+            dec = _decode(inputs, key, m.max_pixels)
+            if dec is not None:
+                pixels = images.as_display(dec)
+                self.thumbs[f"in:{key}"] = self.put_thumb(f"in-{i}.jpg", pixels)
+                self.tiles[(i + 1, 0)] = pixels
+        for j, key in enumerate(shown_refs):
+            dec = _decode(refs, key, m.max_pixels)
+            if dec is not None:
+                # the seed's tone mapping, at the 99.5th percentile so that small lights show
+                pixels = images.tonemap_hdr(images.as_radiance(dec), percentile=99.5)
+                self.thumbs[f"ref:{key}"] = self.put_thumb(f"ref-{j}.jpg", pixels)
+                self.tiles[(0, j + 1)] = pixels
+
+    def samples(self, i: int, img: str, j: int, ref: str, samples: int,
+                scores: dict[int, float]) -> None:
+        """Up to ``samples`` written outputs of the pair (the best scored first, if scored)."""
+        m, out = self.run.manifest, self.run.output
+        present = self.run.existing_seeds(img, ref)
+        ordered = sorted(pair_seeds(m.base_seed, img, ref, m.iterations),
+                         key=lambda s: -scores.get(s, float("-inf")))
+        self.cells[(img, ref)] = []
+        for k, seed in enumerate([s for s in ordered if s in present][:samples]):
+            key = m.output_key(img, ref, seed)
+            try:
+                data = out.read(key)
+                dec = images.decode(data, key, m.max_pixels)
+            except (ItemError, NotFoundError):
+                continue
+            thumb = self.put_thumb(f"out-{i}-{j}-{k}.jpg", dec.pixels)
+            self.cells[(img, ref)].append((thumb, self.link(key, data), scores.get(seed)))
+            if k == 0:
+                self.tiles[(i + 1, j + 1)] = dec.pixels
+
+
 def build(output: str, run_id: str | None = None, samples: int = 3, max_images: int = 12,
           max_refs: int = 8, to: str | None = None) -> dict[str, Any]:
     """Write the gallery of a run; returns its URIs and what it shows.
@@ -53,81 +117,31 @@ def build(output: str, run_id: str | None = None, samples: int = 3, max_images: 
     ``<to>/full/``, so that it opens in a browser without access to the bucket.
     """
     run = Run.load(output, run_id)
-    m, out = run.manifest, run.output
-    inputs, refs = open_storage(m.input), open_storage(m.refs)
+    m = run.manifest
     failed: dict[tuple[str, str], str] = {}
     for report in run.read_reports().values():
         for f in report.failures:
             failed.setdefault((f.image, f.ref), f.error)
-    if to is None:
-        dest, prefix = out, run.paths.gallery
-    else:
-        dest, prefix = open_storage(to), ""
-
-    def link(key: str, data: bytes) -> str:
-        """The href of a full output from the gallery page (copied when the gallery is not
-        next to the outputs)."""
-        if to is None:
-            return "../../../" + quote(key)
-        dest.write(join_key(prefix, "full", key), data)
-        return "full/" + quote(key)
+    sheet = _Sheet(run, to)
     shown_images, shown_refs = list(m.images[:max_images]), list(m.references[:max_refs])
-    thumbs: dict[str, str] = {}  # source key -> thumbnail file name in the gallery
-
-    def put_thumb(name: str, pixels: np.ndarray) -> str:
-        dest.write(join_key(prefix, "thumbs", name), _thumb(pixels))
-        return f"thumbs/{name}"
-
-    grid_tiles: dict[tuple[int, int], np.ndarray] = {}
-    for i, key in enumerate(shown_images):
-        dec = _decode(inputs, key, m.max_pixels)
-        if dec is not None:
-            pixels = images.as_display(dec)
-            thumbs[f"in:{key}"] = put_thumb(f"in-{i}.jpg", pixels)
-            grid_tiles[(i + 1, 0)] = pixels
-    for j, key in enumerate(shown_refs):
-        dec = _decode(refs, key, m.max_pixels)
-        if dec is not None:
-            # the seed's tone mapping, at the 99.5th percentile so that small lights show
-            pixels = images.tonemap_hdr(images.as_radiance(dec), percentile=99.5)
-            thumbs[f"ref:{key}"] = put_thumb(f"ref-{j}.jpg", pixels)
-            grid_tiles[(0, j + 1)] = pixels
-
-    # pair -> [(thumb, full href, score or None)]
-    cells: dict[tuple[str, str], list[tuple[str, str, float | None]]] = {}
+    sheet.heads(shown_images, shown_refs)
     scored = read_scores(run)  # a run that scores its outputs: the most similar first
     for i, img in enumerate(shown_images):
         for j, ref in enumerate(shown_refs):
-            present = run.existing_seeds(img, ref)
-            pair_scores = scored.get((img, ref), {})
-            ordered = sorted(pair_seeds(m.base_seed, img, ref, m.iterations),
-                             key=lambda s: -pair_scores.get(s, float("-inf")))
-            chosen = [s for s in ordered if s in present][:samples]
-            cells[(img, ref)] = []
-            for k, seed in enumerate(chosen):
-                key = m.output_key(img, ref, seed)
-                try:
-                    data = out.read(key)
-                    dec = images.decode(data, key, m.max_pixels)
-                except (ItemError, NotFoundError):
-                    continue
-                thumb = put_thumb(f"out-{i}-{j}-{k}.jpg", dec.pixels)
-                cells[(img, ref)].append((thumb, link(key, data), pair_scores.get(seed)))
-                if k == 0:
-                    grid_tiles[(i + 1, j + 1)] = dec.pixels
-
-    page = _html(m, shown_images, shown_refs, thumbs, cells, failed)
+            sheet.samples(i, img, j, ref, samples, scored.get((img, ref), {}))
+    dest, prefix = sheet.dest, sheet.prefix
+    page = _html(m, shown_images, shown_refs, sheet.thumbs, sheet.cells, failed)
     dest.write(join_key(prefix, "index.html"), page.encode())
     labels = ([_short(k) for k in shown_images], [_short(k) for k in shown_refs])
     dest.write(join_key(prefix, "grid.png"), _grid(
-        grid_tiles, labels, {(shown_images.index(a) + 1, shown_refs.index(b) + 1)
-                             for a, b in failed if a in shown_images and b in shown_refs}))
+        sheet.tiles, labels, {(shown_images.index(a) + 1, shown_refs.index(b) + 1)
+                              for a, b in failed if a in shown_images and b in shown_refs}))
     return {
         "html": dest.uri_of(join_key(prefix, "index.html")),
         "png": dest.uri_of(join_key(prefix, "grid.png")),
         "images": len(shown_images),
         "references": len(shown_refs),
-        "thumbnails": sum(len(v) for v in cells.values()) + len(thumbs),
+        "thumbnails": sum(len(v) for v in sheet.cells.values()) + len(sheet.thumbs),
         "failed_pairs": sum(1 for p in failed if p[0] in shown_images and p[1] in shown_refs),
     }
 

@@ -142,8 +142,18 @@ def _radiance_size(data: bytes, name: str) -> tuple[int, int]:
     return (second, first) if m.group(2) == b"Y" else (first, second)
 
 
-def _decode_radiance(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+def _quiet_cv2():
+    """OpenCV, with its own log lines (``[ERROR:0@0.01] ... RGBE read error`` on stderr for
+    every corrupt file) silenced: a decode failure is this module's :class:`DecodeError`,
+    recorded once in the shard report."""
     import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    return cv2
+
+
+def _decode_radiance(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    cv2 = _quiet_cv2()
 
     width, height = _radiance_size(data, name)
     _guard(name, width, height, max_pixels)

@@ -338,6 +338,143 @@ class LocalResult:
         return EXIT_OK if codes else EXIT_FAILED
 
 
+class _Supervisor:
+    """The parent of ``run_local``'s worker processes: it hands out shard indexes, relays the
+    workers' events, stops them on SIGTERM / Ctrl+C (a second Ctrl+C kills them), frees the
+    shard of a worker killed mid-shard, and collects the exit codes."""
+
+    def __init__(self, manifest_uri: str, slots: list[Slot], on_progress, on_log):
+        self.manifest_uri, self.slots = manifest_uri, slots
+        self.on_progress, self.on_log = on_progress, on_log
+        self.ctx = mp.get_context("spawn")
+        self.indexes, self.events = self.ctx.Queue(), self.ctx.Queue()
+        self.procs: list = []
+        self.codes: dict[int, int] = {}
+        self.messages: list[str] = []
+        self.interrupted = False
+        self.interrupt_code = EXIT_INTERRUPTED
+        self.deadline: float | None = None
+        self.begun: dict[int, int] = {}  # shard index -> worker, while a worker runs it
+        self.reaped: set[int] = set()  # workers that died mid-shard, whose leases were freed
+        # Signals only set a flag: an exception raised inside events.get() would leave half a
+        # message in the queue's pipe, and the next read would fail.
+        self.signals: list[int] = []
+
+    def start(self, shards: int, first_index: int, workers: int | None) -> None:
+        for i in range(shards):
+            self.indexes.put(i)
+        for _ in self.slots:
+            self.indexes.put(None)
+        self.procs = [
+            self.ctx.Process(target=_worker_process,
+                             args=(w, (first_index + w, workers or len(self.slots)),
+                                   self.manifest_uri, slot, self.indexes, self.events),
+                             name=f"relit-worker-{w}")
+            for w, slot in enumerate(self.slots)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def handle(self, event) -> None:
+        kind = event[0]
+        if kind == "progress" and self.on_progress:
+            self.on_progress(*event[1:])
+        elif kind == "log" and self.on_log:
+            self.on_log(event[1], event[2])
+        elif kind == "begin":
+            self.begun[event[1]] = event[2]
+        elif kind == "left":
+            self.begun.pop(event[1], None)
+        elif kind == "shard":
+            _, index, code, msg = event
+            self.begun.pop(index, None)
+            self.codes[index] = code
+            if msg and code not in (EXIT_OK, EXIT_SIGTERM):  # a stop is said once, above
+                self.messages.append(f"shard {index}: {msg}")
+        elif kind == "fatal":
+            _, wid, code, msg = event
+            self.codes[-1 - wid] = code
+            self.messages.append(msg)
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def _stop(self, signum: int) -> None:
+        """Ctrl+C reaches the workers too (one process group); SIGTERM to the parent alone
+        does not: either way each worker gets SIGTERM, saves its report and stops."""
+        if signum == signal.SIGTERM:
+            self.interrupt_code = EXIT_SIGTERM
+        if self.interrupted:  # a second Ctrl+C: stop now (the reports are fixed below)
+            if self.on_log:
+                self.on_log(logging.WARNING, "stopping now")
+            for p in self.procs:
+                p.kill()
+            return
+        self.interrupted = True
+        if self.on_log:
+            self.on_log(logging.WARNING, "stopping: each worker ends its current step and "
+                        "saves its report (Ctrl+C again to stop at once)")
+        for p in self.procs:
+            if p.is_alive() and p.pid:
+                p.terminate()
+        self.deadline = time.monotonic() + STOP_GRACE
+
+    def loop(self) -> None:
+        """Until every worker has exited."""
+        while True:
+            try:
+                self.handle(self.events.get(timeout=0.2))
+                if not self.signals:
+                    continue
+            except queue.Empty:
+                pass
+            if self.signals:
+                self._stop(self.signals.pop(0))
+                continue
+            if not any(p.is_alive() for p in self.procs):
+                break
+            died = {index: wid for index, wid in self.begun.items()
+                    if self.procs[wid].exitcode is not None and wid not in self.reaped}
+            if died and not self.interrupted:  # killed mid-shard: free its shard now
+                self.reaped.update(died.values())
+                _release_dead_of(self.manifest_uri, died, self.procs)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                for p in self.procs:
+                    p.kill()
+
+    def result(self, shards: int) -> LocalResult:
+        """After the loop: the events that arrived last, the reports of workers killed before
+        they saved theirs, and a code for every shard."""
+        for p in self.procs:
+            p.join()
+        while True:  # drain what arrived after the last check
+            try:
+                self.handle(self.events.get_nowait())
+            except queue.Empty:
+                break
+        codes, messages = self.codes, self.messages
+        # a worker that stopped on a signal of its own (not through this process) exits 143
+        stopped_alone = {EXIT_SIGTERM, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}
+        for p in self.procs:
+            if p.exitcode not in (0, None) and not self.interrupted \
+                    and p.exitcode not in stopped_alone:
+                messages.append(f"{p.name} died with exit code {p.exitcode}")
+                codes.setdefault(-100 - self.procs.index(p), EXIT_FAILED)
+        stopped = (self.interrupted or EXIT_SIGTERM in codes.values()
+                   or any(p.exitcode in stopped_alone for p in self.procs))
+        if self.begun:  # killed before they saved their report: say so in it
+            _settle_reports(self.manifest_uri, self.begun, self.procs, stopped)
+        finished = _finished_elsewhere(self.manifest_uri, codes)
+        for index in range(shards):
+            if index in finished:  # balance leases: another worker on the same output did it
+                codes[index] = EXIT_OK
+            elif index not in codes:  # never started, or its worker died or stopped first
+                codes[index] = EXIT_SIGTERM if stopped else EXIT_FAILED
+                if not stopped:
+                    messages.append(f"shard {index} did not finish")
+        return LocalResult(codes, messages, self.interrupted, self.interrupt_code)
+
+
 def run_local(
     manifest_uri: str,
     shards: int,
@@ -351,126 +488,16 @@ def run_local(
 
     With leases, process ``w`` claims as worker ``first_index + w`` of ``workers`` (default:
     these processes alone); a pod's processes are numbered after the pod's index."""
-    ctx = mp.get_context("spawn")
-    indexes, events = ctx.Queue(), ctx.Queue()
-    for i in range(shards):
-        indexes.put(i)
-    for _ in slots:
-        indexes.put(None)
-    procs = [
-        ctx.Process(target=_worker_process,
-                    args=(w, (first_index + w, workers or len(slots)), manifest_uri, slot,
-                          indexes, events),
-                    name=f"relit-worker-{w}")
-        for w, slot in enumerate(slots)
-    ]
-    for p in procs:
-        p.start()
-    codes: dict[int, int] = {}
-    messages: list[str] = []
-    interrupted = False
-    interrupt_code = EXIT_INTERRUPTED
-    deadline = None
-    begun: dict[int, int] = {}  # shard index -> worker, while a worker runs it
-    reaped: set[int] = set()  # workers that died mid-shard, whose leases were freed
-
-    # Signals only set a flag: an exception raised inside events.get() would leave half a
-    # message in the queue's pipe, and the next read would fail.
-    signals: list[int] = []
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(event) -> None:
-        kind = event[0]
-        if kind == "progress" and on_progress:
-            on_progress(*event[1:])
-        elif kind == "log" and on_log:
-            on_log(event[1], event[2])
-        elif kind == "begin":
-            begun[event[1]] = event[2]
-        elif kind == "left":
-            begun.pop(event[1], None)
-        elif kind == "shard":
-            _, index, code, msg = event
-            begun.pop(index, None)
-            codes[index] = code
-            if msg and code not in (EXIT_OK, EXIT_SIGTERM):  # a stop is said once, above
-                messages.append(f"shard {index}: {msg}")
-        elif kind == "fatal":
-            _, wid, code, msg = event
-            codes[-1 - wid] = code
-            messages.append(msg)
-
-    while True:
-        try:
-            handle(events.get(timeout=0.2))
-            if not signals:
-                continue
-        except queue.Empty:
-            pass
-        if signals:
-            # Ctrl+C reaches the workers too (one process group); SIGTERM to the parent alone
-            # does not: either way each worker gets SIGTERM, saves its report and stops.
-            signum = signals.pop(0)
-            if signum == signal.SIGTERM:
-                interrupt_code = EXIT_SIGTERM
-            if interrupted:  # a second Ctrl+C: stop now (the reports are fixed below)
-                if on_log:
-                    on_log(logging.WARNING, "stopping now")
-                for p in procs:
-                    p.kill()
-                continue
-            interrupted = True
-            if on_log:
-                on_log(logging.WARNING, "stopping: each worker ends its current step and "
-                       "saves its report (Ctrl+C again to stop at once)")
-            for p in procs:
-                if p.is_alive() and p.pid:
-                    p.terminate()
-            deadline = time.monotonic() + STOP_GRACE
-            continue
-        if not any(p.is_alive() for p in procs):
-            break
-        died = {index: wid for index, wid in begun.items()
-                if procs[wid].exitcode is not None and wid not in reaped}
-        if died and not interrupted:  # killed mid-shard: free its shard for the others now
-            reaped.update(died.values())
-            _release_dead_of(manifest_uri, died, procs)
-        if deadline is not None and time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    for p in procs:
-        p.join()
-    # drain what arrived after the last check
-    while True:
-        try:
-            handle(events.get_nowait())
-        except queue.Empty:
-            break
-    # a worker that stopped on a signal of its own (not through this process) exits 143
-    stopped_alone = {EXIT_SIGTERM, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}
-    for p in procs:
-        if p.exitcode not in (0, None) and not interrupted and p.exitcode not in stopped_alone:
-            messages.append(f"{p.name} died with exit code {p.exitcode}")
-            codes.setdefault(-100 - procs.index(p), EXIT_FAILED)
-    stopped = (interrupted or EXIT_SIGTERM in codes.values()
-               or any(p.exitcode in stopped_alone for p in procs))
-    if begun:  # killed before they saved their report: say so in it
-        _settle_reports(manifest_uri, begun, procs, stopped)
-    finished = _finished_elsewhere(manifest_uri, codes)
-    for index in range(shards):
-        if index in finished:  # balance leases: another worker on the same output did it
-            codes[index] = EXIT_OK
-        elif index not in codes:  # never started, or its worker died or stopped first
-            codes[index] = EXIT_SIGTERM if stopped else EXIT_FAILED
-            if not stopped:
-                messages.append(f"shard {index} did not finish")
-    return LocalResult(codes, messages, interrupted, interrupt_code)
+    supervisor = _Supervisor(manifest_uri, slots, on_progress, on_log)
+    supervisor.start(shards, first_index, workers)
+    previous = {sig: signal.signal(sig, supervisor.on_signal)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        supervisor.loop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return supervisor.result(shards)
 
 
 #: A pod's exit code from its workers' (issue 15): the first of these present. A configuration

@@ -358,7 +358,7 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "base_seed": m.base_seed,
         "relighter": m.relighter.name,
         "options": ", ".join(f"{k}={v}" for k, v in m.relighter.options.items()) or "-",
-        "units": f"{m.units} ({m.unit_size} iterations each)",
+        "units": f"{m.units} ({m.unit_size} iteration{'' if m.unit_size == 1 else 's'} each)",
         "shards": f"{m.shards} ({per_shard}-{per_shard + (m.units % m.shards > 0)} units each)",
         "batch_size": m.batch_size or "the relighter's choice",
         "keep_top": (f"{m.keep_top} best scored of every pair's {m.iterations}: the others "

@@ -59,7 +59,8 @@ class ShardStatus(ShardReport):
 
 
 class FailureGroup(BaseModel):
-    """Failed items that share a kind and a reason, with a few of their images."""
+    """Failed items that share a kind and a reason, with a few of the files at fault (the
+    image, or the reference or normal map that failed them)."""
 
     kind: str
     reason: str
@@ -238,8 +239,9 @@ def failure_reasons(failures: list[Failure], limit: int = 20) -> list[FailureGro
         g = groups.setdefault((f.kind, reason),
                               FailureGroup(kind=f.kind, reason=reason, count=0, examples=[]))
         g.count += 1
-        if len(g.examples) < 3 and f.image not in g.examples:
-            g.examples.append(f.image)
+        at_fault = f.key or f.image  # the file at fault: a bad reference, not its images
+        if len(g.examples) < 3 and at_fault not in g.examples:
+            g.examples.append(at_fault)
     return sorted(groups.values(), key=lambda g: -g.count)[:limit]
 
 

@@ -470,8 +470,42 @@ class ShardRunner:
         ``near_end``: told the seconds the shard has left as its items finish (the claimer's
         :meth:`~relit_k8s.leases.Claimer.near_end`: the next shard is claimed ahead).
         """
+        units = self.manifest.shard_units(index)
+        report = self._start_report(index, units, lease, near_end)
+        try:
+            _ShardPass(self, report).run(units)
+        except LeaseLost:
+            report.abandon()
+            raise
+        except Stopped:
+            report.finish("stopped", "stopped by a signal before the shard was finished; "
+                          "run the index again to finish it", Stopped.exit_code)
+            self._let_go(report, done=False)
+            raise
+        except BaseException as e:
+            report.finish("failed", f"{type(e).__name__}: {e}", exit_code_for(e))
+            self._let_go(report, done=False)
+            raise
+        report.finish("done", exit_code=EXIT_OK)
+        self._let_go(report, done=True)
+        r = report.report
+        self._fold(r, report.size)
+        if r.items_done:  # skipped items are quick: they would overstate the rate
+            self._items += r.items_done
+            self._seconds += time.monotonic() - report._started
+        log.info("shard %d done: %d written, %d skipped, %d failed (%s items/s)", index,
+                 r.items_done, r.items_skipped, r.items_failed, r.items_per_second,
+                 extra={"event": "end", "fields": {
+                     "index": index, "done": r.items_done, "skipped": r.items_skipped,
+                     "failed": r.items_failed, "total": r.items_total,
+                     "items_per_second": r.items_per_second, "timings": r.timings}})
+        return r
+
+    def _start_report(self, index: int, units: list[Unit],
+                      lease: tuple[LeaseBook, Claim] | None,
+                      near_end: Callable[[float], None] | None) -> _Reporter:
+        """The shard's report, written as running (its heartbeat starts), and the start event."""
         m = self.manifest
-        units = m.shard_units(index)
         attempt = self._previous_attempts(index) + 1
         report = _Reporter(
             self.output,
@@ -503,34 +537,7 @@ class ShardRunner:
                      "batch_size": self.batch_size, "model_load_seconds": self.model_load_seconds,
                      "model_load_phases": getattr(self.relighter, "load_timings", None),
                  }})
-        try:
-            _ShardPass(self, report).run(units)
-        except LeaseLost:
-            report.abandon()
-            raise
-        except Stopped:
-            report.finish("stopped", "stopped by a signal before the shard was finished; "
-                          "run the index again to finish it", Stopped.exit_code)
-            self._let_go(report, done=False)
-            raise
-        except BaseException as e:
-            report.finish("failed", f"{type(e).__name__}: {e}", exit_code_for(e))
-            self._let_go(report, done=False)
-            raise
-        report.finish("done", exit_code=EXIT_OK)
-        self._let_go(report, done=True)
-        r = report.report
-        self._fold(r, report.size)
-        if r.items_done:  # skipped items are quick: they would overstate the rate
-            self._items += r.items_done
-            self._seconds += time.monotonic() - report._started
-        log.info("shard %d done: %d written, %d skipped, %d failed (%s items/s)", index,
-                 r.items_done, r.items_skipped, r.items_failed, r.items_per_second,
-                 extra={"event": "end", "fields": {
-                     "index": index, "done": r.items_done, "skipped": r.items_skipped,
-                     "failed": r.items_failed, "total": r.items_total,
-                     "items_per_second": r.items_per_second, "timings": r.timings}})
-        return r
+        return report
 
     def _fold(self, report: ShardReport, size: int) -> None:
         """Add a finished shard's report to this process's summary and write it (only this
@@ -902,7 +909,8 @@ class _ShardPass:
                      "image": unit.image, "ref": unit.ref, "kept": sorted(keep)}})
 
     def _fail(self, w: _PairWork, items: list[tuple[int, int]], exc: Exception) -> None:
-        log.warning("failed %s x %s (%d items): %s", w.image, w.ref, len(items), exc,
+        log.warning("failed %s x %s (%d item%s): %s", w.image, w.ref, len(items),
+                    "" if len(items) == 1 else "s", exc,
                     extra={"event": "item_failed", "fields": {
                         "image": w.image, "ref": w.ref, "iterations": [i for i, _ in items],
                         "error": str(exc), "kind": type(exc).__name__}})

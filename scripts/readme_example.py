@@ -72,6 +72,10 @@ def tree(out: Path) -> list[str]:
         lines.append(f"    ├── done/{listed('done')}")
         lines.append(f"    ├── finished/<UTC time>-<shard> ({journal}: the journal of finished "
                      "shards)")
+    if (run / "folded").is_dir():
+        workers = len([p for p in (run / "folded").iterdir() if not p.name.startswith(".")])
+        lines.append(f"    ├── folded/<host>-<pid>-<token>.json ({workers}: the finished "
+                     "reports of each worker)")
         lines.append(f"    ├── leases/{listed('leases')}")
     lines.append(f"    └── shards/{listed('shards')}")
     return lines

@@ -97,3 +97,32 @@ def test_another_model_is_refused_but_options_that_only_change_speed_are_not(tmp
     with pytest.raises(ConfigError, match=r'model "\S+/model" -> "\S+/gone"'):
         # a model that cannot be read from here is compared by its path
         write_run(a_plan(tmp_path, **diffusion, options={"model": str(tmp_path / "gone")}))
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "luminet"])
+def test_a_resolution_the_model_cannot_run_is_refused_before_anything_is_written(
+        tmp_path, kind):
+    """A run that would fail while loading its model writes no plan and no maker record, so
+    the corrected command is not refused as "made differently"; one line, exit 78."""
+    from conftest import EXAMPLES, cli
+
+    from relit_k8s.modelkit import make_model
+    from relit_k8s.relighters.luminet.make import make_luminet, run_options
+
+    if kind == "diffusion":
+        options = {"model": str(make_model(tmp_path / "m", "tiny"))}  # native 32, step 4
+        bad, good = "33", "32"
+    else:
+        options = run_options(make_luminet(tmp_path / "m", "tiny"))  # 128 x 128 only
+        bad, good = "100", options.pop("resolution")
+    flags = [f for k, v in options.items() for f in ("-O", f"{k}={v}")]
+    args = ["run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
+            "--img-pattern", "a*", "--ref-pattern", "sky*", "--output", str(tmp_path / "out"),
+            "--relighter", kind, *flags, "--iterations", "1", "--ddim-steps", "2",
+            "--no-progress"]
+    refused = cli(*args, "-O", f"resolution={bad}")
+    assert refused.returncode == 78, refused.stderr
+    assert f"resolution={bad}" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "out").exists()
+    fixed = cli(*args, "-O", f"resolution={good}")
+    assert fixed.returncode == 0, fixed.stderr

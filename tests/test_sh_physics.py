@@ -174,3 +174,66 @@ def test_estimated_normals_are_unit_length_and_face_the_camera_at_the_centre():
     flat = estimate_normals(torch.full((3, 129, 257), 0.5), dome=0.6, detail=0.08)
     assert torch.allclose(flat[:, 64, 128], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
     assert flat[0, 64, -1] > 0.2 and flat[0, 64, 0] < -0.2  # the dome leans outwards
+
+
+# --- ringing: a one-sided coloured light ------------------------------------------------------
+def red_from_the_right(h: int = 64, w: int = 128) -> torch.Tensor:
+    """Red light from the camera's right (u = 0.75 is +x) and a faint neutral ambient."""
+    env = torch.full((3, h, w), 0.01)
+    env[0, h // 2 - 12:h // 2 + 12, int(0.75 * w) - 6:int(0.75 * w) + 6] = 50.0
+    return env
+
+
+def test_the_windowed_kernel_is_nonnegative_and_the_exact_one_is_not():
+    from relit_k8s.relighters.sh import NONNEGATIVE_WINDOW
+
+    x = torch.linspace(-1, 1, 20001, dtype=torch.float64)
+
+    def kernel(w1: float, w2: float) -> torch.Tensor:  # irradiance of a unit delta light
+        return 0.25 + 0.5 * w1 * x + 5 / 16 * w2 * (3 * x**2 - 1) / 2
+
+    assert kernel(NONNEGATIVE_WINDOW[1], NONNEGATIVE_WINDOW[4]).min() >= 0
+    assert kernel(1.0, 1.0).min() < -0.039  # the exact order-2 clamped cosine rings
+
+
+@pytest.mark.parametrize("window", ["nonnegative", "none"])
+def test_a_one_sided_red_light_never_turns_the_image_green(window):
+    """Where the map holds only red light and a neutral ambient, red's gain is at least
+    green's everywhere: no teal where the red light does not reach (ringing)."""
+    normals, inside, _ = sphere_normals()
+    image = torch.full((3, 65, 65), 0.5)
+    r = create("sh", {"rotation": "none", "window": window}, "cpu")
+    out = srgb_to_linear(r.relight(image, red_from_the_right(), [0], normals)[0])
+    greener = (out[1] > out[0] * (1 + 1e-4)) & inside
+    if window == "none":
+        assert greener.float().mean() > 0.05  # the old kernel paints the shadow side teal
+    else:
+        assert not greener.any()
+
+
+def test_windowed_irradiance_ranks_normals_as_the_exact_integral_does():
+    """Spearman correlation of sh's irradiance (luminance) with the exact integral over the
+    map, on 2,000 random normals, for the bundled maps: windowing keeps the ranking."""
+    from pathlib import Path
+
+    from relit_k8s import images
+    from relit_k8s.relighters.sh import NONNEGATIVE_WINDOW
+
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(3, 1, 2000, generator=g, dtype=torch.float64)
+    n = n / n.norm(dim=0, keepdim=True)
+
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        return v.argsort().argsort().double()
+
+    refs = Path(__file__).resolve().parents[1] / "examples" / "refs"
+    for path in sorted(refs.iterdir()):
+        env = torch.from_numpy(images.as_radiance(images.decode(path.read_bytes(), path.name)))
+        env = torch.nn.functional.adaptive_avg_pool2d(env.permute(2, 0, 1)[None], (64, 128))[0]
+        dirs, solid = env_directions(64, 128)
+        lum = (env * torch.tensor([0.2126, 0.7152, 0.0722]).view(3, 1, 1)).sum(0).double()
+        exact = ((lum * solid)[..., None] * (dirs @ n.reshape(3, -1)).clamp_min(0)).sum((0, 1))
+        e = irradiance(project_env(env), n.float(), NONNEGATIVE_WINDOW)[0, :, 0]
+        mine = (e * torch.tensor([0.2126, 0.7152, 0.0722]).view(3, 1)).sum(0).double()
+        rho = torch.corrcoef(torch.stack([ranks(mine), ranks(exact)]))[0, 1]
+        assert rho > 0.98, (path.name, float(rho))

@@ -154,6 +154,11 @@ def test_a_large_runs_table_lists_the_shards_at_work_and_counts_the_rest(tmp_pat
     assert len(status.shards) > SHARD_ROWS
     assert "2 of 62 shards shown; not shown: 50 done, 10 pending" in text
     assert text.count("running") >= 1 and " failed " in text
+    done = collect(a_run_of(tmp_path / "done", ["done"] * 20))
+    buffer = StringIO()
+    Console(file=buffer, width=120).print(status_view(done))
+    assert "shards: 20 done (-o json lists every shard)" in buffer.getvalue()
+    assert "┃ shard" not in buffer.getvalue()  # no table of 20 done rows
 
 
 def a_run_of(tmp_path, states: list[str]):
@@ -170,3 +175,25 @@ def a_run_of(tmp_path, states: list[str]):
                              updated_at=then, host="h", device="cpu", relighter="sh")
         run.output.write(run.paths.report(index), report.model_dump_json().encode())
     return run
+
+
+def test_a_corrupt_reference_is_named_as_the_cause_and_opencv_says_nothing(tmp_path):
+    """Every item of a broken map fails, once each, in the report; status names the map (not
+    the images it failed), and OpenCV's own log line is not on stderr."""
+    import json
+    import shutil
+
+    from conftest import EXAMPLES, cli
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy(EXAMPLES / "refs" / "sky_sun.hdr", refs)
+    (refs / "broken.hdr").write_bytes((EXAMPLES / "refs" / "sunset.hdr").read_bytes()[:300])
+    ran = cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(refs), "--output",
+              str(tmp_path / "out"), "--iterations", "1", "--no-progress", check=True)
+    assert "[ERROR" not in ran.stderr and "RGBE" not in ran.stderr
+    status = json.loads(cli("status", "--output", str(tmp_path / "out"), "-o", "json",
+                            check=True).stdout)
+    assert status["items_failed"] == 4
+    [group] = status["failure_reasons"]
+    assert group["examples"] == ["broken.hdr"] and group["count"] == 4

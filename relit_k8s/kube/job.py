@@ -264,11 +264,9 @@ def default_max_failed(shards: int) -> int:
     return min(10_000, max(1, shards // 10))
 
 
-def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str, Any]:
-    """The ``batch/v1`` Job for ``manifest`` (see the module docstring for each choice)."""
-    name = job_name(manifest)
-    labels = run_labels(name)
-    job_labels = {**labels, **({QUEUE_LABEL: s.queue} if s.queue else {})}
+def _env(manifest: Manifest, manifest_uri: str, s: JobSettings, indexes: int
+         ) -> list[dict[str, Any]]:
+    """The worker container's environment."""
     env: list[dict[str, Any]] = [
         {"name": "RELIT_MANIFEST", "value": manifest_uri},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -284,7 +282,10 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/cache/torch/inductor"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
     ]
-    if not s.gpus_per_pod:
+    if s.gpus_per_pod:
+        # a GPU pod that sees no CUDA device exits 78 instead of relighting on the CPU
+        env.append({"name": "RELIT_GPUS_EXPECTED", "value": str(s.gpus_per_pod)})
+    else:
         # Where the NVIDIA container runtime is the node's default, an image without this
         # would see every GPU of the node; a pod that requests none gets none.
         env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
@@ -296,40 +297,51 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {
                 "name": s.s3_secret, "key": key}}})
+    # torch and the worker's thread pools size themselves from the CPU request, not from the
+    # node's cores (without a CPU limit the cgroup does not say): the downward API gives it,
+    # rounded up to whole cores
+    env.append({"name": "RELIT_CPU_REQUEST", "valueFrom": {"resourceFieldRef": {
+        "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}}})
+    if manifest.balance == "leases":
+        # the claim order of worker i: its own shards (i, i + workers, ...) first
+        env.append({"name": "RELIT_WORKERS", "value": str(indexes)})
+    return env
+
+
+def _resources(s: JobSettings) -> dict[str, dict[str, str]]:
     requests: dict[str, str] = {"cpu": s.cpu, "memory": s.memory}
     limits: dict[str, str] = {"memory": s.memory}
     if s.cpu_limit:
         limits["cpu"] = s.cpu_limit
     if s.gpus_per_pod:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(s.gpus_per_pod)
-    tolerations = ([dict(GPU_TOLERATION)] if s.gpus_per_pod else []) + [
-        t for t in s.tolerations if t != GPU_TOLERATION]
-    if s.gpus_per_pod:
-        # a GPU pod that sees no CUDA device exits 78 instead of relighting on the CPU
-        env.append({"name": "RELIT_GPUS_EXPECTED", "value": str(s.gpus_per_pod)})
-    # torch and the worker's thread pools size themselves from the CPU request, not from the
-    # node's cores (without a CPU limit the cgroup does not say): the downward API gives it,
-    # rounded up to whole cores
-    env.append({"name": "RELIT_CPU_REQUEST", "valueFrom": {"resourceFieldRef": {
-        "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}}})
     # the disk emptyDirs are node disk: the scheduler must count them (and the kubelet then
     # evicts a pod that outgrows them, rather than a node running out of disk)
     requests["ephemeral-storage"] = add_quantities(
         s.tmp_size, *([] if s.cache_host_path else [s.cache_size]))
-    cache_volume: dict[str, Any] = (
+    return {"requests": requests, "limits": limits}
+
+
+def _volumes(s: JobSettings) -> list[dict[str, Any]]:
+    cache: dict[str, Any] = (
         {"name": "model-cache", "hostPath": {"path": s.cache_host_path,
                                              "type": "DirectoryOrCreate"}}
         if s.cache_host_path else
         {"name": "model-cache", "emptyDir": {"sizeLimit": s.cache_size}}
     )
-    container: dict[str, Any] = {
+    return [{"name": "tmp", "emptyDir": {"sizeLimit": s.tmp_size}}, cache,
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}}]
+
+
+def _container(s: JobSettings, env: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "name": CONTAINER,
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy,
         "command": ["relit-k8s"],
         "args": ["worker"],
         "env": env,
-        "resources": {"requests": requests, "limits": limits},
+        "resources": _resources(s),
         "securityContext": {
             "runAsNonRoot": True,
             **({"runAsUser": UID, "runAsGroup": UID} if s.fixed_ids else {}),
@@ -345,6 +357,9 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+
+
+def _pod_spec(s: JobSettings, container: dict[str, Any]) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": s.termination_grace_seconds,
@@ -356,32 +371,44 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": "tmp", "emptyDir": {"sizeLimit": s.tmp_size}},
-            cache_volume,
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
-        ],
+        "volumes": _volumes(s),
     }
-    if s.service_account:
-        pod_spec["serviceAccountName"] = s.service_account
-    if s.node_selector:
-        pod_spec["nodeSelector"] = dict(s.node_selector)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if s.priority_class:
-        pod_spec["priorityClassName"] = s.priority_class
-    if s.runtime_class:
-        pod_spec["runtimeClassName"] = s.runtime_class
-    if s.image_pull_secret:
-        pod_spec["imagePullSecrets"] = [{"name": s.image_pull_secret}]
+    tolerations = ([dict(GPU_TOLERATION)] if s.gpus_per_pod else []) + [
+        t for t in s.tolerations if t != GPU_TOLERATION]
+    optional = {"serviceAccountName": s.service_account, "priorityClassName": s.priority_class,
+                "runtimeClassName": s.runtime_class,
+                "nodeSelector": dict(s.node_selector) or None, "tolerations": tolerations or None,
+                "imagePullSecrets": [{"name": s.image_pull_secret}] if s.image_pull_secret
+                else None}
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    return pod_spec
+
+
+def _failure_policy() -> dict[str, Any]:
+    """Exit 78 fails the Job at once; disruptions (preemption, eviction, drain) are not held
+    against an index; exit 75 counts against its retries."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}},
+        {"action": "Ignore", "onPodConditions": [
+            {"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Count", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In", "values": [EXIT_TEMPORARY]}},
+    ]}
+
+
+def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str, Any]:
+    """The ``batch/v1`` Job for ``manifest`` (see the module docstring for each choice)."""
     if s.gpus_per_pod > 1 and manifest.balance == "static":
         raise ConfigError(f"--gpus-per-pod {s.gpus_per_pod} with static shards: a pod runs its "
                           "one shard on one GPU and would hold the others idle; use leases "
                           "(a pod runs a worker per GPU), or --gpus-per-pod 1")
+    if manifest.shards > 100_000 or s.parallelism > 100_000:
+        raise ConfigError("a Job holds at most 100,000 indexes here: use fewer --shards")
+    name = job_name(manifest)
+    labels = run_labels(name)
     indexes = job_indexes(manifest, s.parallelism)
-    if manifest.balance == "leases":
-        # the claim order of worker i: its own shards (i, i + workers, ...) first
-        env.append({"name": "RELIT_WORKERS", "value": str(indexes)})
+    container = _container(s, _env(manifest, manifest_uri, s, indexes))
     spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": indexes,
@@ -392,18 +419,11 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
             s.max_failed_indexes if s.max_failed_indexes is not None
             else default_max_failed(indexes)),
         "podReplacementPolicy": "Failed",
-        "podFailurePolicy": {"rules": [
-            {"action": "FailJob", "onExitCodes": {
-                "containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}},
-            {"action": "Ignore", "onPodConditions": [
-                {"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "Count", "onExitCodes": {
-                "containerName": CONTAINER, "operator": "In", "values": [EXIT_TEMPORARY]}},
-        ]},
+        "podFailurePolicy": _failure_policy(),
         "template": {
             "metadata": {"labels": labels,
                          "annotations": {MANIFEST_ANNOTATION: manifest_uri}},
-            "spec": pod_spec,
+            "spec": _pod_spec(s, container),
         },
     }
     if manifest.balance == "leases":
@@ -417,12 +437,10 @@ def build_job(manifest: Manifest, manifest_uri: str, s: JobSettings) -> dict[str
         spec["ttlSecondsAfterFinished"] = s.ttl_seconds_after_finished
     if s.queue:
         spec["suspend"] = True  # Kueue unsuspends the Job when it admits it
-    if manifest.shards > 100_000 or s.parallelism > 100_000:
-        raise ConfigError("a Job holds at most 100,000 indexes here: use fewer --shards")
     metadata: dict[str, Any] = {"name": name}
     if s.namespace:
         metadata["namespace"] = s.namespace
-    metadata["labels"] = job_labels
+    metadata["labels"] = {**labels, **({QUEUE_LABEL: s.queue} if s.queue else {})}
     metadata["annotations"] = {MANIFEST_ANNOTATION: manifest_uri,
                                OUTPUT_ANNOTATION: manifest.output}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -126,6 +127,28 @@ def use_backend(name: str) -> None:
         getattr(torch.backends.cuda, f"enable_{flag}_sdp")(on)
 
 
+def _configs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet's and VAE's ``config.json`` of a local model directory."""
+    try:
+        return (json.loads((path / "unet" / "config.json").read_text()),
+                json.loads((path / "vae" / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise RelighterError(f"diffusion: {path} has no readable unet/ and vae/ "
+                             f"config.json ({e})") from None
+
+
+def check_resolution(resolution: int, unet_config: Any, vae_config: Any) -> None:
+    """A resolution the model can run: a multiple of the VAE's scale times the UNet's
+    down-sampling (64 for SD 2.1), else a :class:`RelighterError` naming the nearest ones."""
+    step = 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (
+        len(unet_config["block_out_channels"]) - 1)
+    if resolution % step:
+        low = max(step, resolution // step * step)
+        raise RelighterError(f"diffusion: resolution={resolution} does not fit this model: it "
+                             f"must be a multiple of {step} (the VAE's scale times the UNet's "
+                             f"down-sampling), e.g. {low} or {low + step}")
+
+
 def native_resolution(unet_config: Any, vae_config: Any) -> int:
     """Pixels a side a model was made for, from its UNet's and VAE's configurations: the
     UNet's ``sample_size`` (latent pixels) times the VAE's scale, as diffusers' pipelines."""
@@ -194,6 +217,8 @@ class DiffusionRelighter(Relighter):
                 if not path.is_dir():
                     raise RelighterError(f"diffusion: no model directory at {options.model} "
                                          "(relit-k8s make-model DIR writes a random-weight one)")
+                if options.resolution is not None:
+                    check_resolution(options.resolution, *_configs(path))
 
     @classmethod
     def fingerprint(cls, options: RelighterOptions) -> str | None:
@@ -356,6 +381,7 @@ class DiffusionRelighter(Relighter):
         self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         #: Pixels a side: the option, else the model's native size (as diffusers' pipelines).
         self.resolution = o.resolution or native_resolution(self.unet.config, self.vae.config)
+        check_resolution(self.resolution, self.unet.config, self.vae.config)
         # True when guidance cannot change the result: one UNet pass per step is exact
         self.one_pass = (o.guidance_scale == 1.0 or self.uncond is None
                          or torch.equal(self.uncond, self.cond))

@@ -3,7 +3,9 @@
 1. The reference environment map (equirectangular, linear radiance) is projected onto the 9
    real spherical harmonics of order <= 2 with solid-angle weights, and convolved with the
    clamped-cosine lobe (Ramamoorthi and Hanrahan, 2001): ``E(n) = sum_lm A_l L_lm Y_lm(n)``
-   with ``A_0 = pi``, ``A_1 = 2 pi / 3``, ``A_2 = pi / 4``.
+   with ``A_0 = pi``, ``A_1 = 2 pi / 3``, ``A_2 = pi / 4``, bands 1 and 2 windowed so that
+   no light's irradiance is negative anywhere (:data:`NONNEGATIVE_WINDOW`; ``window="none"``:
+   exact, with its ringing).
 2. Per-pixel normals come from the user's normal map (``--normals``) or an estimate: a gentle
    dome facing the camera (``dome``) tilted by the gradients of the blurred luminance
    (``detail``: brighter is nearer, a shape-from-shading prior).
@@ -40,6 +42,17 @@ _C3 = 0.25 * math.sqrt(5.0 / math.pi)  # 0.315392
 _C4 = 0.25 * math.sqrt(15.0 / math.pi)  # 0.546274
 #: Clamped-cosine convolution per coefficient (band 0, 1, 1, 1, 2 x 5).
 COSINE_LOBE = (math.pi,) + (2.0 * math.pi / 3.0,) * 3 + (math.pi / 4.0,) * 5
+
+#: Band weights (window) of the irradiance, band 1 and band 2: the order-2 clamped cosine goes
+#: negative (to -0.04 of its peak, at about 122 degrees from the light), so a one-sided
+#: coloured light rings: its colour's irradiance is clipped to zero where the light does not
+#: reach while the ambient of the other colours is not, and the image turns the complementary
+#: hue there. With these weights the kernel ``1/4 + w1 x / 2 + 5 w2 P2(x) / 16`` is
+#: non-negative on the whole sphere, so no light ever subtracts: they are the non-negative
+#: kernel closest (least squares over the sphere) to the exact clamped cosine ``max(0, x)``
+#: (windowing, as in Sloan's "Stupid Spherical Harmonics (SH) Tricks"; found by a grid search,
+#: checked by ``tests/test_sh_physics.py``).
+NONNEGATIVE_WINDOW = (1.0,) + (0.8579,) * 3 + (0.9093,) * 5
 
 _LUMA = (0.2126, 0.7152, 0.0722)  # Rec. 709 luminance of linear RGB
 
@@ -101,9 +114,14 @@ def project_env(env: torch.Tensor, angles: torch.Tensor | None = None) -> torch.
     return torch.einsum("bhwk,chw->bkc", basis, weighted).to(torch.float32)
 
 
-def irradiance(coeffs: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """Irradiance ``B x 3 x H x W`` at unit normals ``3 x H x W``, coefficients ``B x 9 x 3``."""
+def irradiance(coeffs: torch.Tensor, normals: torch.Tensor,
+               window: Sequence[float] | None = None) -> torch.Tensor:
+    """Irradiance ``B x 3 x H x W`` at unit normals ``3 x H x W``, coefficients ``B x 9 x 3``;
+    ``window``: weights per coefficient (:data:`NONNEGATIVE_WINDOW`), none: the exact order-2
+    clamped cosine."""
     lobe = torch.tensor(COSINE_LOBE, device=coeffs.device, dtype=coeffs.dtype)
+    if window is not None:
+        lobe = lobe * torch.tensor(window, device=coeffs.device, dtype=coeffs.dtype)
     basis = sh_basis(normals.permute(1, 2, 0).to(coeffs.dtype))  # H x W x 9
     return torch.einsum("hwk,bkc->bchw", basis, coeffs * lobe[None, :, None])
 
@@ -181,6 +199,12 @@ class SHOptions(RelighterOptions):
         description="the input's own lighting: neutral (even, divided out as a constant) or "
         "fit (1st-order SH fitted to its luminance)",
     )
+    window: Literal["nonnegative", "none"] = Field(
+        "nonnegative",
+        description="nonnegative: band weights that keep every light's irradiance >= 0 (no "
+        "complementary hue where a coloured light does not reach); none: the exact order-2 "
+        "clamped cosine, which rings (relit-k8s before 0.3)",
+    )
     dome: float = Field(0.6, ge=0.0, le=10.0, description="curvature of the estimated normals")
     detail: float = Field(
         0.08, ge=0.0, le=10.0, description="weight of luminance gradients in estimated normals"
@@ -214,7 +238,8 @@ class SHRelighter(Relighter):
         normals = normals.to(self.device, torch.float32)
         coeffs = project_env(reference.to(self.device, torch.float32),
                              self.angles(seeds).to(self.device))
-        target = irradiance(coeffs, normals).clamp_min(0.0)  # B x 3 x H x W
+        window = NONNEGATIVE_WINDOW if opts.window == "nonnegative" else None
+        target = irradiance(coeffs, normals, window).clamp_min(0.0)  # B x 3 x H x W
         source = self._source(lin, normals)  # 1 x 1 x H x W or scalar
         out = lin[None] * target / source
         # Exposure: keep the input's mean luminance.

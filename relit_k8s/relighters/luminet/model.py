@@ -10,6 +10,7 @@ section.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,3 +184,19 @@ class LumiNet(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.cfg.scale_factor)
+
+
+def read_config(path: str | Path) -> LumiNetConfig:
+    """The configuration in a LumiNet YAML file (the original format); a file that is missing
+    or not such a YAML is a :class:`RelighterError`."""
+    import yaml
+
+    from ...errors import RelighterError
+
+    try:
+        return LumiNetConfig.from_yaml(yaml.safe_load(Path(path).read_text()))
+    except FileNotFoundError:
+        raise RelighterError(f"luminet: no config file at {path}") from None
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise RelighterError(f"luminet: {path} is not a LumiNet YAML ({type(e).__name__}: "
+                             f"{e})") from None

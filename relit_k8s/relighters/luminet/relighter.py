@@ -48,7 +48,7 @@ from ..loading import (
     write_cached_tensors,
 )
 from .checkpoint import load, load_safetensors, read_state_dict
-from .model import TIMESTEPS, LumiNet, LumiNetConfig, alphas_cumprod
+from .model import TIMESTEPS, LumiNet, LumiNetConfig, alphas_cumprod, read_config
 from .sampler import ddim_sample, ddim_timesteps
 from .selector import Selector
 from .text import empty_prompt_context
@@ -180,6 +180,14 @@ def _local(uri: str, cache_dir: str | None, what: str, hint: str = "") -> Path:
         raise RelighterError(f"luminet: no {what} at {uri}{hint}") from None
 
 
+def _check_resolution(resolution: int, cfg: LumiNetConfig) -> None:
+    if resolution != cfg.image_size:
+        raise RelighterError(f"luminet: resolution={resolution}, but this model runs at "
+                             f"{cfg.image_size} x {cfg.image_size} only (its light code is "
+                             f"broadcast to a fixed {cfg.prior.hint_spatial} x "
+                             f"{cfg.prior.hint_spatial} latent)")
+
+
 class LuminetRelighter(Relighter):
     """LumiNet (a ControlNet on Stable Diffusion 2.1 with lighting tokens); see the module
     docstring."""
@@ -210,6 +218,12 @@ class LuminetRelighter(Relighter):
                         uri.removeprefix("file://")).expanduser().is_file():
                     raise RelighterError(f"luminet: no {what} file at {uri}"
                                          + (NEW_DECODER_HINT if what == "new decoder" else ""))
+        if options.config is None or (here and not options.config.startswith("s3://")):
+            # the model's size, from its YAML (no weights): a resolution it cannot run is
+            # refused before a plan is written
+            cfg = LumiNetConfig() if options.config is None else read_config(
+                Path(options.config.removeprefix("file://")).expanduser())
+            _check_resolution(options.resolution, cfg)
 
     @classmethod
     def scores(cls, options: RelighterOptions) -> bool:
@@ -247,17 +261,9 @@ class LuminetRelighter(Relighter):
         self.load_timings = timer.timings
         lap = timer.lap
         cuda = CudaStart(self.device)  # while the checkpoint is read on the CPU
-        cfg = LumiNetConfig()
-        if o.config:
-            import yaml
-
-            cfg = LumiNetConfig.from_yaml(yaml.safe_load(
-                _local(o.config, o.cache_dir, "config").read_text()))
-        if o.resolution != cfg.image_size:
-            raise RelighterError(f"luminet: resolution={o.resolution}, but this model runs at "
-                                 f"{cfg.image_size} x {cfg.image_size} only (its light code is "
-                                 f"broadcast to a fixed {cfg.prior.hint_spatial} x "
-                                 f"{cfg.prior.hint_spatial} latent)")
+        cfg = read_config(_local(o.config, o.cache_dir, "config")) if o.config \
+            else LumiNetConfig()
+        _check_resolution(o.resolution, cfg)
         checkpoint = _local(o.checkpoint, o.cache_dir, "checkpoint")
         new_decoder = _local(o.new_decoder, o.cache_dir, "new decoder", NEW_DECODER_HINT) \
             if o.new_decoder else None

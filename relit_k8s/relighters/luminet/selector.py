@@ -63,20 +63,9 @@ def selector_state(path: str | Path) -> dict[str, torch.Tensor]:
 def prior_config(config: str | Path | None) -> IntrinsicsConfig:
     """The Latent-Intrinsics sizes of a LumiNet YAML (as the relighter's ``config`` option
     reads it); the full-size model's without one."""
-    if config is None:
-        return IntrinsicsConfig()
-    import yaml
+    from .model import read_config
 
-    from .model import LumiNetConfig
-
-    try:
-        data = yaml.safe_load(Path(config).read_text())
-        return LumiNetConfig.from_yaml(data).prior
-    except FileNotFoundError:
-        raise RelighterError(f"luminet: no config file at {config}") from None
-    except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise RelighterError(f"luminet: {config} is not a LumiNet YAML ({type(e).__name__}: "
-                             f"{e})") from None
+    return IntrinsicsConfig() if config is None else read_config(config).prior
 
 
 def to_8bit(pixels: np.ndarray) -> np.ndarray:
