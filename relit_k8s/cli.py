@@ -364,12 +364,17 @@ def _run_here(manifest, slots, progress: bool, strict: bool, again: str = "run t
     record_launch(run, len(slots))
     where = slots[0].device if slots[0].device == "cpu" else "GPU " + ",".join(
         sorted({s.visible_gpu or "0" for s in slots}))
-    out.print(f"run [bold]{manifest.run_id}[/]: {manifest.items} outputs "
-              f"({len(manifest.images)} images x {len(manifest.references)} references x "
-              f"{manifest.iterations}) in {manifest.shards} shards on {len(slots)} worker(s), "
-              f"{where}", highlight=False)
+    out.print(f"run [bold]{manifest.run_id}[/]: {console.plural(manifest.items, 'output')} "
+              f"({console.plural(len(manifest.images), 'image')} x "
+              f"{console.plural(len(manifest.references), 'reference')} x "
+              f"{manifest.iterations}) in {console.plural(manifest.shards, 'shard')} on "
+              f"{len(slots)} worker(s), {where}", highlight=False)
     if progress:
-        with console.progress_runner(manifest.items) as (on_progress, on_log):
+        # leases: the shards an earlier attempt finished are not run again, and their items
+        # would never reach the bar
+        before = sum(r.items_finished for r in run.read_reports().values()
+                     if r.state == "done") if manifest.balance == "leases" else 0
+        with console.progress_runner(manifest.items, before) as (on_progress, on_log):
             result = run_local(uri, manifest.shards, slots, on_progress=on_progress,
                                on_log=on_log)
     else:
@@ -491,6 +496,13 @@ def status_cmd(
         out.print(console.status_view(status))
         _say_requests(verbose)
         return
+    if not out.is_terminal:  # a pipe or a file: every refresh, one after the other
+        while True:
+            out.print(console.status_view(status))
+            if not status.going:
+                return
+            time.sleep(interval)
+            status = snapshot()
     from rich.live import Live
 
     try:

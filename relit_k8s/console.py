@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 from collections import Counter
@@ -24,8 +25,19 @@ from rich.text import Text
 from .manifest import Manifest
 from .status import RunStatus
 
-out = Console()
-err = Console(stderr=True)
+#: Columns of output that goes to a file or a pipe (rich's own default is 80, which wraps
+#: paths and table rows that a terminal would show whole); COLUMNS still decides when set.
+PIPE_WIDTH = 160
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def fail(message: str) -> None:
@@ -100,8 +112,10 @@ def problems(messages: list[str]) -> None:
         err.print(Text(msg, style="red"), highlight=False)
 
 
-def progress_runner(total: int):
-    """A context manager yielding (on_progress, on_log) callbacks that drive a progress bar."""
+def progress_runner(total: int, completed: int = 0):
+    """A context manager yielding (on_progress, on_log) callbacks that drive a progress bar
+    (``completed``: items finished before, by an earlier attempt: a continued run's bar
+    starts there and ends at 100%)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -120,7 +134,8 @@ def progress_runner(total: int):
         def __enter__(self):
             self.bar = Progress(*columns, console=err, transient=False)
             self.bar.__enter__()
-            self.task = self.bar.add_task("relighting", total=total, rate="")
+            self.task = self.bar.add_task("relighting", total=total, rate="",
+                                          completed=completed)
             self.failed = 0
             return self.on_progress, self.on_log
 

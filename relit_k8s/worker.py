@@ -456,6 +456,8 @@ class ShardRunner:
         self._reporter: _Reporter | None = None
         #: items finished and seconds spent on the shards this runner finished (its rate)
         self._items, self._seconds = 0, 0.0
+        #: (image, reference, error) failures already logged at warning level
+        self.failures_said: set[tuple[str, str, str]] = set()
         #: the final reports of the shards this process finished, kept in one object of its
         #: own for the readers of the whole run (Run.reports): one read per worker, not per shard
         self._folded = FoldedReports(writer=f"{_safe_host()}-{os.getpid()}-{os.urandom(4).hex()}")
@@ -909,8 +911,13 @@ class _ShardPass:
                      "image": unit.image, "ref": unit.ref, "kept": sorted(keep)}})
 
     def _fail(self, w: _PairWork, items: list[tuple[int, int]], exc: Exception) -> None:
-        log.warning("failed %s x %s (%d item%s): %s", w.image, w.ref, len(items),
-                    "" if len(items) == 1 else "s", exc,
+        # once per pair and reason at warning level: a bad image fails each of its units
+        said = (w.image, w.ref, str(exc))
+        level = logging.DEBUG if said in self.runner.failures_said else logging.WARNING
+        if len(self.runner.failures_said) < 100_000:  # bounded: a run of broken pairs
+            self.runner.failures_said.add(said)
+        log.log(level, "failed %s x %s (%d item%s): %s", w.image, w.ref, len(items),
+                "" if len(items) == 1 else "s", exc,
                     extra={"event": "item_failed", "fields": {
                         "image": w.image, "ref": w.ref, "iterations": [i for i, _ in items],
                         "error": str(exc), "kind": type(exc).__name__}})

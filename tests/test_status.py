@@ -197,3 +197,45 @@ def test_a_corrupt_reference_is_named_as_the_cause_and_opencv_says_nothing(tmp_p
     assert status["items_failed"] == 4
     [group] = status["failure_reasons"]
     assert group["examples"] == ["broken.hdr"] and group["count"] == 4
+
+
+def test_a_broken_pair_is_said_once_and_piped_output_and_watch_read_whole(tmp_path):
+    """A pair whose reference is broken fails in each of its units; the run says so once.
+    Piped (no COLUMNS), lines are not wrapped at 80 columns; `status --watch` to a pipe prints
+    the view and ends with the run."""
+    import shutil
+
+    from conftest import EXAMPLES, cli
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "broken.hdr").write_bytes((EXAMPLES / "refs" / "sunset.hdr").read_bytes()[:300])
+    shutil.copy(EXAMPLES / "refs" / "sky_sun.hdr", refs)
+    out = tmp_path / "a very long folder name that would wrap at eighty columns" / "out"
+    ran = cli("run", "--input", str(EXAMPLES / "images"), "--img-pattern", "a*", "--refs",
+              str(refs), "--ref-pattern", "broken*", "--output", str(out), "--iterations", "8",
+              "--shards", "4", "--workers", "1", "--no-progress", env={"COLUMNS": ""})
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.count("failed astronaut.png x broken.hdr") == 1, ran.stderr
+    first = next(line for line in ran.stdout.splitlines() if line.startswith("run relit-"))
+    assert len(first) > 80 and first.endswith("on 1 worker(s), cpu")  # not wrapped at 80
+    watched = cli("status", "--output", str(out), "--watch", env={"COLUMNS": ""}, timeout=60)
+    assert watched.returncode == 0 and "8/8 items" in watched.stdout
+
+
+def test_a_continued_runs_progress_bar_starts_at_what_was_finished():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from relit_k8s import console
+
+    buffer = StringIO()
+    saved = console.err
+    console.err = Console(file=buffer, width=120, force_terminal=False)
+    try:
+        with console.progress_runner(10, completed=6) as (on_progress, _):
+            on_progress(4, 0, 0)
+    finally:
+        console.err = saved
+    assert "10/10" in buffer.getvalue() and "100%" in buffer.getvalue()
