@@ -239,18 +239,18 @@ def step_profile_h200() -> str:
         f"{source_b(d)} Since: {d['changed_since']}"])
 
 
-def luminet_fidelity() -> str:
-    d = load("luminet_fidelity_tiny_cpu.json")
+def luminet_fidelity(name: str = "luminet_fidelity_tiny_cpu.json") -> str:
+    d = load(name)
     rows = ["| dtype | mean difference from fp32 (8-bit levels; per seed) | largest | values "
             "within one level | equal |", "|---|---|---|---|---|"]
-    for dtype in ("fp32", "bf16", "fp16"):
+    for dtype in [t for t in ("fp32", "bf16", "fp16") if t in d["against_fp32"]]:
         r = d["against_fp32"][dtype]
         seeds = r["mean_levels_per_seed"]
         rows.append(f"| {dtype} | {r['mean_levels']:.2f} ({min(seeds):.2f}-{max(seeds):.2f}) | "
                     f"{r['max_levels']} | {r['within_one_level']:.1%} | {r['equal']:.1%} |")
     return "\n".join([*rows, "", f"{d['model']}, {d['steps']} DDIM steps, seeds "
                       f"{', '.join(map(str, d['seeds']))}, on the CPU. "
-                      + source("luminet_fidelity_tiny_cpu.json", d)])
+                      + source(name, d)])
 
 
 def luminet_scoring() -> str:
@@ -296,6 +296,7 @@ def status_scale() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "status-scale": status_scale,
     "luminet-fidelity": luminet_fidelity,
+    "luminet-fidelity-full": lambda: luminet_fidelity("luminet_fidelity_full_cpu.json"),
     "luminet-scoring": luminet_scoring,
     "fleet-scenarios": fleet_scenarios,
     "fleet-sweep": fleet_sweep,

@@ -203,18 +203,9 @@ class StatusView:
     def __rich_console__(self, console, options):
         yield Group(*self.parts(options.max_width))
 
-    def parts(self, width: int) -> list[Any]:
-        status = self.status
-        parts: list[Any] = []
-        rate, eta = status.items_per_second, status.eta_seconds
-        speed = f", {rate:.2f} items/s" if rate else ""
-        speed += f", eta {_age(eta)}" if eta else ""
-        parts.append(Text.assemble(
-            "run ", (status.run_id, "bold"),
-            f" ({status.relighter}), {status.state}: {status.items_finished}/"
-            f"{status.items_total} items ({status.items_done} written, {status.items_skipped} "
-            f"skipped, {status.items_failed} failed){speed}"))
-        job = status.job
+    def job_lines(self) -> list[Any]:
+        """The Job's state, conditions, pods that have not started and its events."""
+        job, parts = self.status.job, []
         if job and job.error:
             parts.append(Text(f"Job state unavailable: {job.error}", style="yellow"))
         elif job:
@@ -239,6 +230,20 @@ class StatusView:
                                   + f": {e.message or ''}", style="red"))
             if job.details_error:
                 parts.append(Text(f"  {job.details_error}", style="yellow"))
+        return parts
+
+    def parts(self, width: int) -> list[Any]:
+        status = self.status
+        parts: list[Any] = []
+        rate, eta = status.items_per_second, status.eta_seconds
+        speed = f", {rate:.2f} items/s" if rate else ""
+        speed += f", eta {_age(eta)}" if eta else ""
+        parts.append(Text.assemble(
+            "run ", (status.run_id, "bold"),
+            f" ({status.relighter}), {status.state}: {status.items_finished}/"
+            f"{status.items_total} items ({status.items_done} written, {status.items_skipped} "
+            f"skipped, {status.items_failed} failed){speed}"))
+        parts += self.job_lines()
         if status.leases is not None:
             le = status.leases
             parts.append(Text(

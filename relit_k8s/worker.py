@@ -815,8 +815,12 @@ class _ShardPass:
             data = images.encode(pixels, key, self.runner.settings.png_level)
         score = None
         if self.selector is not None and w.code is not None:
-            with self._timed("score"):  # the bytes written: a re-score of the file agrees
-                score = self.selector.score(data, key, w.code)
+            try:
+                with self._timed("score"):  # the bytes written: a re-score of the file agrees
+                    score = self.selector.score(data, key, w.code)
+            except Exception as e:  # noqa: BLE001 - a score is a record: never worth an output
+                log.warning("could not score %s (%s: %s): written unscored", key,
+                            type(e).__name__, e)
         with self._timed("write"), self.report.writing():
             self.output.write(key, data)
         if score is not None:

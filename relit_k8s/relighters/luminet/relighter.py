@@ -198,6 +198,8 @@ class LuminetRelighter(Relighter):
     Options = LuminetOptions
     options: LuminetOptions
     batch_size = 8
+    #: the new decoder (``new_decoder``), or None: the first stage's
+    bypass: BypassAutoencoderKL | None = None
 
     @classmethod
     def preflight(cls, options: RelighterOptions, here: bool) -> None:
@@ -273,18 +275,7 @@ class LuminetRelighter(Relighter):
         cache = self._weights_cache_path(checkpoint)
         #: where the weights were read from: "checkpoint", or "cache" (:meth:`_weights_cache_path`)
         self.weights_from = "checkpoint"
-        model, default_context = self._from_cache(cache)
-        text: dict[str, torch.Tensor] | None = None
-        if model is None:
-            with torch.device("meta"):
-                model = LumiNet(cfg)
-            text = load(model, checkpoint, assign=True)
-        self.bypass: BypassAutoencoderKL | None = None
-        if new_decoder is not None:
-            with torch.device("meta"):
-                bypass = BypassAutoencoderKL(cfg.bypass_vae)
-            _load_bypass(bypass, new_decoder)
-            self.bypass = bypass
+        model, default_context, text = self._read_weights(cache, checkpoint, new_decoder)
         lap("read_weights")
         self.context = self._context(o, checkpoint, text, default_context)
         #: the unconditional branch's context (``uncond_context``), or None: one pass a step
@@ -311,14 +302,37 @@ class LuminetRelighter(Relighter):
                                            if self.device.type == "cuda" else 8)
         lap("batch_probe")
         if o.compile:
-            import torch._inductor.config as inductor
+            self._compile()
 
-            inductor.conv_1x1_as_mm = True  # PyTorch's advice for diffusion UNets
-            m = self.model
-            m.model.diffusion_model = torch.compile(  # type: ignore[assignment]
-                m.model.diffusion_model, dynamic=False)
-            m.control_model = torch.compile(  # type: ignore[assignment]
-                m.control_model, dynamic=False)
+    def _read_weights(self, cache: Path | None, checkpoint: Path, new_decoder: Path | None
+                      ) -> tuple[LumiNet, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """(the model on the meta device's tensors as read, the cached empty-prompt context,
+        the checkpoint's text encoder: None when read from the cache); sets :attr:`bypass`."""
+        cfg = self.cfg
+        model, default_context = self._from_cache(cache)
+        text: dict[str, torch.Tensor] | None = None
+        if model is None:
+            with torch.device("meta"):
+                model = LumiNet(cfg)
+            text = load(model, checkpoint, assign=True)
+        self.bypass = None
+        if new_decoder is not None:
+            with torch.device("meta"):
+                bypass = BypassAutoencoderKL(cfg.bypass_vae)
+            _load_bypass(bypass, new_decoder)
+            self.bypass = bypass
+        return model, default_context, text
+
+    def _compile(self) -> None:
+        """torch.compile the UNet and ControlNet (static shapes)."""
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True  # PyTorch's advice for diffusion UNets
+        m = self.model
+        m.model.diffusion_model = torch.compile(  # type: ignore[assignment]
+            m.model.diffusion_model, dynamic=False)
+        m.control_model = torch.compile(  # type: ignore[assignment]
+            m.control_model, dynamic=False)
 
     def _measure_batch_size(self) -> int:
         """Seeds per batch on this GPU (:func:`~..loading.measure_batch_size`): one denoising
