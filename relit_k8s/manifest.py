@@ -15,7 +15,7 @@ import json
 import posixpath
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -345,7 +345,24 @@ class Failure(BaseModel):
 ShardState = Literal["running", "done", "failed", "stopped"]
 
 
-class UnitScores(BaseModel):
+class _Record(BaseModel):
+    """A JSON record relit-k8s keeps in the output store (shard reports, their summaries,
+    score records): :meth:`from_json` turns what does not validate into a
+    :class:`ManifestError` that says where and what."""
+
+    #: (what ``where`` defaults to, what the record is called in the error)
+    NAME: ClassVar[tuple[str, str]]
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str | None = None) -> Self:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise ManifestError(f"{where or cls.NAME[0]} is not a valid {cls.NAME[1]}: "
+                                f"{e}") from e
+
+
+class UnitScores(_Record):
     """``<output>/_relit/<run>/scores/<unit>.json``: the scores of one finished unit's outputs
     (:mod:`relit_k8s.scores`)."""
 
@@ -360,15 +377,10 @@ class UnitScores(BaseModel):
     def by_seed(self) -> dict[int, float]:
         return {int(k): v for k, v in self.scores.items()}
 
-    @classmethod
-    def from_json(cls, data: bytes, where: str = "score record") -> UnitScores:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as e:
-            raise ManifestError(f"{where} is not a valid score record: {e}") from e
+    NAME: ClassVar[tuple[str, str]] = ("score record", "score record")
 
 
-class ShardReport(BaseModel):
+class ShardReport(_Record):
     """``<output>/_relit/<run>/shards/<index>.json``: what one attempt at a shard did."""
 
     model_config = ConfigDict(extra="forbid")
@@ -401,15 +413,10 @@ class ShardReport(BaseModel):
     def items_finished(self) -> int:
         return self.items_done + self.items_skipped + self.items_failed
 
-    @classmethod
-    def from_json(cls, data: bytes, where: str = "report") -> ShardReport:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as e:
-            raise ManifestError(f"{where} is not a valid shard report: {e}") from e
+    NAME: ClassVar[tuple[str, str]] = ("report", "shard report")
 
 
-class FoldedReports(BaseModel):
+class FoldedReports(_Record):
     """``<output>/_relit/<run>/folded/<writer>.json``: the final reports of the shards one
     worker process finished (``done``: such a report never changes), kept by that process
     alone, so that a reader of a whole run reads one object per worker instead of one report
@@ -423,9 +430,4 @@ class FoldedReports(BaseModel):
     #: bytes of each report as written: a report listed with another size was written again
     sizes: dict[int, int] = Field(default_factory=dict)
 
-    @classmethod
-    def from_json(cls, data: bytes, where: str = "folded reports") -> FoldedReports:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as e:
-            raise ManifestError(f"{where} is not a valid summary of shard reports: {e}") from e
+    NAME: ClassVar[tuple[str, str]] = ("folded reports", "summary of shard reports")

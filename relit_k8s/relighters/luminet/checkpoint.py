@@ -67,6 +67,19 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     return data
 
 
+def mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``state`` from loading strictly into a module whose state dict is
+    ``expected`` (the first three keys missing, unexpected and of another shape), or None."""
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & state.keys()
+                    if state[k].shape != expected[k].shape)
+    if not (missing or unexpected or shapes):
+        return None
+    return (f"missing {missing[:3]}, unexpected {unexpected[:3]}, of another shape "
+            f"{shapes[:3]}")
+
+
 def _first(keys, n: int = 5) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")

@@ -47,7 +47,7 @@ from ..loading import (
     weights_dtype,
     write_cached_tensors,
 )
-from .checkpoint import load, load_safetensors, read_state_dict
+from .checkpoint import load, load_safetensors, mismatch, read_state_dict
 from .model import TIMESTEPS, LumiNet, LumiNetConfig, alphas_cumprod, read_config
 from .sampler import ddim_sample, ddim_timesteps
 from .selector import Selector
@@ -549,13 +549,7 @@ class LuminetRelighter(Relighter):
 
 def _load_bypass(bypass: BypassAutoencoderKL, path: Path) -> None:
     state = read_state_dict(path, "new decoder")
-    expected = bypass.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shapes = sorted(k for k in expected.keys() & state.keys()
-                    if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        raise RelighterError(
-            f"luminet: the new decoder {path} does not fit (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, of another shape {shapes[:3]})")
+    problem = mismatch(bypass.state_dict(), state)
+    if problem:
+        raise RelighterError(f"luminet: the new decoder {path} does not fit ({problem})")
     bypass.load_state_dict(state, strict=True, assign=True)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from ... import images
 from ...errors import ItemError, RelighterError
-from .checkpoint import PRIOR, read_state_dict
+from .checkpoint import PRIOR, mismatch, read_state_dict
 from .intrinsics import UNUSED_PREFIXES, IntrinsicsConfig, IntrinsicsEncoder
 
 #: Pixels a side of what the selector sees (the original's ``Resize((256, 256))``).
@@ -112,16 +112,11 @@ class Selector:
         with torch.device("meta"):
             encoder = IntrinsicsEncoder(cfg)
         state = selector_state(weights)
-        expected = encoder.state_dict()
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        shapes = sorted(k for k in expected.keys() & state.keys()
-                        if state[k].shape != expected[k].shape)
-        if missing or unexpected or shapes:
+        problem = mismatch(encoder.state_dict(), state)
+        if problem:
             raise RelighterError(
-                f"luminet: the selector weights in {weights} do not fit the selector (missing "
-                f"{missing[:3]}, unexpected {unexpected[:3]}, of another shape {shapes[:3]}); "
-                "is --config the YAML of the model they come from?")
+                f"luminet: the selector weights in {weights} do not fit the selector "
+                f"({problem}); is --config the YAML of the model they come from?")
         encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True,
                                 assign=True)
         return cls(encoder, device)
