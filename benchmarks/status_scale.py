@@ -42,7 +42,8 @@ SHARDS_PER_WORKER = 32
 
 def write_run(client, bucket: str, shards: int):
     """Plan and write a finished run of ``shards`` shards straight to the server."""
-    from relit_k8s.manifest import FoldedReports, ShardReport, now
+    from relit_k8s.clock import now
+    from relit_k8s.manifest import FoldedReports, ShardReport
     from relit_k8s.planner import PlanSettings, plan
     from relit_k8s.run import Run
     from relit_k8s.storage import open_storage

@@ -136,7 +136,8 @@ BatchOpt = Annotated[int | None, typer.Option(
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images larger "
                                            "than this many pixels (checked before decoding).")]
 BalanceOpt = Annotated[str, typer.Option(
-    "--balance", metavar="auto|leases|static", help="How shards reach workers. leases: each "
+    "--balance", metavar="MODE", help="How shards reach workers: auto, leases or static. "
+    "leases: each "
     "worker claims shards from the output store until none is left (no straggler tail; a "
     "lost worker's shard is taken over; local runs and Jobs can share a run). static: shard i "
     "is Job index i. auto: leases where the output store honours conditional writes (probed "
@@ -160,8 +161,7 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", metavar="cpu|cuda",
                                                help="Where the workers relight [default: cuda "
                                                "if available].")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 if any item failed.")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress",
-                                           help="Show the progress bar.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 
 # --- cluster flags -----------------------------------------------------------------------------
 NamespaceOpt = Annotated[str | None, typer.Option(
@@ -296,7 +296,7 @@ def run_cmd(
     dry_run: DryRunOpt = False,
     allow_mixed: MixedOpt = False,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
-    strict: StrictOpt = False, progress: ProgressOpt = True,
+    strict: StrictOpt = False, no_progress: NoProgressOpt = False,
 ):
     """Relight on this machine: one worker process per GPU (or on the CPU). No cluster needed."""
     from . import console
@@ -313,7 +313,7 @@ def run_cmd(
         _check_maker(manifest, allow_mixed)
         console.plan_summary(manifest, "Plan (dry run: nothing written)")
         return
-    _run_here(manifest, slots, progress, strict, allow_mixed=allow_mixed)
+    _run_here(manifest, slots, not no_progress, strict, allow_mixed=allow_mixed)
 
 
 def _slots(device: str | None, gpus: str | None, workers: int | None):
@@ -413,10 +413,11 @@ def worker_cmd(
     """The pod entrypoint: claim shards until every shard of the run is finished (leases), or
     run shard --index (static). Exit 0 done, 75 retry, 78 config error, 143 stopped."""
     from . import logs
-    from .worker import check_expected_gpus, main
+    from .worker import check_cache_writable, check_expected_gpus, main
 
     logs.setup(logs.log_format(log_format))
     check_expected_gpus(device)
+    check_cache_writable()
     slots = _pod_slots(device, workers)
     if len(slots) > 1:  # a GPU each, or CPU stand-ins: one process per slot, claiming
         from .local import run_pod
@@ -459,8 +460,8 @@ def status_cmd(
                                       help="A table, or one JSON object (the documented "
                                       "keys).")] = "table",
     namespace: NamespaceOpt = None, context: ContextOpt = None,
-    cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Also read the Job "
-                                          "of a submitted run.")] = True,
+    no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Do not read the Job of "
+                                             "a submitted run.")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until the run ends: no "
                                         "shard runs or is starting, and its Job (if any) has "
                                         "ended (Ctrl+C to leave).")] = False,
@@ -481,7 +482,7 @@ def status_cmd(
 
     def snapshot():
         status = collect(the_run, stall_after=stall_after)
-        if cluster:
+        if not no_cluster:
             from .kube.runs import job_state
 
             status.job = job_state(the_run, namespace, context)
@@ -559,7 +560,7 @@ def submit_cmd(
         "--node-selector", metavar="KEY=VALUE", help="Node label to require (repeatable).")]
     = None,
     toleration: Annotated[list[str] | None, typer.Option(
-        "--toleration", metavar="KEY[=VALUE][:EFFECT]", help="Toleration (repeatable), added "
+        "--toleration", metavar="TOLERATION", help="KEY[=VALUE][:EFFECT] (repeatable), added "
         "to nvidia.com/gpu:NoSchedule, which GPU pods always have.")] = None,
     priority_class: Annotated[str | None, typer.Option(
         "--priority-class", metavar="NAME", help="PriorityClass of the pods (preemption order "
@@ -582,8 +583,8 @@ def submit_cmd(
     grace_period: Annotated[int, typer.Option("--grace-period", min=1, help="Pod termination "
                                               "grace period, seconds.")] = 120,
     image_pull_policy: Annotated[str, typer.Option(
-        "--image-pull-policy", metavar="Always|IfNotPresent|Never",
-        help="When the nodes pull --image.")] = "IfNotPresent",
+        "--image-pull-policy", metavar="POLICY",
+        help="When the nodes pull --image: Always, IfNotPresent or Never.")] = "IfNotPresent",
     image_pull_secret: Annotated[str | None, typer.Option(
         "--image-pull-secret", metavar="NAME", help="Secret with the credentials of a private "
         "registry.")] = None,
@@ -597,10 +598,10 @@ def submit_cmd(
         "--runtime-class", metavar="NAME", help="runtimeClassName of the pods: nvidia where "
         "the NVIDIA runtime is not the nodes' default (k3s, RKE2, some GPU Operator set-ups) "
         "[default: the nodes' default].")] = None,
-    fixed_ids: Annotated[bool, typer.Option(
-        "--fixed-ids/--no-fixed-ids", help="Run the pods as uid/gid 10001; --no-fixed-ids on "
+    no_fixed_ids: Annotated[bool, typer.Option(
+        "--no-fixed-ids", help="Leave the pods' uid/gid (10001 otherwise) to the cluster: on "
         "OpenShift, whose restricted-v2 SCC picks the uid (the image runs as any uid).")]
-    = True,
+    = False,
     active_deadline: Annotated[str | None, typer.Option(
         "--active-deadline", metavar="DURATION", help="A hard stop: the Job fails (reason "
         "DeadlineExceeded) and its pods are stopped this long after it starts, e.g. 6h, 90m, "
@@ -627,7 +628,7 @@ def submit_cmd(
         ttl_seconds_after_finished=ttl, termination_grace_seconds=grace_period,
         priority_class=priority_class, service_account=service_account, queue=queue,
         image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
-        cache_host_path=cache_host_path, runtime_class=runtime_class, fixed_ids=fixed_ids,
+        cache_host_path=cache_host_path, runtime_class=runtime_class, fixed_ids=not no_fixed_ids,
         active_deadline_seconds=parse_duration(
             active_deadline, "--active-deadline") if active_deadline else None)
     _submit(manifest, job_settings, context, dry_run, fmt, allow_mixed=allow_mixed)
@@ -669,13 +670,17 @@ def logs_cmd(
                                                "the newest attempt of each index.")] = False,
     tail: Annotated[int | None, typer.Option("--tail", min=0, help="Last lines per pod.")]
     = None,
+    max_streams: Annotated[int, typer.Option(
+        "--max-streams", min=1, max=1000, help="With --follow: logs streamed at once, each an "
+        "open connection to a kubelet; the other pods' logs follow as these end.")] = 16,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
 ):
     """Print the logs of a run's pods: the newest attempt of each index, prefixed by index.
 
     A pod that has not started yet (pulling its image, no node, a missing Secret) shows its
-    waiting reason on stderr instead; with --follow the command waits for it. A pod whose log
-    cannot be read does not stop the others; the command then exits with that error's code."""
+    waiting reason on stderr instead; with --follow the command waits for it (one watch of the
+    run's pods, whatever their number). A pod whose log cannot be read does not stop the
+    others; the command then exits with that error's code."""
     from . import console
     from .kube.pods import stream_logs
     from .kube.runs import cluster_for, find_submission
@@ -686,7 +691,7 @@ def logs_cmd(
 
     record = find_submission(output, run, namespace)
     errors = stream_logs(cluster_for(record, context, namespace), run, emit, index, follow,
-                         tail, all_attempts, note=console.note)
+                         tail, all_attempts, note=console.note, max_streams=max_streams)
     if errors:
         raise typer.Exit(errors[0].exit_code)
 
@@ -761,7 +766,7 @@ def resume_cmd(
         "(cluster runs).")] = None,
     namespace: NamespaceOpt = None, context: ContextOpt = None,
     gpus: GpusOpt = None, workers: WorkersOpt = None, device: DeviceOpt = None,
-    strict: StrictOpt = False, progress: ProgressOpt = True, verbose: VerboseOpt = False,
+    strict: StrictOpt = False, no_progress: NoProgressOpt = False, verbose: VerboseOpt = False,
 ):
     """A new run over only the units not yet written (or failed).
 
@@ -796,7 +801,7 @@ def resume_cmd(
     elif dry_run:
         console.plan_summary(resumed, "Resume (dry run: nothing written)")
     else:
-        _run_here(resumed, slots, progress, strict, again=f"relit-k8s resume {run} --local",
+        _run_here(resumed, slots, not no_progress, strict, again=f"relit-k8s resume {run} --local",
                   allow_mixed=True)  # it continues a run the folder already took
 
 

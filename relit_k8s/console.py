@@ -224,6 +224,17 @@ class StatusView:
                     style="bold red" if w.hint and w.reason != "Unschedulable" else "yellow"))
                 if w.hint:
                     parts.append(Text(f"    {w.hint}"))
+            for p in job.stuck:
+                parts.append(Text(
+                    f"  stuck terminating: pod {p.name} (index {p.index}"
+                    + (f", node {p.node}" if p.node else "") + f"), due to end {p.minutes} "
+                    "min ago", style="bold red"))
+            if job.stuck:
+                parts.append(Text(
+                    "    its node does not answer (kubectl get nodes); the Job starts a "
+                    "replacement only once the pod is gone (podReplacementPolicy: Failed). If "
+                    "the node is gone for good: kubectl delete pod NAME --force "
+                    "--grace-period=0" + (f" -n {job.namespace}" if job.namespace else "")))
             for e in job.events:
                 parts.append(Text(f"  event {e.reason}" + (f" (x{e.count})" if e.count and
                                                             e.count > 1 else "")

@@ -62,7 +62,6 @@ import os
 import random
 import socket
 import threading
-import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -72,6 +71,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import clock
 from .errors import NotFoundError, RelitError, Unsupported, WriteConflict
 from .settings import WorkerSettings
 from .storage import META_DIR, LocalStorage, Storage, process_alive
@@ -99,20 +99,10 @@ class Lease(BaseModel):
     #: the owner it was stolen from, when it was
     stolen_from: str | None = None
     #: the holder's progress on the shard, with each heartbeat: items finished of ``total``,
-    #: at ``rate`` items/s (what an idle worker reads to take a straggler's shard over)
+    #: at ``rate`` items/s (what ``status`` shows of the shards in progress)
     done: int = 0
     total: int | None = None
     rate: float | None = None
-
-    def seconds_left(self, at: datetime | None = None) -> float | None:
-        """Seconds the holder needs to finish, at its rate, as of ``at`` (default: its last
-        heartbeat); None before it reported progress."""
-        if self.total is None or not self.rate:
-            return None
-        left = max(0, self.total - self.done) / self.rate
-        if at is not None:
-            left -= max(0.0, (at - self.heartbeat_at).total_seconds())
-        return max(0.0, left)
 
 
 class FinishedSummary(BaseModel):
@@ -162,9 +152,6 @@ class FinishedSummary(BaseModel):
 SUMMARY = "finished.json"
 #: The marker of a worker listing ``done/`` for the others (:meth:`LeaseBook.take_refresh`).
 REFRESH = "finished.refresh"
-#: Leases an idle worker reads per look, in the tail of a run, to find stragglers (each idle
-#: worker reads others, so together they read them all every few seconds).
-TAIL_SAMPLE = 4
 #: Shards believed free but found finished (claimed and finished by others since this worker's
 #: last look) before it lists again.
 MISSES_BEFORE_LISTING = 16
@@ -180,9 +167,6 @@ AHEAD_MIN_SECONDS = 0.5
 _CLAIMED, _FINISHED, _IDLE, _RELIST = "claimed", "finished", "idle", "relist"
 #: ... or the look brought the same picture again, whose free shards proved taken by others
 _STALE = "stale"
-#: An idle worker takes a live worker's shard over only when that worker would need more than
-#: this many times as long as the idle one to finish it (a 3x slower node: yes; noise: no).
-TAKEOVER_FACTOR = 2.0
 
 #: The mechanisms of the protocol that ``benchmarks/fleet.py`` can switch off, one at a time,
 #: to measure what each earns (its ablation rows); not a user option: only the benchmark sets
@@ -194,7 +178,6 @@ MECHANISMS = {
     "refresh_marker": "finished.refresh: one worker at a time brings finished.json up to date",
     "background_publish": "finished.json published in the background while all work on "
                           "their own shards",
-    "takeover": "an idle worker takes a live straggler's shard over (TAKEOVER_FACTOR)",
     "idle_backoff": "idle workers look the less often the more of them there are",
     "random_order": "past its own shards a worker tries the others in a random order",
 }
@@ -336,7 +319,7 @@ class LeaseBook:
         return self.finished_since(moment - timedelta(seconds=self.journal_margin))
 
     def _lease(self, shard: int, previous: Lease | None = None) -> Lease:
-        now = datetime.now(UTC)
+        now = clock.now()
         return Lease(run_id=self.run_id, shard=shard, owner=self.owner, claimed_at=now,
                      heartbeat_at=now, steals=(previous.steals + 1) if previous else 0,
                      stolen_from=previous.owner if previous else None)
@@ -403,7 +386,7 @@ class LeaseBook:
         held: dict[int, datetime] = {}
         released: set[int] = set()
         summary_at = refresh_at = None
-        listed_at = datetime.now(UTC)
+        listed_at = clock.now()
         for name, modified in self.storage.list_modified(self.folder).items():
             stem, _, ext = name.partition(".")
             if name == SUMMARY:
@@ -429,7 +412,7 @@ class LeaseBook:
             return True
         key = f"{self.folder}/{REFRESH}"
         if found is not None and found.refresh_at is not None and \
-                datetime.now(UTC) - found.refresh_at > timedelta(seconds=self.seconds / 2):
+                clock.now() - found.refresh_at > timedelta(seconds=self.seconds / 2):
             self.storage.delete(key)
         try:
             self.storage.create(key, b"")
@@ -444,35 +427,22 @@ class LeaseBook:
     def is_done(self, shard: int) -> bool:
         return self.storage.exists(self.done_key(shard))
 
-    def _straggler(self, lease: Lease, faster_than: float | None) -> bool:
-        """A live holder so slow that this worker (``faster_than`` items/s) would finish the
-        shard in under 1 / :data:`TAKEOVER_FACTOR` of its time, saving a sixth of a lease
-        time at least (the holder's time left is counted from its last heartbeat)."""
-        now = datetime.now(UTC)
-        left = lease.seconds_left(at=now)
-        if left is None or not faster_than or lease.total is None:
-            return False
-        elapsed = max(0.0, (now - lease.heartbeat_at).total_seconds())
-        done = min(lease.total, lease.done + elapsed * (lease.rate or 0))
-        mine = (lease.total - done) / faster_than
-        return left > TAKEOVER_FACTOR * mine and left - mine > self.seconds / 6
-
     def stale(self, lease: Lease) -> bool:
         """Its heartbeat is older than the lease time, or its holder was a process of this
         host that is gone (a local run killed with -9 is taken over at once when run again)."""
-        if datetime.now(UTC) - lease.heartbeat_at > timedelta(seconds=self.seconds):
+        if clock.now() - lease.heartbeat_at > timedelta(seconds=self.seconds):
             return True
         host, _, rest = lease.owner.partition("/")
         pid = rest.partition("/")[0]
         return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
 
-    def try_claim(self, shard: int, faster_than: float | None = None,
-                  released: bool = False, held: bool = False,
+    def try_claim(self, shard: int, released: bool = False, held: bool = False,
                   check_first: bool = False, free: bool = False) -> Claim | None:
         """Claim ``shard`` if nobody holds it, or steal it from a holder whose heartbeat is
-        older than the lease time, or (``faster_than``: this worker's items/s) from a live
-        holder that would take :data:`TAKEOVER_FACTOR` times as long as this worker to finish
-        it. None if it is finished, another holds it, or another worker won the race for it.
+        older than the lease time (a live holder's shard is never taken, however slow it is:
+        ``benchmarks/fleet.py`` measured no gain from that at 16 workers and, at 64, one shard
+        passed from worker to worker hundreds of times, each thief found slow by the next).
+        None if it is finished, another holds it, or another worker won the race for it.
         ``released``: the shard's lease was released (a ``.free`` marker): the marker is
         deleted once the shard is claimed or found finished (a marker left by a worker that
         claimed the shard without knowing would otherwise outlive it). ``held``: a listing
@@ -482,17 +452,17 @@ class LeaseBook:
         create, a check and a delete. A shard claimed after its lease was found gone (released
         since the caller looked, by a summary a moment old) has its marker deleted too.
         ``free``: a look showed it free a moment ago: when the create fails, another worker
-        claimed it since, and its lease (new: neither stale nor a straggler's, with no
-        progress yet) is not read (in the tail of a 256-worker run, a read per shard lost to
-        another worker was a fifth of the store's reads)."""
-        claim, gone = self._try_claim(shard, faster_than, held, check_first, free)
+        claimed it since, and its lease (new: not stale) is not read (in the tail of a
+        256-worker run, a read per shard lost to another worker was a fifth of the store's
+        reads)."""
+        claim, gone = self._try_claim(shard, held, check_first, free)
         if released and (claim is not None or shard in self.seen_done) or \
                 gone and claim is not None:
             self.storage.delete(self.free_key(shard))
         return claim
 
-    def _try_claim(self, shard: int, faster_than: float | None, held: bool,
-                   check_first: bool, free: bool) -> tuple[Claim | None, bool]:
+    def _try_claim(self, shard: int, held: bool, check_first: bool,
+                   free: bool) -> tuple[Claim | None, bool]:
         """:meth:`try_claim` but for the ``.free`` marker, and whether its lease was found
         gone; a shard found finished is added to :attr:`seen_done`."""
         if check_first and not held and self.is_done(shard):
@@ -505,16 +475,15 @@ class LeaseBook:
             found = self.read(shard)
             if found is None:  # released (or finished) a moment ago
                 claim, gone = self._create(shard), True
-            elif self.stale(found[0]) or self._straggler(found[0], faster_than):
+            elif self.stale(found[0]):
                 lease = self._lease(shard, found[0])
                 try:
                     version = self.storage.replace(self.key(shard), _bytes(lease), found[1])
                 except WriteConflict:  # another thief was first, or the holder came back
                     return None, False
                 claim = Claim(shard, version, lease)
-                why = (f"no heartbeat for {self.seconds:.0f} s" if self.stale(found[0]) else
-                       f"{found[0].seconds_left(at=datetime.now(UTC)):.0f} s left at its rate")
-                log.warning("took shard %d from %s (%s)", shard, found[0].owner, why,
+                log.warning("took shard %d from %s (no heartbeat for %.0f s)", shard,
+                            found[0].owner, self.seconds,
                             extra={"event": "lease_stolen", "fields": {
                                 "shard": shard, "from": found[0].owner, "by": self.owner}})
         if claim is not None and self.is_done(shard):  # finished while we looked
@@ -534,7 +503,7 @@ class LeaseBook:
               rate: float | None = None) -> Claim:
         """The heartbeat, with the holder's progress: :class:`LeaseLost` if the lease was taken
         meanwhile."""
-        update: dict = {"heartbeat_at": datetime.now(UTC)}
+        update: dict = {"heartbeat_at": clock.now()}
         if done is not None:
             update.update(done=done, total=total, rate=rate)
         lease = claim.lease.model_copy(update=update)
@@ -555,7 +524,7 @@ class LeaseBook:
         except WriteConflict:  # a thief finished it too (written again: it may have died
             pass  # before its journal entry; two entries of a shard are harmless)
         if "journal" not in DISABLED:
-            self.storage.write(self.journal_key(claim.shard, datetime.now(UTC)), b"")
+            self.storage.write(self.journal_key(claim.shard, clock.now()), b"")
         self.seen_done.add(claim.shard)
         self.storage.delete(self.key(claim.shard))
 
@@ -602,9 +571,7 @@ class Claimer:
     make the tail), then the free shards in :func:`claim_order`. When there are none, the
     live leases: all of them on a local folder (reads are cheap) and on the first listing of a
     worker (a holder may be a dead process of this host, taken over at once, see
-    :meth:`LeaseBook.stale`); after that, in the tail of the run, a sample, to take a
-    straggler's shard over when this worker would finish it in well under half the time
-    (:meth:`LeaseBook.try_claim`). The worker claims from that list, so a claim usually costs
+    :meth:`LeaseBook.stale`). The worker claims from that list, so a claim usually costs
     a create and a check, not a listing; it lists again after
     :data:`COLLISIONS_BEFORE_LISTING` shards listed as free turned out taken by others (the
     list is out of date), and does not try again a shard it found taken until a look newer
@@ -641,9 +608,13 @@ class Claimer:
         self._candidates: deque[int] = deque()
         self._free: set[int] = set()  # the candidates that were free when listed
         self._rng = random.Random(index)
-        #: this worker's items/s so far (its runner sets it after each shard): with it, an idle
-        #: worker takes over a live straggler's shard (:data:`TAKEOVER_FACTOR`)
-        self.own_rate: float | None = None
+        self._own = set(own_shards(index, workers, shards))
+        self._init_picture()
+        self._init_counters()
+        self._init_threads()
+
+    def _init_picture(self) -> None:
+        """What this worker knows of the store: the shards finished, held, released, taken."""
         #: what the listings showed: finished shards, the held and the released ones
         self._done: set[int] = set()
         #: the finished shards the store showed (summaries, listings, markers, checks), without
@@ -663,9 +634,17 @@ class Claimer:
         #: the picture (``_held_at``) whose list was given up after too many collisions: a
         #: look that brings it again waits for a newer one (:meth:`_round`)
         self._lost_on: datetime | None = None
-        self._own = set(own_shards(index, workers, shards))
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
+        #: the moment up to which this worker knows the finished shards (the journal is read
+        #: from there on at its next look); None before its first look
+        self._known_at: datetime | None = None
+        self._looked_at = 0.0  # when it last listed (monotonic)
+        self._ended = False  # finished.json named every shard while this worker waited
+        self._why = "first"  # why the next look is made (:attr:`looks`)
+
+    def _init_counters(self) -> None:
+        """What this claimer did, for the logs and ``benchmarks/fleet.py``."""
         #: claims made, steals among them, looks made (listings of leases/, or reads of a
         #: fresh finished.json: :attr:`summary_looks`), listings of done/ made,
         #: finished.json read in place of a listing of done/, brought up to date from the
@@ -683,32 +662,29 @@ class Claimer:
         #: fresh (:meth:`_fresh`: then a miss costs a create, a check and a delete)
         self.misses: Counter[str] = Counter()
         #: reads of ``finished.json`` by this worker while idle, to see the run finished
-        #: (:meth:`_wait_idle`), and whether one did
+        #: (:meth:`_wait_idle`)
         self.end_checks = 0
-        self._ended = False
         #: the looks this worker made, by why: its first look, its list of candidates used
         #: up, past its own shards, another's shard next on a list older than a poll interval
         #: (``old list``), too many misses, too many collisions, after an idle wait, the check
         #: before it stops (``benchmarks/fleet.py`` prints them)
         self.looks: Counter[str] = Counter()
-        self._why = "first"
-        #: the moment up to which this worker knows the finished shards (the journal is read
-        #: from there on at its next look); None before its first look
-        self._known_at: datetime | None = None
-        self._looked_at = 0.0  # when it last listed (monotonic)
+        #: summaries this worker published in the background (:meth:`_publish_in_background`)
+        self.background = 0
+        #: seconds a claim took of late (moving average), from the look to the lease written
+        self.claim_seconds = AHEAD_MIN_SECONDS / AHEAD_CLAIMS
+
+    def _init_threads(self) -> None:
+        """The claim made ahead and the summary published in the background, in a thread."""
         #: the shard the worker runs while a claim is made ahead (not a candidate of it)
         self._current: int | None = None
         #: a claim made ahead (:meth:`claim_ahead`), in its thread
         self._ahead: Future | None = None
-        #: a summary being published in that thread (:meth:`_publish_in_background`), and
-        #: how many this worker published so
+        #: a summary being published in that thread (:meth:`_publish_in_background`)
         self._publishing: Future | None = None
-        self.background = 0
         self._claimed_at = 0.0  # when it took its current shard (monotonic)
         self._ahead_pool: ThreadPoolExecutor | None = None
         self._ahead_lock = threading.Lock()
-        #: seconds a claim took of late (moving average), from the look to the lease written
-        self.claim_seconds = AHEAD_MIN_SECONDS / AHEAD_CLAIMS
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as looked at now:
@@ -723,7 +699,7 @@ class Claimer:
         found = None if self._look_in_full else self._summary_look()
         if found is None:
             found = self._listed()
-        self._looked_at = time.monotonic()
+        self._looked_at = clock.monotonic()
         self._misses = 0
         self._held, self._released = found.held, found.released
         self._held_at = found.listed_at
@@ -743,7 +719,7 @@ class Claimer:
         summary = self.book.summary()
         if summary is None or summary.held is None or summary.listed_at is None:
             return None
-        age = (datetime.now(UTC) - summary.listed_at).total_seconds()
+        age = (clock.now() - summary.listed_at).total_seconds()
         if age <= self.summary_seconds:
             return self._from_summary(summary)
         if not self._beyond_own or age > self.journal_seconds:
@@ -773,7 +749,7 @@ class Claimer:
         found = self.book.leases() if found is None else found
         if summary is None or summary.listed_at is None:
             self.done_listings += 1
-            listed_at = datetime.now(UTC)
+            listed_at = clock.now()
             done = self.book.finished()
         else:
             self.updates += 1
@@ -850,7 +826,7 @@ class Claimer:
         if not self._beyond_own or found.summary_at is None or found.refresh_at is not None \
                 or "summary" in DISABLED:
             return False
-        age = (datetime.now(UTC) - found.summary_at).total_seconds()
+        age = (clock.now() - found.summary_at).total_seconds()
         return age > self.summary_seconds
 
     def _finished(self, found: LeaseListing) -> tuple[set[int], datetime | None]:
@@ -866,10 +842,10 @@ class Claimer:
         saturated for minutes)."""
         if "summary" in DISABLED:
             self.done_listings += 1
-            at = datetime.now(UTC)
+            at = clock.now()
             return self.book.finished(), at
         if found.summary_at is not None and \
-                datetime.now(UTC) - found.summary_at <= timedelta(seconds=self.summary_seconds):
+                clock.now() - found.summary_at <= timedelta(seconds=self.summary_seconds):
             summary = self.book.summary()
             if summary is not None and summary.listed_at is not None:
                 self.summaries += 1
@@ -939,7 +915,7 @@ class Claimer:
     def _with_journal(self, shards: set[int], listed_at: datetime) -> tuple[set[int], datetime]:
         """A summary's ``shards`` (complete as of ``listed_at``) and the journal since then:
         the finished shards, with when the journal's listing began (complete as of then)."""
-        at = datetime.now(UTC)
+        at = clock.now()
         if "journal" in DISABLED:  # every finished shard, listed
             self.done_listings += 1
             return self.book.finished(), at
@@ -969,7 +945,7 @@ class Claimer:
             done, held = self.state()
         if len(done) >= self.shards:
             return False
-        old = datetime.now(UTC) - timedelta(seconds=self.book.seconds)
+        old = clock.now() - timedelta(seconds=self.book.seconds)
         # held by this worker (not a candidate of a claim ahead), or found taken by another
         # since the leases were listed: a look that reads the same summary again (at 256
         # workers, after a round of collisions, a moment later) would otherwise try the
@@ -987,10 +963,6 @@ class Claimer:
                 # elsewhere on a worker's first look (a run started again after `kill -9`
                 # takes its dead processes' shards now)
                 stale = live
-            elif self.own_rate and "takeover" not in DISABLED:
-                # the tail: look for a straggler among a few of them (each idle worker looks
-                # at others, so together they see them all)
-                stale = self._rng.sample(live, min(len(live), TAIL_SAMPLE))
         self._collisions = 0
         self._candidates = deque(stale + free)
         self._free = set(free)
@@ -1000,7 +972,7 @@ class Claimer:
         """How long an idle worker waits before it looks again: ``poll`` seconds times the
         idle workers over :data:`IDLE_POLLERS`, so that together they look about that many
         times per ``poll`` however many they are, up to the lease time (each idle worker
-        looks that often at least, for stragglers to take over: without that cap 256 idle
+        looks that often at least, for silent leases to take over: without that cap 256 idle
         workers waited five minutes each, and ``benchmarks/fleet.py`` measured no gain, 1.29x
         of ideal against 1.22x and 1.26x with it).
         Meanwhile it notices the end of the run from ``finished.json`` (:meth:`_wait_idle`)."""
@@ -1022,14 +994,14 @@ class Claimer:
         (one small object) every :attr:`end_check_seconds`: when it names every shard, the
         run is finished (a summary names only shards whose ``done/`` marker exists) and the
         next look is not made (:attr:`_ended`)."""
-        end = time.monotonic() + seconds
+        end = clock.monotonic() + seconds
         if "summary" in DISABLED:  # nothing to read: the next look sees the run finished
             self.stop.wait(seconds)
             return
         while not self._ended:
-            left = end - time.monotonic()
+            left = end - clock.monotonic()
             if left <= 0 or self.stop.wait(min(left, self.end_check_seconds)) or \
-                    time.monotonic() >= end:
+                    clock.monotonic() >= end:
                 return
             self.end_checks += 1
             published = self.book.published()
@@ -1039,7 +1011,7 @@ class Claimer:
         """The next shard this worker holds; None when every shard is finished (or stopped).
         A claim made ahead (:meth:`claim_ahead`) is taken first."""
         if self._current is not None:  # a shard of this worker's is over
-            self._maybe_publish(time.monotonic() - self._claimed_at)
+            self._maybe_publish(clock.monotonic() - self._claimed_at)
         claim = self._take_ahead()
         if claim is not None:
             return self._holding(claim)
@@ -1063,7 +1035,7 @@ class Claimer:
 
     def _holding(self, claim: Claim) -> Claim:
         self._current = claim.shard
-        self._claimed_at = time.monotonic()
+        self._claimed_at = clock.monotonic()
         return claim
 
     def _maybe_publish(self, seconds: float) -> None:
@@ -1112,7 +1084,7 @@ class Claimer:
         turn; (the claim, :data:`_CLAIMED`), or (None, why: :data:`_FINISHED`, :data:`_IDLE`
         when a fresh list had nothing to take, :data:`_RELIST` when the list proved out of
         date, :data:`_STALE` when the look brought the picture of a list given up again)."""
-        started = time.monotonic()
+        started = clock.monotonic()
         fresh = not self._candidates
         if fresh and not self._refresh():
             return None, _FINISHED
@@ -1134,14 +1106,12 @@ class Claimer:
                 # shard. A look again costs a read of a fresh finished.json, mostly; in full
                 # when the last one is too long ago for the journal since (see state())
                 first, self._beyond_own = not self._beyond_own, True
-                if time.monotonic() - self._looked_at > self.summary_seconds:
+                if clock.monotonic() - self._looked_at > self.summary_seconds:
                     self._candidates.clear()
                     self._why = "past own" if first else "old list"
                     return None, _RELIST
             recent = self._fresh()
-            faster = None if "takeover" in DISABLED else self.own_rate
-            claim = self.book.try_claim(shard, faster_than=faster,
-                                        released=shard in self._released,
+            claim = self.book.try_claim(shard, released=shard in self._released,
                                         held=shard in self._held,
                                         check_first=shard not in self._own and not recent,
                                         free=shard in self._free)
@@ -1149,7 +1119,7 @@ class Claimer:
                 self.claims += 1
                 self.steals += claim.lease.stolen_from is not None
                 self.claim_seconds = 0.8 * self.claim_seconds + \
-                    0.2 * (time.monotonic() - started)
+                    0.2 * (clock.monotonic() - started)
                 return claim, _CLAIMED
             if shard in self.book.seen_done:  # finished while this worker looked away
                 self._misses += 1
@@ -1162,7 +1132,7 @@ class Claimer:
                 self._why = "misses"
                 return None, _RELIST
             if shard in self._free:  # it was free when listed: another worker was first
-                self._taken[shard] = datetime.now(UTC)
+                self._taken[shard] = clock.now()
                 self._collisions += 1
                 self.collided += 1
                 if self._collisions < COLLISIONS_BEFORE_LISTING:
@@ -1182,7 +1152,7 @@ class Claimer:
         picture's free shards may well be finished: each is checked first (one request, not a
         create, a check and a delete)."""
         return self._known_at is not None and \
-            (datetime.now(UTC) - self._known_at).total_seconds() <= self.summary_seconds
+            (clock.now() - self._known_at).total_seconds() <= self.summary_seconds
 
     # --- claiming ahead ----------------------------------------------------------------------
     @property

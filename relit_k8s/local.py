@@ -235,8 +235,8 @@ def _settle_reports(manifest_uri: str, begun: dict[int, int], procs, stopped: bo
     """Reports that still say ``running`` after their worker ended (it was killed, or died,
     before saving them) get their true final state, so that ``status`` never shows a dead
     run as running."""
+    from .clock import now
     from .errors import RelitError
-    from .manifest import now
 
     run = _open_run(manifest_uri, "settle the reports of killed workers")
     if run is None:

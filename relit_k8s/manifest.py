@@ -14,7 +14,7 @@ import hashlib
 import json
 import posixpath
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,10 +43,6 @@ RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 MAX_FAILURE_RECORDS = 1000
 
 _SEED_SPACE = 2**32
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def check_run_id(run_id: str) -> str:

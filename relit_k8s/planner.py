@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import images
+from .clock import now
 from .errors import ConfigError, NotFoundError, StorageConfigError
 from .maker import check_maker, record_maker
 from .manifest import (
@@ -26,7 +27,6 @@ from .manifest import (
     RelighterSpec,
     Selection,
     check_run_id,
-    now,
 )
 from .relighters import parse_options, resolve
 from .run import Run

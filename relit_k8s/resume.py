@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 
+from .clock import now
 from .errors import ConfigError
-from .manifest import Manifest, now
+from .manifest import Manifest
 from .planner import default_shards
 from .run import Run, list_runs
 

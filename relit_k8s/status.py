@@ -13,8 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .clock import now
 from .errors import NotFoundError
-from .manifest import Failure, ShardReport, now
+from .manifest import Failure, ShardReport
 from .run import Run
 from .storage import Storage
 
@@ -86,6 +87,18 @@ class PodsWaiting(BaseModel):
     example_pod: str
 
 
+class PodStuck(BaseModel):
+    """A pod of the Job still there long after its deletion was due: its kubelet does not
+    answer (a lost node, usually), and the Job replaces it only once it is gone."""
+
+    name: str
+    index: str
+    node: str | None = None
+    #: when its grace period ended (``deletionTimestamp``)
+    deleted_at: str
+    minutes: int
+
+
 class JobEvent(BaseModel):
     """A warning event about the Job (``FailedCreate``: the pods were refused)."""
 
@@ -117,6 +130,8 @@ class JobSummary(BaseModel):
     completion_time: str | None = None
     #: pods that have not started, by reason (not read once the Job has ended)
     waiting: list[PodsWaiting] = Field(default_factory=list)
+    #: pods stuck terminating (looked for only while the Job counts terminating pods)
+    stuck: list[PodStuck] = Field(default_factory=list)
     #: the Job's warning events, newest last (``FailedCreate`` ...)
     events: list[JobEvent] = Field(default_factory=list)
     #: why the pods or events could not be read (e.g. no permission to list events)
@@ -133,8 +148,7 @@ class LeaseHolder(BaseModel):
     claimed_at: datetime
     heartbeat_at: datetime
     silent: bool = Field(description="not renewed for the lease time: taken over next")
-    steals: int = Field(description="times the shard was taken from a holder presumed dead "
-                        "or far slower")
+    steals: int = Field(description="times the shard was taken from a holder presumed dead")
     stolen_from: str | None = None
     items_done: int = 0
     items_total: int | None = None

@@ -617,48 +617,52 @@ class _s3_errors:
                 f"S3 endpoint unreachable for {self.where} after retries: {exc}"
             ) from exc
         if isinstance(exc, bx.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
-                raise WriteConflict(f"{self.where}: another writer won ({code})") from exc
-            if code == "NoSuchBucket":
-                raise StorageConfigError(
-                    f"bucket {self.bucket!r} does not exist (at {self.where}); create it first"
-                ) from exc
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                raise NotFoundError(f"no object at {self.where}") from exc
-            if code == "InvalidObjectState":
-                raise ObjectUnreadable(
-                    f"{self.where} is archived (restore it from its storage class first)"
-                ) from exc
-            if code in ("ExpiredToken", "ExpiredTokenException", "InvalidToken",
-                        "TokenRefreshRequired"):
-                raise StorageConfigError(
-                    f"the S3 credentials for {self.where} are expired or invalid ({code}): "
-                    "refresh them"
-                ) from exc
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or (
-                status == 403
-            ):
-                raise StorageConfigError(
-                    f"access denied to {self.where} ({code}): check the credentials and the "
-                    "bucket policy"
-                ) from exc
-            if status == 501 or code == "NotImplemented":
-                raise Unsupported(f"{self.where}: the store does not implement this request "
-                                  f"({code or 'HTTP 501'})") from exc
-            if status >= 500 or status == 429 or code in (
-                "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
-                "RequestLimitExceeded", "RequestTimeout",
-            ):
-                raise StorageUnavailable(
-                    f"S3 kept failing for {self.where} after retries: {code} (HTTP {status})"
-                ) from exc
-            raise StorageError(f"S3 error for {self.where}: {code} (HTTP {status})") from exc
+            raise self._client_error(exc) from exc
         if isinstance(exc, bx.BotoCoreError):
             raise StorageError(f"S3 error for {self.where}: {exc}") from exc
         return False
+
+    def _client_error(self, exc) -> StorageError:
+        """The storage error for an error answer of the server (by its code and status)."""
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            return WriteConflict(f"{self.where}: another writer won ({code})")
+        if code == "NoSuchBucket":
+            return StorageConfigError(
+                f"bucket {self.bucket!r} does not exist (at {self.where}); create it first"
+            )
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return NotFoundError(f"no object at {self.where}")
+        if code == "InvalidObjectState":
+            return ObjectUnreadable(
+                f"{self.where} is archived (restore it from its storage class first)"
+            )
+        if code in ("ExpiredToken", "ExpiredTokenException", "InvalidToken",
+                    "TokenRefreshRequired"):
+            return StorageConfigError(
+                f"the S3 credentials for {self.where} are expired or invalid ({code}): "
+                "refresh them"
+            )
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or (
+            status == 403
+        ):
+            return StorageConfigError(
+                f"access denied to {self.where} ({code}): check the credentials and the "
+                "bucket policy"
+            )
+        if status == 501 or code == "NotImplemented":
+            return Unsupported(f"{self.where}: the store does not implement this request "
+                               f"({code or 'HTTP 501'})")
+        if status >= 500 or status == 429 or code in (
+            "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+            "RequestLimitExceeded", "RequestTimeout",
+        ):
+            return StorageUnavailable(
+                f"S3 kept failing for {self.where} after retries: {code} (HTTP {status})"
+            )
+        return StorageError(f"S3 error for {self.where}: {code} (HTTP {status})")
 
 
 def _digest(data: bytes) -> str:

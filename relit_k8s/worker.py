@@ -22,6 +22,7 @@ import os
 import posixpath
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from . import images
+from .clock import monotonic, now
 from .errors import (
     EXIT_OK,
     ConfigError,
@@ -53,7 +55,6 @@ from .manifest import (
     ShardReport,
     Unit,
     UnitScores,
-    now,
     pair_seeds,
 )
 from .relighters import Relighter, create
@@ -123,6 +124,25 @@ def check_expected_gpus(device: str | None = None) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(NO_GPU.format(n=expected, torch=torch.__version__,
                                         cuda=torch.version.cuda or "none"))
+
+
+def check_cache_writable() -> None:
+    """The model cache (``XDG_CACHE_HOME``: the Job's ``/cache``) must take files: a pod whose
+    ``--cache-host-path`` directory stayed root-owned would otherwise fail deep inside a model
+    download. :class:`ConfigError` (78: no retry helps) names the fix."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    if not cache:
+        return
+    try:
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"the model cache {cache} (XDG_CACHE_HOME) is not writable by uid {os.getuid()}: "
+            f"{e.strerror or e}. A --cache-host-path directory is made writable by the Job's "
+            "init container cache-permissions; if a policy removed it, create the directory "
+            "on each node beforehand: install -d -o 10001 -g 10001 DIR") from e
 
 
 def device_label(device: str) -> str:
@@ -225,12 +245,12 @@ class _Reporter:
         self.claim: Claim | None = lease[1] if lease else None
         if self.book is not None:
             self.interval = min(interval, self.book.seconds / 3)
-        self._renewed = time.monotonic()  # the lease is renewed every third of the lease time
+        self._renewed = monotonic()  # the lease is renewed every third of the lease time
         #: set when the lease was lost: the shard pass stops, nothing more is written
         self.lost = threading.Event()
         self._version: str | None = None  # of the report, for the next conditional write
         self.lock = threading.Lock()
-        self._started = time.monotonic()
+        self._started = monotonic()
         self._last_log = self._started
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="relit-report", daemon=True)
@@ -252,15 +272,15 @@ class _Reporter:
                 first = self.claim is not None and self.claim.lease.total is None \
                     and self.report.items_finished > 0
                 if self.book is not None and self.claim is not None and (first or (
-                        time.monotonic() - self._renewed >= self.book.seconds / 3
+                        monotonic() - self._renewed >= self.book.seconds / 3
                         - self.interval)):
                     with self.lock:
                         r = self.report
                         done, total = r.items_finished, r.items_total
-                        elapsed = time.monotonic() - self._started
+                        elapsed = monotonic() - self._started
                     rate = round(done / elapsed, 4) if elapsed > 0 and done else None
                     self.claim = self.book.renew(self.claim, done, total, rate)
-                    self._renewed = time.monotonic()
+                    self._renewed = monotonic()
                 self.write()
             except LeaseLost as e:
                 log.warning("shard %d: %s; leaving the shard to it", self.report.index, e,
@@ -269,8 +289,8 @@ class _Reporter:
                 return
             except RelitError as e:  # a missed heartbeat is not fatal; the next one may pass
                 log.warning("could not write the shard report: %s", e)
-            if time.monotonic() - self._last_log >= self.log_every:
-                self._last_log = time.monotonic()
+            if monotonic() - self._last_log >= self.log_every:
+                self._last_log = monotonic()
                 self.log_progress()
 
     def log_progress(self) -> None:
@@ -290,7 +310,7 @@ class _Reporter:
         with self.lock:
             r = self.report
             r.updated_at = now()
-            elapsed = time.monotonic() - self._started
+            elapsed = monotonic() - self._started
             r.items_per_second = round(r.items_done / elapsed, 3) if elapsed > 0 else None
             data = r.model_dump_json(indent=1).encode()
             self.size = len(data)
@@ -341,7 +361,7 @@ class _Reporter:
         if self.progress and (done or skipped or failed):
             self.progress(done, skipped, failed)
         if self.near_end is not None and (written or left <= 0):
-            elapsed = time.monotonic() - self._started  # at the rate of the items written
+            elapsed = monotonic() - self._started  # at the rate of the items written
             self.near_end(max(0, left - self.batch) * elapsed / written if written else 0.0)
 
     @contextlib.contextmanager
@@ -438,11 +458,11 @@ class ShardRunner:
         self.report_interval = report_interval or self.settings.report_interval
         self.relit_run = Run.of(manifest)
         self.output = self.relit_run.output
-        started = time.monotonic()
+        started = monotonic()
         self.relighter = relighter or create(
             manifest.relighter.name, _options_with_batch(manifest), self.device
         )
-        self.model_load_seconds = round(time.monotonic() - started, 4)
+        self.model_load_seconds = round(monotonic() - started, 4)
         # long relighter calls check it between their steps (Relighter.raise_if_stopped)
         self.relighter.stop_event = self.stop
         #: Seeds per relighter call: the plan's, else the relighter's choice for its device.
@@ -494,7 +514,7 @@ class ShardRunner:
         self._fold(r, report.size)
         if r.items_done:  # skipped items are quick: they would overstate the rate
             self._items += r.items_done
-            self._seconds += time.monotonic() - report._started
+            self._seconds += monotonic() - report._started
         log.info("shard %d done: %d written, %d skipped, %d failed (%s items/s)", index,
                  r.items_done, r.items_skipped, r.items_failed, r.items_per_second,
                  extra={"event": "end", "fields": {
@@ -608,7 +628,6 @@ class ShardRunner:
                     continue
                 in_a_row = 0
                 finished += 1
-                claimer.own_rate = self.items_rate()
                 hooks.finished(claim.shard)
         finally:
             claimer.close()  # a shard claimed ahead is released at once

@@ -55,8 +55,23 @@ def require_fixture(folder: Path) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slowest tests (``@pytest.mark.slow``, a minute or more on 2 cores) first: xdist
     hands the first tests out in turn, so they run side by side at the start instead of
-    one of them ending the run alone (the order of the others is kept)."""
+    one of them ending the run alone (the order of the others is kept). Tests that talk to
+    the (fake) API server through the ``kubernetes`` client are marked ``kube_client``: CI
+    runs those again with the lowest client allowed."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:
+        if "fake_api" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kube_client)
+
+
+@pytest.fixture
+def clock():
+    """relit-k8s's one clock (relit_k8s.clock.CLOCK): a test moves it forward past a
+    threshold (a lease's age, a summary's) instead of sleeping; set back afterwards."""
+    from relit_k8s.clock import CLOCK
+
+    yield CLOCK
+    CLOCK.reset()
 
 
 @pytest.fixture(scope="session")

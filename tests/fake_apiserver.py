@@ -16,12 +16,21 @@ together with ``parallelism`` while they are equal (elastic Indexed Jobs), and
 ``maxFailedIndexes <= completions`` (``validateJobSpec`` runs on every update); 404 for a
 namespace or Job that is not there. Fields it does not know (``successPolicy``) are stored as
 given.
+
+Watches (``?watch=true`` on the pod list) behave as the API server's: a listing carries a
+``resourceVersion``; a watch from it sends ``ADDED``/``MODIFIED``/``DELETED`` events, each
+with its own ``resourceVersion``, for ``timeoutSeconds`` and then ends; an unknown version
+gets an ``ERROR`` event with 410 Gone. Changes are found by comparing the pods with what was
+last sent, so a test may edit a pod in place. A followed log (``follow=true``) stays open,
+as the kubelet keeps it, until its pod has ended or is gone; ``open_logs`` counts the
+followed logs open now and ``most_open_logs`` the most at once.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,6 +58,12 @@ class FakeApiServer:
         self.forbidden_resources: set[str] = set()
         self.events: list[dict] = []
         self.namespace_labels: dict[str, dict[str, str]] = {}
+        #: resourceVersion -> the pods as they were then (name -> JSON): where a watch starts
+        self._versions: dict[str, dict[str, str]] = {}
+        self._version = 0
+        self._lock = threading.Lock()
+        self.open_logs = 0
+        self.most_open_logs = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -116,6 +131,26 @@ class FakeApiServer:
             "name": "worker", "image": "x", "imageID": "", "ready": True, "restartCount": 0,
             "state": {"running": {"startedAt": "2026-11-27T10:00:00Z"}}}]}
 
+    def finish_pod(self, name: str, code: int = 0) -> None:
+        """The pod's container ended with ``code``: the pod Succeeded (0) or Failed."""
+        pod = self.pod(name)
+        pod["status"] = {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [{
+            "name": "worker", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0
+                                     else "Error"}}}]}
+
+    def delete_pod(self, name: str) -> None:
+        self.logs.pop(name, None)  # first: a followed log ends when its pod's log is gone
+        self.pods.remove(self.pod(name))
+
+    def _remember(self, pods: dict[str, str]) -> str:
+        """A new resourceVersion for the pods as they are in ``pods``."""
+        with self._lock:
+            self._version += 1
+            version = str(self._version)
+            self._versions[version] = dict(pods)
+        return version
+
     def add_job_event(self, job: str, reason: str, message: str, namespace: str = "relit",
                       type: str = "Warning", count: int = 1) -> None:
         uid = self.jobs[(namespace, job)]["metadata"]["uid"] if (namespace, job) in self.jobs \
@@ -134,8 +169,23 @@ class FakeApiServer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.1, as the API server: streamed answers (watches, followed logs) come in
+            # chunks as they are written, which a client reads as they come
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def _start_chunks(self, content_type: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+
+            def _chunk(self, data: bytes) -> None:
+                """One chunk (an empty one ends the answer)."""
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
 
             def _send(self, code: int, body, content_type="application/json"):
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -251,11 +301,53 @@ class FakeApiServer:
                 wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
                 phase = dict(term.split("=", 1) for term in fields.split(",") if term)
                 assert set(phase) <= {"status.phase"}, fields  # the one field selector used
-                items = [p for p in fake.pods if p["metadata"]["namespace"] == ns and all(
-                    p["metadata"]["labels"].get(k) == v for k, v in wanted.items()) and
-                    p["status"]["phase"] == phase.get("status.phase", p["status"]["phase"])]
+
+                def matching() -> dict[str, dict]:
+                    return {p["metadata"]["name"]: p for p in list(fake.pods)
+                            if p["metadata"]["namespace"] == ns and all(
+                                p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+                            and p["status"]["phase"] == phase.get("status.phase",
+                                                                  p["status"]["phase"])}
+
+                if self._query.get("watch") in ("true", "1"):
+                    return self._watch(matching)
+                items = matching()
+                version = fake._remember({n: json.dumps(p) for n, p in items.items()})
                 return self._send(200, {"kind": "PodList", "apiVersion": "v1",
-                                        "metadata": {}, "items": items})
+                                        "metadata": {"resourceVersion": version},
+                                        "items": list(items.values())})
+
+            def _watch(self, matching):
+                sent = fake._versions.get(self._query.get("resourceVersion", ""))
+                self._start_chunks("application/json")
+                try:
+                    if sent is None:
+                        self._event("ERROR", _status(410, "Expired",
+                                                     "too old resource version"))
+                    else:
+                        self._watch_from(dict(sent), matching)
+                finally:
+                    self._chunk(b"")
+
+            def _watch_from(self, sent: dict[str, str], matching) -> None:
+                end = time.monotonic() + float(self._query.get("timeoutSeconds", 30))
+                while time.monotonic() < end:
+                    now = {n: json.dumps(p) for n, p in matching().items()}
+                    changes = [("ADDED" if n not in sent else "MODIFIED", n) for n in now
+                               if sent.get(n) != now[n]] + [
+                        ("DELETED", n) for n in sent if n not in now]
+                    for kind, name in changes:
+                        pod = json.loads(now.get(name) or sent[name])
+                        if kind == "DELETED":
+                            del sent[name]
+                        else:
+                            sent[name] = now[name]
+                        pod["metadata"]["resourceVersion"] = fake._remember(sent)
+                        self._event(kind, pod)
+                    time.sleep(0.02)
+
+            def _event(self, kind: str, obj: dict) -> None:
+                self._chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
             def _namespace(self, ns):
                 if ns not in fake.namespaces:
@@ -296,7 +388,23 @@ class FakeApiServer:
                 lines = fake.logs[pod].splitlines(keepends=True)
                 if "tailLines" in query:
                     lines = lines[-int(query["tailLines"]):]
-                return self._send(200, "".join(lines), "text/plain")
+                if query.get("follow") not in ("true", "1"):
+                    return self._send(200, "".join(lines), "text/plain")
+                # followed: open until the pod has ended or is gone, as the kubelet keeps it
+                with fake._lock:
+                    fake.open_logs += 1
+                    fake.most_open_logs = max(fake.most_open_logs, fake.open_logs)
+                try:
+                    self._start_chunks("text/plain")
+                    if lines:
+                        self._chunk("".join(lines).encode())
+                    while pod in fake.logs and fake.pod(pod)["status"]["phase"] not in (
+                            "Succeeded", "Failed"):
+                        time.sleep(0.02)
+                    self._chunk(b"")
+                finally:
+                    with fake._lock:
+                        fake.open_logs -= 1
 
             def do_GET(self):
                 self._route("GET")

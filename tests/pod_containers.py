@@ -16,7 +16,9 @@ documentation in test_kube.py). What is carried over, field by field:
   engine's default profile), ``privileged``;
 * volumes: a disk ``emptyDir`` is an empty, world-writable host folder (as the kubelet makes
   it; the folder is returned so a test can look at what was written there); ``medium: Memory``
-  at ``/dev/shm`` is the shm size; ``hostPath`` is a bind mount;
+  at ``/dev/shm`` is the shm size; ``hostPath`` is a bind mount (``DirectoryOrCreate``: made
+  as the kubelet makes it, owned by root, mode 0755);
+* ``initContainers``: each runs to its end before the container starts;
 * ``resources.limits``: memory (swap off, as on a node) and CPU;
 * ``terminationGracePeriodSeconds`` -> the stop timeout (``docker stop`` sends SIGTERM, then
   SIGKILL after it).
@@ -66,8 +68,12 @@ class Pod:
     #: volume name -> the host folder behind a disk emptyDir
     folders: dict[str, Path] = field(default_factory=dict)
     grace_seconds: int = 30
+    #: the ``docker run`` arguments of its init containers, run in order before it
+    init_run_args: list[list[str]] = field(default_factory=list)
 
     def start(self) -> Pod:
+        for args in self.init_run_args:
+            docker("run", "--rm", *args)  # a failure raises: the pod never starts
         docker("run", "-d", "--name", self.name, *self.run_args)
         return self
 
@@ -101,9 +107,26 @@ class Pod:
 def pod_for_index(job: dict[str, Any], index: int, secrets: dict[str, dict[str, str]],
                   workdir: Path, name: str, env: dict[str, str] | None = None) -> Pod:
     """The ``docker run`` arguments that start index ``index`` of ``job``'s pods. ``env``
-    overrides variables of the container (a test's way to break one thing)."""
+    overrides variables of the container (a test's way to break one thing). Init containers
+    run first, one after the other, each to its end (as the kubelet runs them); a failed one
+    fails :meth:`Pod.start`."""
     spec = job["spec"]["template"]["spec"]
     [container] = spec["containers"]  # the worker is the Job's only container
+    folders: dict[str, Path] = {}
+    inits = [_container_args(init, spec, index, secrets, workdir, f"{name}-init{i}", folders)
+             for i, init in enumerate(spec.get("initContainers") or [])]
+    args = _container_args(container, spec, index, secrets, workdir, name, folders, env)
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    args = ["--stop-timeout", str(grace), *args]
+    return Pod(name=name, index=index, run_args=args, folders=folders, grace_seconds=grace,
+               init_run_args=inits)
+
+
+def _container_args(container: dict[str, Any], spec: dict[str, Any], index: int,
+                    secrets: dict[str, dict[str, str]], workdir: Path, name: str,
+                    folders: dict[str, Path], env: dict[str, str] | None = None) -> list[str]:
+    """The ``docker run`` arguments of one container of the pod; ``folders`` holds the host
+    folders of the pod's disk emptyDirs (made on first use, shared by its containers)."""
     psc = spec.get("securityContext") or {}
     csc = container.get("securityContext") or {}
     args = ["--network", "host"]
@@ -133,7 +156,6 @@ def pod_for_index(job: dict[str, Any], index: int, secrets: dict[str, dict[str, 
     elif seccomp not in (None, "RuntimeDefault"):  # the engine's default profile
         raise NotImplementedError(f"seccomp profile {seccomp}")
 
-    folders: dict[str, Path] = {}
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     for mount in container.get("volumeMounts") or []:
         volume = volumes[mount["name"]]
@@ -144,13 +166,17 @@ def pod_for_index(job: dict[str, Any], index: int, secrets: dict[str, dict[str, 
             size = volume["emptyDir"].get("sizeLimit")
             args += ["--shm-size", str(int(quantity(size)))] if size else []
         elif "emptyDir" in volume:
-            folder = workdir / f"{name}-{mount['name']}"
-            folder.mkdir(parents=True)
-            folder.chmod(0o777)  # the kubelet makes emptyDirs world-writable
-            folders[mount["name"]] = folder
-            args += ["-v", f"{folder}:{path}"]
+            if mount["name"] not in folders:
+                folder = workdir / f"{name}-{mount['name']}"
+                folder.mkdir(parents=True)
+                folder.chmod(0o777)  # the kubelet makes emptyDirs world-writable
+                folders[mount["name"]] = folder
+            args += ["-v", f"{folders[mount['name']]}:{path}"]
         elif "hostPath" in volume:
-            args += ["-v", f"{volume['hostPath']['path']}:{path}"]
+            host = Path(volume["hostPath"]["path"])
+            if volume["hostPath"].get("type") == "DirectoryOrCreate" and not host.exists():
+                host.mkdir(parents=True, mode=0o755)  # as the kubelet makes it: root, 0755
+            args += ["-v", f"{host}:{path}"]
         else:
             raise NotImplementedError(f"volume {volume}")
 
@@ -180,15 +206,12 @@ def pod_for_index(job: dict[str, Any], index: int, secrets: dict[str, dict[str, 
     for key, value in variables.items():
         args += ["-e", f"{key}={value}"]
 
-    grace = int(spec.get("terminationGracePeriodSeconds", 30))
-    args += ["--stop-timeout", str(grace)]
     if container.get("workingDir"):
         args += ["-w", container["workingDir"]]
     command = container.get("command") or []
     if command:
         args += ["--entrypoint", command[0]]
-    args += [container["image"], *command[1:], *(container.get("args") or [])]
-    return Pod(name=name, index=index, run_args=args, folders=folders, grace_seconds=grace)
+    return [*args, container["image"], *command[1:], *(container.get("args") or [])]
 
 
 def engine_available() -> str | None:

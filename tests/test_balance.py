@@ -25,9 +25,10 @@ from relit_k8s.run import RunPaths
 WORKER = [sys.executable, "-m", "relit_k8s", "worker", "--device", "cpu"]
 
 
-def big_dataset(tmp_path: Path, images: int = 1, iterations: int = 200, shards: int = 1,
+def big_dataset(tmp_path: Path, images: int = 1, iterations: int = 60, shards: int = 1,
                 **kw) -> tuple[Manifest, str, Path]:
-    """Large photos and many iterations: a shard takes long enough to be caught mid-way."""
+    """Large photos and many iterations: a shard takes long enough to be caught mid-way (the
+    tests act after 8 outputs; 60 per shard leave the rest of it, seconds of work, to come)."""
     (tmp_path / "in").mkdir()
     (tmp_path / "refs").mkdir()
     for i in range(images):
@@ -98,7 +99,7 @@ def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path)
 
 
 def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
-    m, uri, out = big_dataset(tmp_path, iterations=200, shards=2)
+    m, uri, out = big_dataset(tmp_path, iterations=60, shards=2)
     lease_env = {"RELIT_LEASE_SECONDS": "3", "RELIT_WORKERS": "2"}
     a = start_worker(uri, 0, **lease_env)
     wait_for_outputs(out, 8)
@@ -127,7 +128,7 @@ def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
 
 
 def test_sigterm_frees_the_shard_at_once(tmp_path):
-    m, uri, out = big_dataset(tmp_path, iterations=200, shards=1)
+    m, uri, out = big_dataset(tmp_path, iterations=60, shards=1)
     long_lease = {"RELIT_LEASE_SECONDS": "3600"}  # only a release lets another take it
     a = start_worker(uri, 0, **long_lease)
     wait_for_outputs(out, 8)
@@ -147,7 +148,7 @@ def test_a_paused_worker_whose_lease_was_taken_writes_no_more_reports(tmp_path):
     """The known failure of heartbeats: a worker paused past its lease (a stalled node, a
     stop-the-world pause) comes back after another took its shard over. Its heartbeat and
     report writes are conditional, so it learns it and leaves the thief's report alone."""
-    m, uri, out = big_dataset(tmp_path, iterations=200, shards=1)
+    m, uri, out = big_dataset(tmp_path, iterations=60, shards=1)
     env = {"RELIT_LEASE_SECONDS": "2"}
     a = start_worker(uri, 0, **env)
     wait_for_outputs(out, 8)

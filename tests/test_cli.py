@@ -345,6 +345,14 @@ def test_help_reads_well_every_option_explained_no_type_tags_brackets_kept():
     for name, page in pages.items():
         for tag in ("<bool>", "<str>", "<int", "<float", "<list", "[x>="):
             assert tag not in page, f"relit-k8s {name} --help shows {tag!r}"
+    # at 80 columns nothing is cut: every option name and every word whole
+    for name in COMMANDS:
+        narrow = cli(name, "--help", env={"COLUMNS": "80"}, check=True).stdout
+        assert "…" not in narrow, f"relit-k8s {name} --help cuts a word at 80 columns"
+        assert max(map(len, narrow.splitlines())) <= 80
+        options = [p for p in group.commands[name].params if p.param_type_name == "option"]
+        for opt in options:
+            assert opt.opts[0] in narrow and not opt.secondary_opts, (name, opt.opts)
     # square brackets written in help texts survive (rich markup would eat them)
     from relit_k8s.planner import DEFAULT_IMG_FORMATS
 

@@ -163,6 +163,31 @@ def test_a_missing_or_tampered_manifest_is_78_and_unreachable_s3_is_75(
     assert s3_outputs(s3_client, bucket) == {}
 
 
+def test_a_host_cache_the_kubelet_creates_root_owned_is_made_writable_by_the_init_container(
+        image, pods, bucket, s3_client, s3_endpoint, tmp_path):
+    """The kubelet creates a missing --cache-host-path directory owned by root, mode 0755, and
+    fsGroup does not apply to hostPath: the worker (uid 10001) could not write its model
+    cache. The Job's init container hands the directory to 10001; without it the worker exits
+    78 at once, naming the fix, instead of failing deep inside a model download."""
+    cache = tmp_path / "node-cache"  # missing: DirectoryOrCreate makes it root-owned, 0755
+    job = plan_job(image, s3_client, bucket, s3_endpoint, "--cache-host-path", str(cache),
+                   shards=1)
+    [init] = job["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == "cache-permissions"
+    bare = json.loads(json.dumps(job))
+    del bare["spec"]["template"]["spec"]["initContainers"]  # as if a policy had removed it
+    refused = pods(bare, 0)
+    assert refused.run() == 78, refused.logs()[-2000:]
+    assert (cache.stat().st_uid, cache.stat().st_mode & 0o777) == (0, 0o755)
+    said = " ".join(refused.logs().split())
+    assert "not writable by uid 10001" in said and "install -d -o 10001 -g 10001" in said
+    assert s3_outputs(s3_client, bucket) == {}
+
+    pod = pods(job, 0)
+    assert pod.run() == 0, pod.logs()[-2000:]
+    assert cache.stat().st_uid == 10001 and len(s3_outputs(s3_client, bucket)) == 24
+
+
 @pytest.mark.slow
 def test_a_pod_stopped_mid_shard_exits_143_in_its_grace_period_and_its_retry_finishes(
         image, pods, bucket, s3_client, s3_endpoint):

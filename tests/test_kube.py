@@ -130,12 +130,44 @@ def test_pods_are_hardened_and_use_no_host_paths_unless_asked():
         assert mounts == {"/tmp", "/cache", "/dev/shm"}
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"]["medium"] == "Memory"
+        assert "initContainers" not in pod  # only the host cache needs one
     asked = build_job(manifest(), "u", CPU.model_copy(update={"cache_host_path": "/var/relit"}))
     vols = asked["spec"]["template"]["spec"]["volumes"]
     assert {"name": "model-cache", "hostPath": {"path": "/var/relit",
                                                 "type": "DirectoryOrCreate"}} in vols
 
 
+def test_a_host_cache_gets_an_init_container_that_makes_it_writable_for_the_worker(tmp_path):
+    """The kubelet creates a missing hostPath directory root-owned, 0755, and fsGroup does not
+    apply to hostPath: an init container (root, CHOWN and FOWNER only) hands the directory to
+    the worker's uid, or with --no-fixed-ids makes it sticky and world-writable. Running it is
+    tested in test_image.py; here its fields, against the schemas."""
+    for fixed, command in ((True, "chown 10001:10001 /cache && chmod 0775 /cache"),
+                           (False, "chmod 1777 /cache")):
+        job = build_job(manifest(), "u", GPU.model_copy(update={
+            "cache_host_path": "/var/relit", "fixed_ids": fixed}))
+        validate_strict(job)
+        pod = job["spec"]["template"]["spec"]
+        [init] = pod["initContainers"]
+        assert init["image"] == pod["containers"][0]["image"]  # no second image to pull
+        assert init["command"] == ["sh", "-c", command]
+        assert init["volumeMounts"] == [{"name": "model-cache", "mountPath": "/cache"}]
+        sc = init["securityContext"]
+        assert (sc["runAsUser"], sc["runAsNonRoot"], sc["allowPrivilegeEscalation"]) == (
+            0, False, False)
+        assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    # the worker fails closed (78) on a cache it cannot write, before it loads anything
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli("worker", "--manifest", str(tmp_path / "none.json"), "--index", "0",
+                 env={"XDG_CACHE_HOME": str(blocker / "cache")})
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 78, result.stderr
+    assert f"the model cache {blocker / 'cache'} (XDG_CACHE_HOME) is not writable" in said
+    assert "install -d -o 10001 -g 10001 DIR" in said and "Traceback" not in result.stderr
+
+
+@pytest.mark.kube_client
 def test_the_official_client_keeps_every_field_of_the_job():
     """The Job goes to the client as a plain dict (V1Job.from_dict exists only from client 37
     on), which every supported client version sends as it is."""
@@ -604,13 +636,114 @@ def test_logs_follow_waits_for_pods_to_start_and_for_new_pods_until_the_job_ends
         fake_api.add_pod(name, 2, f"{name}-2-a", "2026-11-27T10:01:00Z", "two\n")
         wait_until(lambda: len(lines) >= 3)
         assert follow.is_alive()  # the Job runs: more pods may come
-    finally:  # the Job ends, and with it the follow (also when an assertion failed)
+    finally:  # the pods and the Job end, and with them the follow (also on a failed assert)
+        for i in range(3):
+            fake_api.finish_pod(f"{name}-{i}-a")
         fake_api.jobs[("relit", name)]["status"]["conditions"] = [
             {"type": "Complete", "status": "True"}]
         follow.join(60)
     assert not follow.is_alive(), "logs --follow did not end with the Job"
     assert sorted(lines) == ["[0] zero", "[1] one", "[2] two"] and errors == []
     assert notes == [f"[1] pod {name}-1-a has not started: ContainerCreating; waiting for it"]
+    # one listing, then watches: no listing and no read per pod, whatever their number
+    pod_requests = [r for r in fake_api.requests if "/pods" in r["path"]
+                    and not r["path"].endswith("/log")]
+    assert sum(r["query"].get("watch") != "true" for r in pod_requests) == 1
+    assert all(r["path"].endswith("/pods") for r in pod_requests)
+
+
+def test_logs_follow_streams_a_bounded_number_of_logs_and_the_rest_as_they_end(fake_api):
+    """At 500 pods one stream per pod is the API server's problem: --max-streams logs are open
+    at once, the other pods' logs follow as those pods end; a pod deleted before it started
+    is said once."""
+    import threading
+    import time
+
+    from relit_k8s.kube.cluster import Cluster
+    from relit_k8s.kube.pods import stream_logs
+
+    name = running_job(fake_api)
+    for i in range(12):
+        fake_api.add_pod(name, i, f"{name}-{i}-a", "2026-11-27T10:00:00Z", f"log {i}\n")
+    fake_api.add_pod(name, 12, f"{name}-12-a", "2026-11-27T10:00:00Z", "",
+                     waiting="Unschedulable", message="0/3 nodes are available")
+    lines: list[str] = []
+    notes: list[str] = []
+    follow = threading.Thread(target=lambda: stream_logs(
+        Cluster(namespace="relit"), name, lines.append, follow=True, note=notes.append,
+        poll=0.05, max_streams=3))
+    follow.start()
+
+    def wait_until(condition) -> bool:
+        deadline = time.monotonic() + 120
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return condition()
+
+    try:
+        assert wait_until(lambda: len(lines) == 3 and fake_api.open_logs == 3)
+        time.sleep(0.5)
+        assert len(lines) == 3  # the others wait for a stream to end
+        assert any("following 3 logs at a time (--max-streams)" in n for n in notes)
+        for i in range(12):  # the pods end one by one: their streams end, others begin
+            fake_api.finish_pod(f"{name}-{i}-a")
+        assert wait_until(lambda: len(lines) == 12)
+        fake_api.delete_pod(f"{name}-12-a")
+        assert wait_until(lambda: any("deleted before it started" in n for n in notes))
+    finally:
+        fake_api.jobs[("relit", name)]["status"]["conditions"] = [
+            {"type": "Complete", "status": "True"}]
+        follow.join(60)
+    assert not follow.is_alive()
+    assert sorted(lines) == sorted(f"[{i}] log {i}" for i in range(12))
+    assert fake_api.most_open_logs == 3
+    [waiting] = [n for n in notes if "has not started" in n]  # said once
+    assert waiting.startswith(f"[12] pod {name}-12-a has not started: Unschedulable: 0/3 "
+                              "nodes are available (no node fits the pod")
+
+
+def test_status_names_a_pod_stuck_terminating_on_a_lost_node_and_how_to_free_its_index(
+        fake_api):
+    """A pod on a node that is gone stays Terminating: with podReplacementPolicy: Failed the
+    Job never replaces it, and a static Job never completes. status names it (looking only
+    while the Job counts terminating pods) and says what frees the index."""
+    from datetime import UTC, datetime, timedelta
+
+    from relit_k8s.console import StatusView
+    from relit_k8s.kube.cluster import Cluster
+    from relit_k8s.kube.runs import add_job_details, job_summary
+    from relit_k8s.status import RunStatus
+
+    name = running_job(fake_api)
+    fake_api.add_pod(name, 0, f"{name}-0-a", "2026-11-27T10:00:00Z", "")
+    fake_api.add_pod(name, 1, f"{name}-1-a", "2026-11-27T10:00:00Z", "")
+    now = datetime.now(UTC)
+    lost, going = fake_api.pod(f"{name}-0-a"), fake_api.pod(f"{name}-1-a")
+    lost["metadata"]["deletionTimestamp"] = (now - timedelta(minutes=42)).isoformat()
+    lost["spec"]["nodeName"] = "gpu-node-7"
+    going["metadata"]["deletionTimestamp"] = (now - timedelta(seconds=20)).isoformat()
+    job = fake_api.jobs[("relit", name)]
+    summary = job_summary(job)
+    add_job_details(Cluster(namespace="relit"), job, summary)
+    assert summary.stuck == []  # the Job counts no terminating pod: nothing is listed
+    assert not [r for r in fake_api.requests if r["path"].endswith("/pods")
+                and "fieldSelector" not in r["query"]]
+    job["status"]["terminating"] = 2
+    summary = job_summary(job)
+    add_job_details(Cluster(namespace="relit"), job, summary)
+    [stuck] = summary.stuck  # the one deleted 20 s ago is in its grace period
+    assert (stuck.name, stuck.index, stuck.node, stuck.minutes) == (
+        f"{name}-0-a", "0", "gpu-node-7", 42)
+    view = StatusView(RunStatus(
+        run_id=name, created_at="2026-11-27T10:00:00Z", output="s3://b/out", manifest="m",
+        relighter="sh", state="running", items_total=0, items_done=0, items_skipped=0,
+        items_failed=0, items_per_second=None, eta_seconds=None, resumed_from=None,
+        stalled_shards=[], failure_reasons=[], timings={}, shards_total=0, shards=[],
+        job=summary))
+    text = " ".join(" ".join(p.plain for p in view.parts(200) if hasattr(p, "plain")).split())
+    assert f"stuck terminating: pod {name}-0-a (index 0, node gpu-node-7), due to end 42 min" \
+        in text
+    assert "kubectl delete pod NAME --force --grace-period=0 -n relit" in text
 
 
 def test_status_shows_pods_that_never_start_and_the_jobs_failedcreate_events(fake_api):

@@ -79,7 +79,7 @@ def test_claim_races_between_processes_have_one_winner_per_shard(store_uri):
         assert len(owners) <= workers
 
 
-def test_a_stale_lease_is_stolen_once_and_its_old_holder_learns_it(store_uri):
+def test_a_stale_lease_is_stolen_once_and_its_old_holder_learns_it(store_uri, clock):
     store = open_storage(store_uri)
     # leases of 2 s (not less: on a loaded machine a fresh lease must stay fresh between
     # two requests)
@@ -89,7 +89,7 @@ def test_a_stale_lease_is_stolen_once_and_its_old_holder_learns_it(store_uri):
     held = a.try_claim(3)
     assert held is not None and b.try_claim(3) is None  # held and fresh: nobody takes it
     held = a.renew(held)
-    time.sleep(2.2)  # a stops beating (killed, partitioned)
+    clock.advance(2.2)  # a stops beating (killed, partitioned)
     stolen = b.try_claim(3)
     assert stolen is not None and stolen.lease.steals == 1
     assert stolen.lease.stolen_from == a.owner
@@ -145,7 +145,8 @@ def test_release_frees_a_shard_at_once_and_done_is_never_claimed_again(store_uri
     assert not waiting.is_alive() and claimer.last is None
 
 
-def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_all(store_uri):
+def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_all(store_uri,
+                                                                                   clock):
     """A dead holder's shard is taken as soon as its lease is stale, before the free shards
     (taken at the end of the run instead, it would make the tail); a live lease is left."""
     store = open_storage(store_uri)
@@ -154,7 +155,7 @@ def test_a_claimer_takes_stale_leases_before_free_shards_and_live_ones_not_at_al
     dead = LeaseBook(store, "relit-s", seconds=3.0)
     for shard in (0, 2):
         dead.try_claim(shard)  # a worker that then died
-    time.sleep(3.1)
+    clock.advance(3.1)
     live = LeaseBook(store, "relit-s", seconds=3.0)
     live.try_claim(3)  # a live worker's lease, just written
     thief = Claimer(LeaseBook(store, "relit-s", seconds=3.0), shards=5, index=0, workers=1,
@@ -271,6 +272,8 @@ def test_while_one_worker_brings_the_summary_up_to_date_the_others_go_on_with_th
     assert not store.exists("_relit/relit-g/leases/finished.refresh")  # ended with the listing
     for shard in (2, 3):  # finished after the summary
         book.finish(book.try_claim(shard))
+    # a sleep, not clock.advance: the summary's and the marker's times are the store's own
+    # (S3's LastModified), which no advance moves
     time.sleep(3.1)  # the summary is old (over 2 s, the least; S3 times are to the second)
     lister = LeaseBook(store, "relit-g", seconds=4.0)
     assert lister.take_refresh(lister.leases())  # another worker is at it now
@@ -315,6 +318,7 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     # and its next look too: 6, finished since, is not in it (a check if tried)
     assert 6 not in second.state()[0] and second.summary_looks == 2
     assert (second.listings, second.done_listings, second.summaries) == (2, 0, 0)
+    # a sleep: the summary's time is the store's own (S3's LastModified), which no advance moves
     time.sleep(3.1)  # older than 2 s (S3 times are to the second): brought up to date
     # its next look lists leases/ and the journal since the summary's time: 6 is in it
     assert 6 in second.state()[0] and second.summary_looks == 2
@@ -341,7 +345,7 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
 
 
 def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_done(
-        store_uri):
+        store_uri, clock):
     """A summary older than a poll interval is brought up to date from the journal of finished
     shards (``finished/<time>-<shard>``), read from the moment the summary was listed on (less
     a quarter lease for the clocks): one listing of the shards finished since, however old the
@@ -358,7 +362,7 @@ def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_d
     for shard in (3, 4):  # finished after the summary
         book.finish(book.try_claim(shard))
     held = book.try_claim(5)  # held, not finished: never named
-    time.sleep(2.2)  # older than a poll (2 s)
+    clock.advance(2.2)  # older than a poll (2 s)
     second = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=1, workers=3)
     assert second.state()[0] == {0, 1, 2, 3, 4}
     assert (second.updates, second.done_listings, second.summaries) == (1, 0, 0)
@@ -367,7 +371,7 @@ def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_d
     book.finish(held)
     for shard in (6, 7):
         book.finish(book.try_claim(shard))
-    time.sleep(6.5)  # the summary is three polls old
+    clock.advance(6.5)  # the summary is three polls old
     third = Claimer(LeaseBook(store, "relit-u", seconds=4.0), shards=9, index=2, workers=3)
     assert third.state()[0] == {0, 1, 2, 3, 4, 5, 6, 7}
     assert (third.updates, third.done_listings) == (1, 0)
@@ -376,7 +380,8 @@ def test_an_old_summary_is_brought_up_to_date_from_the_journal_without_listing_d
     assert got.shard == 8 and third.missed == 0
 
 
-def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks(store_uri):
+def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks(store_uri,
+                                                                                clock):
     """An entry stamped a moment before the summary was listed (a worker's clock a little
     behind, or its write seen by the store after the listing) is read; entries from long
     before it are not read again (the listing starts after them: S3 ``StartAfter``). So a
@@ -391,7 +396,7 @@ def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks
     assert book.finished_since(listed_at - timedelta(seconds=2)) == {1, 3}
     assert book.finished_since(listed_at - timedelta(hours=2)) == {1, 2, 3}
     claimer = Claimer(book, shards=5, index=0, workers=1, poll=2.0)
-    time.sleep(2.2)  # the summary is older than a poll
+    clock.advance(2.2)  # the summary is older than a poll
     found = book.leases()
     summary = claimer._summary(found)
     assert summary is not None
@@ -404,7 +409,8 @@ def test_the_journal_is_read_from_the_summarys_time_less_a_margin_for_the_clocks
     assert [n.rpartition("-")[2] for n in names[-2:]] == ["4", "2"]
 
 
-def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_published(tmp_path):
+def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_published(
+        tmp_path, clock):
     """Past its own shards, a worker whose look finds ``finished.json`` older than a poll
     interval brings it up to date then (a listing of ``leases/`` and one of the last few
     seconds' journal), with the leases it listed; the others' looks read that (one small read
@@ -429,7 +435,7 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     assert (tail.summary_looks, busy.summary_looks) == (1, 1)
     tail._beyond_own = True
     book.finish(book.try_claim(3))
-    time.sleep(4.3)  # older than two polls (past its own shards, a worker waits a random
+    clock.advance(4.3)  # older than two polls (past its own shards, a worker waits a random
     # part of a poll more before it brings it up to date), younger than three
     assert 3 in busy.state()[0] and busy.updates == 0  # on its own shards: leases/ only
     held = book.try_claim(5)
@@ -443,7 +449,7 @@ def test_in_the_tail_one_worker_lists_for_all_and_the_others_read_what_it_publis
     done, seen_held = busy.state()
     assert busy.summary_looks == 2 and 3 in done and seen_held.keys() == {5}
     assert busy.state()[0] == done and busy.summary_looks == 3 and listed == []
-    time.sleep(4.3)  # older than two polls again, younger than three
+    clock.advance(4.3)  # older than two polls again, younger than three
     assert LeaseBook(store, "relit-t", seconds=60).take_refresh()  # another worker is at it
     book.finish(held)
     looks = tail.summary_looks
@@ -652,24 +658,25 @@ def test_the_probe_finds_each_conditional_write_a_store_gets_wrong(s3_endpoint, 
     assert not S3Storage(bucket, "").list()  # every probe object deleted
 
 
-def test_an_idle_worker_takes_over_a_stragglers_shard_only_when_far_faster(store_uri):
-    """The tail of a run: a live holder that reports 90 items left at 1 item/s loses its
-    shard to an idle worker that does 10 items/s, not to one only a bit faster; the holder's
-    next heartbeat tells it."""
+def test_a_live_holders_shard_is_never_taken_however_slow_it_is(store_uri, clock):
+    """A live holder keeps its shard whatever its rate (the takeover of stragglers is gone:
+    at 64 simulated workers one shard passed from thief to thief hundreds of times); only a
+    holder silent for the lease time loses it, and its next heartbeat tells it."""
     store = open_storage(store_uri)
     slow = LeaseBook(store, "relit-t", seconds=60)
-    held = slow.try_claim(0)
-    held = slow.renew(held, done=10, total=100, rate=1.0)
-    assert held.lease.seconds_left() == 90
-    bit_faster = LeaseBook(store, "relit-t", seconds=60)
-    assert bit_faster.try_claim(0, faster_than=1.5) is None  # 90 s > 2 x 60 s + 20 s? no
-    fast = LeaseBook(store, "relit-t", seconds=60)
-    taken = fast.try_claim(0, faster_than=10.0)  # 90 s > 2 x 9 s + 20 s: yes
+    held = slow.renew(slow.try_claim(0), done=1, total=1000, rate=0.01)  # a day to go
+    idle = Claimer(LeaseBook(store, "relit-t", seconds=60), shards=1, index=1, workers=2,
+                   poll=0.05)
+    assert idle.book.try_claim(0) is None
+    clock.advance(59)
+    held = slow.renew(held, done=2, total=1000, rate=0.01)  # still beating
+    clock.advance(59)
+    assert idle.book.try_claim(0) is None
+    clock.advance(2)  # 61 s without a heartbeat: presumed dead
+    taken = idle.book.try_claim(0)
     assert taken is not None and taken.lease.stolen_from == slow.owner
     with pytest.raises(LeaseLost):
-        slow.renew(held, done=11, total=100, rate=1.0)
-    fresh = LeaseBook(store, "relit-t", seconds=60)  # no progress reported yet: never taken
-    assert fresh.try_claim(1) is not None and fast.try_claim(1, faster_than=1000.0) is None
+        slow.renew(held, done=3, total=1000, rate=0.01)
 
 
 def test_a_lease_deleted_by_hand_leaves_no_shard_undone(tmp_path):
@@ -742,7 +749,8 @@ def test_a_finished_shard_is_recorded_while_the_worker_claims_and_runs_its_next(
     book.settle()  # the error was raised once
 
 
-def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_lease(tmp_path):
+def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_lease(
+        tmp_path, clock):
     """In the tail of a large run hundreds of shards finish a minute: a summary kept for half a
     lease (30 s) made idle workers check shard after finished shard; it is brought up to date
     once it is older than the poll interval (from the journal, see
@@ -759,7 +767,7 @@ def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_
                    poll=2.0)
     # taken as it is (2 is not in it: checked if tried)
     assert (soon.state()[0], soon.summary_looks, soon.done_listings) == ({0, 1}, 1, 0)
-    time.sleep(2.2)  # older than the poll interval, far younger than half a lease
+    clock.advance(2.2)  # older than the poll interval, far younger than half a lease
     book.finish(book.try_claim(3))
     later = Claimer(LeaseBook(store, "relit-p", seconds=60), shards=4, index=1, workers=2,
                     poll=2.0)

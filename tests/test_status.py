@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from relit_k8s.manifest import ShardReport, now
+from relit_k8s.clock import now
+from relit_k8s.manifest import ShardReport
 from relit_k8s.planner import PlanSettings, plan, write_run
 from relit_k8s.status import JobSummary, collect, record_launch
 

@@ -24,6 +24,11 @@ class ClusterError(RelitError):
     """An API call failed for a reason that is neither configuration nor temporary."""
 
 
+class WatchExpired(TransientError):
+    """A watch began at a ``resourceVersion`` the API server no longer keeps (410 Gone): list
+    again and watch from there."""
+
+
 class PodNotStarted(RelitError):
     """The pod's container has no log yet: the API server answers 400 while it is waiting
     (``ContainerCreating``, ``ImagePullBackOff`` ...) or before the pod has a node."""
@@ -97,14 +102,39 @@ class Cluster:
                   pending_only: bool = False) -> list[dict[str, Any]]:
         """The run's pods (of one index); ``pending_only``: those not running yet (the API
         server filters them, so a Job of ten thousand pods costs little)."""
-        selector = f"{RUN_LABEL}={run_id}"
-        if index is not None:
-            selector += f",{INDEX_LABEL}={index}"
         extra = {"field_selector": "status.phase=Pending"} if pending_only else {}
+        return self.pods_at(run_id, index, **extra)[0]
+
+    def pods_at(self, run_id: str, index: int | None = None,
+                **extra: Any) -> tuple[list[dict[str, Any]], str | None]:
+        """The run's pods (of one index) and the ``resourceVersion`` of the listing: where a
+        watch of their changes (:meth:`pod_changes`) begins."""
         with _api_errors(f"listing pods of {run_id}", self.namespace):
-            pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector,
-                                                 _request_timeout=REQUEST_TIMEOUT, **extra)
-        return [_plain(p) for p in pods.items]
+            pods = self.core.list_namespaced_pod(
+                self.namespace, label_selector=_pod_selector(run_id, index),
+                _request_timeout=REQUEST_TIMEOUT, **extra)
+        return [_plain(p) for p in pods.items], pods.metadata.resource_version
+
+    def pod_changes(self, run_id: str, index: int | None, since: str,
+                    seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """What happens to the run's pods after ``since`` (a ``resourceVersion``), for about
+        ``seconds``: ``(ADDED | MODIFIED | DELETED, pod)``, one watch request whatever the
+        number of pods. :class:`WatchExpired` when ``since`` is too old (list again)."""
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        with _api_errors(f"watching pods of {run_id}", self.namespace):
+            try:
+                for event in watch.Watch().stream(
+                        self.core.list_namespaced_pod, self.namespace,
+                        label_selector=_pod_selector(run_id, index), resource_version=since,
+                        timeout_seconds=max(1, seconds),
+                        _request_timeout=max(1, seconds) + REQUEST_TIMEOUT):
+                    yield event["type"], event["raw_object"]
+            except ApiException as e:
+                if e.status == 410:  # "too old resource version": the server forgot it
+                    raise WatchExpired(f"watching pods of {run_id}: {_reason(e)}") from e
+                raise
 
     def read_pod(self, name: str) -> dict[str, Any]:
         with _api_errors(f"reading pod {name}", self.namespace):
@@ -166,6 +196,10 @@ class Cluster:
                 yield buf.decode("utf-8", "replace")
         finally:
             resp.release_conn()
+
+
+def _pod_selector(run_id: str, index: int | None) -> str:
+    return f"{RUN_LABEL}={run_id}" + (f",{INDEX_LABEL}={index}" if index is not None else "")
 
 
 def _incluster_namespace() -> str | None:

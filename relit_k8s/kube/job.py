@@ -17,6 +17,11 @@ the API server. Every field is chosen on purpose:
 * Pods run as non-root with a read-only root filesystem, no privilege escalation, no
   capabilities, seccomp ``RuntimeDefault``, no service-account token; ``/tmp``, the model cache
   and ``/dev/shm`` are ``emptyDir`` volumes. Credentials come only from a Secret.
+* ``--cache-host-path``: the kubelet creates a missing node directory owned by root, mode 0755,
+  and ``fsGroup`` does not apply to ``hostPath``; an init container (``cache-permissions``, the
+  same image, as root with only ``CHOWN`` and ``FOWNER``) hands the directory itself, not its
+  contents, to uid 10001 (without fixed ids: mode 1777, as ``/tmp``). A namespace that allows
+  ``hostPath`` is at the ``privileged`` Pod Security level, which allows this container too.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 #: Non-root user the image runs as (see the Dockerfile).
 UID = 10001
+#: The init container that makes a --cache-host-path directory writable by the worker.
+CACHE_INIT = "cache-permissions"
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -359,6 +366,29 @@ def _container(s: JobSettings, env: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _cache_init(s: JobSettings) -> dict[str, Any]:
+    """Makes the node's cache directory writable by the worker (see the module docstring)."""
+    command = (f"chown {UID}:{UID} /cache && chmod 0775 /cache" if s.fixed_ids
+               else "chmod 1777 /cache")
+    return {
+        "name": CACHE_INIT,
+        "image": s.image,
+        "imagePullPolicy": s.image_pull_policy,
+        "command": ["sh", "-c", command],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                      "limits": {"memory": "16Mi"}},
+        "securityContext": {
+            "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}],
+    }
+
+
 def _pod_spec(s: JobSettings, container: dict[str, Any]) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -373,6 +403,8 @@ def _pod_spec(s: JobSettings, container: dict[str, Any]) -> dict[str, Any]:
         "containers": [container],
         "volumes": _volumes(s),
     }
+    if s.cache_host_path:
+        pod_spec["initContainers"] = [_cache_init(s)]
     tolerations = ([dict(GPU_TOLERATION)] if s.gpus_per_pod else []) + [
         t for t in s.tolerations if t != GPU_TOLERATION]
     optional = {"serviceAccountName": s.service_account, "priorityClassName": s.priority_class,

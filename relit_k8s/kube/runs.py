@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..clock import now
 from ..errors import ConfigError, NotFoundError, RelitError
-from ..manifest import Manifest, now
+from ..manifest import Manifest
 from ..run import Run
 from ..status import JOB_ENDED, JobCondition, JobEvent, JobSummary
 from .job import QUEUE_LABEL, JobSettings, build_job, job_name
@@ -212,16 +213,22 @@ def job_state(run: Run, namespace: str | None = None,
 
 
 def add_job_details(cluster, job: dict[str, Any], summary: JobSummary) -> None:
-    """Why a Job may not progress: its pods that have not started (while it runs) and its
-    warning events (``FailedCreate`` when its pods are refused: a missing ServiceAccount,
-    an admission policy, a quota). What cannot be read is said in ``details_error``."""
-    from .pods import waiting_groups
+    """Why a Job may not progress: its pods that have not started (while it runs), its pods
+    stuck terminating (while it counts terminating pods: a lost node) and its warning events
+    (``FailedCreate`` when its pods are refused: a missing ServiceAccount, an admission
+    policy, a quota). What cannot be read is said in ``details_error``."""
+    from .pods import stuck_pods, waiting_groups
 
     problems = []
     if summary.state not in JOB_ENDED:
         try:
             summary.waiting = waiting_groups(cluster.list_pods(summary.name,
                                                                pending_only=True))
+        except RelitError as e:
+            problems.append(str(e))
+    if summary.terminating:  # only then: the Job's own count says some pods are going
+        try:
+            summary.stuck = stuck_pods(cluster.list_pods(summary.name))
         except RelitError as e:
             problems.append(str(e))
     try:
