@@ -83,8 +83,8 @@ def fleet_sweep() -> str:
     return "\n".join(rows)
 
 
-def fleet_ablation() -> str:
-    d = load("fleet_cpu.json")
+def fleet_ablation(name: str = "fleet_cpu.json", cite: bool = False) -> str:
+    d = load(name)
     rows = ["| workers | scenario | switched off | makespan / ideal without it | with all | "
             "store requests without / with (median) | verdict |", "|---|---|---|---|---|---|---|"]
     for a in d["summary"]["ablation"]:
@@ -92,7 +92,43 @@ def fleet_ablation() -> str:
                     f"{_range(a['without'])} | {_range(a['with_all'])} | "
                     f"{a['requests_without']['median']:,.0f} / "
                     f"{a['requests_with_all']['median']:,.0f} | {a['verdict']} |")
+    if cite:
+        rows += ["", f"Median (range) over seeds {', '.join(map(str, d['seeds']))}. "
+                 + source(name, d)]
     return "\n".join(rows)
+
+
+def fleet_stragglers() -> str:
+    """Leases on the straggler scenarios with the takeover gone, beside the rows measured with
+    it (fleet_cpu.json) and the best static layout of those."""
+    now, before = load("fleet_stragglers_cpu.json"), load("fleet_cpu.json")
+    old = {(e["workers"], e["scenario"]): e for e in before["summary"]["scenarios"]}
+    rows = ["| workers | scenario | leases, no takeover | leases with the takeover (before) | "
+            "best static (before) |", "|---|---|---|---|---|"]
+    for e in now["summary"]["scenarios"]:
+        was = old.get((e["workers"], e["scenario"])) or {}
+        rows.append(f"| {e['workers']} | {e['scenario']} | {_range(e.get('leases'))} | "
+                    f"{_range(was.get('leases'))} | {_range(was.get('static_best'))} "
+                    f"({was.get('static_best_shards_per_worker', '-')} per worker) |")
+    return "\n".join([*rows, "", f"Median (range) over seeds "
+                       f"{', '.join(map(str, now['seeds']))}. " + source(
+                           "fleet_stragglers_cpu.json", now)])
+
+
+def fleet_64_probe() -> str:
+    """One 64-worker row with and without the takeover of live stragglers."""
+    d = load("fleet_64_probe_cpu.json")
+    rows = ["| lease mechanisms | code | finished | makespan / ideal | takeovers of live "
+            "holders (most of one shard) | of silent holders |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        ended = (f"{r['makespan_over_ideal']:.3f}" if r["finished"]
+                 else f"none: not finished after {r['stopped_after_s']} s (ideal 120 s)")
+        rows.append(f"| {r['mechanisms']} | {r['code']} | {'yes' if r['finished'] else 'no'} "
+                    f"| {ended} | {r['takeovers_of_live_holders']} "
+                    f"({r['most_taken_shard_times']}) | {r['takeovers_of_silent_holders']} |")
+    return "\n".join([*rows, "", f"{d['what']}. From [`benchmarks/results/"
+                       "fleet_64_probe_cpu.json`](benchmarks/results/fleet_64_probe_cpu.json): "
+                       f"`{d['command']}`, {d['date']}, {d['machine']}."])
 
 
 def fleet_stores() -> str:
@@ -301,6 +337,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "fleet-scenarios": fleet_scenarios,
     "fleet-sweep": fleet_sweep,
     "fleet-ablation": fleet_ablation,
+    "fleet-64-probe": fleet_64_probe,
+    "fleet-stragglers": fleet_stragglers,
+    "fleet-ablation-64": lambda: fleet_ablation("fleet_ablation64_cpu.json", cite=True),
     "fleet-stores": fleet_stores,
     "relighter-h200": relighter_h200,
     "pipeline-h200": pipeline_h200,
