@@ -65,9 +65,11 @@ def pods(tmp_path):
 
 
 def plan_job(image: str, s3_client, bucket: str, endpoint: str, *flags: str, shards: int = 2,
-             iterations: int = 2, memory: str = "2Gi", grace: int = 30, cpu: str = "1") -> dict:
+             iterations: int = 2, memory: str = "2Gi", grace: int = 30, cpu: str = "1",
+             submit_flags: tuple[str, ...] = ()) -> dict:
     """Upload the examples, write the plan (``relit-k8s plan``) and return the Job that
-    ``relit-k8s submit`` would create for it (the same run: same flags)."""
+    ``relit-k8s submit`` would create for it (the same run: same flags; ``submit_flags``:
+    the Job's own, which ``plan`` does not take)."""
     upload_folder(s3_client, EXAMPLES / "images", bucket, "in")
     upload_folder(s3_client, EXAMPLES / "refs", bucket, "refs")
     selection = ["--input", f"s3://{bucket}/in", "--refs", f"s3://{bucket}/refs", "--output",
@@ -77,8 +79,8 @@ def plan_job(image: str, s3_client, bucket: str, endpoint: str, *flags: str, sha
     return json.loads(cli(
         "submit", *selection, "--image", image, "--gpus-per-pod", "0", "--cpu", cpu,
         "--memory", memory, "--grace-period", str(grace), "--s3-endpoint", endpoint,
-        "--s3-region", "us-east-1", "--image-pull-policy", "Never", "--dry-run", "-o", "json",
-        check=True).stdout)
+        "--s3-region", "us-east-1", "--image-pull-policy", "Never", *submit_flags, "--dry-run",
+        "-o", "json", check=True).stdout)
 
 
 def report(s3_client, bucket: str, job: dict, index: int) -> dict | None:
@@ -170,8 +172,8 @@ def test_a_host_cache_the_kubelet_creates_root_owned_is_made_writable_by_the_ini
     cache. The Job's init container hands the directory to 10001; without it the worker exits
     78 at once, naming the fix, instead of failing deep inside a model download."""
     cache = tmp_path / "node-cache"  # missing: DirectoryOrCreate makes it root-owned, 0755
-    job = plan_job(image, s3_client, bucket, s3_endpoint, "--cache-host-path", str(cache),
-                   shards=1)
+    job = plan_job(image, s3_client, bucket, s3_endpoint, shards=1,
+                   submit_flags=("--cache-host-path", str(cache)))
     [init] = job["spec"]["template"]["spec"]["initContainers"]
     assert init["name"] == "cache-permissions"
     bare = json.loads(json.dumps(job))
