@@ -309,7 +309,7 @@ class FakeApiServer:
                             and p["status"]["phase"] == phase.get("status.phase",
                                                                   p["status"]["phase"])}
 
-                if self._query.get("watch") in ("true", "1"):
+                if self._query.get("watch", "").lower() in ("true", "1"):  # 29.x sends True
                     return self._watch(matching)
                 items = matching()
                 version = fake._remember({n: json.dumps(p) for n, p in items.items()})
@@ -388,7 +388,7 @@ class FakeApiServer:
                 lines = fake.logs[pod].splitlines(keepends=True)
                 if "tailLines" in query:
                     lines = lines[-int(query["tailLines"]):]
-                if query.get("follow") not in ("true", "1"):
+                if query.get("follow", "").lower() not in ("true", "1"):  # 29.x sends True
                     return self._send(200, "".join(lines), "text/plain")
                 # followed: open until the pod has ended or is gone, as the kubelet keeps it
                 with fake._lock:

@@ -648,7 +648,7 @@ def test_logs_follow_waits_for_pods_to_start_and_for_new_pods_until_the_job_ends
     # one listing, then watches: no listing and no read per pod, whatever their number
     pod_requests = [r for r in fake_api.requests if "/pods" in r["path"]
                     and not r["path"].endswith("/log")]
-    assert sum(r["query"].get("watch") != "true" for r in pod_requests) == 1
+    assert sum(r["query"].get("watch", "").lower() != "true" for r in pod_requests) == 1
     assert all(r["path"].endswith("/pods") for r in pod_requests)
 
 
