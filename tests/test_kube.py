@@ -702,6 +702,20 @@ def test_logs_follow_streams_a_bounded_number_of_logs_and_the_rest_as_they_end(f
                               "nodes are available (no node fits the pod")
 
 
+def status_lines(run_id: str, state: str, job) -> str:
+    """What `relit-k8s status` prints, at 200 columns, for a run of no shards with this Job."""
+    from relit_k8s.console import StatusView
+    from relit_k8s.status import RunStatus
+
+    view = StatusView(RunStatus(
+        run_id=run_id, created_at="2026-11-27T10:00:00Z", output="s3://b/out", manifest="m",
+        relighter="sh", state=state, items_total=0, items_done=0, items_skipped=0,
+        items_failed=0, items_per_second=None, eta_seconds=None, resumed_from=None,
+        stalled_shards=[], failure_reasons=[], timings={}, shards_total=0, shards=[],
+        job=job))
+    return "\n".join(p.plain for p in view.parts(200) if hasattr(p, "plain"))
+
+
 def test_status_names_a_pod_stuck_terminating_on_a_lost_node_and_how_to_free_its_index(
         fake_api):
     """A pod on a node that is gone stays Terminating: with podReplacementPolicy: Failed the
@@ -709,10 +723,8 @@ def test_status_names_a_pod_stuck_terminating_on_a_lost_node_and_how_to_free_its
     while the Job counts terminating pods) and says what frees the index."""
     from datetime import UTC, datetime, timedelta
 
-    from relit_k8s.console import StatusView
     from relit_k8s.kube.cluster import Cluster
     from relit_k8s.kube.runs import add_job_details, job_summary
-    from relit_k8s.status import RunStatus
 
     name = running_job(fake_api)
     fake_api.add_pod(name, 0, f"{name}-0-a", "2026-11-27T10:00:00Z", "")
@@ -734,13 +746,7 @@ def test_status_names_a_pod_stuck_terminating_on_a_lost_node_and_how_to_free_its
     [stuck] = summary.stuck  # the one deleted 20 s ago is in its grace period
     assert (stuck.name, stuck.index, stuck.node, stuck.minutes) == (
         f"{name}-0-a", "0", "gpu-node-7", 42)
-    view = StatusView(RunStatus(
-        run_id=name, created_at="2026-11-27T10:00:00Z", output="s3://b/out", manifest="m",
-        relighter="sh", state="running", items_total=0, items_done=0, items_skipped=0,
-        items_failed=0, items_per_second=None, eta_seconds=None, resumed_from=None,
-        stalled_shards=[], failure_reasons=[], timings={}, shards_total=0, shards=[],
-        job=summary))
-    text = " ".join(" ".join(p.plain for p in view.parts(200) if hasattr(p, "plain")).split())
+    text = " ".join(status_lines(name, "running", summary).split())
     assert f"stuck terminating: pod {name}-0-a (index 0, node gpu-node-7), due to end 42 min" \
         in text
     assert "kubectl delete pod NAME --force --grace-period=0 -n relit" in text
@@ -774,16 +780,9 @@ def test_status_shows_pods_that_never_start_and_the_jobs_failedcreate_events(fak
     assert summary.details_error is None
 
     # the same through the CLI, for a submitted run
-    from relit_k8s.console import StatusView
-    from relit_k8s.status import JobSummary, RunStatus
+    from relit_k8s.status import JobSummary
 
-    view = StatusView(RunStatus(
-        run_id=name, created_at="2026-11-27T10:00:00Z", output="s3://b/out", manifest="m",
-        relighter="sh", state="pending", items_total=0, items_done=0, items_skipped=0,
-        items_failed=0, items_per_second=None, eta_seconds=None, resumed_from=None,
-        stalled_shards=[], failure_reasons=[], timings={}, shards_total=0, shards=[],
-        job=summary))
-    text = "\n".join(p.plain for p in view.parts(200) if hasattr(p, "plain"))
+    text = status_lines(name, "pending", summary)
     assert "not started: 3 pod(s) (index 0, 1, 2" in text and "ImagePullBackOff" in text
     assert "event FailedCreate (x7)" in text
 
