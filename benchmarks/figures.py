@@ -49,8 +49,8 @@ def _range(v: dict | None) -> str:
     return f"{v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
 
 
-def fleet_scenarios() -> str:
-    d = load("fleet_cpu.json")
+def fleet_scenarios(name: str = "fleet_cpu.json") -> str:
+    d = load(name)
     rows = ["| workers | scenario | static, best shards per worker | static: makespan / ideal "
             "| leases: makespan / ideal | leases against the best static |",
             "|---|---|---|---|---|---|"]
@@ -67,7 +67,7 @@ def fleet_scenarios() -> str:
         f"run of {pods['real_minutes']:g} minutes; pods start in {pods['cold_seconds']:g} s "
         f"cold and {pods['warm_seconds']:g} s warm; store: {d['store']}, with "
         f"{latency.get('p50_ms', 0):g} ms p50 / {latency.get('p99_ms', 0):g} ms p99 added "
-        "per request. " + source("fleet_cpu.json", d)])
+        "per request. " + source(name, d)])
 
 
 def fleet_sweep() -> str:
@@ -96,6 +96,35 @@ def fleet_ablation(name: str = "fleet_cpu.json", cite: bool = False) -> str:
         rows += ["", f"Median (range) over seeds {', '.join(map(str, d['seeds']))}. "
                  + source(name, d)]
     return "\n".join(rows)
+
+
+def fleet_quick() -> str:
+    """The protocol as it is now: the scenarios, then the ablation of what remains."""
+    name = "fleet_quick_cpu.json"
+    return fleet_scenarios(name) + "\n\n" + fleet_ablation(name)
+
+
+def fleet_64_now() -> str:
+    """The 64-worker mixed rows of the protocol now beside the ablation's rows with every
+    mechanism (fleet_ablation64_cpu.json), makespan and store requests."""
+    now, before = load("fleet_64_cpu.json"), load("fleet_ablation64_cpu.json")
+
+    def of(d: dict) -> tuple[str, str]:
+        rows = [r for r in d["rows"] if r["balance"] == "leases" and not r.get("disabled")
+                and r["workers"] == 64 and r["scenario"] == "mixed"]
+        ratios = [r["makespan_over_ideal"] for r in rows]
+        requests = [r["requests"] for r in rows]
+        return (_range({"median": statistics.median(ratios), "min": min(ratios),
+                        "max": max(ratios)}),
+                f"{statistics.median(requests):,.0f} ({min(requests):,}-{max(requests):,})")
+
+    rows = ["| lease protocol | seeds | makespan / ideal | store requests |", "|---|---|---|---|"]
+    for label, d in (("every mechanism (before)", before), ("now", now)):
+        ratio, requests = of(d)
+        rows.append(f"| {label} | {', '.join(map(str, d['seeds']))} | {ratio} | {requests} |")
+    return "\n".join([*rows, "", "64 workers, mixed scenario, median (range). " +
+                      source("fleet_64_cpu.json", now) + " Before: " +
+                      source("fleet_ablation64_cpu.json", before)])
 
 
 def fleet_stragglers() -> str:

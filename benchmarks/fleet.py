@@ -35,8 +35,8 @@ after a steal, outputs byte-identical), claims, S3 requests and their latency. T
 workers and scenario over the seeds, the median and the range (min-max) of each balance, the
 best static row beside leases, and "better" only where the ranges do not overlap.
 
-Usage: python benchmarks/fleet.py --quick --jobs 3 --out benchmarks/results/fleet_cpu.json
-                                                   (32 minutes on this project's 2 cores)
+Usage: python benchmarks/fleet.py --quick --jobs 3 --out benchmarks/results/fleet_quick_cpu.json
+                                                   (under 20 minutes on this project's 2 cores)
        python benchmarks/fleet.py --workers 16 64 256 --seeds 1,2,3,4,5   (hours)
        python benchmarks/fleet.py --workers 16 --seeds 1,2 --scenario kills --out F.json
        python benchmarks/fleet.py --smoke     (a few seconds: the CI's check that it runs)
@@ -74,8 +74,8 @@ ITEMS_PER_UNIT = 32
 #: Static shards per worker, swept (the Job's completions = this x W).
 STATIC_SWEEP = (1, 2, 4, 8, 16, 32)
 #: What the claimers did, summed over the row (Claimer's counters of the same names).
-CLAIMER_COUNTS = ("listings", "summary_looks", "done_listings", "summaries", "updates",
-                  "background", "deferred", "missed", "collided", "end_checks")
+CLAIMER_COUNTS = ("listings", "summary_looks", "done_listings", "summaries", "deferred",
+                  "missed", "collided", "end_checks")
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,9 @@ class Row:
     timeline: list = field(default_factory=list)
     #: what the claimers did, summed (CLAIMER_COUNTS): looks (each a listing of leases/, or a
     #: read of finished.json with the leases another worker listed: summary_looks), listings
-    #: of done/, summaries read in place of one, summaries brought up to date from the
-    #: journal in place of one (those published in the background between shards among them:
-    #: background), full looks deferred to another worker bringing it up to date,
-    #: misses, collisions, and reads of finished.json by idle workers to see the run finished
+    #: of done/ (each published as finished.json), summaries read in place of one, looks that
+    #: went on with an old summary for a random part of a poll interval more, misses,
+    #: collisions, and reads of finished.json by idle workers to see the run finished
     claimers: dict = field(default_factory=dict)
     #: the claimers' looks as (seconds into the row, why, how), folded into the timeline
     look_log: list = field(default_factory=list, repr=False)
@@ -356,20 +355,17 @@ class Store:
 
 
 def _work(fleet: Fleet, store: Store, units: range, speed: float, killed: threading.Event,
-          lost: threading.Event | None = None, progress: list | None = None,
-          near_end=None) -> bool:
+          lost: threading.Event | None = None, progress: list | None = None) -> bool:
     """Process ``units`` item by item (skipping units written, as a worker does after listing
     its pairs); False when killed (or the lease lost) part-way. ``progress``: [items finished,
-    items written], kept up to date for the heartbeat. ``near_end``: told the seconds left
-    after each item, at the rate so far (as the worker's report tells its claimer).
+    items written], kept up to date for the heartbeat.
 
     As the worker does, a unit's output is written by a thread while the next unit is
     relit, and the shard ends once its writes are done. The items' times are kept to a
     schedule (each item ends at the sum of the times so far), not slept one by one: on 2
     cores shared with the store and hundreds of threads, each sleep overran its time (34
     worker-seconds of 971 in the 16-worker row), an overhead no GPU has."""
-    began, total = time.monotonic(), len(units) * ITEMS_PER_UNIT
-    due = began
+    due = time.monotonic()
 
     def put(unit: int) -> None:
         store.write(unit)
@@ -390,9 +386,6 @@ def _work(fleet: Fleet, store: Store, units: range, speed: float, killed: thread
                     return False  # killed mid-unit: this unit's output is never written
                 if progress is not None:
                     progress[0] += 1
-                    if near_end is not None:
-                        near_end((total - progress[0]) * (time.monotonic() - began) /
-                                 progress[0])
             writes.append(writer.submit(put, u))
     for w in writes:
         w.result()  # a failed write fails the benchmark, not loses a unit quietly
@@ -474,15 +467,15 @@ def run_static(fleet: Fleet, store: Store, shards: int) -> Row:
 
 
 def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
-    """Workers claim shards through leases, each its next shard ahead as its current one
-    nears its end (as the worker does: Claimer.near_end, unless the ablation switched it
-    off); a pod per worker, each paying one start, a killed one replaced after the backoff."""
+    """Workers claim shards through leases, each its next shard once its current one is
+    written (as the worker does); a pod per worker, each paying one start, a killed one
+    replaced after the backoff."""
     from relit_k8s.leases import Claimer, LeaseBook, LeaseLost
 
     class TimedClaimer(Claimer):
         """A claimer that notes when it looked, why, and how (a read of finished.json with
         the leases another worker listed; a listing with the finished shards, "full"; or a
-        listing of leases/ and the journal since its look before), for the row's timeline."""
+        listing of leases/ alone), for the row's timeline."""
 
         def state(self):
             why, read = self._why, self.summary_looks
@@ -548,8 +541,7 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
 
                 heart = threading.Thread(target=beat, daemon=True)
                 heart.start()
-                finished = _work(fleet, store, units, speed, killed, lost, progress,
-                                 claimer.near_end)
+                finished = _work(fleet, store, units, speed, killed, lost, progress)
                 beat_stop.set()
                 if killed.is_set():
                     dead = True
@@ -828,15 +820,15 @@ def parse_args(argv: list[str] | None):
                     help="the scenarios of the ablation's rows, repeatable [default: mixed]")
     ap.add_argument("--jobs", type=int, default=4, help="rows run at once, each in a process "
                     "of its own [default: %(default)s]")
-    ap.add_argument("--quick", action="store_true", help="16 workers, 30 s rows, seeds 1-3, "
+    ap.add_argument("--quick", action="store_true", help="16 workers, 20 s rows, seeds 1-3, "
                     "every scenario, static at 1, 4 and 32 shards per worker, leases, and the "
-                    "ablation of every mechanism in the mixed scenario: 105 rows, about 31 "
+                    "ablation of every mechanism in the mixed scenario: 81 rows, under 20 "
                     "minutes with --jobs 3 on 2 cores")
     ap.add_argument("--smoke", action="store_true", help="4 workers, 4 s: a check that it runs")
     ap.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args(argv)
     if args.quick:
-        args.workers, args.seconds, args.seeds = [16], 30.0, "1,2,3"
+        args.workers, args.seconds, args.seeds = [16], 20.0, "1,2,3"
         args.static_shards, args.ablate = [1, 4, 32], ["all"]
     if args.smoke:
         args.workers, args.seconds, args.seeds = [4], 4.0, "1"

@@ -14,40 +14,30 @@ Under ``<output>/_relit/<run>/leases/``:
 * ``finished.json``: the finished shards as of a moment (``listed_at``) and the leases
   listed just before, published for the others: while it is younger than a poll interval
   (:attr:`Claimer.summary_seconds`) a worker's look reads it (one small read) instead of
-  listing ``leases/`` and the journal; past its own shards, a worker whose look finds it
-  older brings it up to date, from a listing of ``leases/`` and the journal of finished
-  shards (below): one listing of what was finished since the summary was listed, however
-  old it is. So in the tail of a large run, when hundreds of workers look every few
-  seconds, one of them lists per poll interval for all. Before that, while the workers of a
-  large fleet are on their own shards and nobody looks, one of them publishes it about once
-  per poll interval too, in the background (:meth:`Claimer._maybe_publish`), so that it is
-  fresh when they run out of their own shards at about one moment. A summary only ever names shards
-  whose ``done/`` marker exists, and what it lacks (shards claimed or finished since) costs
-  a collision or a check, never a skipped shard.
-* ``finished.refresh``: a worker is bringing ``finished.json`` up to date (a create-only
-  write: of the workers that need the full picture at one moment, one does it and the others go
-  on with the last summary, instead of all listing every finished shard at once).
+  listing ``leases/`` and ``done/``; past its own shards, a worker whose look finds it older
+  brings it up to date (a listing of ``leases/`` and one of ``done/``) and publishes it. So in
+  the tail of a large run, when hundreds of workers look every few seconds, about one of them
+  lists per poll interval for all. A summary only ever names shards whose ``done/`` marker
+  exists, and what it lacks (shards claimed or finished since) costs a collision or a check,
+  never a skipped shard.
 
 and under ``<output>/_relit/<run>/done/``, ``<shard>``: the shard is finished (written before
-its lease is deleted); a finished shard is never claimed again; and under
-``<output>/_relit/<run>/finished/``, ``<UTC time>-<shard>``, written right after it: the
-journal of finished shards, whose names sort by the time they were finished, so that the
-shards finished since a moment are one listing from that moment on (S3 ``StartAfter``), a
-page per 1,000 of them, however many were finished before. (Without it an old summary was
-brought up to date by listing all of ``done/``: at 256 workers, nine pages at a time when the
-store was slowest, while every other worker went on with the old summary and checked shard
-after finished shard.)
+its lease is deleted); a finished shard is never claimed again.
 
 So a lease that goes away without a ``.free`` marker in its place was finished: a worker reads
-the finished shards (``finished.json`` and the journal since it was listed, or ``done/``: one
-object per finished shard, one request per 1,000) when it starts, and from then on a fresh
-``finished.json``, or ``leases/`` (about one lease per busy worker) and the journal since its
-last look (the shards finished since), and follows the shards' fate from that; it takes a
-full look again (through ``finished.json``) when its last look is too long ago for the
-journal to be a short listing (when it goes past its own shards), and before it stops
-unless a summary named every shard. Clocks: staleness
-compares the lease's ``heartbeat_at`` (the holder's clock) with the thief's; a cluster's clocks
-agree within a second or so, far inside 60 s.
+the finished shards (``finished.json``, or ``done/``: one object per finished shard, one
+request per 1,000) when it starts, and from then on a fresh ``finished.json``, or ``leases/``
+(about one lease per busy worker), and follows the shards' fate from that; it takes a full
+look again (through ``finished.json``) when its last look is too long ago for the leases it
+saw to tell what was finished since (when it goes past its own shards), and before it stops
+unless a summary named every shard. Clocks: staleness compares the lease's ``heartbeat_at``
+(the holder's clock) with the thief's; a cluster's clocks agree within a second or so, far
+inside 60 s.
+
+The protocol once had more: a claim made ahead of a shard's end, a journal of finished shards,
+a marker for the one worker bringing the summary up to date, a summary published in the
+background. ``benchmarks/fleet.py``'s ablation found each within the noise at 16 and 64
+workers (and the journal cost 8% more requests): they were removed (benchmarks/README.md).
 
 Stores that ignore conditional writes (some S3-compatible servers) would let two workers win
 the same shard: :func:`conditional_write_problem` finds out with one probe, at plan time and
@@ -67,7 +57,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -107,17 +97,16 @@ class Lease(BaseModel):
 
 class FinishedSummary(BaseModel):
     """``<output>/_relit/<run>/leases/finished.json``: the shards finished when a worker
-    listed ``done/`` (or brought the last summary up to date from the journal), as
-    ``[first, last + 1)`` ranges, and the leases as that worker listed them a moment before:
-    the picture of the run that a look needs, published by one worker per poll interval for
-    all of them (:meth:`Claimer.state`)."""
+    listed ``done/``, as ``[first, last + 1)`` ranges, and the leases as that worker listed
+    them a moment before: the picture of the run that a look needs, published by one worker
+    per poll interval for all of them (:meth:`Claimer.state`)."""
 
     # fields added later are ignored by older readers, not a reason to list done/ again
     model_config = ConfigDict(extra="ignore")
 
     ranges: list[tuple[int, int]]
     #: every shard finished before this moment is named (the publisher's clock; None in
-    #: summaries written before it was recorded: those are not brought up to date, but listed)
+    #: summaries written before it was recorded: those are not read, but listed anew)
     listed_at: datetime | None = None
     #: the leases listed just before ``listed_at``: held shard -> when its lease was last
     #: written, and the released shards (None: not recorded; a look lists ``leases/``)
@@ -144,14 +133,12 @@ class FinishedSummary(BaseModel):
 
     def leases(self) -> LeaseListing:
         """The leases it records, as a listing of ``leases/`` made at ``listed_at`` shows them
-        (a fresh summary, ``refresh_at`` unknown)."""
+        (a fresh summary)."""
         return LeaseListing(set(), dict(self.held or {}), set(self.released), self.listed_at,
-                            None, self.listed_at)
+                            self.listed_at)
 
 
 SUMMARY = "finished.json"
-#: The marker of a worker listing ``done/`` for the others (:meth:`LeaseBook.take_refresh`).
-REFRESH = "finished.refresh"
 #: Shards believed free but found finished (claimed and finished by others since this worker's
 #: last look) before it lists again.
 MISSES_BEFORE_LISTING = 16
@@ -159,10 +146,6 @@ MISSES_BEFORE_LISTING = 16
 COLLISIONS_BEFORE_LISTING = 4
 #: About how many idle workers of a run look at the store per poll interval, together.
 IDLE_POLLERS = 8
-#: A worker claims its next shard this many claims' time before its current one ends
-#: (:meth:`Claimer.near_end`), and at least this many seconds before.
-AHEAD_CLAIMS = 4
-AHEAD_MIN_SECONDS = 0.5
 #: What a round of claiming ended with (:meth:`Claimer._round`).
 _CLAIMED, _FINISHED, _IDLE, _RELIST = "claimed", "finished", "idle", "relist"
 #: ... or the look brought the same picture again, whose free shards proved taken by others
@@ -172,12 +155,7 @@ _STALE = "stale"
 #: to measure what each earns (its ablation rows); not a user option: only the benchmark sets
 #: :data:`DISABLED`, in its own processes.
 MECHANISMS = {
-    "claim_ahead": "the next shard is claimed while the current one ends (Claimer.near_end)",
     "summary": "finished.json: a look reads one summary instead of listing leases/ and done/",
-    "journal": "finished/<time>-<shard>: the shards finished since a moment, one listing",
-    "refresh_marker": "finished.refresh: one worker at a time brings finished.json up to date",
-    "background_publish": "finished.json published in the background while all work on "
-                          "their own shards",
     "idle_backoff": "idle workers look the less often the more of them there are",
     "random_order": "past its own shards a worker tries the others in a random order",
 }
@@ -189,8 +167,9 @@ DISABLED: frozenset[str] = frozenset()
 class LeaseListing:
     """What one listing of ``leases/`` shows."""
 
-    #: finished shards: none from :meth:`LeaseBook.leases` (a claimer reads the journal,
-    #: :meth:`LeaseBook.finished_since`), every one from :meth:`LeaseBook.listing`
+    #: finished shards: none from :meth:`LeaseBook.leases` (a claimer infers them from the
+    #: leases gone, or reads them, :meth:`LeaseBook.finished`), every one from
+    #: :meth:`LeaseBook.listing`
     done: set[int]
     #: held shard -> when its lease was last written
     held: dict[int, datetime]
@@ -198,8 +177,6 @@ class LeaseListing:
     released: set[int]
     #: when ``finished.json`` was last published (None: never)
     summary_at: datetime | None = None
-    #: when a worker began listing ``done/`` to publish it (None: none is)
-    refresh_at: datetime | None = None
     #: when the listing began (this worker's clock)
     listed_at: datetime | None = None
 
@@ -227,13 +204,6 @@ def summary_seconds(lease_seconds: float, poll: float) -> float:
     """How long ``finished.json`` is taken as it is: ``poll`` seconds (2 at least: S3 times
     are to the second), half a lease time at most (see :attr:`Claimer.summary_seconds`)."""
     return max(2.0, min(lease_seconds / 2, poll))
-
-
-def journal_margin(lease_seconds: float, poll: float) -> float:
-    """How far before a moment the journal of finished shards is read (see
-    :attr:`LeaseBook.journal_margin`): ``poll`` seconds, 2 at least, a quarter lease at
-    most."""
-    return min(lease_seconds / 4, max(2.0, poll))
 
 
 def own_shards(index: int, workers: int, shards: int) -> range:
@@ -267,17 +237,11 @@ class LeaseBook:
         self.seconds = WorkerSettings.from_env().lease_seconds if seconds is None else seconds
         #: shards this book saw finished: by its owner, or when a claim found them finished
         self.seen_done: set[int] = set()
-        #: how far before a moment the journal is read for the shards finished since (a
-        #: summary's ``listed_at``, a worker's last look): for the clocks of the workers and
-        #: for entries written just before that moment but seen by the store only after. A
-        #: poll interval (2 s at least), a quarter lease at most (its :class:`Claimer` sets
-        #: it from its poll interval); an entry missed costs a check, never a skipped shard.
-        self.journal_margin = journal_margin(self.seconds, default_poll(self.seconds))
         #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
         self._bookkeeper: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        #: guards ``_pending``: a claim made ahead (:meth:`Claimer.claim_ahead`) may settle from
-        #: its thread while the worker's thread hands its finished shard over
+        #: guards ``_pending``: the worker's write threads may settle while its main thread
+        #: hands its finished shard over
         self._pending_lock = threading.Lock()
 
     @property
@@ -293,30 +257,6 @@ class LeaseBook:
 
     def done_key(self, shard: int) -> str:
         return f"{self.done_folder}/{shard}"
-
-    @property
-    def journal_folder(self) -> str:
-        return f"{META_DIR}/{self.run_id}/finished"
-
-    def journal_key(self, shard: int, at: datetime) -> str:
-        return f"{self.journal_folder}/{_stamp(at)}-{shard}"
-
-    def finished_since(self, since: datetime) -> set[int]:
-        """The shards the journal says were finished after ``since`` (one listing from that
-        moment on: a request per 1,000 of them, whatever was finished before)."""
-        shards: set[int] = set()
-        if "journal" in DISABLED:
-            return shards
-        for name in self.storage.list_names(self.journal_folder, after=_stamp(since)):
-            shard = name.rpartition("-")[2]
-            if shard.isdigit():
-                shards.add(int(shard))
-        return shards
-
-    def finished_after(self, moment: datetime) -> set[int]:
-        """:meth:`finished_since` ``moment`` less :attr:`journal_margin` (for the workers'
-        clocks, and entries the store saw after that moment)."""
-        return self.finished_since(moment - timedelta(seconds=self.journal_margin))
 
     def _lease(self, shard: int, previous: Lease | None = None) -> Lease:
         now = clock.now()
@@ -337,7 +277,7 @@ class LeaseBook:
 
     def listing(self) -> LeaseListing:
         """The whole picture, for ``status`` and the CLI (not the claiming loop, which
-        follows ``leases/`` and the journal): one listing of ``leases/`` and one of ``done/``,
+        follows ``leases/``): one listing of ``leases/`` and one of ``done/``,
         with ``done`` every finished shard and ``held`` and ``released`` only unfinished
         ones."""
         found = self.leases()
@@ -385,44 +325,19 @@ class LeaseBook:
         :meth:`finished_since`)."""
         held: dict[int, datetime] = {}
         released: set[int] = set()
-        summary_at = refresh_at = None
+        summary_at = None
         listed_at = clock.now()
         for name, modified in self.storage.list_modified(self.folder).items():
             stem, _, ext = name.partition(".")
             if name == SUMMARY:
                 summary_at = modified
-            elif name == REFRESH:
-                refresh_at = modified
             elif not stem.isdigit():
                 continue
             elif ext == "json":
                 held[int(stem)] = modified
             elif ext == "free":
                 released.add(int(stem))
-        return LeaseListing(set(), held, released, summary_at, refresh_at, listed_at)
-
-    def take_refresh(self, found: LeaseListing | None = None) -> bool:
-        """Whether this worker brings ``finished.json`` up to date for the others now (from
-        the journal, or by listing ``done/``): True when it created the ``finished.refresh``
-        marker (create-only: one of the workers asking at one moment); a marker older than
-        half a lease time (its worker died or stalled) is deleted first, so at worst two
-        workers are at it at once (that needs a listing, ``found``). :meth:`end_refresh`
-        deletes it."""
-        if "refresh_marker" in DISABLED:
-            return True
-        key = f"{self.folder}/{REFRESH}"
-        if found is not None and found.refresh_at is not None and \
-                clock.now() - found.refresh_at > timedelta(seconds=self.seconds / 2):
-            self.storage.delete(key)
-        try:
-            self.storage.create(key, b"")
-        except WriteConflict:
-            return False
-        return True
-
-    def end_refresh(self) -> None:
-        if "refresh_marker" not in DISABLED:
-            self.storage.delete(f"{self.folder}/{REFRESH}")
+        return LeaseListing(set(), held, released, summary_at, listed_at)
 
     def is_done(self, shard: int) -> bool:
         return self.storage.exists(self.done_key(shard))
@@ -515,22 +430,18 @@ class LeaseBook:
         return Claim(claim.shard, version, lease)
 
     def finish(self, claim: Claim) -> None:
-        """The shard is finished: mark it done (never claimed again), add it to the journal
-        (where the other workers see it finished at their next look, and from which
-        ``finished.json`` is brought up to date), then drop the lease (a thief's too: it
-        learns at its next renewal that there is nothing left to do)."""
-        try:
+        """The shard is finished: mark it done (never claimed again), then drop the lease (a
+        thief's too: it learns at its next renewal that there is nothing left to do); the
+        other workers see it finished at their next look (its lease gone without a ``.free``
+        marker, or its ``done/`` marker)."""
+        with contextlib.suppress(WriteConflict):  # a thief finished it too
             self.storage.create(self.done_key(claim.shard), b"")
-        except WriteConflict:  # a thief finished it too (written again: it may have died
-            pass  # before its journal entry; two entries of a shard are harmless)
-        if "journal" not in DISABLED:
-            self.storage.write(self.journal_key(claim.shard, clock.now()), b"")
         self.seen_done.add(claim.shard)
         self.storage.delete(self.key(claim.shard))
 
     def finish_soon(self, claim: Claim) -> None:
         """:meth:`finish` in this book's bookkeeping thread: the worker goes on to claim and
-        run its next shard while the shard's three requests are made (they overlap with work
+        run its next shard while the shard's two requests are made (they overlap with work
         instead of adding to every shard's time: ``benchmarks/fleet.py`` measured 90 ms a
         shard at 16 workers on moto, a GPU idle between shards). The shard counts as finished
         for this worker at once (:attr:`seen_done`). Finishes are made one at a time, in
@@ -582,13 +493,12 @@ class Claimer:
 
     A look, a worker's first too, reads a ``finished.json`` younger than a poll interval (the
     finished shards and the leases another worker listed: one read); without one, a worker
-    reads the finished shards (``done/``, one object per finished shard, or an older
-    ``finished.json`` and the journal since, see :meth:`_finished`) at its first look, and
-    after that ``leases/`` and the journal since its look before (about one lease per busy
-    worker, one entry per shard finished since): a look costs a read or two small listings,
-    not one of every finished shard (see :meth:`state`); it takes a full look again when its
-    look before is too long ago (when it goes past its own shards), and before it stops
-    (unless a summary named every shard); it looks again after
+    reads the finished shards (``done/``, one object per finished shard, see
+    :meth:`_finished`) at its first look, and after that ``leases/`` (about one lease per busy
+    worker: a lease gone without a ``.free`` marker was finished): a look costs a read or a
+    small listing, not one of every finished shard (see :meth:`state`); it takes a full look
+    again when its look before is too long ago (when it goes past its own shards), and before
+    it stops (unless a summary named every shard); it looks again after
     :data:`MISSES_BEFORE_LISTING` shards believed free turned out finished. When a listing
     yields nothing free (every unfinished shard is held by a live worker), the worker waits,
     then looks again: ``poll`` seconds times the idle workers over :data:`IDLE_POLLERS` (so
@@ -602,7 +512,6 @@ class Claimer:
                  poll: float | None = None, stop: threading.Event | None = None):
         self.book, self.shards, self.index, self.workers = book, shards, index, workers
         self.poll = poll if poll is not None else default_poll(book.seconds)
-        book.journal_margin = journal_margin(book.seconds, self.poll)
         self.stop = stop or threading.Event()
         self.order = list(claim_order(index, workers, shards))
         self._candidates: deque[int] = deque()
@@ -611,7 +520,6 @@ class Claimer:
         self._own = set(own_shards(index, workers, shards))
         self._init_picture()
         self._init_counters()
-        self._init_threads()
 
     def _init_picture(self) -> None:
         """What this worker knows of the store: the shards finished, held, released, taken."""
@@ -636,8 +544,8 @@ class Claimer:
         self._lost_on: datetime | None = None
         self._beyond_own = False  # whether this worker went past its own shards
         self._full = False  # whether the last look read the finished shards too
-        #: the moment up to which this worker knows the finished shards (the journal is read
-        #: from there on at its next look); None before its first look
+        #: the moment up to which this worker knows the finished shards; None before its
+        #: first look
         self._known_at: datetime | None = None
         self._looked_at = 0.0  # when it last listed (monotonic)
         self._ended = False  # finished.json named every shard while this worker waited
@@ -646,13 +554,12 @@ class Claimer:
     def _init_counters(self) -> None:
         """What this claimer did, for the logs and ``benchmarks/fleet.py``."""
         #: claims made, steals among them, looks made (listings of leases/, or reads of a
-        #: fresh finished.json: :attr:`summary_looks`), listings of done/ made,
-        #: finished.json read in place of a listing of done/, brought up to date from the
-        #: journal in place of one (those published in the background among them:
-        #: :attr:`background`), and full looks that went on with the last summary while
-        #: another worker brought it up to date
+        #: fresh finished.json: :attr:`summary_looks`), listings of done/ made (each then
+        #: published as finished.json), finished.json read in place of one, and looks that
+        #: went on with an old summary for a random part of a poll interval (another worker
+        #: is likely to bring it up to date meanwhile)
         self.claims = self.steals = self.listings = self.done_listings = self.summaries = 0
-        self.updates = self.deferred = 0
+        self.deferred = 0
         #: looks made from a fresh ``finished.json`` with its leases, without a listing
         self.summary_looks = 0
         #: shards believed free found finished (misses), or taken by another worker
@@ -669,30 +576,13 @@ class Claimer:
         #: (``old list``), too many misses, too many collisions, after an idle wait, the check
         #: before it stops (``benchmarks/fleet.py`` prints them)
         self.looks: Counter[str] = Counter()
-        #: summaries this worker published in the background (:meth:`_publish_in_background`)
-        self.background = 0
-        #: seconds a claim took of late (moving average), from the look to the lease written
-        self.claim_seconds = AHEAD_MIN_SECONDS / AHEAD_CLAIMS
-
-    def _init_threads(self) -> None:
-        """The claim made ahead and the summary published in the background, in a thread."""
-        #: the shard the worker runs while a claim is made ahead (not a candidate of it)
-        self._current: int | None = None
-        #: a claim made ahead (:meth:`claim_ahead`), in its thread
-        self._ahead: Future | None = None
-        #: a summary being published in that thread (:meth:`_publish_in_background`)
-        self._publishing: Future | None = None
-        self._claimed_at = 0.0  # when it took its current shard (monotonic)
-        self._ahead_pool: ThreadPoolExecutor | None = None
-        self._ahead_lock = threading.Lock()
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as looked at now:
         from ``finished.json`` when another worker published it less than
         :attr:`summary_seconds` ago with the leases it listed (one small read:
-        :meth:`_from_summary`), at a worker's first look too (at 256 workers, most of them
-        first looked when there was no summary yet, so they listed ``leases/`` when they ran
-        out of their own shards at about one moment); otherwise listed (:meth:`_listed`)."""
+        :meth:`_from_summary`), at a worker's first look too; otherwise listed
+        (:meth:`_listed`)."""
         self.listings += 1
         self.looks[self._why] += 1
         self._why = "used up"  # unless told otherwise before the next one
@@ -709,11 +599,10 @@ class Claimer:
         """A look from ``finished.json`` (:meth:`_from_summary`) when it records the leases
         and was listed less than :attr:`summary_seconds` ago (by the publisher's clock: a
         cluster's agree within a second or so). Past its own shards, a worker also takes one
-        younger than :attr:`journal_seconds`: it brings it up to date for the others (a listing
-        of ``leases/`` and one of the journal since it), or, while another worker is at it
-        (``finished.refresh``) or for a random part of a poll interval more, goes on with it;
-        so hundreds of workers that find it old at once do not all list, nor all try. None:
-        this look lists (:meth:`_listed`)."""
+        younger than :attr:`full_look_seconds`: it brings it up to date for the others (a
+        listing of ``leases/`` and one of ``done/``), or, for a random part of a poll interval
+        more, goes on with it; so hundreds of workers that find it old at once do not all
+        list. None: this look lists (:meth:`_listed`)."""
         if "summary" in DISABLED:
             return None
         summary = self.book.summary()
@@ -722,49 +611,32 @@ class Claimer:
         age = (clock.now() - summary.listed_at).total_seconds()
         if age <= self.summary_seconds:
             return self._from_summary(summary)
-        if not self._beyond_own or age > self.journal_seconds:
+        if not self._beyond_own or age > self.full_look_seconds:
             return None
         if age <= self.summary_seconds * (1 + self._rng.random()):
-            # each worker waits a random part of a poll interval more before it tries, so
-            # that of those that find it old at once, one brings it up to date and the
-            # others' tries do not each cost a create that fails
+            # each worker waits a random part of a poll interval more before it lists, so
+            # that of those that find it old at once, one brings it up to date and the others
+            # read what it published
             self.deferred += 1
             return self._from_summary(summary)
-        fresh = self._republished(summary=summary)
-        if fresh is None:  # another worker is at it
-            self.deferred += 1
-            return self._from_summary(summary)
-        return self._from_summary(fresh)
+        return self._from_summary(self._republished())
 
-    def _brought_up_to_date(self, summary: FinishedSummary | None, mine: bool = False,
-                            found: LeaseListing | None = None) -> FinishedSummary:
-        """``summary`` brought up to date, for the caller to publish: ``leases/`` as
-        ``found`` (listed now when None), and the shards finished since ``summary`` was
-        listed (the journal since then: a short listing; ``done/`` when there is no summary,
-        or one of an older version), with this worker's own finished shards when ``mine``
-        (settled first: their ``done/`` markers exist). The caller holds
-        ``finished.refresh``, or publishes in the background
-        (:meth:`_publish_in_background`): two workers at it at once publish two pictures a
-        moment apart, each true as of its ``listed_at``."""
+    def _brought_up_to_date(self, found: LeaseListing | None = None) -> FinishedSummary:
+        """The run's picture for ``finished.json``, for the caller to publish: ``leases/`` as
+        ``found`` (listed now when None) and ``done/`` listed now, with this worker's own
+        finished shards (settled first: their ``done/`` markers exist). Two workers at it at
+        once publish two pictures a moment apart, each true as of its ``listed_at``."""
         found = self.book.leases() if found is None else found
-        if summary is None or summary.listed_at is None:
-            self.done_listings += 1
-            listed_at = clock.now()
-            done = self.book.finished()
-        else:
-            self.updates += 1
-            done, listed_at = self._with_journal(summary.shards(), summary.listed_at)
-        if mine:
-            done |= self.book.seen_done
+        self.book.settle()  # its own last shard is in what it publishes
+        self.done_listings += 1
+        listed_at = clock.now()
+        done = self.book.finished() | self.book.seen_done
         return FinishedSummary.of(done, listed_at, found)
 
     def _from_summary(self, summary: FinishedSummary) -> LeaseListing:
         """A look at the run as another worker listed it a moment ago: the finished shards
         (complete as of its ``listed_at``) and the leases. In the tail of a large run hundreds
-        of workers look every few seconds; each listing ``leases/`` (a lease per busy worker,
-        two with the claims made ahead) and the journal since its last look saturated the
-        store (``benchmarks/fleet.py`` at 256 workers: ~900 listings in the tail, each worth
-        ten to twenty small requests on moto); with one worker listing for all per
+        of workers look every few seconds; with one worker listing for all per
         :attr:`summary_seconds`, a look is one read. What it lacks, shards claimed or finished
         since, costs a collision or a check (conditional writes and ``done/`` markers are the
         truth), never a shard skipped or done twice."""
@@ -778,68 +650,55 @@ class Claimer:
 
     def _listed(self) -> LeaseListing:
         """A look that lists ``leases/`` and reads the finished shards (:meth:`_finished`)
-        at the first look and when a full look is due; otherwise the journal since the look
-        before (the shards finished since), where a lease gone without a ``.free`` marker was
-        finished too (a lease deleted by hand is checked before the worker stops)."""
+        at the first look and when a full look is due; otherwise it infers them from the
+        look before: a lease gone without a ``.free`` marker was finished (a lease deleted by
+        hand is checked before the worker stops)."""
         found = self.book.leases()
         assert found.listed_at is not None
         self._full = self._known_at is None or self._look_in_full or \
-            (found.listed_at - self._known_at).total_seconds() > self.journal_seconds
+            (found.listed_at - self._known_at).total_seconds() > self.full_look_seconds
         if self._full:  # what the store says, in place of what was inferred
             finished, known_at = self._finished(found)
-            # added to what earlier looks found (a shard once finished stays finished): a
-            # look that goes on with an old summary while another worker brings it up to date
-            # would otherwise lose what this worker knew, and check finished shards anew
+            # added to what earlier looks found (a shard once finished stays finished)
             self._verified |= self.book.seen_done | finished
             self._done = set(self._verified)
             self._look_in_full = False
-            if known_at is not None:  # what it knew stays known (a deferred look's summary
-                # may be older than its last look)
-                self._known_at = max(known_at, self._known_at or known_at)
+            # what it knew stays known (a summary may be older than its last look)
+            self._known_at = max(known_at, self._known_at or known_at)
         else:
-            assert self._known_at is not None
-            seen = self.book.seen_done | self.book.finished_after(self._known_at)
+            seen = set(self.book.seen_done)
             self._known_at = found.listed_at
             if self._summary_due(found):
-                seen |= self._bring_up_to_date(found)
+                seen |= self._republished(found).shards()
             self._verified |= seen
             gone = set(self._held) - set(found.held) - found.released
             self._done |= seen | gone
         return found
 
     @property
-    def journal_seconds(self) -> float:
-        """A look reads the journal since the look before when that is at most this long ago
-        (three poll intervals: about a poll's worth of finished shards, a short listing), and
-        takes a full look otherwise (``finished.json``, a poll interval old, and the journal
-        since then: a worker back from its own shards does not list every shard finished
-        while it worked on them)."""
+    def full_look_seconds(self) -> float:
+        """A look infers what was finished since the look before from the leases gone when
+        that is at most this long ago (three poll intervals), and takes a full look otherwise
+        (``finished.json``, or ``done/``): a shard claimed and finished between two looks is
+        never seen held, and each such shard costs a check when it is tried."""
         return 3 * self.summary_seconds
 
     def _summary_due(self, found: LeaseListing) -> bool:
         """Whether this look, past this worker's own shards (in the tail of the run, when
         workers come back from their own shards and take full looks), brings
-        ``finished.json`` up to date for the others (:meth:`_bring_up_to_date`): it is older
-        than :attr:`summary_seconds` and nobody is at it. So the summary they read stays a
-        poll interval old or so, and bringing it up to date stays a listing of the last few
-        seconds' journal (:meth:`_brought_up_to_date`)."""
-        if not self._beyond_own or found.summary_at is None or found.refresh_at is not None \
-                or "summary" in DISABLED:
+        ``finished.json`` up to date for the others (:meth:`_republished`): it is older than
+        :attr:`summary_seconds`. So the summary they read stays a poll interval old or so."""
+        if not self._beyond_own or found.summary_at is None or "summary" in DISABLED:
             return False
         age = (clock.now() - found.summary_at).total_seconds()
         return age > self.summary_seconds
 
-    def _finished(self, found: LeaseListing) -> tuple[set[int], datetime | None]:
+    def _finished(self, found: LeaseListing) -> tuple[set[int], datetime]:
         """(The finished shards, the moment up to which they are complete): as another worker
-        published them less than :attr:`summary_seconds` ago (``finished.json``, one request)
-        and the journal since (one short listing); else brought up to date by this worker
-        (:meth:`_brought_up_to_date`: the journal, or ``done/`` when there is no summary) and
-        published; but while another worker is doing that (``finished.refresh``), as it last
-        published them (complete as of its ``listed_at``), or none: a summary only ever names
-        finished shards, so what it lacks costs checks, never a skipped shard. Without it, the
-        hundreds of workers that run out of their own shards at about the same moment would
-        all list every finished shard at once (at 256 workers, 8 pages each: a moto server
-        saturated for minutes)."""
+        published them less than :attr:`summary_seconds` ago (``finished.json``, one request);
+        else listed by this worker (``done/``, :meth:`_brought_up_to_date`) and published. A
+        summary only ever names finished shards, so what it lacks costs checks, never a
+        skipped shard."""
         if "summary" in DISABLED:
             self.done_listings += 1
             at = clock.now()
@@ -849,86 +708,31 @@ class Claimer:
             summary = self.book.summary()
             if summary is not None and summary.listed_at is not None:
                 self.summaries += 1
-                return self._with_journal(summary.shards(), summary.listed_at)
+                return summary.shards(), summary.listed_at
         # none, an old one, or one of an older version (without listed_at)
-        # An empty leases/ is a run nobody is working on: a new one (its done/ is empty),
-        # listed without the marker (two requests fewer for each of the workers starting at
-        # once), or one whose workers all left (a rerun).
-        begun = bool(found.held or found.released or found.summary_at or found.refresh_at)
-        if begun and not self.book.take_refresh(found):
-            self.deferred += 1
-            summary = self.book.summary() if found.summary_at is not None else None
-            if summary is None:
-                return set(), None
-            return summary.shards(), summary.listed_at
-        try:
-            self.book.settle()  # its own last shard is in what it publishes
-            fresh = self._brought_up_to_date(self._summary(found), mine=True, found=found)
-            done = fresh.shards()
-            # nothing to tell (a new run), or a finished run that this worker did nothing of (a
-            # rerun): left as it is, no write; a run that ends now is published finished, so
-            # that the other workers see it with one request and leave
-            if done and (len(done) < self.shards or self.claims):
-                self.book.publish_summary(fresh)
-        finally:
-            if begun:
-                self.book.end_refresh()
+        fresh = self._brought_up_to_date(found)
+        done = fresh.shards()
+        # nothing to tell (a new run), or a finished run that this worker did nothing of (a
+        # rerun): left as it is, no write; a run that ends now is published finished, so that
+        # the other workers see it with one request and leave
+        if done and (len(done) < self.shards or self.claims):
+            self.book.publish_summary(fresh)
+        assert fresh.listed_at is not None
         return done, fresh.listed_at
 
-    def _bring_up_to_date(self, found: LeaseListing) -> set[int]:
-        """Bring ``finished.json`` up to date and publish it, unless another worker is at it
-        (``finished.refresh``); the shards it names (none when it did not)."""
-        fresh = self._republished(found=found)
-        return set() if fresh is None else fresh.shards()
-
-    def _republished(self, found: LeaseListing | None = None,
-                     summary: FinishedSummary | None = None) -> FinishedSummary | None:
-        """``summary`` (by default the one ``found`` shows, :meth:`_summary`) brought up to
-        date with this worker's settled shards (:meth:`_brought_up_to_date`, with the leases
-        ``found`` when given) and published, holding ``finished.refresh``; None when another
-        worker holds it, or there is no summary to bring up to date."""
-        if not self.book.take_refresh(found):
-            return None
-        try:
-            self.book.settle()  # its own last shard is in what it publishes
-            if summary is None and found is not None:
-                summary = self._summary(found)
-            if summary is None:
-                return None
-            fresh = self._brought_up_to_date(summary, mine=True, found=found)
-            self.book.publish_summary(fresh)
-            return fresh
-        finally:
-            self.book.end_refresh()
-
-    def _summary(self, found: LeaseListing) -> FinishedSummary | None:
-        """The published summary when ``found`` shows one that says when it was listed (it
-        is brought up to date from the journal: the shards finished since then, less
-        :attr:`LeaseBook.journal_margin`: one listing of those, not of every finished shard:
-        in the tail of a run of 8,192 shards, nine pages each time); None otherwise (none, or
-        one of an older version: ``done/`` is listed)."""
-        if found.summary_at is None:
-            return None
-        summary = self.book.summary()
-        return None if summary is None or summary.listed_at is None else summary
-
-    def _with_journal(self, shards: set[int], listed_at: datetime) -> tuple[set[int], datetime]:
-        """A summary's ``shards`` (complete as of ``listed_at``) and the journal since then:
-        the finished shards, with when the journal's listing began (complete as of then)."""
-        at = clock.now()
-        if "journal" in DISABLED:  # every finished shard, listed
-            self.done_listings += 1
-            return self.book.finished(), at
-        return shards | self.book.finished_after(listed_at), at
+    def _republished(self, found: LeaseListing | None = None) -> FinishedSummary:
+        """``finished.json`` brought up to date (:meth:`_brought_up_to_date`, with the leases
+        ``found`` when given) and published."""
+        fresh = self._brought_up_to_date(found)
+        self.book.publish_summary(fresh)
+        return fresh
 
     @property
     def summary_seconds(self) -> float:
         """How long ``finished.json`` is taken as it is: ``poll`` seconds (2 at least: S3
         times are to the second), half a lease time at most. In the tail of a large run
         hundreds of shards finish a minute: an idle worker whose summary is older checks shard
-        after finished shard (at 256 workers, a summary half a lease old made half of the
-        idle workers' candidates finished ones, and their checks saturated the store); one
-        worker at a time lists ``done/`` anew instead (``finished.refresh``)."""
+        after finished shard; one worker lists ``done/`` anew instead, for all."""
         return summary_seconds(self.book.seconds, self.poll)
 
     def _refresh(self) -> bool:
@@ -946,18 +750,18 @@ class Claimer:
         if len(done) >= self.shards:
             return False
         old = clock.now() - timedelta(seconds=self.book.seconds)
-        # held by this worker (not a candidate of a claim ahead), or found taken by another
-        # since the leases were listed: a look that reads the same summary again (at 256
-        # workers, after a round of collisions, a moment later) would otherwise try the
-        # same shards again, and again, until another worker published a newer one
+        # found taken by another since the leases were listed: a look that reads the same
+        # summary again (at 256 workers, after a round of collisions, a moment later) would
+        # otherwise try the same shards again, and again, until another worker published a
+        # newer one
         seen = self._held_at
         self._taken = {s: at for s, at in self._taken.items() if seen is None or at > seen}
-        mine = {self._current} | self._taken.keys()
-        free = [s for s in self.order if s not in done and s not in held and s not in mine]
+        taken = self._taken.keys()
+        free = [s for s in self.order if s not in done and s not in held and s not in taken]
         stale = [s for s in self.order if s not in done and s in held and held[s] < old
-                 and s not in mine]
+                 and s not in taken]
         if not free and not stale:
-            live = [s for s in self.order if s not in done and s in held and s not in mine]
+            live = [s for s in self.order if s not in done and s in held and s not in taken]
             if isinstance(self.book.storage, LocalStorage) or first:
                 # read the live leases too: on a local folder always (reads are cheap),
                 # elsewhere on a worker's first look (a run started again after `kill -9`
@@ -1008,20 +812,14 @@ class Claimer:
             self._ended = published is not None and len(published) >= self.shards
 
     def next(self) -> Claim | None:
-        """The next shard this worker holds; None when every shard is finished (or stopped).
-        A claim made ahead (:meth:`claim_ahead`) is taken first."""
-        if self._current is not None:  # a shard of this worker's is over
-            self._maybe_publish(clock.monotonic() - self._claimed_at)
-        claim = self._take_ahead()
-        if claim is not None:
-            return self._holding(claim)
+        """The next shard this worker holds; None when every shard is finished (or
+        stopped)."""
         # the last shard is over (finished, lost, or released after a failure: then it may
         # be claimed again, by this worker too)
-        self._current = None
         while not self.stop.is_set():
             claim, outcome = self._round()
             if claim is not None:
-                return self._holding(claim)
+                return claim
             if outcome == _FINISHED:
                 break
             if outcome == _IDLE:  # nothing to take now: others hold every unfinished shard
@@ -1033,58 +831,11 @@ class Claimer:
         self.close()  # this worker's last finish is written before it leaves
         return None
 
-    def _holding(self, claim: Claim) -> Claim:
-        self._current = claim.shard
-        self._claimed_at = clock.monotonic()
-        return claim
-
-    def _maybe_publish(self, seconds: float) -> None:
-        """After a shard that took this worker ``seconds``: publish ``finished.json`` in the
-        background with a chance of ``seconds`` over ``workers`` x :attr:`summary_seconds`, so
-        that the fleet together publishes about once per :attr:`summary_seconds` while its
-        workers are on their own shards (a listing of ``leases/`` and one of the last few
-        seconds' journal: a few requests per poll interval for the whole fleet), whatever
-        their speeds. Nobody looks then, so nothing else would publish it; and when hundreds
-        of workers run out of their own shards at about one moment, each reads it instead
-        of listing ``leases/`` (at 256 workers on moto, ~200 listings of a summary minutes
-        old at that moment, which saturated the store: ``benchmarks/fleet.py``). Not on a
-        local folder, nor for a few workers (at most :data:`IDLE_POLLERS`): their looks are
-        cheap, or few."""
-        if {"background_publish", "summary"} & DISABLED or self.workers <= IDLE_POLLERS or \
-                isinstance(self.book.storage, LocalStorage) or \
-                self._rng.random() >= seconds / (self.workers * self.summary_seconds):
-            return
-        with self._ahead_lock:
-            if self.stop.is_set() or self._publishing is not None and \
-                    not self._publishing.done():
-                return
-            self._publishing = self._pool().submit(self._publish_in_background)
-
-    def _publish_in_background(self) -> None:
-        """:meth:`_maybe_publish`'s publishing (in this claimer's thread, while the worker
-        runs its next shard), without ``finished.refresh`` (see :meth:`_brought_up_to_date`)
-        nor this worker's last shard (its ``done/`` marker may not be written yet: the
-        journal has it once it is). An error leaves the summary as it was: older."""
-        try:
-            fresh = self._brought_up_to_date(self.book.summary())
-            self.book.publish_summary(fresh)
-            self.background += 1
-        except RelitError as e:
-            log.warning("could not publish %s: %s", self.book.summary_key, e)
-
-    def _pool(self) -> ThreadPoolExecutor:
-        """This claimer's thread (claims made ahead, summaries published), under
-        ``_ahead_lock``."""
-        if self._ahead_pool is None:
-            self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="relit-claim")
-        return self._ahead_pool
-
     def _round(self) -> tuple[Claim | None, str]:
         """One try: the candidates listed (listing again when there are none left), tried in
         turn; (the claim, :data:`_CLAIMED`), or (None, why: :data:`_FINISHED`, :data:`_IDLE`
         when a fresh list had nothing to take, :data:`_RELIST` when the list proved out of
         date, :data:`_STALE` when the look brought the picture of a list given up again)."""
-        started = clock.monotonic()
         fresh = not self._candidates
         if fresh and not self._refresh():
             return None, _FINISHED
@@ -1104,7 +855,7 @@ class Claimer:
                 # at 256 workers each first checked 16 finished shards before it listed
                 # again, and later 9 of 10 misses came from going on with a list after a
                 # shard. A look again costs a read of a fresh finished.json, mostly; in full
-                # when the last one is too long ago for the journal since (see state())
+                # when the last one is too long ago (see state())
                 first, self._beyond_own = not self._beyond_own, True
                 if clock.monotonic() - self._looked_at > self.summary_seconds:
                     self._candidates.clear()
@@ -1118,8 +869,6 @@ class Claimer:
             if claim is not None:
                 self.claims += 1
                 self.steals += claim.lease.stolen_from is not None
-                self.claim_seconds = 0.8 * self.claim_seconds + \
-                    0.2 * (clock.monotonic() - started)
                 return claim, _CLAIMED
             if shard in self.book.seen_done:  # finished while this worker looked away
                 self._misses += 1
@@ -1154,66 +903,10 @@ class Claimer:
         return self._known_at is not None and \
             (clock.now() - self._known_at).total_seconds() <= self.summary_seconds
 
-    # --- claiming ahead ----------------------------------------------------------------------
-    @property
-    def lead_seconds(self) -> float:
-        """How long before the end of its shard a worker claims its next one
-        (:meth:`near_end`): :data:`AHEAD_CLAIMS` claims' time, as this worker's claims took
-        of late (a held lease waits that long unused, a sliver of a shard)."""
-        return max(AHEAD_MIN_SECONDS, AHEAD_CLAIMS * self.claim_seconds)
-
-    def near_end(self, seconds_left: float) -> None:
-        """Told by the worker as its shard runs: with ``seconds_left`` under
-        :attr:`lead_seconds`, the next shard is claimed ahead (once per shard)."""
-        if seconds_left <= self.lead_seconds and "claim_ahead" not in DISABLED:
-            self.claim_ahead()
-
-    def claim_ahead(self) -> None:
-        """Claim the next shard in a thread of this claimer while the worker finishes its
-        current one, so that the worker goes from shard to shard without waiting for the
-        store (at 16 workers on moto, claims took 7% of the workers' time:
-        ``benchmarks/fleet.py``). One round of :meth:`next` without its idle wait: when there
-        is nothing to take now, :meth:`next` looks again as it would have. Once per shard; a
-        claim made ahead is returned by the next :meth:`next`, or released by :meth:`close`."""
-        with self._ahead_lock:  # told from the worker's write threads
-            if self._ahead is not None or self.stop.is_set():
-                return
-            self._ahead = self._pool().submit(self._claim_once)
-
-    def _claim_once(self) -> Claim | None:
-        for _ in range(3):  # a list found out of date is made again, at most twice
-            claim, outcome = self._round()
-            if outcome != _RELIST or self.stop.is_set():
-                return claim
-        return None
-
-    def _take_ahead(self) -> Claim | None:
-        """The claim made ahead, if any (its error raised here); released when stopped."""
-        with self._ahead_lock:
-            ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return None
-        claim = ahead.result()
-        if claim is not None and self.stop.is_set():
-            self.book.release(claim)
-            return None
-        return claim
-
     def close(self) -> None:
-        """The worker leaves (a failure, a stop): a claim made ahead is released at once, for
-        another worker to take, and this worker's last finished shard is written."""
-        try:
-            claim = self._take_ahead()
-            if claim is not None:
-                self.book.release(claim)
-        except RelitError as e:  # left to go stale and be taken over
-            log.warning("could not release the shard claimed ahead: %s", e)
-        finally:
-            with self._ahead_lock:
-                pool, self._ahead_pool = self._ahead_pool, None
-            if pool is not None:
-                pool.shutdown(wait=True)
-            self.book.settle()
+        """The worker leaves (done, a failure, a stop): its last finished shard is
+        written."""
+        self.book.settle()
 
     def __iter__(self) -> Iterator[Claim]:
         while (claim := self.next()) is not None:
@@ -1280,11 +973,6 @@ def conditional_writes_work(storage: Storage) -> bool:
     """Whether ``storage`` does the conditional writes leases need
     (:func:`conditional_write_problem` finds none)."""
     return conditional_write_problem(storage) is None
-
-
-def _stamp(at: datetime) -> str:
-    """A journal name's time: UTC, to the microsecond, sorting as the times do."""
-    return at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _bytes(lease: Lease) -> bytes:

@@ -68,10 +68,7 @@ def tree(out: Path) -> list[str]:
         return " ".join(names) if len(names) <= 4 else f"{names[0]} {names[1]} ... {names[-1]}"
 
     if (run / "leases").is_dir():
-        journal = len([p for p in (run / "finished").iterdir() if not p.name.startswith(".")])
         lines.append(f"    ├── done/{listed('done')}")
-        lines.append(f"    ├── finished/<UTC time>-<shard> ({journal}: the journal of finished "
-                     "shards)")
     if (run / "folded").is_dir():
         workers = len([p for p in (run / "folded").iterdir() if not p.name.startswith(".")])
         lines.append(f"    ├── folded/<host>-<pid>-<token>.json ({workers}: the finished "

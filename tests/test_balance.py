@@ -66,21 +66,18 @@ def wait_for_outputs(out: Path, n: int, timeout: float = 120) -> None:
 
 
 def leases(out: Path, m: Manifest, folder: str = "leases") -> list[str]:
-    """The lease folder's objects (the local store's hidden lock files, the published list
-    of finished shards, ``finished.json``, and the marker of a worker publishing it left out);
-    ``done``: the finished shards' markers."""
+    """The lease folder's objects (the local store's hidden lock files and the published
+    list of finished shards, ``finished.json``, left out); ``done``: the finished shards'
+    markers."""
     path = out / RunPaths(m.run_id).prefix / folder
     return sorted((p.name for p in path.iterdir() if not p.name.startswith(".")
-                   and p.name not in ("finished.json", "finished.refresh")),
+                   and p.name != "finished.json"),
                   key=lambda n: (len(n), n))
 
 
 def finished(out: Path, m: Manifest, shards: int) -> bool:
-    """Every shard marked finished and in the journal of finished shards (``finished/``,
-    ``<time>-<shard>``), and no lease left behind."""
-    journal = {int(n.rpartition("-")[2]) for n in leases(out, m, "finished")}
-    return (leases(out, m, "done") == [str(s) for s in range(shards)]
-            and journal == set(range(shards)) and leases(out, m) == [])
+    """Every shard marked finished, and no lease left behind."""
+    return leases(out, m, "done") == [str(s) for s in range(shards)] and leases(out, m) == []
 
 
 def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path):
