@@ -129,20 +129,17 @@ class Storage(ABC):
     def walk(self, prefix: str = "") -> Iterable[str]:
         """Every key under ``prefix``, in any order, hidden ones and ``_relit/`` included."""
 
-    def list_names(self, folder: str, after: str = "") -> set[str]:
-        """Names of the objects directly inside ``folder`` (one request, not one per file);
-        with ``after``, only the names that sort after it (see :meth:`list_modified`)."""
-        return set(self.list_modified(folder, after))
+    def list_names(self, folder: str) -> set[str]:
+        """Names of the objects directly inside ``folder`` (one request, not one per file)."""
+        return set(self.list_modified(folder))
 
-    def list_modified(self, folder: str, after: str = "") -> dict[str, datetime]:
+    def list_modified(self, folder: str) -> dict[str, datetime]:
         """Name -> last-modified time (UTC) of the objects directly inside ``folder``, from the
-        same single listing (one request per 1,000 objects on S3); with ``after``, only the
-        names that sort after it (S3 ``StartAfter``: a folder of time-ordered names is read
-        from a moment on, whatever came before)."""
-        return {name: modified for name, (modified, _) in self.list_info(folder, after).items()}
+        same single listing (one request per 1,000 objects on S3)."""
+        return {name: modified for name, (modified, _) in self.list_info(folder).items()}
 
     @abstractmethod
-    def list_info(self, folder: str, after: str = "") -> dict[str, tuple[datetime, int]]:
+    def list_info(self, folder: str) -> dict[str, tuple[datetime, int]]:
         """Name -> (last-modified time (UTC), size in bytes) of the objects directly inside
         ``folder``: :meth:`list_modified`'s listing, with the sizes it gives too."""
 
@@ -254,13 +251,13 @@ class LocalStorage(Storage):
             for name in filenames:
                 yield name if rel == "." else f"{rel}/{name}"
 
-    def list_info(self, folder: str, after: str = "") -> dict[str, tuple[datetime, int]]:
+    def list_info(self, folder: str) -> dict[str, tuple[datetime, int]]:
         path = self._path(folder) if folder else self.root
         try:
             with os.scandir(path) as it:
                 return {e.name: (datetime.fromtimestamp((st := e.stat()).st_mtime, UTC),
                                  st.st_size) for e in it
-                        if e.name > after and e.is_file() and not e.name.startswith(".")}
+                        if e.is_file() and not e.name.startswith(".")}
         except (FileNotFoundError, NotADirectoryError):
             return {}
         except OSError as e:
@@ -426,14 +423,12 @@ class S3Storage(Storage):
                     if not obj["Key"].endswith("/"):
                         yield obj["Key"][strip:]
 
-    def list_info(self, folder: str, after: str = "") -> dict[str, tuple[datetime, int]]:
+    def list_info(self, folder: str) -> dict[str, tuple[datetime, int]]:
         start = self._folder(folder)
         names: dict[str, tuple[datetime, int]] = {}
         paginator = self._client.get_paginator("list_objects_v2")
-        since = {"StartAfter": start + after} if after else {}
         with _s3_errors(self.bucket, start):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/",
-                                           **since):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
                 names.update((o["Key"][len(start):], (o["LastModified"], o["Size"]))
                              for o in page.get("Contents", []))
         return {n: t for n, t in names.items() if n and not n.startswith(".")}

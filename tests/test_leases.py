@@ -175,9 +175,9 @@ class RequestCounter(LocalStorage):
         self.reads: list[str] = []
         self.checked: list[str] = []
 
-    def list_modified(self, folder, after=""):
+    def list_modified(self, folder):
         self.listed.append(folder.rsplit("/", 1)[-1])
-        return super().list_modified(folder, after)
+        return super().list_modified(folder)
 
     def read_versioned(self, key):
         self.reads.append(key.rsplit("/", 1)[-1])
@@ -257,7 +257,8 @@ def test_an_idle_worker_of_a_large_fleet_leaves_soon_after_the_run_ends_without_
     assert idle.listings == 1 and idle.end_checks == 1
 
 
-def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ago(store_uri):
+def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ago(store_uri,
+                                                                                  clock):
     """Workers that need the full picture at about the same time (all out of their own shards
     at once) list ``done/`` (one object per finished shard) once between them: the first
     publishes ``leases/finished.json``, the others read it while it is younger than a poll
@@ -281,8 +282,7 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     # and its next look too: 6, finished since, is not in it (a check if tried)
     assert 6 not in second.state()[0] and second.summary_looks == 2
     assert (second.listings, second.done_listings, second.summaries) == (2, 0, 0)
-    # a sleep: the summary's time is the store's own (S3's LastModified), which no advance moves
-    time.sleep(3.1)  # older than 2 s (S3 times are to the second): not taken as it is
+    clock.advance(3.1)  # older than 2 s (S3 times are to the second): not taken as it is
     # a worker on its own shards lists leases/ only: 6, claimed and finished between its
     # looks, was never seen held, so it is not known finished (a check when tried)
     assert 6 not in second.state()[0] and second.summary_looks == 2
@@ -296,6 +296,7 @@ def test_a_full_look_reads_the_finished_shards_another_worker_listed_a_moment_ag
     fourth = Claimer(LeaseBook(store, "relit-f", seconds=4.0), shards=8, index=1, workers=2)
     assert fourth.state()[0] >= {0, 1, 2, 5, 6} and fourth.done_listings == 1
     # a shard the summary does not name is checked: claimed if unfinished, never skipped
+    clock.reset()  # a summary written now is fresh by the store's own time (LastModified)
     store.write("_relit/relit-f/leases/finished.json", FinishedSummary.of(
         {0, 1, 2, 5, 6}, datetime.now(UTC)).model_dump_json().encode())
     other = LeaseBook(store, "relit-f", seconds=4.0)
