@@ -355,17 +355,20 @@ class Store:
 
 
 def _work(fleet: Fleet, store: Store, units: range, speed: float, killed: threading.Event,
-          lost: threading.Event | None = None, progress: list | None = None) -> bool:
+          lost: threading.Event | None = None, progress: list | None = None,
+          near_end=None) -> bool:
     """Process ``units`` item by item (skipping units written, as a worker does after listing
     its pairs); False when killed (or the lease lost) part-way. ``progress``: [items finished,
-    items written], kept up to date for the heartbeat.
+    items written], kept up to date for the heartbeat. ``near_end``: told the seconds left
+    after each item, at the rate so far (as the worker's report tells its claimer).
 
     As the worker does, a unit's output is written by a thread while the next unit is
     relit, and the shard ends once its writes are done. The items' times are kept to a
     schedule (each item ends at the sum of the times so far), not slept one by one: on 2
     cores shared with the store and hundreds of threads, each sleep overran its time (34
     worker-seconds of 971 in the 16-worker row), an overhead no GPU has."""
-    due = time.monotonic()
+    began, total = time.monotonic(), len(units) * ITEMS_PER_UNIT
+    due = began
 
     def put(unit: int) -> None:
         store.write(unit)
@@ -386,6 +389,9 @@ def _work(fleet: Fleet, store: Store, units: range, speed: float, killed: thread
                     return False  # killed mid-unit: this unit's output is never written
                 if progress is not None:
                     progress[0] += 1
+                    if near_end is not None:
+                        near_end((total - progress[0]) * (time.monotonic() - began) /
+                                 progress[0])
             writes.append(writer.submit(put, u))
     for w in writes:
         w.result()  # a failed write fails the benchmark, not loses a unit quietly
@@ -467,9 +473,9 @@ def run_static(fleet: Fleet, store: Store, shards: int) -> Row:
 
 
 def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
-    """Workers claim shards through leases, each its next shard once its current one is
-    written (as the worker does); a pod per worker, each paying one start, a killed one
-    replaced after the backoff."""
+    """Workers claim shards through leases, each its next shard ahead as its current one
+    nears its end (as the worker does: Claimer.near_end, unless the ablation switched it
+    off); a pod per worker, each paying one start, a killed one replaced after the backoff."""
     from relit_k8s.leases import Claimer, LeaseBook, LeaseLost
 
     class TimedClaimer(Claimer):
@@ -541,7 +547,8 @@ def run_leases(fleet: Fleet, store: Store, shards: int) -> Row:
 
                 heart = threading.Thread(target=beat, daemon=True)
                 heart.start()
-                finished = _work(fleet, store, units, speed, killed, lost, progress)
+                finished = _work(fleet, store, units, speed, killed, lost, progress,
+                                 claimer.near_end)
                 beat_stop.set()
                 if killed.is_set():
                     dead = True

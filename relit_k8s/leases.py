@@ -34,10 +34,11 @@ unless a summary named every shard. Clocks: staleness compares the lease's ``hea
 (the holder's clock) with the thief's; a cluster's clocks agree within a second or so, far
 inside 60 s.
 
-The protocol once had more: a claim made ahead of a shard's end, a journal of finished shards,
-a marker for the one worker bringing the summary up to date, a summary published in the
-background. ``benchmarks/fleet.py``'s ablation found each within the noise at 16 and 64
-workers (and the journal cost 8% more requests): they were removed (benchmarks/README.md).
+The protocol once had more: a journal of finished shards, a marker for the one worker bringing
+the summary up to date, a summary published in the background. ``benchmarks/fleet.py``'s
+ablation found each within the noise at 16 and 64 workers (and the journal cost 8% more
+requests): they were removed (benchmarks/README.md). The claim made ahead of a shard's end
+(:meth:`Claimer.near_end`) stays: without it too, 16 workers were slower in every seed.
 
 Stores that ignore conditional writes (some S3-compatible servers) would let two workers win
 the same shard: :func:`conditional_write_problem` finds out with one probe, at plan time and
@@ -146,6 +147,10 @@ MISSES_BEFORE_LISTING = 16
 COLLISIONS_BEFORE_LISTING = 4
 #: About how many idle workers of a run look at the store per poll interval, together.
 IDLE_POLLERS = 8
+#: A worker claims its next shard this many claims' time before its current one ends
+#: (:meth:`Claimer.near_end`), and at least this many seconds before.
+AHEAD_CLAIMS = 4
+AHEAD_MIN_SECONDS = 0.5
 #: What a round of claiming ended with (:meth:`Claimer._round`).
 _CLAIMED, _FINISHED, _IDLE, _RELIST = "claimed", "finished", "idle", "relist"
 #: ... or the look brought the same picture again, whose free shards proved taken by others
@@ -155,6 +160,7 @@ _STALE = "stale"
 #: to measure what each earns (its ablation rows); not a user option: only the benchmark sets
 #: :data:`DISABLED`, in its own processes.
 MECHANISMS = {
+    "claim_ahead": "the next shard is claimed while the current one ends (Claimer.near_end)",
     "summary": "finished.json: a look reads one summary instead of listing leases/ and done/",
     "idle_backoff": "idle workers look the less often the more of them there are",
     "random_order": "past its own shards a worker tries the others in a random order",
@@ -240,8 +246,8 @@ class LeaseBook:
         #: the bookkeeping thread of :meth:`finish_soon` (made on first use), its last job
         self._bookkeeper: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        #: guards ``_pending``: the worker's write threads may settle while its main thread
-        #: hands its finished shard over
+        #: guards ``_pending``: a claim made ahead (:meth:`Claimer.claim_ahead`) may settle from
+        #: its thread while the worker's thread hands its finished shard over
         self._pending_lock = threading.Lock()
 
     @property
@@ -520,6 +526,7 @@ class Claimer:
         self._own = set(own_shards(index, workers, shards))
         self._init_picture()
         self._init_counters()
+        self._init_ahead()
 
     def _init_picture(self) -> None:
         """What this worker knows of the store: the shards finished, held, released, taken."""
@@ -576,6 +583,16 @@ class Claimer:
         #: (``old list``), too many misses, too many collisions, after an idle wait, the check
         #: before it stops (``benchmarks/fleet.py`` prints them)
         self.looks: Counter[str] = Counter()
+        #: seconds a claim took of late (moving average), from the look to the lease written
+        self.claim_seconds = AHEAD_MIN_SECONDS / AHEAD_CLAIMS
+
+    def _init_ahead(self) -> None:
+        """The claim made ahead, in a thread of this claimer (:meth:`claim_ahead`)."""
+        #: the shard the worker runs while a claim is made ahead (not a candidate of it)
+        self._current: int | None = None
+        self._ahead: Future | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._ahead_lock = threading.Lock()
 
     def state(self) -> tuple[set[int], dict[int, datetime]]:
         """(finished shards, held shard -> when its lease was last written), as looked at now:
@@ -750,18 +767,18 @@ class Claimer:
         if len(done) >= self.shards:
             return False
         old = clock.now() - timedelta(seconds=self.book.seconds)
-        # found taken by another since the leases were listed: a look that reads the same
-        # summary again (at 256 workers, after a round of collisions, a moment later) would
-        # otherwise try the same shards again, and again, until another worker published a
-        # newer one
+        # held by this worker (not a candidate of a claim ahead), or found taken by another
+        # since the leases were listed: a look that reads the same summary again (at 256
+        # workers, after a round of collisions, a moment later) would otherwise try the same
+        # shards again, and again, until another worker published a newer one
         seen = self._held_at
         self._taken = {s: at for s, at in self._taken.items() if seen is None or at > seen}
-        taken = self._taken.keys()
-        free = [s for s in self.order if s not in done and s not in held and s not in taken]
+        mine = {self._current} | self._taken.keys()
+        free = [s for s in self.order if s not in done and s not in held and s not in mine]
         stale = [s for s in self.order if s not in done and s in held and held[s] < old
-                 and s not in taken]
+                 and s not in mine]
         if not free and not stale:
-            live = [s for s in self.order if s not in done and s in held and s not in taken]
+            live = [s for s in self.order if s not in done and s in held and s not in mine]
             if isinstance(self.book.storage, LocalStorage) or first:
                 # read the live leases too: on a local folder always (reads are cheap),
                 # elsewhere on a worker's first look (a run started again after `kill -9`
@@ -812,14 +829,18 @@ class Claimer:
             self._ended = published is not None and len(published) >= self.shards
 
     def next(self) -> Claim | None:
-        """The next shard this worker holds; None when every shard is finished (or
-        stopped)."""
+        """The next shard this worker holds; None when every shard is finished (or stopped).
+        A claim made ahead (:meth:`claim_ahead`) is taken first."""
+        claim = self._take_ahead()
+        if claim is not None:
+            return self._holding(claim)
         # the last shard is over (finished, lost, or released after a failure: then it may
         # be claimed again, by this worker too)
+        self._current = None
         while not self.stop.is_set():
             claim, outcome = self._round()
             if claim is not None:
-                return claim
+                return self._holding(claim)
             if outcome == _FINISHED:
                 break
             if outcome == _IDLE:  # nothing to take now: others hold every unfinished shard
@@ -831,11 +852,16 @@ class Claimer:
         self.close()  # this worker's last finish is written before it leaves
         return None
 
+    def _holding(self, claim: Claim) -> Claim:
+        self._current = claim.shard
+        return claim
+
     def _round(self) -> tuple[Claim | None, str]:
         """One try: the candidates listed (listing again when there are none left), tried in
         turn; (the claim, :data:`_CLAIMED`), or (None, why: :data:`_FINISHED`, :data:`_IDLE`
         when a fresh list had nothing to take, :data:`_RELIST` when the list proved out of
         date, :data:`_STALE` when the look brought the picture of a list given up again)."""
+        started = clock.monotonic()
         fresh = not self._candidates
         if fresh and not self._refresh():
             return None, _FINISHED
@@ -869,6 +895,8 @@ class Claimer:
             if claim is not None:
                 self.claims += 1
                 self.steals += claim.lease.stolen_from is not None
+                self.claim_seconds = 0.8 * self.claim_seconds + \
+                    0.2 * (clock.monotonic() - started)
                 return claim, _CLAIMED
             if shard in self.book.seen_done:  # finished while this worker looked away
                 self._misses += 1
@@ -903,10 +931,68 @@ class Claimer:
         return self._known_at is not None and \
             (clock.now() - self._known_at).total_seconds() <= self.summary_seconds
 
+    # --- claiming ahead ----------------------------------------------------------------------
+    @property
+    def lead_seconds(self) -> float:
+        """How long before the end of its shard a worker claims its next one
+        (:meth:`near_end`): :data:`AHEAD_CLAIMS` claims' time, as this worker's claims took
+        of late (a held lease waits that long unused, a sliver of a shard)."""
+        return max(AHEAD_MIN_SECONDS, AHEAD_CLAIMS * self.claim_seconds)
+
+    def near_end(self, seconds_left: float) -> None:
+        """Told by the worker as its shard runs: with ``seconds_left`` under
+        :attr:`lead_seconds`, the next shard is claimed ahead (once per shard)."""
+        if seconds_left <= self.lead_seconds and "claim_ahead" not in DISABLED:
+            self.claim_ahead()
+
+    def claim_ahead(self) -> None:
+        """Claim the next shard in a thread of this claimer while the worker finishes its
+        current one, so that the worker goes from shard to shard without waiting for the
+        store (without it, 16 workers were slower in every seed: ``benchmarks/fleet.py``,
+        benchmarks/README.md). One round of :meth:`next` without its idle wait: when there is
+        nothing to take now, :meth:`next` looks again as it would have. Once per shard; a
+        claim made ahead is returned by the next :meth:`next`, or released by :meth:`close`."""
+        with self._ahead_lock:  # told from the worker's write threads
+            if self._ahead is not None or self.stop.is_set():
+                return
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="relit-claim")
+            self._ahead = self._ahead_pool.submit(self._claim_once)
+
+    def _claim_once(self) -> Claim | None:
+        for _ in range(3):  # a list found out of date is made again, at most twice
+            claim, outcome = self._round()
+            if outcome != _RELIST or self.stop.is_set():
+                return claim
+        return None
+
+    def _take_ahead(self) -> Claim | None:
+        """The claim made ahead, if any (its error raised here); released when stopped."""
+        with self._ahead_lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        claim = ahead.result()
+        if claim is not None and self.stop.is_set():
+            self.book.release(claim)
+            return None
+        return claim
+
     def close(self) -> None:
-        """The worker leaves (done, a failure, a stop): its last finished shard is
-        written."""
-        self.book.settle()
+        """The worker leaves (a failure, a stop): a claim made ahead is released at once, for
+        another worker to take, and this worker's last finished shard is written."""
+        try:
+            claim = self._take_ahead()
+            if claim is not None:
+                self.book.release(claim)
+        except RelitError as e:  # left to go stale and be taken over
+            log.warning("could not release the shard claimed ahead: %s", e)
+        finally:
+            with self._ahead_lock:
+                pool, self._ahead_pool = self._ahead_pool, None
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self.book.settle()
 
     def __iter__(self) -> Iterator[Claim]:
         while (claim := self.next()) is not None:

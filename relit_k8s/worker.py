@@ -233,8 +233,13 @@ class _Reporter:
 
     def __init__(self, storage: Storage, key: str, report: ShardReport, interval: float,
                  progress: ProgressFn | None, log_every: float,
-                 lease: tuple[LeaseBook, Claim] | None = None):
+                 lease: tuple[LeaseBook, Claim] | None = None,
+                 near_end: Callable[[float], None] | None = None, batch: int = 1):
         self.storage, self.key, self.report = storage, key, report
+        #: told, as items finish, the seconds left before the shard's last ``batch`` items
+        #: begin (:meth:`Claimer.near_end`: progress comes a batch at a time, so the next
+        #: shard is claimed while the last batch runs, not once it is written)
+        self.near_end, self.batch = near_end, batch
         self.interval, self.progress, self.log_every = interval, progress, log_every
         self.book: LeaseBook | None = lease[0] if lease else None
         self.claim: Claim | None = lease[1] if lease else None
@@ -351,8 +356,13 @@ class _Reporter:
             room = max(0, MAX_FAILURE_RECORDS - len(r.failures))
             r.failures.extend(failures[:room])
             r.failures_dropped += max(0, len(failures) - room)
+            left = r.items_total - r.items_done - r.items_skipped - r.items_failed
+            written = r.items_done
         if self.progress and (done or skipped or failed):
             self.progress(done, skipped, failed)
+        if self.near_end is not None and (written or left <= 0):
+            elapsed = monotonic() - self._started  # at the rate of the items written
+            self.near_end(max(0, left - self.batch) * elapsed / written if written else 0.0)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -473,14 +483,17 @@ class ShardRunner:
         self._folded = FoldedReports(writer=f"{_safe_host()}-{os.getpid()}-{os.urandom(4).hex()}")
 
     # --- running -----------------------------------------------------------------------------
-    def run(self, index: int, lease: tuple[LeaseBook, Claim] | None = None) -> ShardReport:
+    def run(self, index: int, lease: tuple[LeaseBook, Claim] | None = None,
+            near_end: Callable[[float], None] | None = None) -> ShardReport:
         """Run shard ``index``; returns its final report. Raises :class:`Stopped` on stop.
 
         ``lease``: the shard's lease (``balance: leases``), renewed by the heartbeat;
         :class:`LeaseLost` when another worker took it (nothing more is written for it).
+        ``near_end``: told the seconds the shard has left as its items finish (the claimer's
+        :meth:`~relit_k8s.leases.Claimer.near_end`: the next shard is claimed ahead).
         """
         units = self.manifest.shard_units(index)
-        report = self._start_report(index, units, lease)
+        report = self._start_report(index, units, lease, near_end)
         try:
             _ShardPass(self, report).run(units)
         except LeaseLost:
@@ -511,7 +524,8 @@ class ShardRunner:
         return r
 
     def _start_report(self, index: int, units: list[Unit],
-                      lease: tuple[LeaseBook, Claim] | None) -> _Reporter:
+                      lease: tuple[LeaseBook, Claim] | None,
+                      near_end: Callable[[float], None] | None) -> _Reporter:
         """The shard's report, written as running (its heartbeat starts), and the start event."""
         m = self.manifest
         attempt = self._previous_attempts(index) + 1
@@ -529,6 +543,8 @@ class ShardRunner:
             self.progress,
             self.settings.progress_seconds,
             lease,
+            near_end,
+            self.batch_size,
         )
         self._reporter = report
         report.start()
@@ -596,7 +612,7 @@ class ShardRunner:
             for claim in claimer:
                 hooks.begin(claim.shard)
                 try:
-                    self.run(claim.shard, (claimer.book, claim))
+                    self.run(claim.shard, (claimer.book, claim), claimer.near_end)
                 except LeaseLost:
                     hooks.left(claim.shard)  # another worker finishes it
                     continue
@@ -614,7 +630,7 @@ class ShardRunner:
                 finished += 1
                 hooks.finished(claim.shard)
         finally:
-            claimer.close()  # its last finished shard is written
+            claimer.close()  # a shard claimed ahead is released at once
         if self.stop.is_set():
             raise Stopped("stopped before every shard of the run was finished")
         self.log_all_done(claimer, finished)

@@ -670,6 +670,50 @@ def test_the_published_finished_shards_are_taken_for_a_poll_interval_not_half_a_
     assert (later.state()[0], later.summaries, later.done_listings) == ({0, 1, 2, 3}, 0, 1)
 
 
+def _wait_for_lease(book: LeaseBook, shard: int, timeout: float = 10) -> tuple:
+    deadline = time.monotonic() + timeout
+    while (found := book.read(shard)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert found is not None, f"shard {shard} was not claimed within {timeout} s"
+    return found
+
+
+def test_the_next_shard_is_claimed_ahead_and_released_when_the_worker_stops(store_uri):
+    """Near the end of its shard a worker claims its next one in the background, so that it
+    goes on without waiting for the store; a worker that stops (or fails) releases the shard
+    it claimed ahead at once, for another worker to take."""
+    store = open_storage(store_uri)
+    claimer = Claimer(LeaseBook(store, "relit-a"), shards=4, index=0, workers=1, poll=0.05)
+    first = claimer.next()
+    claimer.near_end(60.0)  # far from the end: nothing claimed yet
+    time.sleep(0.3)
+    assert claimer.book.read(1) is None
+    claimer.near_end(0.2)
+    ahead = _wait_for_lease(claimer.book, 1)  # claimed while shard 0 is still running
+    assert claimer.book.read(0)[1] == first.version  # its own shard was no candidate
+    claimer.near_end(0.1)  # once per shard
+    claimer.book.finish(first)
+    second = claimer.next()
+    assert (second.shard, second.version) == (1, ahead[1])  # the lease claimed ahead
+    assert claimer.claims == 2
+
+    claimer.near_end(0.0)
+    _wait_for_lease(claimer.book, 2)
+    claimer.stop.set()  # SIGTERM
+    assert claimer.next() is None
+    names = store.list_names("_relit/relit-a/leases")
+    assert "2.free" in names and "2.json" not in names  # released at once
+    assert "1.json" in names  # the current shard is the worker's to release or finish
+
+    other = Claimer(LeaseBook(store, "relit-a"), shards=4, index=0, workers=1, poll=0.05)
+    assert other.next().shard == 2  # the released shard, straight away
+    other.near_end(0.0)
+    _wait_for_lease(other.book, 3)
+    other.close()  # a worker that fails releases it too
+    assert "3.free" in store.list_names("_relit/relit-a/leases")
+    assert claimer.book.read(3) is None
+
+
 def test_a_shard_released_after_a_failure_can_be_claimed_again_by_the_same_worker(tmp_path):
     """A temporary failure frees the shard and the worker claims again: the same shard too
     (the last one left, with this worker alone on the run), not only the others."""
