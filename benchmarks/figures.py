@@ -104,27 +104,50 @@ def fleet_quick() -> str:
     return fleet_scenarios(name) + "\n\n" + fleet_ablation(name)
 
 
-def fleet_64_now() -> str:
-    """The 64-worker mixed rows of the protocol now beside the ablation's rows with every
-    mechanism (fleet_ablation64_cpu.json), makespan and store requests."""
-    now, before = load("fleet_64_cpu.json"), load("fleet_ablation64_cpu.json")
+def fleet_now() -> str:
+    """The mixed rows of the protocol now beside the same rows before the removal (every
+    mechanism in) and with the claim ahead removed too: makespan and store requests, with a
+    verdict against "before" where the seeds' ranges do not overlap."""
+    runs = ((16, (("every mechanism (before)", "fleet_16_before_cpu.json"),
+                  ("four removed, the claim ahead too", "fleet_16_no_ahead_cpu.json"),
+                  ("now: three removed", "fleet_16_cpu.json"))),
+            (64, (("every mechanism (before)", "fleet_ablation64_cpu.json"),
+                  ("four removed, the claim ahead too", "fleet_64_no_ahead_cpu.json"),
+                  ("now: three removed", "fleet_64_cpu.json"))))
 
-    def of(d: dict) -> tuple[str, str]:
+    def of(d: dict, workers: int) -> tuple[list[float], list[int]]:
         rows = [r for r in d["rows"] if r["balance"] == "leases" and not r.get("disabled")
-                and r["workers"] == 64 and r["scenario"] == "mixed"]
-        ratios = [r["makespan_over_ideal"] for r in rows]
-        requests = [r["requests"] for r in rows]
-        return (_range({"median": statistics.median(ratios), "min": min(ratios),
-                        "max": max(ratios)}),
-                f"{statistics.median(requests):,.0f} ({min(requests):,}-{max(requests):,})")
+                and r["workers"] == workers and r["scenario"] == "mixed"]
+        return [r["makespan_over_ideal"] for r in rows], [r["requests"] for r in rows]
 
-    rows = ["| lease protocol | seeds | makespan / ideal | store requests |", "|---|---|---|---|"]
-    for label, d in (("every mechanism (before)", before), ("now", now)):
-        ratio, requests = of(d)
-        rows.append(f"| {label} | {', '.join(map(str, d['seeds']))} | {ratio} | {requests} |")
-    return "\n".join([*rows, "", "64 workers, mixed scenario, median (range). " +
-                      source("fleet_64_cpu.json", now) + " Before: " +
-                      source("fleet_ablation64_cpu.json", before)])
+    def spread(values: list) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    def verdict(now: list, before: list, less: str, more: str) -> str:
+        if max(now) < min(before):
+            return less
+        if min(now) > max(before):
+            return more
+        return "within the noise"
+
+    rows = ["| workers | lease protocol | makespan / ideal | store requests | against before |",
+            "|---|---|---|---|---|"]
+    sources = []
+    for workers, variants in runs:
+        base = None
+        for label, name in variants:
+            d = load(name)
+            ratios, requests = of(d, workers)
+            q = spread(requests)
+            against = "-" if base is None else (
+                f"{verdict(ratios, base[0], 'faster', 'slower')}; requests "
+                f"{verdict(requests, base[1], 'fewer', 'more')}")
+            base = base or (ratios, requests)
+            rows.append(f"| {workers} | {label} | {_range(spread(ratios))} | "
+                        f"{q['median']:,.0f} ({q['min']:,}-{q['max']:,}) | {against} |")
+            sources.append(f"{label}, {workers} workers: " + source(name, d))
+    return "\n".join([*rows, "", "Mixed scenario, seeds 1, 2, 3, median (range); 30 s rows at 16 "
+                      "workers, 120 s at 64.", "", *(f"- {s}" for s in sources)])
 
 
 def fleet_stragglers() -> str:
@@ -370,6 +393,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "fleet-stragglers": fleet_stragglers,
     "fleet-ablation-64": lambda: fleet_ablation("fleet_ablation64_cpu.json", cite=True),
     "fleet-stores": fleet_stores,
+    "fleet-quick": fleet_quick,
+    "fleet-scenarios-now": lambda: fleet_scenarios("fleet_quick_cpu.json"),
+    "fleet-now": fleet_now,
     "relighter-h200": relighter_h200,
     "pipeline-h200": pipeline_h200,
     "output-cpu-h200": output_cpu_h200,

@@ -36,7 +36,7 @@ workers and scenario over the seeds, the median and the range (min-max) of each 
 best static row beside leases, and "better" only where the ranges do not overlap.
 
 Usage: python benchmarks/fleet.py --quick --jobs 3 --out benchmarks/results/fleet_quick_cpu.json
-                                                   (under 20 minutes on this project's 2 cores)
+                                                   (19.7 minutes on this project's 2 cores)
        python benchmarks/fleet.py --workers 16 64 256 --seeds 1,2,3,4,5   (hours)
        python benchmarks/fleet.py --workers 16 --seeds 1,2 --scenario kills --out F.json
        python benchmarks/fleet.py --smoke     (a few seconds: the CI's check that it runs)
@@ -829,7 +829,7 @@ def parse_args(argv: list[str] | None):
                     "of its own [default: %(default)s]")
     ap.add_argument("--quick", action="store_true", help="16 workers, 20 s rows, seeds 1-3, "
                     "every scenario, static at 1, 4 and 32 shards per worker, leases, and the "
-                    "ablation of every mechanism in the mixed scenario: 81 rows, under 20 "
+                    "ablation of every mechanism in the mixed scenario: 96 rows, 19.7 "
                     "minutes with --jobs 3 on 2 cores")
     ap.add_argument("--smoke", action="store_true", help="4 workers, 4 s: a check that it runs")
     ap.add_argument("--out", help="write the result as JSON here")
