@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fleet import stats, verdict  # the fleet's own median, range and verdict over the seeds
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "luminet.md",
@@ -123,16 +125,6 @@ def fleet_now() -> str:
                 and r["workers"] == workers and r["scenario"] == "mixed"]
         return [r["makespan_over_ideal"] for r in rows], [r["requests"] for r in rows]
 
-    def spread(values: list) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-    def verdict(now: list, before: list, less: str, more: str) -> str:
-        if max(now) < min(before):
-            return less
-        if min(now) > max(before):
-            return more
-        return "within the noise"
-
     rows = ["| workers | lease protocol | seeds | makespan / ideal | store requests | "
             "against before |", "|---|---|---|---|---|---|"]
     sources = []
@@ -140,19 +132,20 @@ def fleet_now() -> str:
         base = None
         for label, name in variants:
             d = load(name)
-            ratios, requests = of(d, workers)
-            q = spread(requests)
+            ratios, requests = (stats(v) for v in of(d, workers))
             against = "-" if base is None else (
                 f"{verdict(ratios, base[0], 'faster', 'slower')}; requests "
                 f"{verdict(requests, base[1], 'fewer', 'more')}")
             base = base or (ratios, requests)
             rows.append(f"| {workers} | {label} | {', '.join(map(str, d['seeds']))} | "
-                        f"{_range(spread(ratios))} | "
-                        f"{q['median']:,.0f} ({q['min']:,}-{q['max']:,}) | {against} |")
+                        f"{_range(ratios)} | "
+                        f"{requests['median']:,.0f} ({requests['min']:,}-{requests['max']:,}) | "
+                        f"{against} |")
             sources.append(f"{label}, {workers} workers, seeds {len(d['seeds'])}: "
                            + source(name, d))
     return "\n".join([*rows, "", "Mixed scenario, median (range) over the seeds; 30 s rows at 16 "
-                      "workers, 120 s at 64; each group of three rows measured the same hour.",
+                      "workers, 120 s at 64; each 16-worker group measured within one hour, "
+                      "the 64-worker 'before' by the ablation's run earlier the same day.",
                       "", *(f"- {s}" for s in sources)])
 
 

@@ -675,7 +675,8 @@ def describe(row: dict) -> str:
             f"latency p50/p90 {_ms(row['latency_ms']['all'])}")
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
+    """Median (to 3 places), range and count of one row kind's values over the seeds."""
     return {"median": round(statistics.median(values), 3), "min": min(values),
             "max": max(values), "seeds": len(values)}
 
@@ -684,10 +685,10 @@ def _stats(values: list[float]) -> dict:
 VERDICT_SEEDS = 3
 
 
-def _verdict(a: dict, b: dict, below: str, above: str) -> str:
+def verdict(a: dict, b: dict, below: str, above: str) -> str:
     """``below`` when every seed of ``a`` is under every seed of ``b``, ``above`` when over,
     else "within the noise" (the ranges overlap); no verdict on fewer than
-    :data:`VERDICT_SEEDS` seeds a side."""
+    :data:`VERDICT_SEEDS` seeds a side (benchmarks/figures.py gives its verdicts too)."""
     if min(a["seeds"], b["seeds"]) < VERDICT_SEEDS:
         return "too few seeds"
     return below if a["max"] < b["min"] else above if a["min"] > b["max"] else \
@@ -708,10 +709,10 @@ def summarise(rows: list[dict]) -> dict:
         requests.setdefault(key, []).append(r["requests"])
     scenarios, ablation = [], []
     for w, scenario in sorted({(k[0], k[1]) for k in ratio}):
-        static = {k[3]: _stats(v) for k, v in ratio.items()
+        static = {k[3]: stats(v) for k, v in ratio.items()
                   if k[:3] == (w, scenario, "static")}
         full = [k for k in ratio if k[:3] == (w, scenario, "leases") and k[4] is None]
-        leases = _stats(ratio[full[0]]) if full else None
+        leases = stats(ratio[full[0]]) if full else None
         entry: dict = {"workers": w, "scenario": scenario, "leases": leases,
                        "static_by_shards_per_worker": {str(n): v for n, v in
                                                        sorted(static.items())}}
@@ -719,7 +720,7 @@ def summarise(rows: list[dict]) -> dict:
             best = min(static, key=lambda n: static[n]["median"])
             entry |= {"static_best_shards_per_worker": best, "static_best": static[best]}
             if leases:
-                entry["leases_vs_static_best"] = _verdict(leases, static[best], "better",
+                entry["leases_vs_static_best"] = verdict(leases, static[best], "better",
                                                           "worse")
         if static or leases:
             scenarios.append(entry)
@@ -727,13 +728,13 @@ def summarise(rows: list[dict]) -> dict:
                            if k[:3] == (w, scenario, "leases") and k[4]):
             if not full:
                 continue
-            without, base = _stats(v), leases
+            without, base = stats(v), leases
             ablation.append({
                 "workers": w, "scenario": scenario, "disabled": k[4],
                 "without": without, "with_all": base,
-                "requests_without": _stats(requests[k]),
-                "requests_with_all": _stats(requests[full[0]]),
-                "verdict": _verdict(without, base, "faster without it", "earns its keep")})
+                "requests_without": stats(requests[k]),
+                "requests_with_all": stats(requests[full[0]]),
+                "verdict": verdict(without, base, "faster without it", "earns its keep")})
     return {"scenarios": scenarios, "ablation": ablation}
 
 

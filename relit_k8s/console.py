@@ -14,7 +14,6 @@ import shlex
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console, Group
@@ -22,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from . import clock
 from .manifest import Manifest
 from .status import RunStatus
 
@@ -288,7 +288,7 @@ class StatusView:
         more = f" (the first {len(holders)} of {held})" if held > len(holders) else ""
         table = Table("shard", "holder", "held for", "beat", "items", "taken from",
                       title=f"held leases{more}", title_justify="left")
-        at = datetime.now(UTC)
+        at = clock.now()  # the clock status judged the leases silent by
         for h in holders:
             beat = Text(_age((at - h.heartbeat_at).total_seconds()) + " ago",
                         style="bold red" if h.silent else "")

@@ -38,7 +38,8 @@ The protocol once had more: a journal of finished shards, a marker for the one w
 the summary up to date, a summary published in the background. ``benchmarks/fleet.py``'s
 ablation found each within the noise at 16 and 64 workers (and the journal cost 8% more
 requests): they were removed (benchmarks/README.md). The claim made ahead of a shard's end
-(:meth:`Claimer.near_end`) stays: without it too, 16 workers were slower in every seed.
+(:meth:`Claimer.near_end`) stays: without it too, 16 workers were slower in every seed of one
+side-by-side run, and in 4 of 5 seeds (equal in the fifth) of another.
 
 Stores that ignore conditional writes (some S3-compatible servers) would let two workers win
 the same shard: :func:`conditional_write_problem` finds out with one probe, at plan time and
@@ -948,10 +949,10 @@ class Claimer:
     def claim_ahead(self) -> None:
         """Claim the next shard in a thread of this claimer while the worker finishes its
         current one, so that the worker goes from shard to shard without waiting for the
-        store (without it, 16 workers were slower in every seed: ``benchmarks/fleet.py``,
-        benchmarks/README.md). One round of :meth:`next` without its idle wait: when there is
-        nothing to take now, :meth:`next` looks again as it would have. Once per shard; a
-        claim made ahead is returned by the next :meth:`next`, or released by :meth:`close`."""
+        store (without it, 16 workers were slower: the module's words, benchmarks/README.md).
+        One round of :meth:`next` without its idle wait: when there is nothing to take now,
+        :meth:`next` looks again as it would have. Once per shard; a claim made ahead is
+        returned by the next :meth:`next`, or released by :meth:`close`."""
         with self._ahead_lock:  # told from the worker's write threads
             if self._ahead is not None or self.stop.is_set():
                 return

@@ -11,9 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from .. import clock
 from ..errors import ConfigError, RelitError, TransientError
 from ..status import JOB_ENDED, PodStuck, PodsWaiting
 from .job import INDEX_LABEL
@@ -101,9 +102,10 @@ def waiting_groups(pods: list[dict[str, Any]]) -> list[PodsWaiting]:
 STUCK_AFTER = timedelta(minutes=5)
 
 
-def stuck_pods(pods: list[dict[str, Any]], now: datetime | None = None) -> list[PodStuck]:
-    """The pods whose deletion was due more than :data:`STUCK_AFTER` ago."""
-    now = now or datetime.now(UTC)
+def stuck_pods(pods: list[dict[str, Any]]) -> list[PodStuck]:
+    """The pods whose deletion was due more than :data:`STUCK_AFTER` ago (by
+    :func:`relit_k8s.clock.now`)."""
+    now = clock.now()
     stuck = []
     for pod in newest_pods(pods, all_attempts=True):
         due = (pod.get("metadata") or {}).get("deletionTimestamp")
