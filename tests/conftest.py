@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -204,3 +205,31 @@ def cli(*args: str, env: dict | None = None, timeout: float = 240, check: bool =
         raise AssertionError(f"relit-k8s {' '.join(args)} -> {result.returncode}\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def examples_run(tmp_path_factory, worker_id) -> Path:
+    """The output folder of the bundled examples relit once per test session (4 iterations,
+    2 worker processes, 12 shards), shared by every xdist worker: the first to come runs it,
+    under a lock, and the others reuse it. Read it only; ``finished_examples`` copies it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if worker_id != "master" else base  # one folder per session
+    done, out = root / "examples-run.done", root / "examples-run" / "out"
+    with FileLock(str(root / "examples-run.lock")):
+        if not done.exists():
+            shutil.rmtree(out.parent, ignore_errors=True)
+            cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
+                "--output", str(out), "--iterations", "4", "--workers", "2", "--shards", "12",
+                "--no-progress", check=True)
+            done.touch()
+    return out
+
+
+@pytest.fixture
+def finished_examples(examples_run, tmp_path) -> Path:
+    """A copy of ``examples_run`` of this test's own, to change as it likes."""
+    out = tmp_path / "out"
+    shutil.copytree(examples_run, out)
+    return out

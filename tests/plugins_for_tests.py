@@ -58,3 +58,18 @@ class CountingRelighter(SHRelighter):
     def relight(self, image, reference, seeds, normals=None):
         CountingRelighter.calls.append(len(seeds))
         return super().relight(image, reference, seeds, normals)
+
+
+class PacedRelighter(SHRelighter):
+    """The sh relighter, slowed to ``RELIT_TEST_PACE`` seconds per batch (not at all when it is
+    unset): a test stops or breaks a run mid-shard on tiny images, and the same run, rerun
+    without it, finishes at once."""
+
+    name = "paced"
+
+    def relight(self, image, reference, seeds, normals=None):
+        import os
+        import time
+
+        time.sleep(float(os.environ.get("RELIT_TEST_PACE", "0")))
+        return super().relight(image, reference, seeds, normals)

@@ -167,3 +167,16 @@ def test_the_package_type_checks():
     result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_ci_runs_the_image_tests_beside_the_suite_and_drops_none():
+    # the suite leaves tests/test_image.py out (the image is still building when it starts);
+    # a pytest of its own runs that file, with the image required, and CI fails with it
+    ci = (ROOT / ".ci" / "run").read_text()
+    suite = ci.split('say "Tests"', 1)[1]
+    assert '--ignore=tests/test_image.py"' in suite.split("python -m pytest -n 2", 1)[0]
+    image = suite.split("image_status=0", 1)[1]
+    assert "RELIT_REQUIRE_IMAGE=1" in image and "tests/test_image.py" in image
+    assert image.index("python -m pytest") < image.index('|| image_status=$?')
+    assert '[ "$image_status" -eq 0 ] || {' in image and 'exit 1; }' in image
+    assert image.index('wait "$suite_pid" || {') < image.index('[ "$image_status" -eq 0 ]')

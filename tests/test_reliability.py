@@ -286,9 +286,12 @@ def test_faults_that_outlast_the_retries_exit_75_and_a_rerun_completes(bucket, s
     tiny_s3_dataset(s3_client, bucket, n_refs=4)
     proxy.rates = dict.fromkeys(proxy.rates, 0.0)
     m, uri = planned(f"s3://{bucket}/in", f"s3://{bucket}/refs", f"s3://{bucket}/out",
-                     iterations=250, shards=1, batch_size=10)
-    env = {**faulty_env(proxy), "RELIT_S3_MAX_ATTEMPTS": "3"}
-    proc = subprocess.Popen([*WORKER, "--manifest", uri, "--index", "0"], env=env,
+                     iterations=20, shards=1, batch_size=10,
+                     relighter="plugins_for_tests:PacedRelighter")
+    env = {**faulty_env(proxy), "RELIT_S3_MAX_ATTEMPTS": "3", "PYTHONPATH": str(TESTS)}
+    # half a second per batch of 10: S3 goes down while the shard is at work
+    proc = subprocess.Popen([*WORKER, "--manifest", uri, "--index", "0"],
+                            env={**env, "RELIT_TEST_PACE": "0.5"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: s3_count(s3_client, bucket) >= 20, timeout=120)
     proxy.always = "503"  # S3 is down for longer than the retry budget
@@ -296,6 +299,7 @@ def test_faults_that_outlast_the_retries_exit_75_and_a_rerun_completes(bucket, s
     assert proc.returncode == EXIT_TEMPORARY, err[-3000:]
     assert "SlowDown" in err or "kept failing" in err
     proxy.always = None
+    assert 20 <= s3_count(s3_client, bucket) < m.items == 80  # it stopped mid-shard
     rerun = subprocess.run([*WORKER, "--manifest", uri, "--index", "0"], env=env,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]

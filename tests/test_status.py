@@ -7,6 +7,7 @@ from datetime import timedelta
 from relit_k8s.clock import now
 from relit_k8s.manifest import ShardReport
 from relit_k8s.planner import PlanSettings, plan, write_run
+from relit_k8s.run import Run
 from relit_k8s.status import JobSummary, collect, record_launch
 
 
@@ -84,23 +85,11 @@ def test_watch_waits_for_a_starting_attempt_and_leaves_an_ended_run(tmp_path):
 
 
 # --- summaries of finished reports: status in about one read per worker ----------------------
-def finished_run(tmp_path, workers: int = 2, shards: int = 12):
-    """A real run of ``workers`` processes (they claim and finish shards at once, each folding
-    its finished reports into its own summary), and its Run."""
-    from conftest import EXAMPLES, cli
-
-    from relit_k8s.run import Run
-
-    out = tmp_path / "out"
-    cli("run", "--input", str(EXAMPLES / "images"), "--refs", str(EXAMPLES / "refs"),
-        "--output", str(out), "--iterations", "4", "--workers", str(workers), "--shards",
-        str(shards), "--no-progress", check=True)
-    return Run.load(str(out))
-
-
 def test_workers_finishing_shards_at_once_fold_every_report_and_status_reads_no_report(
-        tmp_path):
-    run = finished_run(tmp_path)
+        finished_examples):
+    # a real run of 2 processes (they claimed and finished 12 shards at once, each folding
+    # its finished reports into its own summary): conftest.examples_run
+    run = Run.load(str(finished_examples))
     summaries = run.output.list_names(run.paths.folded)
     assert len(summaries) == 2  # one per worker process: no two writers share an object
     read = run.reports()
@@ -111,8 +100,9 @@ def test_workers_finishing_shards_at_once_fold_every_report_and_status_reads_no_
     assert status.items_done == run.manifest.items and status.state == "done"
 
 
-def test_a_corrupt_or_missing_summary_makes_status_read_the_reports_and_say_so(tmp_path):
-    run = finished_run(tmp_path)
+def test_a_corrupt_or_missing_summary_makes_status_read_the_reports_and_say_so(
+        finished_examples):
+    run = Run.load(str(finished_examples))
     before = collect(run).model_dump(exclude={"notes"})
     first, second = sorted(run.output.list_names(run.paths.folded))
     run.output.write(f"{run.paths.folded}/{first}", b"{not json")
@@ -130,8 +120,8 @@ def test_a_corrupt_or_missing_summary_makes_status_read_the_reports_and_say_so(t
     assert run.reports().read == 12
 
 
-def test_a_shard_run_again_is_read_from_its_report_not_its_old_summary(tmp_path):
-    run = finished_run(tmp_path)
+def test_a_shard_run_again_is_read_from_its_report_not_its_old_summary(finished_examples):
+    run = Run.load(str(finished_examples))
     again = run.read_report(3).model_copy(update={"state": "running", "attempt": 2,
                                                    "finished_at": None, "updated_at": now()})
     run.output.write(run.paths.report(3), again.model_dump_json(indent=1).encode())
