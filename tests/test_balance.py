@@ -25,18 +25,24 @@ from relit_k8s.run import RunPaths
 WORKER = [sys.executable, "-m", "relit_k8s", "worker", "--device", "cpu"]
 
 
-def big_dataset(tmp_path: Path, images: int = 1, iterations: int = 60, shards: int = 1,
-                **kw) -> tuple[Manifest, str, Path]:
-    """Large photos and many iterations: a shard takes long enough to be caught mid-way (the
-    tests act after 8 outputs; 60 per shard leave the rest of it, seconds of work, to come)."""
+#: Workers relight with tests/plugins_for_tests.py's PacedRelighter at a quarter of a second
+#: per batch of 4: a shard of 60 items takes about 4 s of waiting (not of work), long enough
+#: to be caught mid-way (the tests act after 8 outputs).
+PACED = {"PYTHONPATH": str(Path(__file__).parent), "RELIT_TEST_PACE": "0.25"}
+
+
+def paced_dataset(tmp_path: Path, images: int = 1, iterations: int = 60, shards: int = 1,
+                  **kw) -> tuple[Manifest, str, Path]:
+    """Small photos and many iterations, relit at the pace of ``PACED``."""
     (tmp_path / "in").mkdir()
     (tmp_path / "refs").mkdir()
     for i in range(images):
-        (tmp_path / "in" / f"big{i}.png").write_bytes(png_bytes(photo(384, 512, seed=i)))
+        (tmp_path / "in" / f"photo{i}.png").write_bytes(png_bytes(photo(24, 32, seed=i)))
     (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
     out = tmp_path / "out"
     s = PlanSettings(input=str(tmp_path / "in"), refs=str(tmp_path / "refs"), output=str(out),
-                     iterations=iterations, shards=shards, batch_size=4, balance="leases", **kw)
+                     iterations=iterations, shards=shards, batch_size=4, balance="leases",
+                     relighter="plugins_for_tests:PacedRelighter", **kw)
     m, uri = write_manifest(plan(s, *list_sources(s)[:2]))
     assert m.balance == "leases" and m.shards == shards
     return m, uri, out
@@ -55,7 +61,7 @@ def written(out: Path) -> set[str]:
 def start_worker(uri: str, index: int, **env: str) -> subprocess.Popen:
     return subprocess.Popen([*WORKER, "--manifest", uri, "--index", str(index)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RELIT_REPORT_INTERVAL": "0.2", **env})
+                            env={**os.environ, **PACED, "RELIT_REPORT_INTERVAL": "0.2", **env})
 
 
 def wait_for_outputs(out: Path, n: int, timeout: float = 120) -> None:
@@ -81,7 +87,7 @@ def finished(out: Path, m: Manifest, shards: int) -> bool:
 
 
 def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path):
-    m, uri, out = big_dataset(tmp_path, images=2, iterations=16, shards=8)
+    m, uri, out = paced_dataset(tmp_path, images=2, iterations=16, shards=8)
     procs = [start_worker(uri, i, RELIT_WORKERS="2") for i in range(2)]
     results = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [EXIT_OK, EXIT_OK], results
@@ -96,7 +102,7 @@ def test_two_workers_share_the_shards_and_every_output_is_written_once(tmp_path)
 
 
 def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
-    m, uri, out = big_dataset(tmp_path, iterations=60, shards=2)
+    m, uri, out = paced_dataset(tmp_path, iterations=60, shards=2)
     lease_env = {"RELIT_LEASE_SECONDS": "3", "RELIT_WORKERS": "2"}
     a = start_worker(uri, 0, **lease_env)
     wait_for_outputs(out, 8)
@@ -125,7 +131,7 @@ def test_a_killed_workers_shard_is_taken_over_when_its_lease_expires(tmp_path):
 
 
 def test_sigterm_frees_the_shard_at_once(tmp_path):
-    m, uri, out = big_dataset(tmp_path, iterations=60, shards=1)
+    m, uri, out = paced_dataset(tmp_path, iterations=60, shards=1)
     long_lease = {"RELIT_LEASE_SECONDS": "3600"}  # only a release lets another take it
     a = start_worker(uri, 0, **long_lease)
     wait_for_outputs(out, 8)
@@ -145,7 +151,7 @@ def test_a_paused_worker_whose_lease_was_taken_writes_no_more_reports(tmp_path):
     """The known failure of heartbeats: a worker paused past its lease (a stalled node, a
     stop-the-world pause) comes back after another took its shard over. Its heartbeat and
     report writes are conditional, so it learns it and leaves the thief's report alone."""
-    m, uri, out = big_dataset(tmp_path, iterations=60, shards=1)
+    m, uri, out = paced_dataset(tmp_path, iterations=60, shards=1)
     env = {"RELIT_LEASE_SECONDS": "2"}
     a = start_worker(uri, 0, **env)
     wait_for_outputs(out, 8)
@@ -269,10 +275,11 @@ def test_a_worker_whose_store_stopped_doing_conditional_writes_exits_78(
 def test_a_pod_with_two_slots_runs_two_workers_and_exits_with_the_most_serious_code(tmp_path):
     """A pod with 2 GPUs runs 2 workers, one per GPU (here CPU stand-ins: --device cpu
     --workers 2), each claiming as a worker of its own; each log line says whose it is."""
-    m, uri, out = big_dataset(tmp_path, images=2, iterations=16, shards=8)
+    m, uri, out = paced_dataset(tmp_path, images=2, iterations=16, shards=8)
     proc = subprocess.run([*WORKER, "--manifest", uri, "--workers", "2"], capture_output=True,
                           text=True, timeout=300,
-                          env={**os.environ, "JOB_COMPLETION_INDEX": "1", "RELIT_WORKERS": "3"})
+                          env={**os.environ, **PACED, "JOB_COMPLETION_INDEX": "1",
+                               "RELIT_WORKERS": "3"})
     assert proc.returncode == EXIT_OK, proc.stderr
     assert "2 workers here (cpu, cpu), indexes 2..3 of 6" in proc.stderr
     for who in ("[worker 0]", "[worker 1]"):  # both worked, and both say so

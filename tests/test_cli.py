@@ -192,15 +192,19 @@ def test_the_third_party_plugin_runs_through_its_entry_point(tmp_path):
 def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "big.png").write_bytes(png_bytes(photo(384, 512)))
+    (images / "photo.png").write_bytes(png_bytes(photo(24, 32)))
     out = tmp_path / "out"
     args = ["run", "--input", str(images), "--refs", str(EXAMPLES / "refs"), "--output",
             str(out), "--iterations", "80", "--device", "cpu", "--workers", "2",
-            "--batch-size", "2", "--shards", "2"]  # large shards: the stop lands in them
+            "--batch-size", "2", "--shards", "2",  # large shards: the stop lands in them
+            "--relighter", "plugins_for_tests:PacedRelighter"]
+    plugins = {"PYTHONPATH": str(Path(__file__).parent)}
     exe = str(Path(sys.executable).parent / "relit-k8s")
-    # A terminal sends Ctrl+C's SIGINT to the whole foreground process group.
+    # A terminal sends Ctrl+C's SIGINT to the whole foreground process group. A tenth of a
+    # second per batch of 2: a shard of 120 items lasts 6 s, and the run is stopped in them.
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=as_terminal_foreground)
+                            text=True, start_new_session=True, preexec_fn=as_terminal_foreground,
+                            env={**os.environ, **plugins, "RELIT_TEST_PACE": "0.1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(outputs(out)) < 10:
         time.sleep(0.1)
@@ -219,7 +223,7 @@ def test_ctrl_c_stops_the_workers_cleanly_and_the_same_command_continues(tmp_pat
     assert stopped and all(s["state"] == "stopped" for s in stopped)
     assert not [s for s in status["shards"] if s["state"] in ("running", "failed")]
     assert status["items_done"] == done
-    result = cli(*args, "--no-progress", check=True)
+    result = cli(*args, "--no-progress", env=plugins, check=True)  # at full speed
     assert "failed 0, of 240" in result.stdout and len(outputs(out)) == 240
     # the items of the stopped shards written before the stop are skipped, not redone
     status = json.loads(cli("status", "--output", str(out), "-o", "json", check=True).stdout)

@@ -286,13 +286,16 @@ def test_unreachable_storage_exits_75(small_dataset, tmp_path):
 def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "refs").mkdir()
-    (tmp_path / "in" / "big.png").write_bytes(png_bytes(photo(384, 512)))
+    (tmp_path / "in" / "photo.png").write_bytes(png_bytes(photo(24, 32)))
     (tmp_path / "refs" / "sky.hdr").write_bytes((EXAMPLES / "refs/sky_sun.hdr").read_bytes())
     out = tmp_path / "out"
-    m, uri = planned(tmp_path / "in", tmp_path / "refs", out, iterations=400, shards=1,
-                     batch_size=4)
+    m, uri = planned(tmp_path / "in", tmp_path / "refs", out, iterations=120, shards=1,
+                     batch_size=4, relighter="plugins_for_tests:PacedRelighter")
+    plugins = {"PYTHONPATH": str(Path(__file__).parent)}
+    # a quarter of a second per batch of 4: the shard lasts 7.5 s, and is stopped in it
     proc = subprocess.Popen([*WORKER, "--manifest", uri, "--index", "0", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **plugins, "RELIT_TEST_PACE": "0.25"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(written(out)) < 8:
         time.sleep(0.1)
@@ -307,7 +310,8 @@ def test_sigterm_saves_the_report_and_exits_143_then_a_rerun_finishes(tmp_path):
     assert not [p for p in out.rglob(".*")], "a temporary file was left behind"
     for key in done:
         images.decode((out / key).read_bytes(), key)  # every file that stands is whole
-    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu", timeout=240)
+    proc = worker("--manifest", uri, "--index", "0", "--device", "cpu", timeout=240,
+                  env=plugins)  # at full speed
     assert proc.returncode == EXIT_OK, proc.stderr
     report = ShardReport.from_json((out / RunPaths(m.run_id).report(0)).read_bytes())
     assert report.state == "done" and report.items_skipped == len(done)
