@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 
 from .errors import (
     EXIT_CONFIG,
@@ -40,6 +41,9 @@ LOCAL_ATTEMPTS = 3
 RETRY_DELAY = 2.0
 #: Seconds a stopping worker gets to save its report before it is killed.
 STOP_GRACE = 60.0
+#: Seconds the parent waits for its workers' events when none has come (sooner when a
+#: worker exits).
+EVENT_WAIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ def _settle_reports(manifest_uri: str, begun: dict[int, int], procs, stopped: bo
     if run is None:
         return
     if run.manifest.balance == "leases":
-        _release_dead(run, begun, procs)
+        _release_dead(run, {p.pid for p in procs if p.exitcode not in (None, 0)})
     for index, wid in begun.items():
         try:
             report = run.read_report(index)
@@ -297,25 +301,34 @@ def _open_run(manifest_uri: str, why: str):
         return None
 
 
-def _release_dead_of(manifest_uri: str, begun: dict[int, int], procs) -> None:
+def _release_dead_of(manifest_uri: str, pids: set[int]) -> None:
     run = _open_run(manifest_uri, "free the leases of dead workers")
     if run is not None and run.manifest.balance == "leases":
-        _release_dead(run, begun, procs)
+        _release_dead(run, pids)
 
 
-def _release_dead(run, begun: dict[int, int], procs) -> None:
-    """The leases that workers killed mid-shard left behind are freed, so that the same
-    command, run again, or another machine takes their shards at once (not a lease time
-    later)."""
+def _release_dead(run, pids: set[int]) -> None:
+    """Every lease that the killed worker processes ``pids`` (of this host) left behind is
+    freed, so that the workers still running, the same command run again, or another machine
+    take their shards at once, not a lease time (60 s) later: the shard a worker said it
+    began, and also the one it claimed ahead, the one whose end it said while its lease was
+    still being let go, and one claimed a moment before it said so."""
+    import socket
+
     from .errors import RelitError
     from .leases import Claim, LeaseBook
 
     book = LeaseBook(run.output, run.run_id)
-    for shard, wid in begun.items():
+    dead = {f"{socket.gethostname()}/{pid}" for pid in pids}  # owners are host/pid/token
+    try:
+        held = book.leases().held
+    except RelitError as e:
+        log.warning("could not list the leases of dead workers: %s", e)
+        return
+    for shard in sorted(held):
         try:
             found = book.read(shard)
-            pid = procs[wid].pid
-            if found is not None and found[0].owner.split("/")[1:2] == [str(pid)]:
+            if found is not None and found[0].owner.rpartition("/")[0] in dead:
                 book.release(Claim(shard, found[1], found[0]))
         except RelitError as e:
             log.warning("could not free the lease of shard %d: %s", shard, e)
@@ -347,7 +360,12 @@ class _Supervisor:
         self.manifest_uri, self.slots = manifest_uri, slots
         self.on_progress, self.on_log = on_progress, on_log
         self.ctx = mp.get_context("spawn")
-        self.indexes, self.events = self.ctx.Queue(), self.ctx.Queue()
+        self.indexes = self.ctx.Queue()
+        #: one event queue per worker, never one for all: the writers of a multiprocessing
+        #: Queue share a lock, held while a message goes into its pipe, and a worker killed
+        #: (SIGKILL, the OOM killer) while it held it blocked every other worker's writes for
+        #: good, and with them their exit: the run never ended (tests/test_reliability.py)
+        self.events: list = []
         self.procs: list = []
         self.codes: dict[int, int] = {}
         self.messages: list[str] = []
@@ -355,9 +373,9 @@ class _Supervisor:
         self.interrupt_code = EXIT_INTERRUPTED
         self.deadline: float | None = None
         self.begun: dict[int, int] = {}  # shard index -> worker, while a worker runs it
-        self.reaped: set[int] = set()  # workers that died mid-shard, whose leases were freed
-        # Signals only set a flag: an exception raised inside events.get() would leave half a
-        # message in the queue's pipe, and the next read would fail.
+        self.reaped: set[int] = set()  # workers found dead, whose leases were freed
+        # Signals only set a flag: an exception raised inside a queue's get() would leave half
+        # a message in its pipe, and the next read would fail.
         self.signals: list[int] = []
 
     def start(self, shards: int, first_index: int, workers: int | None) -> None:
@@ -365,10 +383,11 @@ class _Supervisor:
             self.indexes.put(i)
         for _ in self.slots:
             self.indexes.put(None)
+        self.events = [self.ctx.Queue() for _ in self.slots]
         self.procs = [
             self.ctx.Process(target=_worker_process,
                              args=(w, (first_index + w, workers or len(self.slots)),
-                                   self.manifest_uri, slot, self.indexes, self.events),
+                                   self.manifest_uri, slot, self.indexes, self.events[w]),
                              name=f"relit-worker-{w}")
             for w, slot in enumerate(self.slots)
         ]
@@ -419,25 +438,34 @@ class _Supervisor:
                 p.terminate()
         self.deadline = time.monotonic() + STOP_GRACE
 
+    def _receive(self) -> bool:
+        """Handle what the workers have sent; whether anything had come."""
+        got = False
+        for events in self.events:
+            while True:
+                try:
+                    self.handle(events.get_nowait())
+                    got = True
+                except queue.Empty:
+                    break
+        return got
+
     def loop(self) -> None:
         """Until every worker has exited."""
         while True:
-            try:
-                self.handle(self.events.get(timeout=0.2))
-                if not self.signals:
-                    continue
-            except queue.Empty:
-                pass
+            if not self._receive() and not self.signals:
+                # nothing came: a short wait, cut short when a worker exits
+                wait([p.sentinel for p in self.procs], EVENT_WAIT)
             if self.signals:
                 self._stop(self.signals.pop(0))
                 continue
             if not any(p.is_alive() for p in self.procs):
                 break
-            died = {index: wid for index, wid in self.begun.items()
-                    if self.procs[wid].exitcode is not None and wid not in self.reaped}
-            if died and not self.interrupted:  # killed mid-shard: free its shard now
-                self.reaped.update(died.values())
-                _release_dead_of(self.manifest_uri, died, self.procs)
+            dead = {w for w, p in enumerate(self.procs)
+                    if p.exitcode not in (None, 0) and w not in self.reaped}
+            if dead and not self.interrupted:  # killed: free every lease it held, now
+                self.reaped |= dead
+                _release_dead_of(self.manifest_uri, {self.procs[w].pid for w in dead})
             if self.deadline is not None and time.monotonic() > self.deadline:
                 for p in self.procs:
                     p.kill()
@@ -447,11 +475,7 @@ class _Supervisor:
         they saved theirs, and a code for every shard."""
         for p in self.procs:
             p.join()
-        while True:  # drain what arrived after the last check
-            try:
-                self.handle(self.events.get_nowait())
-            except queue.Empty:
-                break
+        self._receive()  # what arrived after the last check
         codes, messages = self.codes, self.messages
         # a worker that stopped on a signal of its own (not through this process) exits 143
         stopped_alone = {EXIT_SIGTERM, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import hashlib
 import logging
 import os
 import posixpath
@@ -468,9 +469,35 @@ class S3Storage(Storage):
 
     def create(self, key: str, data: bytes) -> str:
         full = self._key(key)
-        with _s3_errors(self.bucket, full):
-            return self._client.put_object(Bucket=self.bucket, Key=full, Body=data,
-                                           IfNoneMatch="*")["ETag"]
+        try:
+            with _s3_errors(self.bucket, full):
+                return self._client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                               IfNoneMatch="*")["ETag"]
+        except WriteConflict as e:
+            return self._landed_before(full, data, e)
+
+    def _landed_before(self, full: str, data: bytes, conflict: WriteConflict) -> str:
+        """A conditional write that lost (412) when botocore had sent it again (after a read
+        timeout or a reset): the attempt before may have landed, answered too late, and the
+        retry lost to it. The object then holds exactly ``data`` (a lease or a report: the
+        body of one writer, with its token and times), which its ETag, the MD5 of a single
+        PutObject's body, shows: the write was won. Otherwise (or where the ETag is no MD5,
+        as with SSE-KMS) the conflict stands. Taken as lost, a worker left the lease it had
+        just written with nobody to renew it, and its shard waited a lease time (60 s)."""
+        cause = conflict.__cause__
+        meta = getattr(cause, "response", {}).get("ResponseMetadata", {})
+        if not meta.get("RetryAttempts"):
+            raise conflict
+        try:
+            with _s3_errors(self.bucket, full):
+                etag = self._client.head_object(Bucket=self.bucket, Key=full)["ETag"]
+        except NotFoundError:
+            raise conflict from None
+        if etag.strip('"') != hashlib.md5(data, usedforsecurity=False).hexdigest():
+            raise conflict
+        log.info("s3://%s/%s: a conditional write sent again found its first attempt landed",
+                 self.bucket, full)
+        return etag
 
     def delete(self, key: str) -> None:
         full = self._key(key)
@@ -485,6 +512,8 @@ class S3Storage(Storage):
                                                IfMatch=version)["ETag"]
         except NotFoundError as e:
             raise WriteConflict(f"s3://{self.bucket}/{full} is gone") from e
+        except WriteConflict as e:
+            return self._landed_before(full, data, e)
 
 
 class S3Settings(BaseModel):

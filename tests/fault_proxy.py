@@ -36,6 +36,9 @@ class FaultProxy:
         self.rates = {"reset": reset, "500": error500, "503": slowdown, "stall": stall}
         self.stall_seconds = stall_seconds
         self.always: str | None = None  # "reset" | "500" | "503": every request fails
+        #: how many of the next requests are forwarded at once but answered ``stall_seconds``
+        #: late: past a client's read timeout, the client sends again what has landed
+        self.late = 0
         #: None, "ignore" or "501": how the proxy's store treats conditional writes (above),
         #: and which of their headers it treats so
         self.conditional: str | None = None
@@ -163,10 +166,14 @@ class FaultProxy:
                     return self._reply_error(503, "SlowDown", "Please reduce your request rate.")
                 if fault == "stall":
                     time.sleep(proxy.stall_seconds)
+                with proxy._lock:
+                    late, proxy.late = proxy.late > 0, max(proxy.late - 1, 0)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("transfer-encoding", "connection")}
                 headers["Content-Length"] = str(len(body))
                 status, reply_headers, data, length = self._send(headers, body)
+                if late:
+                    time.sleep(proxy.stall_seconds)
                 if status == 412 and proxy.conditional == "ignore" and self._conditional():
                     with proxy._lock:
                         proxy.counts["conditional"] += 1

@@ -73,3 +73,24 @@ class PacedRelighter(SHRelighter):
 
         time.sleep(float(os.environ.get("RELIT_TEST_PACE", "0")))
         return super().relight(image, reference, seeds, normals)
+
+
+class DiesHoldingItsQueueLock(SHRelighter):
+    """The first call in any worker process (the file ``RELIT_TEST_DIE_ONCE`` names marks it)
+    kills that process with SIGKILL while it holds the write lock of the queue that carries
+    its events to the parent: the moment the OOM killer may pick, made certain."""
+
+    name = "dies-holding-its-queue-lock"
+
+    def relight(self, image, reference, seeds, normals=None):
+        import logging
+        import os
+        import signal
+
+        try:
+            os.close(os.open(os.environ["RELIT_TEST_DIE_ONCE"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().relight(image, reference, seeds, normals)
+        [handler] = logging.getLogger("relit_k8s").handlers  # relit_k8s.local._QueueLog
+        handler.events._wlock.acquire()  # noqa: SLF001 - what a write holds, then the kill
+        os.kill(os.getpid(), signal.SIGKILL)

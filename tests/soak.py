@@ -67,8 +67,9 @@ def _workers_of(pid: int) -> list[int]:
 
 def soak(endpoint: str, images: int, refs: int, iterations: int, workers: int, kills: int,
          fault_rate: float, seed: int, max_attempts: int = 10,
-         keys: tuple[str, str] = (ACCESS_KEY, SECRET_KEY)) -> dict:
-    """``keys``: the server's access key and secret (a real server checks them)."""
+         keys: tuple[str, str] = (ACCESS_KEY, SECRET_KEY), attempt_timeout: float = 200) -> dict:
+    """``keys``: the server's access key and secret (a real server checks them);
+    ``attempt_timeout``: seconds one run of the command may take (the long soak sets more)."""
     rng = random.Random(seed)
     creds = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1],
              "AWS_REGION": "us-east-1"}
@@ -101,7 +102,7 @@ def soak(endpoint: str, images: int, refs: int, iterations: int, workers: int, k
         for attempt in range(1, max_attempts + 1):
             attempts = attempt
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
             stop = threading.Event()
 
             def killer(proc=proc, stop=stop):
@@ -114,8 +115,15 @@ def soak(endpoint: str, images: int, refs: int, iterations: int, workers: int, k
 
             thread = threading.Thread(target=killer, daemon=True)
             thread.start()
-            _, err = proc.communicate(timeout=1800)
-            stop.set()
+            try:  # a run that hangs fails here, with its log, and leaves no process behind
+                _, err = proc.communicate(timeout=attempt_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, err = proc.communicate()
+                raise RuntimeError(f"attempt {attempt} still running after {attempt_timeout} s "
+                                   f"(killed): {err[-3000:]}") from None
+            finally:
+                stop.set()
             thread.join()
             if proc.returncode == 0:
                 break
@@ -175,7 +183,8 @@ def main() -> None:
     try:
         if args.long:
             result = soak(server.endpoint, images=50, refs=10, iterations=20,
-                          workers=4, kills=6, fault_rate=0.06, seed=args.seed)
+                          workers=4, kills=6, fault_rate=0.06, seed=args.seed,
+                          attempt_timeout=3600)
         else:
             result = soak(server.endpoint, images=16, refs=4, iterations=16,
                           workers=4, kills=2, fault_rate=0.04, seed=args.seed)

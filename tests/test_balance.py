@@ -359,3 +359,33 @@ def test_a_local_worker_retries_only_temporary_failures_and_says_why_it_ended():
                          "store down")]
     hooks.ended(Stopped("stopped"))  # a stop between shards: nothing of its own to say
     assert events.empty()
+
+
+def test_a_worker_killed_while_it_sends_to_its_parent_stops_no_other_worker(tmp_path):
+    """A worker killed (the OOM killer's SIGKILL) while it held the lock of the queue that
+    carries its events to the parent: the other worker goes on (each has a queue of its own;
+    one shared by all hung the run for good), the dead worker's lease is freed at once, not
+    taken over a lease time later, the run ends, and the same command finishes it."""
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"photo{i}.png").write_bytes(png_bytes(photo(24, 32, seed=i)))
+    args = ["run", "--input", str(tmp_path / "in"), "--refs", str(EXAMPLES / "refs"),
+            "--ref-pattern", "sky*", "--output", str(tmp_path / "out"), "--iterations", "8",
+            "--shards", "4", "--workers", "2", "--device", "cpu", "--no-progress",
+            "--relighter", "plugins_for_tests:DiesHoldingItsQueueLock"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent),
+           "RELIT_TEST_DIE_ONCE": str(tmp_path / "died")}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "relit-k8s"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (tmp_path / "died").exists()
+    assert proc.returncode == 1 and "died with exit code -9" in stderr, stderr
+    assert "took shard" not in stderr, stderr  # freed by the parent, not stolen 60 s later
+    again = cli(*args, env=env, check=True)
+    assert "failed 0, of 16" in again.stdout
+    assert len(written(tmp_path / "out")) == 16

@@ -14,6 +14,7 @@ from relit_k8s.errors import (
     ObjectUnreadable,
     StorageConfigError,
     StorageUnavailable,
+    WriteConflict,
 )
 from relit_k8s.storage import (
     LocalStorage,
@@ -292,3 +293,34 @@ def test_a_read_only_output_is_a_configuration_error(tmp_path, monkeypatch, code
         store.write("a/b.png", b"x")
     monkeypatch.undo()
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a temporary file was left"
+
+
+def test_a_conditional_write_sent_again_after_its_first_attempt_landed_is_won(
+        bucket, s3_endpoint, monkeypatch):
+    """A create or replace whose first attempt lands but is answered after the client's read
+    timeout: botocore sends it again, and the second attempt gets 412 from the first. The
+    write is won (the object holds this very body); a conflict with another body stands."""
+    from conftest import ACCESS_KEY, SECRET_KEY
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint, stall_seconds=1.5, credentials=(ACCESS_KEY, SECRET_KEY))
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("RELIT_S3_READ_TIMEOUT", "1")
+        store = open_storage(f"s3://{bucket}/p")
+        proxy.late = 1
+        version = store.create("lease", b"mine, with my token")
+        assert proxy.late == 0 and store.read_versioned("lease") == (b"mine, with my token",
+                                                                     version)
+        proxy.late = 1
+        newer = store.replace("lease", b"mine, renewed", version)
+        assert store.read_versioned("lease") == (b"mine, renewed", newer) and newer != version
+        proxy.late = 1  # another writer's create, sent again, still loses
+        with pytest.raises(WriteConflict):
+            store.create("lease", b"somebody else's")
+        with pytest.raises(WriteConflict):  # and a replace of a stale version, sent once
+            store.replace("lease", b"somebody else's", version)
+        assert store.read("lease") == b"mine, renewed"
+    finally:
+        proxy.stop()
