@@ -454,8 +454,9 @@ class _Supervisor:
         """Until every worker has exited."""
         while True:
             if not self._receive() and not self.signals:
-                # nothing came: a short wait, cut short when a worker exits
-                wait([p.sentinel for p in self.procs], EVENT_WAIT)
+                # nothing came: a short wait, cut short when a running worker exits (the
+                # sentinel of one that has exited is always ready: waiting on it would spin)
+                wait([p.sentinel for p in self.procs if p.exitcode is None], EVENT_WAIT)
             if self.signals:
                 self._stop(self.signals.pop(0))
                 continue
