@@ -201,6 +201,13 @@ def new_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
+def owner_process(owner: str) -> tuple[str, int | None]:
+    """The host and process id of a lease's owner (:func:`new_owner`'s host/pid/token)."""
+    host, _, rest = owner.partition("/")
+    pid = rest.partition("/")[0]
+    return host, int(pid) if pid.isdigit() else None
+
+
 def default_poll(lease_seconds: float) -> float:
     """How long an idle worker waits before it looks again, by default: a sixth of the lease
     time, 10 s at most (``RELIT_LEASE_POLL`` sets it)."""
@@ -354,9 +361,8 @@ class LeaseBook:
         host that is gone (a local run killed with -9 is taken over at once when run again)."""
         if clock.now() - lease.heartbeat_at > timedelta(seconds=self.seconds):
             return True
-        host, _, rest = lease.owner.partition("/")
-        pid = rest.partition("/")[0]
-        return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+        host, pid = owner_process(lease.owner)
+        return host == socket.gethostname() and pid is not None and not process_alive(pid)
 
     def try_claim(self, shard: int, released: bool = False, held: bool = False,
                   check_first: bool = False, free: bool = False) -> Claim | None:

@@ -316,10 +316,10 @@ def _release_dead(run, pids: set[int]) -> None:
     import socket
 
     from .errors import RelitError
-    from .leases import Claim, LeaseBook
+    from .leases import Claim, LeaseBook, owner_process
 
     book = LeaseBook(run.output, run.run_id)
-    dead = {f"{socket.gethostname()}/{pid}" for pid in pids}  # owners are host/pid/token
+    dead = {(socket.gethostname(), pid) for pid in pids}
     try:
         held = book.leases().held
     except RelitError as e:
@@ -328,7 +328,7 @@ def _release_dead(run, pids: set[int]) -> None:
     for shard in sorted(held):
         try:
             found = book.read(shard)
-            if found is not None and found[0].owner.rpartition("/")[0] in dead:
+            if found is not None and owner_process(found[0].owner) in dead:
                 book.release(Claim(shard, found[1], found[0]))
         except RelitError as e:
             log.warning("could not free the lease of shard %d: %s", shard, e)
@@ -364,7 +364,7 @@ class _Supervisor:
         #: one event queue per worker, never one for all: the writers of a multiprocessing
         #: Queue share a lock, held while a message goes into its pipe, and a worker killed
         #: (SIGKILL, the OOM killer) while it held it blocked every other worker's writes for
-        #: good, and with them their exit: the run never ended (tests/test_reliability.py)
+        #: good, and with them their exit: the run never ended (tests/test_balance.py)
         self.events: list = []
         self.procs: list = []
         self.codes: dict[int, int] = {}
