@@ -442,11 +442,10 @@ def _pod_slots(device: str | None, workers: int | None):
         return []
     if workers is None and device == "cpu":
         return []
-    import torch
+    from .local import cuda_visible, plan_slots
 
-    if workers is None and not torch.cuda.is_available():
+    if workers is None and not cuda_visible():
         return []
-    from .local import plan_slots
 
     return plan_slots(device, None, workers)
 

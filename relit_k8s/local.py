@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from multiprocessing.connection import wait
 
 from .errors import (
@@ -77,17 +78,31 @@ def parse_gpus(text: str | None) -> list[int] | None:
         raise ConfigError(f"--gpus {text!r}: expected GPU numbers such as 0,1") from None
 
 
-def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) -> list[Slot]:
-    """Worker slots for ``--device``, ``--gpus`` and ``--workers``."""
+def cuda_visible() -> bool:
+    """Whether a CUDA GPU is visible. A CPU-only build of torch (the version of its CPU wheels
+    ends in ``+cpu``) sees none, which is known without importing it: the parent of a run on
+    the CPU, which relights nothing itself, then never imports torch (1.4 s of CPU)."""
+    try:
+        if metadata.version("torch").endswith("+cpu"):
+            return False
+    except metadata.PackageNotFoundError:
+        pass  # the import below says what is missing
     import torch
 
+    return torch.cuda.is_available()
+
+
+def plan_slots(device: str | None, gpus: list[int] | None, workers: int | None) -> list[Slot]:
+    """Worker slots for ``--device``, ``--gpus`` and ``--workers``."""
     if workers is not None and workers < 1:
         raise ConfigError("--workers must be at least 1")
     if device is None:
-        device = "cuda" if (gpus or torch.cuda.is_available()) else "cpu"
+        device = "cuda" if (gpus or cuda_visible()) else "cpu"
     if device == "cuda":
-        if not torch.cuda.is_available():
+        if not cuda_visible():
             raise ConfigError("--device cuda: no CUDA GPU is visible here (use --device cpu)")
+        import torch
+
         count = torch.cuda.device_count()
         gpus = gpus if gpus else list(range(count))
         bad = [g for g in gpus if not 0 <= g < count]
@@ -291,8 +306,8 @@ def _open_run(manifest_uri: str, why: str):
     """The run of ``manifest_uri``, or None (with a warning saying ``why`` it was wanted)
     when it cannot be read: what the parent does after its workers is best effort."""
     from .errors import RelitError
+    from .manifest import load_manifest
     from .run import Run
-    from .worker import load_manifest
 
     try:
         return Run.of(load_manifest(manifest_uri))
@@ -543,8 +558,8 @@ def run_pod(manifest_uri: str, index: int, slots: list[Slot]) -> int | None:
     len(slots) + w`` of ``RELIT_WORKERS * len(slots)``); every log line says which GPU (or
     worker) it comes from; the exit code is the most serious of theirs (:data:`POD_SEVERITY`).
     None for a static run (one shard per index: the caller runs it in one process)."""
+    from .manifest import load_manifest
     from .settings import WorkerSettings
-    from .worker import load_manifest
 
     manifest = load_manifest(manifest_uri)
     if manifest.balance != "leases":

@@ -19,9 +19,9 @@ from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ManifestError
+from .errors import ConfigError, ManifestError, NotFoundError
 from .images import is_hdr_name
-from .storage import is_safe_key
+from .storage import is_safe_key, split_uri
 
 #: Version 2: ``batch_size`` may be null (each worker asks its relighter). Version 3: the
 #: workers claim shards through leases (``balance: leases``); a static plan stays version 2, so
@@ -309,6 +309,17 @@ class Manifest(BaseModel):
         if manifest.checksum != manifest.body_digest():
             raise ManifestError(f"{where} fails its checksum: it was changed or truncated")
         return manifest
+
+
+def load_manifest(uri: str) -> Manifest:
+    """Read and validate the manifest at ``uri`` (local path, file:// or s3://)."""
+    storage, name = split_uri(uri)
+    try:
+        data = storage.read(name)
+    except NotFoundError as e:
+        raise ConfigError(f"no manifest at {uri}: plan the run first (relit-k8s plan)") from e
+    return Manifest.from_json(data, where=uri)
+
 
 
 class Failure(BaseModel):

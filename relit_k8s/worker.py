@@ -55,13 +55,14 @@ from .manifest import (
     ShardReport,
     Unit,
     UnitScores,
+    load_manifest,
     pair_seeds,
 )
 from .relighters import Relighter, create
 from .run import Run
 from .scores import best_seeds
 from .settings import WorkerSettings, cpu_threads
-from .storage import S3Storage, Storage, join_key, split_uri
+from .storage import S3Storage, Storage, join_key
 
 log = logging.getLogger("relit_k8s.worker")
 
@@ -88,16 +89,6 @@ ProgressFn = Callable[[int, int, int], None]  # (done, skipped, failed) incremen
 def _safe_host() -> str:
     """The host name as a key may hold it (a pod's name: letters, digits, '-', '.')."""
     return "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:63]
-
-
-def load_manifest(uri: str) -> Manifest:
-    """Read and validate the manifest at ``uri`` (local path, file:// or s3://)."""
-    storage, name = split_uri(uri)
-    try:
-        data = storage.read(name)
-    except NotFoundError as e:
-        raise ConfigError(f"no manifest at {uri}: plan the run first (relit-k8s plan)") from e
-    return Manifest.from_json(data, where=uri)
 
 
 def default_device() -> str:

@@ -192,14 +192,21 @@ def as_terminal_foreground() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+#: ``relit-k8s`` with ``import torch`` failing in its own process (not in those it starts).
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.argv[0] = 'relit-k8s'; "
+                 "from relit_k8s.cli import main; main()")
+
+
 def cli(*args: str, env: dict | None = None, timeout: float = 240, check: bool = False,
-        cwd: str | Path | None = None):
-    """Run the installed console script in a subprocess, as a user does."""
+        cwd: str | Path | None = None, without_torch: bool = False):
+    """Run the installed console script in a subprocess, as a user does (``without_torch``:
+    the same command in a process where torch cannot be imported)."""
     import subprocess
 
     exe = Path(sys.executable).parent / "relit-k8s"
+    command = [sys.executable, "-c", WITHOUT_TORCH] if without_torch else [str(exe)]
     full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
-    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=full_env,
                             timeout=timeout, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"relit-k8s {' '.join(args)} -> {result.returncode}\n"

@@ -120,6 +120,28 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_planning_and_the_parent_of_a_cpu_run_never_import_torch(tmp_path):
+    """A plan resolves the relighter and validates its options, and the parent of a run on the
+    CPU relights nothing, without torch (its import is 1.4 s of CPU a command): here they run
+    where importing torch fails. The workers the run starts import it as usual."""
+    out = tmp_path / "out"
+    plan = cli("plan", *EXAMPLE_ARGS, "--output", str(tmp_path / "plan"), "-O", "window=none",
+               without_torch=True, check=True)
+    assert "manifest:" in plan.stdout
+    bad = cli("plan", *EXAMPLE_ARGS, "--output", str(tmp_path / "bad"), "-O", "dome=-1",
+              without_torch=True)
+    assert bad.returncode == 78 and "dome" in bad.stderr and "torch" not in bad.stderr
+    run = cli("run", *EXAMPLE_ARGS, "--output", str(out), "--iterations", "1",
+              without_torch=True, check=True)
+    assert "written 12, skipped 0 (already there), failed 0, of 12" in run.stdout
+    assert len(outputs(out)) == 12
+    # the check is real: a command that relights in its own process fails there
+    manifest = plan.stdout.split("manifest: ", 1)[1].split()[0]
+    worker = cli("worker", "--manifest", manifest, "--index", "0", "--device", "cpu",
+                 without_torch=True)
+    assert worker.returncode != 0 and "import of torch halted" in worker.stderr
+
+
 def test_plans_report_the_files_they_leave_out(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

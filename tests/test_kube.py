@@ -268,8 +268,9 @@ def test_submit_dry_run_prints_valid_objects_and_touches_nothing(s3_data, s3_cli
         validate_strict(job)
         assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
         assert PLANTED.secret_key not in result.stdout + result.stderr
+    # (submit plans without torch, as plan does: tests/test_cli.py)
     as_json = json.loads(cli(*submit_args(s3_data, "--dry-run", "-o", "json"),
-                             check=True).stdout)
+                             without_torch=True, check=True).stdout)
     validate_strict(as_json)
     listing = s3_client.list_objects_v2(Bucket=s3_data, Prefix="out/")
     assert listing.get("KeyCount", 0) == 0, "a dry run wrote to storage"

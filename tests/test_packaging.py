@@ -104,7 +104,7 @@ def test_the_check_names_an_undeclared_import():
     assert undeclared == ["relit_k8s/cli.py: click (click)"]
     # An extra's package imported when a module loads is named too (torch, were it optional).
     _, eager = _problems(required - {"torch"}, extras["diffusion"] | {"torch"})
-    assert "relit_k8s/relighters/sh.py: torch (torch)" in eager
+    assert "relit_k8s/relighters/harmonics.py: torch (torch)" in eager
 
 
 def test_ci_runs_both_quick_start_commands_verbatim():

@@ -64,7 +64,7 @@ def test_module_attribute_paths_load():
 @pytest.mark.parametrize("name,match", [
     ("nope", "unknown relighter 'nope'; available: .*sh"),
     ("no_such_module_xyz:Thing", "cannot load relighter"),
-    ("relit_k8s.relighters.sh:math", "not a relit_k8s.Relighter subclass"),
+    ("relit_k8s.relighters.sh:SHOptions", "not a relit_k8s.Relighter subclass"),
 ])
 def test_resolution_errors_say_what_to_do(name, match):
     with pytest.raises(RelighterError, match=match):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relit_k8s.relighters import create
-from relit_k8s.relighters.sh import (
+from relit_k8s.relighters.harmonics import (
     env_directions,
     irradiance,
     project_env,
@@ -154,7 +154,7 @@ def test_box_blur_is_the_mean_over_the_square_window_with_replicated_edges(shape
     """The separable running-sum blur equals the plain k x k window average it replaced."""
     import torch.nn.functional as F
 
-    from relit_k8s.relighters.sh import box_blur
+    from relit_k8s.relighters.harmonics import box_blur
 
     torch.manual_seed(1)
     x = torch.rand(shape) * 100
@@ -165,7 +165,7 @@ def test_box_blur_is_the_mean_over_the_square_window_with_replicated_edges(shape
 
 
 def test_estimated_normals_are_unit_length_and_face_the_camera_at_the_centre():
-    from relit_k8s.relighters.sh import estimate_normals
+    from relit_k8s.relighters.harmonics import estimate_normals
 
     torch.manual_seed(2)
     n = estimate_normals(torch.rand(3, 129, 257), dome=0.6, detail=0.08)
@@ -185,7 +185,7 @@ def red_from_the_right(h: int = 64, w: int = 128) -> torch.Tensor:
 
 
 def test_the_windowed_kernel_is_nonnegative_and_the_exact_one_is_not():
-    from relit_k8s.relighters.sh import NONNEGATIVE_WINDOW
+    from relit_k8s.relighters.harmonics import NONNEGATIVE_WINDOW
 
     x = torch.linspace(-1, 1, 20001, dtype=torch.float64)
 
@@ -217,7 +217,7 @@ def test_windowed_irradiance_ranks_normals_as_the_exact_integral_does():
     from pathlib import Path
 
     from relit_k8s import images
-    from relit_k8s.relighters.sh import NONNEGATIVE_WINDOW
+    from relit_k8s.relighters.harmonics import NONNEGATIVE_WINDOW
 
     g = torch.Generator().manual_seed(0)
     n = torch.randn(3, 1, 2000, generator=g, dtype=torch.float64)
