@@ -86,8 +86,9 @@ def tiny(args, device: torch.device, tmp: Path) -> dict:
 
 
 def full(args, device: torch.device) -> dict:
-    from relit_k8s.relighters.luminet.intrinsics import IntrinsicsConfig, IntrinsicsEncoder
-    from relit_k8s.relighters.luminet.model import LumiNet, LumiNetConfig
+    from relit_k8s.relighters.luminet.config import IntrinsicsConfig, LumiNetConfig
+    from relit_k8s.relighters.luminet.intrinsics import IntrinsicsEncoder
+    from relit_k8s.relighters.luminet.model import LumiNet
     from relit_k8s.relighters.luminet.selector import Selector
 
     def randomised(module: torch.nn.Module) -> torch.nn.Module:

@@ -38,7 +38,7 @@ def options_for(relighter: str, model: Path, cache_dir: Path, cached: bool) -> d
         return {"model": str(model), **common}
     import yaml
 
-    from relit_k8s.relighters.luminet.model import LumiNetConfig
+    from relit_k8s.relighters.luminet.config import LumiNetConfig
 
     config = model / "config.yaml"
     size = LumiNetConfig.from_yaml(yaml.safe_load(config.read_text())).image_size

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import EXAMPLES, as_terminal_foreground, cli, photo, png_bytes
 
+from relit_k8s import local
 from relit_k8s.errors import ConfigError
 from relit_k8s.local import plan_slots
 
@@ -280,12 +281,24 @@ def test_cpu_workers_share_the_usable_cpus_and_keep_to_omp_num_threads(monkeypat
 
 def test_workers_sharing_a_gpu_know_how_many_share_it(monkeypatch):
     # no GPU here: torch is told there are two (plan_slots only counts them)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(local, "cuda_visible", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     slots = plan_slots("cuda", None, 3)
     assert [(s.visible_gpu, s.gpu_share) for s in slots] == [("0", 2), ("1", 1), ("0", 2)]
     assert [s.gpu_share for s in plan_slots("cuda", [1], 2)] == [2, 2]
     assert [s.gpu_share for s in plan_slots("cuda", None, None)] == [1, 1]
+
+
+def test_a_cpu_only_torch_sees_no_gpu_without_being_asked(monkeypatch):
+    """A CPU build of torch (version '+cpu') cannot see a GPU: known from its version, so the
+    parent of a run does not import torch to ask; any other build is asked."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append(1) or True)
+    monkeypatch.setattr(local.metadata, "version", lambda name: "2.13.0+cpu")
+    assert local.cuda_visible() is False and asked == []
+    assert plan_slots(None, None, None)[0].device == "cpu"
+    monkeypatch.setattr(local.metadata, "version", lambda name: "2.13.0")  # a CUDA build
+    assert local.cuda_visible() is True and asked == [1]
 
 
 def test_output_equal_to_input_is_refused(tmp_path):

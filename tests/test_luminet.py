@@ -23,11 +23,12 @@ from relit_k8s import images
 from relit_k8s.errors import RelighterError
 from relit_k8s.relighters import create
 from relit_k8s.relighters.luminet.checkpoint import load, read_state_dict, split_state_dict
-from relit_k8s.relighters.luminet.model import LumiNet, LumiNetConfig
+from relit_k8s.relighters.luminet.config import LumiNetConfig, VAEConfig, ddim_timesteps
+from relit_k8s.relighters.luminet.model import LumiNet
 from relit_k8s.relighters.luminet.relighter import LuminetOptions
-from relit_k8s.relighters.luminet.sampler import ddim_sample, ddim_timesteps
+from relit_k8s.relighters.luminet.sampler import ddim_sample
 from relit_k8s.relighters.luminet.text import empty_prompt_context, empty_prompt_tokens
-from relit_k8s.relighters.luminet.vae import BypassAutoencoderKL, VAEConfig
+from relit_k8s.relighters.luminet.vae import BypassAutoencoderKL
 
 #: ``../shared/fixtures/luminet`` next to the repository, read in place (never copied in).
 FIXTURE = shared_fixture("luminet", "RELIT_LUMINET_FIXTURE")
@@ -228,14 +229,14 @@ def test_a_flat_output_stays_flat_and_every_value_is_an_8_bit_level():
     """The original truncates to 8 bits before it resizes: white stays 255 (resizing first and
     rounding half a level lower turned 44.6% of a white image's pixels into 254), grey stays
     its level, and the worker's rounding keeps each value."""
-    from relit_k8s.relighters.luminet.relighter import LuminetRelighter
+    from relit_k8s.relighters.luminet.engine import LoadedLuminet
 
     for x, level in ((1.0, 255), (0.0, 127), (-1.0, 0)):
-        out = LuminetRelighter.finish(torch.full((3, 64, 64), x), 120, 160)
+        out = LoadedLuminet.finish(torch.full((3, 64, 64), x), 120, 160)
         assert out.shape == (3, 120, 160)
         assert ((out * 255 + 0.5).floor() == level).all(), (x, level)
     ramp = torch.linspace(-1, 1, 64).expand(3, 64, 64)
-    out = LuminetRelighter.finish(ramp, 30, 40) * 255
+    out = LoadedLuminet.finish(ramp, 30, 40) * 255
     assert (out - out.round()).abs().max() < 1e-3  # each value is a level: rounding keeps it
 
 
@@ -256,8 +257,8 @@ def _luminet_with_a_text_tower(folder: Path) -> dict:
     file; the options that run it."""
     from dataclasses import replace
 
+    from relit_k8s.relighters.luminet.config import TINY
     from relit_k8s.relighters.luminet.make import random_text_tower
-    from relit_k8s.relighters.luminet.model import TINY
 
     cfg = replace(TINY, unet=replace(TINY.unet, context_dim=64),
                   control=replace(TINY.control, context_dim=64),
@@ -278,7 +279,7 @@ def test_the_weights_cache_is_loaded_in_place_of_the_checkpoint(tmp_path, monkey
     the checkpoint and running its text encoder, and make the same images. A damaged cache
     file is read past and written anew; fp32 keeps no copy (it would be the checkpoint's
     size); cache_weights=false keeps none."""
-    from relit_k8s.relighters.luminet import relighter as module
+    from relit_k8s.relighters.luminet import engine as module
 
     options = _luminet_with_a_text_tower(tmp_path / "model") | {
         "dtype": "bf16", "cache_dir": str(tmp_path / "cache")}
@@ -488,7 +489,7 @@ def test_a_run_without_the_luminet_extra_says_what_to_install_and_writes_nothing
 
 # --- random models in the official format (make-model --kind luminet) ----------------------------
 def test_the_configuration_round_trips_through_the_original_yaml_form():
-    from relit_k8s.relighters.luminet.model import TINY
+    from relit_k8s.relighters.luminet.config import TINY
 
     for cfg in (LumiNetConfig(), TINY):
         assert LumiNetConfig.from_yaml(yaml.safe_load(yaml.safe_dump(cfg.to_yaml()))) == cfg
@@ -513,7 +514,7 @@ def test_the_random_text_tower_has_the_official_keys_and_gives_a_context():
 
 
 def test_make_model_writes_a_random_luminet_that_runs(tmp_path):
-    from relit_k8s.relighters.luminet.model import TINY
+    from relit_k8s.relighters.luminet.config import TINY
 
     made = cli("make-model", str(tmp_path / "model"), "--kind", "luminet", check=True)
     assert "relit-k8s run" in made.stdout and "--relighter luminet" in made.stdout

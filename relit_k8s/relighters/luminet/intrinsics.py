@@ -15,34 +15,16 @@ the loader (:data:`UNUSED_PREFIXES`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import IntrinsicsConfig
+
 #: Checkpoint keys under ``control_model.prior_extracter.model_latents.`` that inference never
 #: uses (the Latent-Intrinsics decoder half).
 UNUSED_PREFIXES = ("dec.", "final.", "light_decoder.", "pos_embed")
-
-
-@dataclass(frozen=True)
-class IntrinsicsConfig:
-    """Sizes of the Latent-Intrinsics encoder and the lighting tokens (hard-coded in the
-    original sources; the tiny fixture's YAML overrides them)."""
-
-    img_resolution: int = 256  # only names the levels
-    model_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4, 8, 16)
-    num_blocks: tuple[int, ...] = (1, 2, 2, 4, 4, 4)
-    light_hidden: int = 4096
-    n_tokens: int = 3
-    token_dim: int = 1024
-    #: side of the light code's broadcast next to the intrinsic features (64: 512 x 512 input)
-    hint_spatial: int = 64
-    #: which ``_final`` output is the intrinsic feature map
-    feature_index: int = 2
-    light_dim: int = 16
 
 
 class GroupNorm(nn.GroupNorm):

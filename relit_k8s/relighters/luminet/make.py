@@ -17,7 +17,8 @@ from typing import Literal
 
 import torch
 
-from .model import TINY, LumiNet, LumiNetConfig
+from .config import TINY, LumiNetConfig
+from .model import LumiNet
 from .text import PREFIX
 
 SIZES = ("tiny", "full")

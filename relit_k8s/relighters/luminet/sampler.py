@@ -8,14 +8,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .config import ddim_timesteps
+
 #: ``denoise(x, t) -> v``: one (guided) model evaluation.
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def ddim_timesteps(steps: int, total: int = 1000) -> list[int]:
-    """The original's uniform DDIM steps, ascending: 0, c, 2c, ... plus one (c = total // S)."""
-    c = total // steps
-    return [i + 1 for i in range(0, total, c)]
 
 
 def ddim_sample(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,

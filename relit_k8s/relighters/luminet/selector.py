@@ -32,7 +32,8 @@ from PIL import Image
 from ... import images
 from ...errors import ItemError, RelighterError
 from .checkpoint import PRIOR, mismatch, read_state_dict
-from .intrinsics import UNUSED_PREFIXES, IntrinsicsConfig, IntrinsicsEncoder
+from .config import IntrinsicsConfig
+from .intrinsics import UNUSED_PREFIXES, IntrinsicsEncoder
 
 #: Pixels a side of what the selector sees (the original's ``Resize((256, 256))``).
 SIDE = 256
@@ -63,7 +64,7 @@ def selector_state(path: str | Path) -> dict[str, torch.Tensor]:
 def prior_config(config: str | Path | None) -> IntrinsicsConfig:
     """The Latent-Intrinsics sizes of a LumiNet YAML (as the relighter's ``config`` option
     reads it); the full-size model's without one."""
-    from .model import read_config
+    from .config import read_config
 
     return IntrinsicsConfig() if config is None else read_config(config).prior
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import UNetConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -170,20 +171,6 @@ class Stage(nn.Sequential):
             else:
                 x = layer(x)
         return x
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """The sizes of a UNet or ControlNet (the YAML's ``unet_config`` / ``control_stage_config``)."""
-
-    in_channels: int = 4
-    out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (4, 2, 1)
-    num_head_channels: int = 64
-    context_dim: int = 1024
 
 
 def _encoder(cfg: UNetConfig, emb: int) -> tuple[nn.ModuleList, Stage, list[int], int, int]:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import VAEConfig
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -62,19 +63,6 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """``first_stage_config.params.ddconfig`` (and ``embed_dim``)."""
-
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 4
-    embed_dim: int = 4
-    in_channels: int = 3
-    out_ch: int = 3
 
 
 class Level(nn.Module):
