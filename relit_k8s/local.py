@@ -1,8 +1,9 @@
 """The local runner: W worker processes on one machine, like the pods of an Indexed Job.
 
-Each worker process loads the relighter once, then takes shard indexes from a shared queue as
-it finishes them (the seed's dynamic balancing, at shard granularity) and runs them with the
-same :class:`~relit_k8s.worker.ShardRunner` a pod uses. GPUs are given one per process through
+Each worker process loads the relighter once, then asks the parent for a shard index each time
+it is free (the seed's dynamic balancing, at shard granularity) and runs it with the same
+:class:`~relit_k8s.worker.ShardRunner` a pod uses (``balance: leases``: it claims shards from the
+output store instead). GPUs are given one per process through
 ``CUDA_VISIBLE_DEVICES``. Progress and log lines come back to the parent through a queue.
 """
 
@@ -14,6 +15,7 @@ import os
 import queue
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -223,10 +225,8 @@ def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: S
         return
     stop = runner.stop
     while not stop.is_set():
-        try:
-            index = indexes.get(timeout=0.5)
-        except queue.Empty:
-            continue
+        events.put(("next", wid))  # the parent answers on this worker's own queue
+        index = _answer(indexes, stop)
         if index is None:
             break
         events.put(("begin", index, wid))
@@ -248,6 +248,17 @@ def _worker_process(wid: int, claim: tuple[int, int], manifest_uri: str, slot: S
                 if code == EXIT_CONFIG:
                     return
                 break
+
+
+def _answer(indexes, stop) -> int | None:
+    """The parent's answer to ``next``: a shard index, or None when none is left (or the
+    worker was asked to stop meanwhile)."""
+    while not stop.is_set():
+        try:
+            return indexes.get(timeout=0.5)
+        except queue.Empty:
+            continue
+    return None
 
 
 def _settle_reports(manifest_uri: str, begun: dict[int, int], procs, stopped: bool) -> None:
@@ -375,12 +386,15 @@ class _Supervisor:
         self.manifest_uri, self.slots = manifest_uri, slots
         self.on_progress, self.on_log = on_progress, on_log
         self.ctx = mp.get_context("spawn")
-        self.indexes = self.ctx.Queue()
-        #: one event queue per worker, never one for all: the writers of a multiprocessing
-        #: Queue share a lock, held while a message goes into its pipe, and a worker killed
-        #: (SIGKILL, the OOM killer) while it held it blocked every other worker's writes for
-        #: good, and with them their exit: the run never ended (tests/test_balance.py)
+        #: shard indexes not handed out yet (static balance: each to the worker that asks)
+        self.pending: deque[int] = deque()
+        #: one event queue per worker, and one for the indexes it is handed, never one for all:
+        #: the writers of a multiprocessing Queue share a lock, held while a message goes into
+        #: its pipe, and so do its readers, held while one waits for a message; a worker killed
+        #: (SIGKILL, the OOM killer) while it held one blocked every other worker for good, and
+        #: with them the run's end (tests/test_balance.py)
         self.events: list = []
+        self.indexes: list = []
         self.procs: list = []
         self.codes: dict[int, int] = {}
         self.messages: list[str] = []
@@ -394,15 +408,13 @@ class _Supervisor:
         self.signals: list[int] = []
 
     def start(self, shards: int, first_index: int, workers: int | None) -> None:
-        for i in range(shards):
-            self.indexes.put(i)
-        for _ in self.slots:
-            self.indexes.put(None)
+        self.pending = deque(range(shards))
         self.events = [self.ctx.Queue() for _ in self.slots]
+        self.indexes = [self.ctx.Queue() for _ in self.slots]
         self.procs = [
             self.ctx.Process(target=_worker_process,
                              args=(w, (first_index + w, workers or len(self.slots)),
-                                   self.manifest_uri, slot, self.indexes, self.events[w]),
+                                   self.manifest_uri, slot, self.indexes[w], self.events[w]),
                              name=f"relit-worker-{w}")
             for w, slot in enumerate(self.slots)
         ]
@@ -415,6 +427,8 @@ class _Supervisor:
             self.on_progress(*event[1:])
         elif kind == "log" and self.on_log:
             self.on_log(event[1], event[2])
+        elif kind == "next":
+            self.indexes[event[1]].put(self.pending.popleft() if self.pending else None)
         elif kind == "begin":
             self.begun[event[1]] = event[2]
         elif kind == "left":

@@ -365,8 +365,6 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot delete {self._path(key)}: {e}") from e
 
     def replace(self, key: str, data: bytes, version: str) -> str:
-        import fcntl
-
         path = self._path(key)
         try:
             # every replace in this folder, one at a time: a lock on the folder itself leaves
@@ -377,7 +375,7 @@ class LocalStorage(Storage):
         except OSError as e:
             raise StorageError(f"cannot replace {path}: {e}") from e
         try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
+            _lock(folder, path.parent)
             try:
                 current = path.read_bytes()
             except FileNotFoundError as e:
@@ -390,6 +388,34 @@ class LocalStorage(Storage):
         finally:
             os.close(folder)  # and with it the lock
         return _digest(data)
+
+
+#: Seconds a local replace waits for its folder's lock (RELIT_LOCAL_LOCK_SECONDS): another
+#: process holds it for the milliseconds of its own replace, unless it was stopped right then
+#: (Ctrl+Z on another run on the same output, SIGSTOP), which would otherwise hang this one
+#: for as long, without a word.
+LOCAL_LOCK_SECONDS = 30.0
+
+
+def _lock(folder: int, where: Path) -> None:
+    """Take the exclusive lock of the open folder ``folder``, waiting
+    :data:`LOCAL_LOCK_SECONDS` at most; :class:`StorageUnavailable` (exit 75) after that."""
+    import fcntl
+
+    limit = float(os.environ.get("RELIT_LOCAL_LOCK_SECONDS", LOCAL_LOCK_SECONDS))
+    deadline, pause = time.monotonic() + limit, 0.001
+    while True:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StorageUnavailable(
+                    f"{where} stayed locked by another process for {limit:g} s: a relit-k8s "
+                    "process on this output stopped in the middle of a write (Ctrl+Z, "
+                    "SIGSTOP)? Resume it (fg, kill -CONT) or end it, then run again") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 class S3Storage(Storage):

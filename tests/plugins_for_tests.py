@@ -78,7 +78,8 @@ class PacedRelighter(SHRelighter):
 class DiesHoldingItsQueueLock(SHRelighter):
     """The first call in any worker process (the file ``RELIT_TEST_DIE_ONCE`` names marks it)
     kills that process with SIGKILL while it holds the write lock of the queue that carries
-    its events to the parent: the moment the OOM killer may pick, made certain."""
+    its events to the parent, and the read lock of every queue it could read (the one it is
+    handed shard indexes on): the moments the OOM killer may pick, made certain."""
 
     name = "dies-holding-its-queue-lock"
 
@@ -91,6 +92,12 @@ class DiesHoldingItsQueueLock(SHRelighter):
             os.close(os.open(os.environ["RELIT_TEST_DIE_ONCE"], os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return super().relight(image, reference, seeds, normals)
+        import gc
+        from multiprocessing.queues import Queue
+
         [handler] = logging.getLogger("relit_k8s").handlers  # relit_k8s.local._QueueLog
         handler.events._wlock.acquire()  # noqa: SLF001 - what a write holds, then the kill
+        for queue in (q for q in gc.get_objects() if isinstance(q, Queue) and
+                      q is not handler.events):
+            queue._rlock.acquire()  # noqa: SLF001 - what a read holds while it waits
         os.kill(os.getpid(), signal.SIGKILL)

@@ -71,6 +71,35 @@ def wait_for_outputs(out: Path, n: int, timeout: float = 120) -> None:
     assert len(written(out)) >= n, f"{len(written(out))} outputs after {timeout} s"
 
 
+def pause_outside_writes(proc: subprocess.Popen, out: Path) -> None:
+    """SIGSTOP ``proc`` at a moment it holds no folder lock of the local store's replaces (a
+    worker stopped inside one holds up every replace in that folder: test_storage.py's
+    ``test_a_local_replace_waits_a_while...``); it is resumed and stopped again until then."""
+    import fcntl
+
+    def free(folder: Path) -> bool:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # and our lock with it
+
+    for _ in range(200):
+        proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the worker did not stop"
+            time.sleep(0.005)
+        if all(free(d) for d in (out / "_relit").rglob("*") if d.is_dir()):
+            return
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the worker held a folder lock at every try")
+
+
 def leases(out: Path, m: Manifest, folder: str = "leases") -> list[str]:
     """The lease folder's objects (the local store's hidden lock files and the published
     list of finished shards, ``finished.json``, left out); ``done``: the finished shards'
@@ -155,7 +184,7 @@ def test_a_paused_worker_whose_lease_was_taken_writes_no_more_reports(tmp_path):
     env = {"RELIT_LEASE_SECONDS": "2"}
     a = start_worker(uri, 0, **env)
     wait_for_outputs(out, 8)
-    a.send_signal(signal.SIGSTOP)
+    pause_outside_writes(a, out)
     try:
         time.sleep(2.5)  # a's lease is stale now
         b = start_worker(uri, 0, **env)
@@ -361,18 +390,21 @@ def test_a_local_worker_retries_only_temporary_failures_and_says_why_it_ended():
     assert events.empty()
 
 
-def test_a_worker_killed_while_it_sends_to_its_parent_stops_no_other_worker(tmp_path):
-    """A worker killed (the OOM killer's SIGKILL) while it held the lock of the queue that
-    carries its events to the parent: the other worker goes on (each has a queue of its own;
-    one shared by all hung the run for good), the dead worker's lease is freed at once, not
-    taken over a lease time later, the run ends, and the same command finishes it."""
+@pytest.mark.parametrize("balance", ["leases", "static"])
+def test_a_worker_killed_while_it_sends_to_its_parent_stops_no_other_worker(tmp_path, balance):
+    """A worker killed (the OOM killer's SIGKILL) while it held the locks of the queues between
+    it and its parent (the write lock of its events', the read lock of the one it is handed
+    shards on): the other worker goes on (each has queues of its own; one shared by all hung
+    the run for good: events with either balance, shard indexes with static balance), the
+    dead worker's lease is freed at once, not taken over a lease time later, the run ends, and
+    the same command finishes it."""
     (tmp_path / "in").mkdir()
     for i in range(2):
         (tmp_path / "in" / f"photo{i}.png").write_bytes(png_bytes(photo(24, 32, seed=i)))
     args = ["run", "--input", str(tmp_path / "in"), "--refs", str(EXAMPLES / "refs"),
             "--ref-pattern", "sky*", "--output", str(tmp_path / "out"), "--iterations", "8",
             "--shards", "4", "--workers", "2", "--device", "cpu", "--no-progress",
-            "--relighter", "plugins_for_tests:DiesHoldingItsQueueLock"]
+            "--balance", balance, "--relighter", "plugins_for_tests:DiesHoldingItsQueueLock"]
     # leases of an hour: a shard left to wait for its lease to lapse would outlast the
     # timeout below (freed by the parent, or taken at once as a dead process's of this host)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent),

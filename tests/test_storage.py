@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -25,6 +26,35 @@ from relit_k8s.storage import (
     open_storage,
     split_uri,
 )
+
+
+def test_a_local_replace_waits_a_while_for_a_folder_a_stopped_process_holds_then_says_so(
+        tmp_path, monkeypatch):
+    """A process stopped inside its replace (Ctrl+Z on another run on the same output) keeps
+    its folder's lock: a replace waits RELIT_LOCAL_LOCK_SECONDS for it, then fails as a
+    temporary error (75) that says what to do, instead of hanging as long as the other is
+    stopped; once the lock is free, it goes through."""
+    import fcntl
+    import time
+
+    store = LocalStorage(tmp_path)
+    version = store.create("shards/0.json", b"first")
+    monkeypatch.setenv("RELIT_LOCAL_LOCK_SECONDS", "0.5")
+    held = os.open(tmp_path / "shards", os.O_RDONLY | os.O_DIRECTORY)  # the stopped replace
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="stopped in the middle of a write") as e:
+            store.replace("shards/0.json", b"second", version)
+        assert 0.5 <= time.monotonic() - started < 10 and e.value.exit_code == 75
+        assert store.read("shards/0.json") == b"first"  # nothing written
+        monkeypatch.setenv("RELIT_LOCAL_LOCK_SECONDS", "60")
+        threading.Timer(0.3, os.close, [held]).start()  # the other process goes on
+        store.replace("shards/0.json", b"second", version)
+        assert store.read("shards/0.json") == b"second"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(held)
 
 
 def make_tree(storage):
