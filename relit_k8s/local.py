@@ -3,8 +3,8 @@
 Each worker process loads the relighter once, then asks the parent for a shard index each time
 it is free (the seed's dynamic balancing, at shard granularity) and runs it with the same
 :class:`~relit_k8s.worker.ShardRunner` a pod uses (``balance: leases``: it claims shards from the
-output store instead). GPUs are given one per process through
-``CUDA_VISIBLE_DEVICES``. Progress and log lines come back to the parent through a queue.
+output store instead). GPUs are given one per process through ``CUDA_VISIBLE_DEVICES``.
+Progress and log lines come back to the parent through a queue of each worker's own.
 """
 
 from __future__ import annotations

@@ -402,7 +402,10 @@ def _lock(folder: int, where: Path) -> None:
     :data:`LOCAL_LOCK_SECONDS` at most; :class:`StorageUnavailable` (exit 75) after that."""
     import fcntl
 
-    limit = float(os.environ.get("RELIT_LOCAL_LOCK_SECONDS", LOCAL_LOCK_SECONDS))
+    try:
+        limit = float(os.environ.get("RELIT_LOCAL_LOCK_SECONDS", LOCAL_LOCK_SECONDS))
+    except ValueError:
+        raise ConfigError("RELIT_LOCAL_LOCK_SECONDS must be a number of seconds") from None
     deadline, pause = time.monotonic() + limit, 0.001
     while True:
         try:

@@ -50,8 +50,11 @@ def test_a_local_replace_waits_a_while_for_a_folder_a_stopped_process_holds_then
         assert store.read("shards/0.json") == b"first"  # nothing written
         monkeypatch.setenv("RELIT_LOCAL_LOCK_SECONDS", "60")
         threading.Timer(0.3, os.close, [held]).start()  # the other process goes on
-        store.replace("shards/0.json", b"second", version)
+        version = store.replace("shards/0.json", b"second", version)
         assert store.read("shards/0.json") == b"second"
+        monkeypatch.setenv("RELIT_LOCAL_LOCK_SECONDS", "soon")
+        with pytest.raises(ConfigError, match="RELIT_LOCAL_LOCK_SECONDS must be a number"):
+            store.replace("shards/0.json", b"third", version)
     finally:
         with contextlib.suppress(OSError):
             os.close(held)

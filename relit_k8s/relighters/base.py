@@ -11,10 +11,11 @@ A relighter is a :class:`Relighter` subclass with
 Relighters are found by name, in this order: the built-ins (:data:`BUILTINS`), the entry-point
 group ``relit_k8s.relighters`` of installed packages, and ``module:attribute`` paths.
 
-This module does not import torch, and neither do the modules of the built-ins' classes: a plan
-(``relit-k8s plan``, ``submit``, the parent of ``run``) resolves a relighter, validates its
-options and calls its class methods without it (importing torch costs 1.4 s of CPU a process).
-A plugin whose module imports torch still works; it only makes those commands slower.
+This module does not import torch, nor do the modules of the ``sh`` and ``luminet`` classes: a
+plan (``relit-k8s plan``, ``submit``, the parent of ``run``) resolves them, validates their
+options and calls their class methods without it (importing torch costs 1.4 s of CPU a
+process). A relighter whose module imports torch (``diffusion``, a plugin) still works; it only
+makes those commands slower.
 """
 
 from __future__ import annotations
