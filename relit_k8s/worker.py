@@ -387,7 +387,15 @@ class _Reporter:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def finish(self, state: str, error: str | None = None, exit_code: int | None = None) -> None:
+    def finish(self, state: str, error: str | None = None, exit_code: int | None = None,
+               abandoned: bool = False) -> None:
+        """Save the report in its final ``state``. Once it is :meth:`close`-d, only the
+        grace period's end (:func:`save_abandoned`, ``abandoned``) saves it: the shard's own
+        end, which the writes refused then bring about, leaves that report as it is (under
+        load it came second and overwrote it, test_reliability.py)."""
+        with self.lock:
+            if self._closed and not abandoned:
+                return
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -965,7 +973,7 @@ def save_abandoned(runner: ShardRunner | None) -> None:
                         "counted in the report (a rerun skips them)", left)
         reporter.finish("stopped", "stopped by a signal; the grace period ran out, so the "
                         "current batch was abandoned (nothing half-written): run the index "
-                        "again to finish it", Stopped.exit_code)
+                        "again to finish it", Stopped.exit_code, abandoned=True)
     except BaseException:  # noqa: BLE001 - exiting regardless
         log.exception("could not save the report before exiting")
 
