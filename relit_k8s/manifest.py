@@ -321,7 +321,6 @@ def load_manifest(uri: str) -> Manifest:
     return Manifest.from_json(data, where=uri)
 
 
-
 class Failure(BaseModel):
     """One item that failed for good."""
 
